@@ -1,0 +1,22 @@
+"""The `spectune` command line: one typer app, each command group in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from spectune.cli import bench_cmd, models_cmd
+
+app = typer.Typer(
+    name="spectune",
+    help="Sweep, compare and serve speculative-decoding configurations.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(models_cmd.app, name="models")
+app.command("bench")(bench_cmd.bench)
+
+# Command groups added by other modules register here, one line each.
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,26 @@
+"""`spectune models build`: train a deterministic target/drafter pair on the stdlib."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Build and inspect model pairs.", no_args_is_help=True)
+
+
+@app.command("build")
+def build(
+    preset: str = typer.Option("micro", help="Pair size: micro (tests) or tiny (demo, benchmarks)."),
+    out: Path | None = typer.Option(None, help="Output folder (default: the cache, ~/.cache/spectune/pairs)."),
+    seed: int = typer.Option(0, help="Training seed; the same seed gives the same weights."),
+    force: bool = typer.Option(False, help="Rebuild even if a cached pair exists."),
+) -> None:
+    """Train a target (early-exit loss on every layer) and a drafter sharing one BPE tokenizer."""
+    from spectune.models.build import build_pair, default_pair_dir
+
+    try:
+        path = build_pair(preset, out or default_pair_dir(preset, seed), seed=seed, force=force)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--preset") from None
+    typer.echo(f"pair ready: {path}")

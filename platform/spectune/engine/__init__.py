@@ -1,0 +1,1 @@
+"""The decoding engine: tree data, KV cache, one model runner, acceptance rules, the five-phase loop."""

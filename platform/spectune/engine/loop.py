@@ -1,0 +1,115 @@
+"""The decode loop: every method is the same five phases with a different drafter plugged in.
+
+    draft -> tree inputs -> verify (ONE target forward) -> accept -> commit
+
+The target's cache holds every committed token but the last (the tree's root). Timing stays
+out of here: the loop returns counts; profilers hook the models from outside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from spectune.engine.accept import Verdict, accept
+from spectune.engine.runner import CausalLM
+from spectune.engine.sampling import Sampling
+from spectune.engine.tree import DraftTree, tree_inputs, tree_layout
+from spectune.methods.base import DraftContext, Drafter, StepOutcome
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    drafted: int  # draft nodes in the tree (root excluded)
+    depth: int  # deepest draft position offered
+    accepted: int  # draft tokens accepted
+    draft_calls: int
+
+
+@dataclass
+class Generation:
+    prompt: tuple[int, ...]
+    tokens: list[int] = field(default_factory=list)  # new tokens only
+    steps: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def target_calls(self) -> int:
+        return len(self.steps)
+
+    @property
+    def draft_calls(self) -> int:
+        return sum(s.draft_calls for s in self.steps)
+
+
+class Decoder:
+    """Runs one drafter against one target."""
+
+    def __init__(self, target: CausalLM, drafter: Drafter, eos_token_id: int | None = None) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.eos_token_id = eos_token_id
+
+    def generate(
+        self, prompt: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0
+    ) -> Generation:
+        self._check_budget(len(prompt), max_new_tokens)
+        rng = torch.Generator().manual_seed(seed)
+        result = Generation(tuple(prompt))
+        sequence = list(prompt)
+        self._start(sequence)
+        while len(result.tokens) < max_new_tokens and not self._stopped(result):
+            remaining = max_new_tokens - len(result.tokens)
+            context = DraftContext(tuple(sequence), sampling, rng, max_depth=remaining - 1)
+            tree = self.drafter.draft(context)  # 1. draft: tokens + parents (+ q when sampling)
+            past = len(self.target.cache)
+            inputs = tree_inputs(tree.parents, past, self.target.dtype)  # 2. tree inputs: mask, positions
+            logits = self.target.forward(tree.tokens, inputs.positions, inputs.mask)  # 3. verify: [n+1, V]
+            verdict = accept(tree, logits, sampling, rng)  # 4. accept: path + bonus
+            emitted = self._commit(tree, verdict, past, sequence)  # 5. commit: caches hold the accepted prefix
+            self.drafter.observe(StepOutcome(tree, verdict, logits))
+            result.tokens.extend(emitted)
+            result.steps.append(_record(tree, verdict))
+        self._finish(result, max_new_tokens)
+        return result
+
+    def _start(self, sequence: list[int]) -> None:
+        self.target.reset()
+        self.drafter.reset()
+        if len(sequence) > 1:
+            self.target.forward(sequence[:-1], last_only=True)  # prefill all but the root
+
+    def _commit(self, tree: DraftTree, verdict: Verdict, past: int, sequence: list[int]) -> list[int]:
+        self.target.cache.keep(past, verdict.path)  # root + accepted nodes stay; the bonus is the next root
+        emitted = [tree.tokens[i] for i in verdict.path[1:]] + [verdict.bonus]
+        sequence.extend(emitted)
+        self.drafter.commit(sequence)
+        return emitted
+
+    def _stopped(self, result: Generation) -> bool:
+        return self.eos_token_id is not None and self.eos_token_id in result.tokens
+
+    def _finish(self, result: Generation, max_new_tokens: int) -> None:
+        """Cut what the last step over-produced, so every method returns exactly what AR would."""
+        del result.tokens[max_new_tokens:]
+        if self.eos_token_id is not None and self.eos_token_id in result.tokens:
+            del result.tokens[result.tokens.index(self.eos_token_id) + 1 :]
+
+    def _check_budget(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len < 1:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        needed = prompt_len + max_new_tokens + self.drafter.max_tree_size
+        if needed > self.target.max_positions:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) + draft tree "
+                f"({self.drafter.max_tree_size} nodes) = {needed} exceeds the target's context "
+                f"of {self.target.max_positions} positions"
+            )
+
+
+def _record(tree: DraftTree, verdict: Verdict) -> StepRecord:
+    depth = tree_layout(tree.parents).depth
+    return StepRecord(tree.size, depth, verdict.accepted, tree.draft_calls)

@@ -1,0 +1,6 @@
+"""Decoding methods. Importing this package registers the built-in ones in METHODS."""
+
+from spectune.methods import builtin  # noqa: F401  (registers ar, sps, tree, pld)
+from spectune.methods.registry import METHODS
+
+__all__ = ["METHODS"]

@@ -1,0 +1,174 @@
+"""The engine's first methods: ar (the baseline), sps, tree, pld."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from spectune.engine.shapes import TreeShape, branching_shape, chain_shape, paths_shape
+from spectune.engine.tree import DraftTree
+from spectune.methods.base import DraftContext, Knobs, Models, StepOutcome, root_only
+from spectune.methods.model_drafter import TemplateDrafter
+from spectune.methods.registry import METHODS
+
+
+# --- ar ---------------------------------------------------------------------------------------
+
+
+class ArKnobs(Knobs):
+    pass
+
+
+class Autoregressive:
+    """No draft: one target forward per token. The baseline every ratio is measured against."""
+
+    max_tree_size = 0
+
+    def reset(self) -> None: ...
+
+    def draft(self, context: DraftContext) -> DraftTree:
+        return root_only(context)
+
+    def commit(self, sequence: Sequence[int]) -> None: ...
+
+    def observe(self, outcome: StepOutcome) -> None: ...
+
+
+@METHODS.register("ar", ArKnobs, needs_drafter=False, summary="plain autoregressive decoding (the baseline)")
+def build_ar(knobs: ArKnobs, models: Models) -> Autoregressive:
+    return Autoregressive()
+
+
+# --- sps --------------------------------------------------------------------------------------
+
+
+class SpsKnobs(Knobs):
+    draft_len: int = Field(4, ge=1, le=64, description="tokens drafted per step (initial length when adaptive)")
+    schedule: Literal["fixed", "heuristic"] = Field(
+        "fixed", description="heuristic: +2 after a fully accepted draft, -1 otherwise (HF's schedule)"
+    )
+    max_draft_len: int = Field(16, ge=1, le=64, description="cap for the heuristic schedule")
+
+
+class ChainDrafter(TemplateDrafter):
+    """SpS: a chain drafted by the small model; its length may follow the heuristic schedule."""
+
+    def __init__(self, models: Models, knobs: SpsKnobs) -> None:
+        super().__init__(models.drafter, chain_shape(knobs.draft_len))
+        self.knobs = knobs
+        self.max_tree_size = max(knobs.draft_len, knobs.max_draft_len if knobs.schedule == "heuristic" else 0)
+
+    def reset(self) -> None:
+        super().reset()
+        self.use_shape(chain_shape(self.knobs.draft_len))
+
+    def observe(self, outcome: StepOutcome) -> None:
+        if self.knobs.schedule == "fixed" or outcome.tree.size == 0:
+            return
+        full = outcome.verdict.accepted == outcome.tree.size
+        length = min(self.shape.size + 2, self.knobs.max_draft_len) if full else max(1, self.shape.size - 1)
+        self.use_shape(chain_shape(length))
+
+
+@METHODS.register("sps", SpsKnobs, needs_drafter=True, summary="speculative sampling with a drafter chain")
+def build_sps(knobs: SpsKnobs, models: Models) -> ChainDrafter:
+    return ChainDrafter(models, knobs)
+
+
+# --- tree -------------------------------------------------------------------------------------
+
+
+class TreeKnobs(Knobs):
+    branching: list[int] | None = Field(None, description="per-depth branching, e.g. [4, 2, 2, 1]")
+    paths: list[list[int]] | None = Field(None, description="Medusa-style path list, e.g. [[0], [0, 0], [1]]")
+    paths_file: str | None = Field(None, description="JSON file holding a path list (spectune trees optimize)")
+
+    @model_validator(mode="after")
+    def exactly_one_shape(self) -> "TreeKnobs":
+        given = [k for k in ("branching", "paths", "paths_file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of branching, paths, paths_file (got {given or 'none'})")
+        self.shape()  # surface a malformed shape at validation time
+        return self
+
+    def shape(self) -> TreeShape:
+        if self.branching is not None:
+            return branching_shape(self.branching)
+        if self.paths is not None:
+            return paths_shape(self.paths)
+        return paths_shape(_load_paths(Path(self.paths_file)))
+
+
+def _load_paths(path: Path) -> list[list[int]]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"tree file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"tree file {path} is not valid JSON: {err}") from None
+    paths = data.get("paths") if isinstance(data, dict) else data
+    if not isinstance(paths, list):
+        raise ValueError(f"tree file {path} must hold a list of paths or {{'paths': [...]}}")
+    return paths
+
+
+@METHODS.register("tree", TreeKnobs, needs_drafter=True, summary="static tree filled by the drafter's top-k")
+def build_tree(knobs: TreeKnobs, models: Models) -> TemplateDrafter:
+    return TemplateDrafter(models.drafter, knobs.shape())
+
+
+# --- pld --------------------------------------------------------------------------------------
+
+
+class PldKnobs(Knobs):
+    max_ngram: int = Field(3, ge=1, le=16, description="longest suffix n-gram to look up")
+    min_ngram: int = Field(1, ge=1, le=16, description="shortest suffix n-gram to try")
+    draft_len: int = Field(10, ge=1, le=64, description="tokens copied after the match")
+
+    @model_validator(mode="after")
+    def ordered(self) -> "PldKnobs":
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})")
+        return self
+
+
+class PromptLookup:
+    """Copy what followed the latest earlier occurrence of the current suffix n-gram (no model)."""
+
+    def __init__(self, knobs: PldKnobs) -> None:
+        self.knobs = knobs
+        self.max_tree_size = knobs.draft_len
+
+    def reset(self) -> None: ...
+
+    def commit(self, sequence: Sequence[int]) -> None: ...
+
+    def observe(self, outcome: StepOutcome) -> None: ...
+
+    def draft(self, context: DraftContext) -> DraftTree:
+        limit = min(self.knobs.draft_len, context.max_depth)
+        proposal = lookup(context.sequence, self.knobs.min_ngram, self.knobs.max_ngram, limit) if limit else []
+        tokens = (context.sequence[-1], *proposal)
+        return DraftTree(tokens, tuple(range(-1, len(proposal))))
+
+
+def lookup(sequence: Sequence[int], min_ngram: int, max_ngram: int, length: int) -> list[int]:
+    """Tokens that followed the most recent earlier match of the longest matching suffix n-gram."""
+    seq = torch.tensor(sequence)  # [L]
+    for n in range(min(max_ngram, len(sequence) - 1), min_ngram - 1, -1):
+        windows = seq[:-1].unfold(0, n, 1)  # [L-n, n] every n-gram that has a next token
+        hits = (windows == seq[-n:]).all(dim=1).nonzero().flatten()  # starts of earlier matches
+        if len(hits):
+            start = int(hits[-1]) + n
+            return seq[start : start + length].tolist()
+    return []
+
+
+@METHODS.register("pld", PldKnobs, needs_drafter=False, summary="prompt lookup decoding (n-gram copy, no model)")
+def build_pld(knobs: PldKnobs, models: Models) -> PromptLookup:
+    return PromptLookup(knobs)
