@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from spectune.cli import bench_cmd, models_cmd
+from spectune.cli import store_cmd
 
 app = typer.Typer(
     name="spectune",
@@ -16,6 +17,8 @@ app.add_typer(models_cmd.app, name="models")
 app.command("bench")(bench_cmd.bench)
 
 # Command groups added by other modules register here, one line each.
+app.command("results")(store_cmd.results)
+app.add_typer(store_cmd.sweeps_app, name="sweeps")
 
 
 def main() -> None:

@@ -1,0 +1,236 @@
+"""`spectune bench`: decoding configurations over a prompt set, timed against AR in the same run.
+
+Every repeat runs the AR baseline and then each configuration over all prompts, so each
+speedup is a ratio of two passes made back to back on the same machine state.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from spectune.engine.loop import Decoder, Generation
+from spectune.engine.sampling import Sampling
+from spectune.methods import METHODS
+from spectune.metrics import step_metrics
+from spectune.pair import Pair
+from spectune.profiling import ForwardClock, peak_memory_mb
+from spectune.prompts import Prompt
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(128, ge=1, description="new tokens per prompt")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    repeats: int = Field(3, ge=1, description="timed passes over the prompt set")
+    warmup: int = Field(2, ge=0, description="untimed prompts each configuration decodes first")
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_p)
+
+
+class DecodeConfig(BaseModel):
+    """One configuration: a registered method and its knobs (given inline)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    method: str
+    name: str | None = None
+
+    @property
+    def knobs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        args = ",".join(f"{k}={v}" for k, v in self.knobs.items())
+        return f"{self.method}({args})" if args else self.method
+
+    @model_validator(mode="after")
+    def knobs_valid(self) -> "DecodeConfig":
+        METHODS.knobs(self.method, self.knobs)  # raises naming the method and field
+        return self
+
+
+class ConfigFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    configs: list[DecodeConfig] = Field(min_length=1)
+
+
+def load_config_file(path: str) -> list[DecodeConfig]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        return ConfigFile.model_validate(data).configs
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+    except ValidationError as err:
+        problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"config file {path}: {problem}") from None
+
+
+class Runner(Protocol):
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, sampling: Sampling, seed: int) -> Generation: ...
+
+
+@dataclass(frozen=True)
+class Contender:
+    """Something timed against AR: a spectune configuration or a peer implementation."""
+
+    label: str
+    method: str
+    config: dict[str, Any]
+    runner: Runner
+    lossy_method: bool = False
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One timed pass of one contender over the whole prompt set."""
+
+    generations: list[Generation]
+    seconds: list[float]  # per prompt
+    target_s: float
+    draft_s: float
+    target_forwards: int  # prefills included, counted by hooks (peers report no steps)
+
+    @property
+    def wall_s(self) -> float:
+        return sum(self.seconds)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(len(g.tokens) for g in self.generations) / self.wall_s
+
+
+def contender(pair: Pair, config: DecodeConfig) -> Contender:
+    method = METHODS.get(config.method)
+    drafter = METHODS.build(config.method, config.knobs, pair.runners())
+    decoder = Decoder(pair.runners().target, drafter, pair.eos_token_id)
+    return Contender(config.label, config.method, config.knobs, decoder, not method.lossless)
+
+
+def encode_prompts(pair: Pair, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
+    encoded = []
+    for prompt in prompts:
+        tokens = pair.encode(prompt.prompt)
+        if not tokens:
+            raise ValueError(f"prompt {prompt.id!r} encodes to no tokens")
+        if len(tokens) + max_new_tokens > pair.max_positions:
+            raise ValueError(
+                f"prompt {prompt.id!r} is {len(tokens)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                f"the target's context of {pair.max_positions}"
+            )
+        encoded.append(tokens)
+    return encoded
+
+
+def timed_pass(pair: Pair, runner: Runner, encoded: Sequence[list[int]], settings: Settings) -> Pass:
+    target_clock, draft_clock = ForwardClock(), ForwardClock()
+    generations, seconds = [], []
+    with target_clock.attached(pair.target), draft_clock.attached(pair.drafter):
+        for i, tokens in enumerate(encoded):
+            started = time.perf_counter()
+            generations.append(runner.generate(tokens, settings.max_new_tokens, settings.sampling, settings.seed + i))
+            seconds.append(time.perf_counter() - started)
+    return Pass(generations, seconds, target_clock.seconds, draft_clock.seconds, target_clock.calls)
+
+
+def run_bench(
+    pair: Pair,
+    contenders: Sequence[Contender],
+    prompts: Sequence[Prompt],
+    settings: Settings,
+    on_pass: Callable[[str, int], None] = lambda label, repeat: None,
+) -> list[dict[str, Any]]:
+    """Measure AR and every contender; one result dict per contender (AR's own row first)."""
+    encoded = encode_prompts(pair, prompts, settings.max_new_tokens)
+    ar = contender(pair, DecodeConfig(method="ar"))
+    everyone = [ar, *[c for c in contenders if c.label != "ar"]]
+    for each in everyone:  # warm-up: allocator, kernels, caches; never timed
+        for tokens in encoded[: settings.warmup]:
+            each.runner.generate(tokens, min(settings.max_new_tokens, 16), settings.sampling, settings.seed)
+    passes: dict[str, list[Pass]] = {c.label: [] for c in everyone}
+    for repeat in range(settings.repeats):
+        for each in everyone:
+            passes[each.label].append(timed_pass(pair, each.runner, encoded, settings))
+            on_pass(each.label, repeat)
+    reference = passes["ar"][0].generations
+    return [summarise(c, passes[c.label], passes["ar"], reference, prompts, settings, pair) for c in everyone]
+
+
+def summarise(
+    who: Contender,
+    runs: list[Pass],
+    ar_runs: list[Pass],
+    reference: list[Generation],
+    prompts: Sequence[Prompt],
+    settings: Settings,
+    pair: Pair,
+) -> dict[str, Any]:
+    speedups = [run.tokens_per_s / ar.tokens_per_s for run, ar in zip(runs, ar_runs)]  # same-repeat ratios
+    first = runs[0]
+    matches = [g.tokens == r.tokens for g, r in zip(first.generations, reference)]
+    greedy = settings.sampling.greedy
+    wall = statistics.median(r.wall_s for r in runs)
+    counts = step_metrics(first.generations)
+    if not counts["target_calls"]:  # a peer: count its verification forwards from the hooks
+        counts["target_calls"] = first.target_forwards - len(prompts)
+        counts["mean_accepted_tokens"] = counts["new_tokens"] / max(counts["target_calls"], 1)
+    return {
+        "method": who.method,
+        "label": who.label,
+        "config": who.config,
+        "n_prompts": len(prompts),
+        **counts,
+        "wall_s": wall,
+        "wall_s_std": _std([r.wall_s for r in runs]),
+        "tokens_per_s": statistics.median(r.tokens_per_s for r in runs),
+        "ar_tokens_per_s": statistics.median(r.tokens_per_s for r in ar_runs),
+        "speedup": statistics.median(speedups),
+        "speedup_std": _std(speedups),
+        "speedups": speedups,
+        "lossless": all(matches) if greedy else None,
+        "lossy_method": who.lossy_method,
+        "mismatches": matches.count(False) if greedy else None,
+        "draft_share": statistics.median(r.draft_s / r.wall_s for r in runs),
+        "engine_overhead_share": statistics.median((r.wall_s - r.target_s - r.draft_s) / r.wall_s for r in runs),
+        "ms_per_token": 1000.0 / statistics.median(r.tokens_per_s for r in runs),
+        "peak_mem_mb": peak_memory_mb(pair.target.device),
+        "acceptance_by_exit_layer": None,
+        "temperature": settings.temperature,
+        "max_new_tokens": settings.max_new_tokens,
+        "per_prompt": [_per_prompt(p, g, s, m if greedy else None) for p, g, s, m in zip(prompts, first.generations, first.seconds, matches)],
+    }
+
+
+def _per_prompt(prompt: Prompt, generation: Generation, seconds: float, matches_ar: bool | None) -> dict[str, Any]:
+    calls = generation.target_calls
+    return {
+        "prompt_id": prompt.id,
+        "category": prompt.category,
+        "new_tokens": len(generation.tokens),
+        "target_calls": calls,
+        "mean_accepted_tokens": len(generation.tokens) / calls if calls else None,
+        "wall_s": seconds,
+        "matches_ar": matches_ar,
+    }
+
+
+def _std(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0

@@ -1,0 +1,147 @@
+"""`spectune bench`: compare decoding configurations against AR on one pair and prompt set."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+
+from spectune.cli.output import fail, results_table
+
+
+def bench(
+    method: list[str] = typer.Option([], "--method", "-m", help="Method to run (repeatable): ar, sps, tree, pld, ..."),
+    set_: list[str] = typer.Option([], "--set", help="Knob as key=value or method.key=value (YAML values: [4,2,1])."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file with `configs: [{method: ..., knob: ...}]`."),
+    pair: Path | None = typer.Option(None, help="Pair folder holding target/ and drafter/ (from `models build`)."),
+    target: str | None = typer.Option(None, help="Target model path or hub id (overrides --pair)."),
+    drafter: str | None = typer.Option(None, help="Drafter model path or hub id (overrides --pair)."),
+    prompts: str = typer.Option("default", help="JSONL prompt set; `default` is the shipped set."),
+    limit: int | None = typer.Option(None, help="Use only the first N prompts."),
+    max_new_tokens: int = typer.Option(128, help="New tokens per prompt."),
+    temperature: float = typer.Option(0.0, help="0 = greedy (lossless checked token for token)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    seed: int = typer.Option(0),
+    repeats: int = typer.Option(3, help="Timed passes; speedup is the median same-repeat ratio to AR."),
+    warmup: int = typer.Option(2, help="Untimed warm-up prompts per configuration."),
+    peer: list[str] = typer.Option([], help="Also run a peer implementation: hf."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per configuration instead of a table."),
+) -> None:
+    """Run configurations over a prompt set; report speedup over AR measured in the same run."""
+    from spectune.bench import Settings, contender, run_bench
+    from spectune.pair import load_pair
+    from spectune.prompts import load_prompts
+
+    try:
+        settings = _settings(max_new_tokens, temperature, top_p, seed, repeats, warmup)
+        configs = _configs(method, set_, config)
+        target_id, drafter_id = _pair_ids(pair, target, drafter)
+        prompt_set = load_prompts(prompts, limit)
+        loaded = load_pair(target_id, drafter_id, device, dtype)
+        contenders = [contender(loaded, c) for c in configs] + _peers(peer, loaded)
+    except ValueError as err:
+        fail(str(err))
+    progress = _Progress(len(contenders) + 1, settings.repeats, quiet=json_out)
+    try:
+        rows = run_bench(loaded, contenders, prompt_set, settings, on_pass=progress.advance)
+    except ValueError as err:
+        fail(str(err))
+    finally:
+        progress.close()
+    if json_out:
+        for row in rows:
+            sys.stdout.write(json.dumps(row) + "\n")
+    else:
+        results_table(rows, title=f"{target_id} + {drafter_id or 'no drafter'}, {len(prompt_set)} prompts")
+
+
+def _settings(max_new_tokens: int, temperature: float, top_p: float, seed: int, repeats: int, warmup: int):
+    from pydantic import ValidationError
+
+    from spectune.bench import Settings
+
+    try:
+        return Settings(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, repeats=repeats, warmup=warmup
+        )
+    except ValidationError as err:
+        raise ValueError("; ".join(f"--{e['loc'][0].replace('_', '-')}: {e['msg']}" for e in err.errors())) from None
+
+
+def _configs(methods: list[str], sets: list[str], config_file: Path | None):
+    from pydantic import ValidationError
+
+    from spectune.bench import DecodeConfig, load_config_file
+    from spectune.methods import METHODS
+
+    configs = load_config_file(str(config_file)) if config_file else []
+    if not methods and not configs:
+        methods = ["sps"]
+    per_method: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for item in sets:
+        key, value = _parse_set(item)
+        owner, _, knob = key.rpartition(".")
+        owners = [owner] if owner else [m for m in methods if knob in METHODS.get(m).knobs.model_fields]
+        if not owners or any(o not in per_method for o in owners):
+            raise ValueError(f"--set {item}: no --method given takes the knob {knob!r}")
+        for name in owners:
+            per_method[name][knob] = value
+    try:
+        return configs + [DecodeConfig(method=m, **knobs) for m, knobs in per_method.items()]
+    except ValidationError as err:
+        raise ValueError("; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in err.errors())) from None
+
+
+def _parse_set(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set {item!r}: expected key=value, e.g. draft_len=4")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ValueError(f"--set {item!r}: the value is not valid YAML") from None
+
+
+def _pair_ids(pair: Path | None, target: str | None, drafter: str | None) -> tuple[str, str | None]:
+    if pair is None and target is None:
+        from spectune.models.build import default_pair_dir
+
+        pair = default_pair_dir("tiny")
+        if not pair.exists():
+            raise ValueError(f"no --pair or --target given and no tiny pair at {pair}: run `spectune models build --preset tiny`")
+    target_id = target or str(pair / "target")
+    drafter_id = drafter or (str(pair / "drafter") if pair is not None else None)
+    return target_id, drafter_id
+
+
+def _peers(names: list[str], loaded) -> list:
+    from spectune.peer_hf import hf_peers
+
+    unknown = set(names) - {"hf"}
+    if unknown:
+        raise ValueError(f"--peer: unknown peer(s) {sorted(unknown)}; known: hf")
+    return hf_peers(loaded) if names else []
+
+
+class _Progress:
+    """A rich progress bar over (contender, repeat) passes, on stderr."""
+
+    def __init__(self, contenders: int, repeats: int, quiet: bool) -> None:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self._bar = Progress(console=Console(stderr=True), transient=True, disable=False)
+        self._task = self._bar.add_task("timed passes", total=contenders * repeats)
+        self._bar.start()
+
+    def advance(self, label: str, repeat: int) -> None:
+        self._bar.update(self._task, advance=1, description=f"repeat {repeat + 1}: {label}")
+
+    def close(self) -> None:
+        self._bar.stop()

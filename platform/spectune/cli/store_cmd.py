@@ -1,0 +1,167 @@
+"""`spectune results SWEEP` and `spectune sweeps list`: read the results store."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+import typer
+
+DEFAULT_OBJECTIVES = {"speedup": "max", "tree_tokens_per_step": "min"}
+_TABLE_COLUMNS = ("method", "draft_len", "tree_shape", "node_budget", "exit_layer", "temperature")
+_SHOWN_METRICS = ("mean_accepted_tokens", "speedup", "tree_tokens_per_step", "lossless")
+_LABELS = {"draft_len": "k", "tree_shape": "shape", "node_budget": "budget", "exit_layer": "exit",
+           "temperature": "temp", "mean_accepted_tokens": "tau",
+           "tree_tokens_per_step": "tree tok", "draft_calls_per_step": "drafts/step"}
+
+sweeps_app = typer.Typer(help="Sweeps recorded in the results store.", no_args_is_help=True)
+
+_DB_HELP = "Database URL or SQLite path (default: $SPECTUNE_DB or ~/.cache/spectune/spectune.db)."
+
+
+def _open(db: str | None) -> Any:
+    """The store, or exit 2 with one line when the database cannot be reached."""
+    from spectune.store import StoreUnavailable, connect
+
+    try:
+        return connect(db)
+    except StoreUnavailable as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+def parse_objectives(items: list[str]) -> dict[str, str]:
+    """``["speedup:max", "tree_tokens_per_step:min"]`` -> ``{"speedup": "max", ...}``."""
+    from spectune.store import NUMERIC_METRICS
+
+    out: dict[str, str] = {}
+    for item in items:
+        metric, _, mode = item.partition(":")
+        mode = mode or "max"
+        if metric not in NUMERIC_METRICS or mode not in ("max", "min"):
+            raise typer.BadParameter(
+                f"{item!r}: expected METRIC:max|min with METRIC one of {', '.join(NUMERIC_METRICS)}",
+                param_hint="--objective")
+        out[metric] = mode
+    return out
+
+
+def spec_objectives(spec: dict[str, Any]) -> dict[str, str]:
+    """Objectives stored in a sweep spec (``objectives: [{metric, mode}]``), else the defaults."""
+    found = {o["metric"]: o.get("mode", "max") for o in spec.get("objectives") or []
+             if isinstance(o, dict) and o.get("metric")}
+    return found or dict(DEFAULT_OBJECTIVES)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready value: NaN/NaT/NA -> None, timestamps -> ISO strings, numpy -> Python."""
+    if value is None or isinstance(value, (str, bool, dict, list)):
+        return value
+    if pd.isna(value):
+        return None
+    if isinstance(value, datetime):  # pandas Timestamp included
+        return value.isoformat()
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and math.isinf(value) else value
+
+
+def _fmt(value: Any) -> str:
+    value = _plain(value)
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def results(
+    sweep: str = typer.Argument(..., help="Sweep name."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+    objective: list[str] | None = typer.Option(
+        None, "--objective", help="METRIC:max|min, repeatable (default: the sweep spec's "
+        "objectives, else speedup:max and tree_tokens_per_step:min)."),
+) -> None:
+    """Trials of a sweep with its Pareto front (lossless trials only) marked ★."""
+    from spectune.pareto import pareto_front
+
+    store = _open(db)
+    row = store.get_sweep(sweep)
+    if row is None:
+        known = ", ".join(s.name for s in store.list_sweeps()) or "none"
+        typer.echo(f"error: no sweep named {sweep!r} (known: {known})", err=True)
+        raise typer.Exit(1)
+    objectives = parse_objectives(objective) if objective else spec_objectives(row.spec)
+    df = store.trials_frame(sweep)
+    missing = [m for m in objectives if m not in df.columns]
+    if missing:
+        typer.echo(f"error: objective(s) {', '.join(missing)} are not stored metrics", err=True)
+        raise typer.Exit(1)
+    front = pareto_front(df, objectives)
+    front_ids = [int(i) for i in df.loc[front.to_numpy(), "trial_id"]]
+    if json_out:
+        trials = [{k: _plain(v) for k, v in rec.items()} for rec in df.to_dict("records")]
+        for t in trials:
+            t["on_front"] = t["trial_id"] in front_ids
+        typer.echo(json.dumps({"sweep": sweep, "objectives": [
+            {"metric": m, "mode": mode} for m, mode in objectives.items()],
+            "trials": trials, "front": front_ids}, default=str))
+        return
+    _print_results(sweep, row.status, df, front, objectives)
+
+
+def _print_results(sweep: str, status: str, df: Any, front: Any, objectives: dict[str, str]) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = list(objectives) + [m for m in _SHOWN_METRICS if m not in objectives]
+    knobs = [c for c in _TABLE_COLUMNS if df[c].notna().any()]  # only knobs this sweep turns
+    table = Table(title=f"{sweep} ({status}): " + ", ".join(f"{m} {v}" for m, v in objectives.items()),
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for col in ("", "id", "status", *knobs, *metrics):
+        label = _LABELS.get(col, col.replace("_", " "))
+        table.add_column(label, overflow="fold", min_width=None if col == "tree_shape" else len(label),
+                         justify="right" if col in metrics or col == "id" else "left")
+    for (_, rec), on in zip(df.iterrows(), front.to_numpy(), strict=True):
+        cells = ["★" if on else "", str(rec["trial_id"]), str(rec["status"])]
+        cells += [_fmt(rec[c]) for c in (*knobs, *metrics)]
+        table.add_row(*cells, style="bold" if on else None)
+    Console().print(table)
+    n_err = int((df["status"] == "error").sum())
+    typer.echo(f"{len(df)} trials, {int(front.sum())} on the front"
+               + (f", {n_err} failed" if n_err else ""))
+
+
+@sweeps_app.command("list")
+def list_sweeps(
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Every sweep, newest first, with trial counts by status."""
+    store = _open(db)
+    sweeps = store.list_sweeps()
+    if json_out:
+        typer.echo(json.dumps([{
+            "name": s.name, "status": s.status, "n_trials": s.n_trials, "total": s.total,
+            "created_at": _plain(s.created_at), "started_at": _plain(s.started_at),
+            "finished_at": _plain(s.finished_at), "hardware": s.hardware} for s in sweeps]))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sweeps in {store.url}")
+    for col in ("name", "status", "trials", "done", "running", "pending", "error", "started",
+                "hardware"):
+        table.add_column(col)
+    for s in sweeps:
+        started = s.started_at.strftime("%Y-%m-%d %H:%M") if s.started_at else "-"
+        table.add_row(s.name, s.status, str(s.total), *(str(s.n_trials[k]) for k in (
+            "done", "running", "pending", "error")), started, s.hardware or "-")
+    Console().print(table)

@@ -1,0 +1,136 @@
+"""Lossless sampling: the tokens a method emits follow the target's distribution exactly.
+
+Part 1 drives the accept rule with synthetic target/draft tables (fast, many samples); part 2
+runs the real loop on small random models with a small vocabulary. Both use chi-square
+tests with fixed seeds.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from spectune.engine.accept import accept_sampled
+from spectune.engine.loop import Decoder
+from spectune.engine.sampling import Sampling, probabilities, sample_without_replacement
+from spectune.engine.shapes import branching_shape, chain_shape
+from spectune.engine.tree import DraftTree
+from spectune.methods import METHODS
+from spectune.methods.base import Models
+from spectune.engine.runner import CausalLM
+from support import random_llama
+
+V = 4
+MIN_P = 1e-3  # chi-square p-value below which we call the distributions different
+
+
+def table_logits(prefix: tuple[int, ...], salt: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(hash((salt, prefix)) % (2**31))
+    return torch.randn(V, generator=g) * 1.5  # [V]
+
+
+def exact_two_token_law(sampling: Sampling) -> np.ndarray:
+    law = np.zeros((V, V))
+    p1 = probabilities(table_logits((), 0), sampling)
+    for a, b in itertools.product(range(V), range(V)):
+        law[a, b] = p1[a] * probabilities(table_logits((a,), 0), sampling)[b]
+    return law.flatten()
+
+
+def draft_tree(prefix, shape, sampling, rng, deterministic):
+    tokens, q_rows = [prefix[-1] if prefix else 0], {}
+    for node in range(1, len(shape.parents)):
+        parent = shape.parents[node]
+        if parent not in q_rows:
+            path = _path_tokens(shape.parents, tokens, parent)
+            q = probabilities(table_logits(prefix + path, 1), sampling)
+            n_kids = shape.n_children()[parent]
+            q_rows[parent] = (q, list(range(n_kids)) if deterministic else sample_without_replacement(q, n_kids, rng))
+        q, picks = q_rows[parent]
+        rank = shape.ranks[node]
+        tokens.append(picks[rank] if rank < len(picks) else picks[-1])
+    q = None if deterministic else torch.stack([q_rows.get(i, (torch.zeros(V),))[0] for i in range(len(tokens))])
+    return DraftTree(tuple(tokens), shape.parents, q)
+
+
+def _path_tokens(parents, tokens, node):
+    path = []
+    while node > 0:
+        path.append(tokens[node])
+        node = parents[node]
+    return tuple(reversed(path))
+
+
+def emit_two(shape, sampling, rng, deterministic):
+    out: tuple[int, ...] = ()
+    while len(out) < 2:
+        tree = draft_tree(out, shape, sampling, rng, deterministic)
+        rows = [probabilities(table_logits(out + _path_tokens(shape.parents, tree.tokens, i), 0), sampling)
+                for i in range(len(tree.tokens))]
+        verdict = accept_sampled(tree, torch.stack(rows), rng)
+        out += tuple(tree.tokens[i] for i in verdict.path[1:]) + (verdict.bonus,)
+    return out[:2]
+
+
+@pytest.mark.parametrize(
+    "name, shape, deterministic, top_p",
+    [
+        ("chain (Leviathan/Chen)", chain_shape(2), False, 1.0),
+        ("tree without replacement", branching_shape([3, 2]), False, 1.0),
+        ("tree, top-p 0.8", branching_shape([2, 2]), False, 0.8),
+        ("deterministic chain (sample-and-match)", chain_shape(2), True, 1.0),
+        ("deterministic siblings", branching_shape([3, 1]), True, 0.9),
+    ],
+)
+def test_accept_rule_preserves_the_target_law(name, shape, deterministic, top_p):
+    sampling = Sampling(temperature=1.0, top_p=top_p)
+    rng = torch.Generator().manual_seed(1234)
+    n = 6000
+    counts = np.zeros(V * V)
+    for _ in range(n):
+        a, b = emit_two(shape, sampling, rng, deterministic)
+        counts[a * V + b] += 1
+    law = exact_two_token_law(sampling)
+    support = law > 0
+    assert counts[~support].sum() == 0, f"{name}: emitted a token pair the target cannot produce"
+    _, p_value = chisquare(counts[support], law[support] / law[support].sum() * n)
+    assert p_value > MIN_P, f"{name}: chi-square p={p_value:.2g}"
+
+
+# --- the real loop on small models --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_vocab_pair():
+    target = random_llama(seed=1, vocab=8, layers=2, hidden=32)
+    drafter = random_llama(seed=2, vocab=8, layers=1, hidden=32)
+    return target, drafter
+
+
+def exact_law_from_model(target, prompt, sampling):
+    lm = CausalLM(target)
+    p1 = probabilities(lm.forward(prompt)[-1], sampling)  # [V]
+    law = np.zeros((8, 8))
+    for a in range(8):
+        p2 = probabilities(CausalLM(target).forward(prompt + [a])[-1], sampling)
+        law[a] = (p1[a] * p2).numpy()
+    return law.flatten()
+
+
+@pytest.mark.parametrize("method, knobs", [("sps", {"draft_len": 3}), ("tree", {"branching": [3, 2]}), ("pld", {})])
+def test_loop_samples_follow_the_target(small_vocab_pair, method, knobs):
+    target, drafter = small_vocab_pair
+    models = Models(CausalLM(target), CausalLM(drafter))
+    decoder = Decoder(models.target, METHODS.build(method, knobs, models))
+    sampling = Sampling(temperature=1.0)
+    prompt = [1, 2, 3, 1, 2]
+    n = 1500
+    counts = np.zeros(64)
+    for seed in range(n):
+        a, b = decoder.generate(prompt, 2, sampling, seed=seed).tokens
+        counts[a * 8 + b] += 1
+    law = exact_law_from_model(target, prompt, sampling)
+    _, p_value = chisquare(counts, law / law.sum() * n)
+    assert p_value > MIN_P, f"{method}: chi-square p={p_value:.2g}"
