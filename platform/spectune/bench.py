@@ -151,6 +151,45 @@ def timed_pass(pair: Pair, runner: Runner, encoded: Sequence[list[int]], setting
     return Pass(generations, seconds, target_clock.seconds, draft_clock.seconds, target_clock.calls)
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """AR passes over a prompt set: the denominator of every speedup, and the greedy reference outputs."""
+
+    passes: list[Pass]
+    encoded: list[list[int]]
+
+    @property
+    def reference(self) -> list[Generation]:
+        return self.passes[0].generations
+
+    @property
+    def tokens_per_s(self) -> float:
+        return statistics.median(p.tokens_per_s for p in self.passes)
+
+
+def warm_up(pair: Pair, who: Contender, encoded: Sequence[list[int]], settings: Settings) -> None:
+    """Untimed decoding first: allocator, kernels and caches settle."""
+    for tokens in encoded[: settings.warmup]:
+        who.runner.generate(tokens, min(settings.max_new_tokens, 16), settings.sampling, settings.seed)
+
+
+def measure_baseline(pair: Pair, prompts: Sequence[Prompt], settings: Settings) -> Baseline:
+    """AR alone, `repeats` times (a sweep worker measures this once and reuses it for every trial)."""
+    encoded = encode_prompts(pair, prompts, settings.max_new_tokens)
+    ar = contender(pair, DecodeConfig(method="ar"))
+    warm_up(pair, ar, encoded, settings)
+    return Baseline([timed_pass(pair, ar.runner, encoded, settings) for _ in range(settings.repeats)], encoded)
+
+
+def measure(
+    pair: Pair, who: Contender, baseline: Baseline, prompts: Sequence[Prompt], settings: Settings
+) -> dict[str, Any]:
+    """One contender against a stored baseline: the result row `spectune bench --json` prints."""
+    warm_up(pair, who, baseline.encoded, settings)
+    runs = [timed_pass(pair, who.runner, baseline.encoded, settings) for _ in range(settings.repeats)]
+    return summarise(who, runs, baseline.passes, baseline.reference, prompts, settings, pair)
+
+
 def run_bench(
     pair: Pair,
     contenders: Sequence[Contender],
@@ -158,13 +197,12 @@ def run_bench(
     settings: Settings,
     on_pass: Callable[[str, int], None] = lambda label, repeat: None,
 ) -> list[dict[str, Any]]:
-    """Measure AR and every contender; one result dict per contender (AR's own row first)."""
+    """AR and every contender, interleaved per repeat so each speedup compares back-to-back passes."""
     encoded = encode_prompts(pair, prompts, settings.max_new_tokens)
     ar = contender(pair, DecodeConfig(method="ar"))
     everyone = [ar, *[c for c in contenders if c.label != "ar"]]
-    for each in everyone:  # warm-up: allocator, kernels, caches; never timed
-        for tokens in encoded[: settings.warmup]:
-            each.runner.generate(tokens, min(settings.max_new_tokens, 16), settings.sampling, settings.seed)
+    for each in everyone:
+        warm_up(pair, each, encoded, settings)
     passes: dict[str, list[Pass]] = {c.label: [] for c in everyone}
     for repeat in range(settings.repeats):
         for each in everyone:

@@ -84,21 +84,21 @@ def build_sps(knobs: SpsKnobs, models: Models) -> ChainDrafter:
 
 
 class TreeKnobs(Knobs):
-    branching: list[int] | None = Field(None, description="per-depth branching, e.g. [4, 2, 2, 1]")
+    branching: list[int] | None = Field(None, description="per-depth branching, e.g. [4, 2, 2, 1] (default [3, 2, 1])")
     paths: list[list[int]] | None = Field(None, description="Medusa-style path list, e.g. [[0], [0, 0], [1]]")
     paths_file: str | None = Field(None, description="JSON file holding a path list (spectune trees optimize)")
 
     @model_validator(mode="after")
     def exactly_one_shape(self) -> "TreeKnobs":
         given = [k for k in ("branching", "paths", "paths_file") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of branching, paths, paths_file (got {given or 'none'})")
+        if len(given) > 1:
+            raise ValueError(f"give one of branching, paths, paths_file (got {', '.join(given)})")
         self.shape()  # surface a malformed shape at validation time
         return self
 
     def shape(self) -> TreeShape:
-        if self.branching is not None:
-            return branching_shape(self.branching)
+        if self.paths is None and self.paths_file is None:
+            return branching_shape(self.branching or [3, 2, 1])
         if self.paths is not None:
             return paths_shape(self.paths)
         return paths_shape(_load_paths(Path(self.paths_file)))
