@@ -8,7 +8,7 @@ out of here: the loop returns counts; profilers hook the models from outside.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +26,14 @@ class StepRecord:
     depth: int  # deepest draft position offered
     accepted: int  # draft tokens accepted
     draft_calls: int
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """What one step added to the output."""
+
+    tokens: list[int]
+    record: StepRecord
 
 
 @dataclass
@@ -54,14 +62,23 @@ class Decoder:
     def generate(
         self, prompt: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0
     ) -> Generation:
+        result = Generation(tuple(prompt))
+        for step in self.stream(prompt, max_new_tokens, sampling, seed):
+            result.tokens.extend(step.tokens)
+            result.steps.append(step.record)
+        return result
+
+    def stream(
+        self, prompt: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(), seed: int = 0
+    ) -> Iterator[Emitted]:
+        """Decode step by step, yielding what each step emits (cut at max_new_tokens and at eos)."""
         self._check_budget(len(prompt), max_new_tokens)
         rng = torch.Generator().manual_seed(seed)
-        result = Generation(tuple(prompt))
         sequence = list(prompt)
         self._start(sequence)
-        while len(result.tokens) < max_new_tokens and not self._stopped(result):
-            remaining = max_new_tokens - len(result.tokens)
-            context = DraftContext(tuple(sequence), sampling, rng, max_depth=remaining - 1)
+        produced = 0
+        while produced < max_new_tokens:
+            context = DraftContext(tuple(sequence), sampling, rng, max_depth=max_new_tokens - produced - 1)
             tree = self.drafter.draft(context)  # 1. draft: tokens + parents (+ q when sampling)
             past = len(self.target.cache)
             inputs = tree_inputs(tree.parents, past, self.target.dtype)  # 2. tree inputs: mask, positions
@@ -69,10 +86,11 @@ class Decoder:
             verdict = accept(tree, logits, sampling, rng)  # 4. accept: path + bonus
             emitted = self._commit(tree, verdict, past, sequence)  # 5. commit: caches hold the accepted prefix
             self.drafter.observe(StepOutcome(tree, verdict, logits))
-            result.tokens.extend(emitted)
-            result.steps.append(_record(tree, verdict))
-        self._finish(result, max_new_tokens)
-        return result
+            emitted, stop = self._cut(emitted, max_new_tokens - produced)
+            produced += len(emitted)
+            yield Emitted(emitted, _record(tree, verdict))
+            if stop:
+                return
 
     def _start(self, sequence: list[int]) -> None:
         self.target.reset()
@@ -87,14 +105,11 @@ class Decoder:
         self.drafter.commit(sequence)
         return emitted
 
-    def _stopped(self, result: Generation) -> bool:
-        return self.eos_token_id is not None and self.eos_token_id in result.tokens
-
-    def _finish(self, result: Generation, max_new_tokens: int) -> None:
-        """Cut what the last step over-produced, so every method returns exactly what AR would."""
-        del result.tokens[max_new_tokens:]
-        if self.eos_token_id is not None and self.eos_token_id in result.tokens:
-            del result.tokens[result.tokens.index(self.eos_token_id) + 1 :]
+    def _cut(self, emitted: list[int], room: int) -> tuple[list[int], bool]:
+        """Drop what the step over-produced, so every method returns exactly what AR would."""
+        if self.eos_token_id is not None and self.eos_token_id in emitted[:room]:
+            return emitted[: emitted.index(self.eos_token_id) + 1], True
+        return emitted[:room], False
 
     def _check_budget(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len < 1:
