@@ -119,7 +119,11 @@ def exact_law_from_model(target, prompt, sampling):
     return law.flatten()
 
 
-@pytest.mark.parametrize("method, knobs", [("sps", {"draft_len": 3}), ("tree", {"branching": [3, 2]}), ("pld", {})])
+EXTRA_CONFIGS = [("sps", {"draft_len": 3, "schedule": "heuristic"}), ("tree", {"branching": [3, 2]})]
+EVERY_METHOD = [(name, {}) for name in METHODS.names() if METHODS.get(name).lossless]
+
+
+@pytest.mark.parametrize("method, knobs", EVERY_METHOD + EXTRA_CONFIGS)
 def test_loop_samples_follow_the_target(small_vocab_pair, method, knobs):
     target, drafter = small_vocab_pair
     models = Models(CausalLM(target), CausalLM(drafter))

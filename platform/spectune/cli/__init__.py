@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from spectune.cli import bench_cmd, models_cmd
+from spectune.cli import bench_cmd, methods_cmd, models_cmd
 from spectune.cli import store_cmd
 
 app = typer.Typer(
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 app.add_typer(models_cmd.app, name="models")
 app.command("bench")(bench_cmd.bench)
+app.command("methods")(methods_cmd.methods)
 
 # Command groups added by other modules register here, one line each.
 app.command("results")(store_cmd.results)

@@ -67,7 +67,10 @@ class Method:
     build: Callable[[Knobs, Models], Drafter]
     needs_drafter: bool
     lossless: bool
-    summary: str
+    summary: str  # one line: what it drafts with
+    paper: str  # where the method comes from
+    cost: str  # per step: drafter passes and tree tokens the target verifies
+    rule: str  # how acceptance keeps it lossless (greedy / sampling)
 
 
 def root_only(context: DraftContext) -> DraftTree:

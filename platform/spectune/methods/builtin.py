@@ -39,7 +39,15 @@ class Autoregressive:
     def observe(self, outcome: StepOutcome) -> None: ...
 
 
-@METHODS.register("ar", ArKnobs, needs_drafter=False, summary="plain autoregressive decoding (the baseline)")
+@METHODS.register(
+    "ar",
+    ArKnobs,
+    needs_drafter=False,
+    summary="plain autoregressive decoding, the baseline",
+    paper="-",
+    cost="0 drafter passes; 1 token verified",
+    rule="is the reference",
+)
 def build_ar(knobs: ArKnobs, models: Models) -> Autoregressive:
     return Autoregressive()
 
@@ -75,7 +83,15 @@ class ChainDrafter(TemplateDrafter):
         self.use_shape(chain_shape(length))
 
 
-@METHODS.register("sps", SpsKnobs, needs_drafter=True, summary="speculative sampling with a drafter chain")
+@METHODS.register(
+    "sps",
+    SpsKnobs,
+    needs_drafter=True,
+    summary="a chain of k tokens from the drafter model; fixed k or the +2/-1 heuristic",
+    paper="Leviathan et al. 2023; Chen et al. 2023",
+    cost="k drafter passes (first one over the uncached suffix); k+1 tokens verified",
+    rule="greedy match; rejection sampling min(1, p/q), residual norm(max(p-q, 0))",
+)
 def build_sps(knobs: SpsKnobs, models: Models) -> ChainDrafter:
     return ChainDrafter(models, knobs)
 
@@ -117,7 +133,15 @@ def _load_paths(path: Path) -> list[list[int]]:
     return paths
 
 
-@METHODS.register("tree", TreeKnobs, needs_drafter=True, summary="static tree filled by the drafter's top-k")
+@METHODS.register(
+    "tree",
+    TreeKnobs,
+    needs_drafter=True,
+    summary="static tree (per-depth branching or Medusa path list) filled by the drafter's top-k",
+    paper="SpecInfer (Miao et al. 2024) token trees; Medusa path lists (Cai et al. 2024)",
+    cost="depth drafter passes (one per level); tree size + 1 tokens verified",
+    rule="greedy match; recursive rejection over siblings drawn without replacement",
+)
 def build_tree(knobs: TreeKnobs, models: Models) -> TemplateDrafter:
     return TemplateDrafter(models.drafter, knobs.shape())
 
@@ -169,6 +193,14 @@ def lookup(sequence: Sequence[int], min_ngram: int, max_ngram: int, length: int)
     return []
 
 
-@METHODS.register("pld", PldKnobs, needs_drafter=False, summary="prompt lookup decoding (n-gram copy, no model)")
+@METHODS.register(
+    "pld",
+    PldKnobs,
+    needs_drafter=False,
+    summary="copy what followed the last earlier match of the suffix n-gram (no model)",
+    paper="Saxena 2023, prompt lookup decoding",
+    cost="0 drafter passes; draft_len + 1 tokens verified",
+    rule="greedy match; sample-and-match (one-hot proposal)",
+)
 def build_pld(knobs: PldKnobs, models: Models) -> PromptLookup:
     return PromptLookup(knobs)

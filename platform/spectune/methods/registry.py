@@ -15,12 +15,23 @@ class MethodRegistry:
         self._methods: dict[str, Method] = {}
 
     def register(
-        self, name: str, knobs: type[Knobs], *, needs_drafter: bool, lossless: bool = True, summary: str = ""
+        self,
+        name: str,
+        knobs: type[Knobs],
+        *,
+        needs_drafter: bool,
+        summary: str,
+        paper: str,
+        cost: str,
+        rule: str,
+        lossless: bool = True,
     ) -> Callable[[Callable[[Knobs, Models], Drafter]], Callable[[Knobs, Models], Drafter]]:
+        """Register a method's factory; the texts feed `spectune methods` and docs/methods.md."""
+
         def decorate(build: Callable[[Knobs, Models], Drafter]) -> Callable[[Knobs, Models], Drafter]:
             if name in self._methods:
                 raise ValueError(f"method {name!r} is registered twice")
-            self._methods[name] = Method(name, knobs, build, needs_drafter, lossless, summary)
+            self._methods[name] = Method(name, knobs, build, needs_drafter, lossless, summary, paper, cost, rule)
             return build
 
         return decorate
