@@ -39,20 +39,29 @@ def exact_two_token_law(sampling: Sampling) -> np.ndarray:
     return law.flatten()
 
 
-def draft_tree(prefix, shape, sampling, rng, deterministic):
+def draft_tree(prefix, shape, sampling, rng, draw):
+    """draw: "without replacement" (Gumbel-top-k), "with replacement" (i.i.d., SpecInfer) or "deterministic"."""
+    deterministic = draw == "deterministic"
     tokens, q_rows = [prefix[-1] if prefix else 0], {}
     for node in range(1, len(shape.parents)):
         parent = shape.parents[node]
         if parent not in q_rows:
             path = _path_tokens(shape.parents, tokens, parent)
             q = probabilities(table_logits(prefix + path, 1), sampling)
-            n_kids = shape.n_children()[parent]
-            q_rows[parent] = (q, list(range(n_kids)) if deterministic else sample_without_replacement(q, n_kids, rng))
+            q_rows[parent] = (q, _picks(q, shape.n_children()[parent], rng, draw))
         q, picks = q_rows[parent]
         rank = shape.ranks[node]
         tokens.append(picks[rank] if rank < len(picks) else picks[-1])
     q = None if deterministic else torch.stack([q_rows.get(i, (torch.zeros(V),))[0] for i in range(len(tokens))])
-    return DraftTree(tuple(tokens), shape.parents, q)
+    return DraftTree(tuple(tokens), shape.parents, q, with_replacement=draw == "with replacement")
+
+
+def _picks(q, n_kids, rng, draw):
+    if draw == "deterministic":
+        return list(range(n_kids))
+    if draw == "with replacement":
+        return torch.multinomial(q, n_kids, replacement=True, generator=rng).tolist()
+    return sample_without_replacement(q, n_kids, rng)
 
 
 def _path_tokens(parents, tokens, node):
@@ -63,10 +72,10 @@ def _path_tokens(parents, tokens, node):
     return tuple(reversed(path))
 
 
-def emit_two(shape, sampling, rng, deterministic):
+def emit_two(shape, sampling, rng, draw):
     out: tuple[int, ...] = ()
     while len(out) < 2:
-        tree = draft_tree(out, shape, sampling, rng, deterministic)
+        tree = draft_tree(out, shape, sampling, rng, draw)
         rows = [probabilities(table_logits(out + _path_tokens(shape.parents, tree.tokens, i), 0), sampling)
                 for i in range(len(tree.tokens))]
         verdict = accept_sampled(tree, torch.stack(rows), rng)
@@ -75,22 +84,24 @@ def emit_two(shape, sampling, rng, deterministic):
 
 
 @pytest.mark.parametrize(
-    "name, shape, deterministic, top_p",
+    "name, shape, draw, top_p",
     [
-        ("chain (Leviathan/Chen)", chain_shape(2), False, 1.0),
-        ("tree without replacement", branching_shape([3, 2]), False, 1.0),
-        ("tree, top-p 0.8", branching_shape([2, 2]), False, 0.8),
-        ("deterministic chain (sample-and-match)", chain_shape(2), True, 1.0),
-        ("deterministic siblings", branching_shape([3, 1]), True, 0.9),
+        ("chain (Leviathan/Chen)", chain_shape(2), "without replacement", 1.0),
+        ("tree without replacement", branching_shape([3, 2]), "without replacement", 1.0),
+        ("tree, top-p 0.8", branching_shape([2, 2]), "without replacement", 0.8),
+        ("tree with replacement (SpecInfer)", branching_shape([3, 2]), "with replacement", 1.0),
+        ("with replacement, top-p 0.8", branching_shape([4, 1]), "with replacement", 0.8),
+        ("deterministic chain (sample-and-match)", chain_shape(2), "deterministic", 1.0),
+        ("deterministic siblings", branching_shape([3, 1]), "deterministic", 0.9),
     ],
 )
-def test_accept_rule_preserves_the_target_law(name, shape, deterministic, top_p):
+def test_accept_rule_preserves_the_target_law(name, shape, draw, top_p):
     sampling = Sampling(temperature=1.0, top_p=top_p)
     rng = torch.Generator().manual_seed(1234)
     n = 6000
     counts = np.zeros(V * V)
     for _ in range(n):
-        a, b = emit_two(shape, sampling, rng, deterministic)
+        a, b = emit_two(shape, sampling, rng, draw)
         counts[a * V + b] += 1
     law = exact_two_token_law(sampling)
     support = law > 0

@@ -2,8 +2,9 @@
 
 Greedy: follow the child equal to the target's argmax. Sampling: recursive rejection
 sampling over siblings drawn without replacement (RSD / Sequoia's SpecTree); a chain is
-the one-sibling case, i.e. Leviathan/Chen. Deterministic drafts (q = None) are one-hot
-proposals, which makes the rule sample-and-match.
+the one-sibling case, i.e. Leviathan/Chen. Siblings drawn with replacement (SpecInfer,
+`DraftTree.with_replacement`) keep q unchanged after a rejection (multi-round rejection).
+Deterministic drafts (q = None) are one-hot proposals, which makes the rule sample-and-match.
 """
 
 from __future__ import annotations
@@ -68,12 +69,14 @@ def _recursive_rejection(
         q_token = float(q[token]) if q is not None else 1.0
         if float(torch.rand((), generator=rng)) * q_token < float(p[token]):  # u < p/q without dividing
             return child, p
-        p, q = _residual(p, q, token)
+        p, q_next = _residual(p, q, token)
+        q = q if tree.with_replacement else q_next  # i.i.d. siblings: the next one was drawn from the same q
     return None, p
 
 
 def _residual(p: torch.Tensor, q: torch.Tensor | None, token: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """norm(max(p - q, 0)), and q renormalised without the rejected token (the next sibling's law)."""
+    """norm(max(p - q, 0)), and q renormalised without the rejected token (the next sibling's law
+    when drawing without replacement)."""
     if q is None:  # one-hot proposal: max(p - onehot, 0) is p without the token
         residual = p.clone()
         residual[token] = 0.0

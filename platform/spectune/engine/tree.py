@@ -20,6 +20,7 @@ class DraftTree:
     parents: tuple[int, ...]  # [n+1] parents[0] = -1, parents[i] < i
     q: torch.Tensor | None = None  # [n+1, V] distribution each node's children were drawn from; None = deterministic
     draft_calls: int = 0  # drafter forward passes spent building it
+    with_replacement: bool = False  # siblings are i.i.d. draws from q (SpecInfer), not draws without replacement
 
     @property
     def size(self) -> int:
