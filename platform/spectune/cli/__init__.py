@@ -6,6 +6,8 @@ import typer
 
 from spectune.cli import bench_cmd, methods_cmd, models_cmd
 from spectune.cli import store_cmd
+from spectune.cli import dashboard_cmd
+from spectune.cli import serve_cmd
 
 app = typer.Typer(
     name="spectune",
@@ -20,7 +22,18 @@ app.command("methods")(methods_cmd.methods)
 # Command groups added by other modules register here, one line each.
 app.command("results")(store_cmd.results)
 app.add_typer(store_cmd.sweeps_app, name="sweeps")
+app.command("dashboard")(dashboard_cmd.dashboard)
+app.command("serve")(serve_cmd.serve)
 
 
 def main() -> None:
+    _quiet_libraries()
     app()
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars and errors only: no weight-loading bars or advisory warnings."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

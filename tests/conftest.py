@@ -1,0 +1,33 @@
+"""Shared pytest fixtures. Keep this small; put helpers in tests/support.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    # The test models are tiny: a second thread only adds sync overhead, and CI's 2 cores are shared.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def micro_pair() -> Path:
+    """The micro target/drafter pair (seed 0), built once (~30 s) and cached across runs
+    in ``$SPECTUNE_CACHE`` or ``~/.cache/spectune`` (``pairs/micro-seed0``)."""
+    from spectune.models.build import build_pair, default_pair_dir
+
+    return build_pair("micro", default_pair_dir("micro", 0), seed=0, progress=False)
+
+
+@pytest.fixture
+def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty ``SPECTUNE_CACHE`` for one test (session fixtures such as ``micro_pair``
+    are created first, so they still use the real cache)."""
+    cache = tmp_path / "spectune-cache"
+    cache.mkdir()
+    monkeypatch.setenv("SPECTUNE_CACHE", str(cache))
+    return cache

@@ -1,0 +1,52 @@
+"""Lossless greedy: every registered method, on the micro pair, over >= 20 prompts, equals AR token for token."""
+
+import pytest
+
+from spectune.engine.loop import Decoder
+from spectune.engine.sampling import Sampling
+from spectune.methods import METHODS
+from spectune.pair import load_pair
+from spectune.prompts import load_prompts
+
+MAX_NEW = 40
+EXTRA_CONFIGS = [
+    ("sps", {"draft_len": 2}),
+    ("sps", {"draft_len": 6, "schedule": "heuristic"}),
+    ("tree", {"branching": [4, 2, 2, 1]}),
+    ("tree", {"paths": [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0]]}),
+    ("pld", {"max_ngram": 2, "draft_len": 4}),
+]
+CONFIGS = [(name, {}) for name in METHODS.names() if name != "ar"] + EXTRA_CONFIGS
+
+
+@pytest.fixture(scope="module")
+def pair(micro_pair):
+    return load_pair(str(micro_pair / "target"), str(micro_pair / "drafter"))
+
+
+@pytest.fixture(scope="module")
+def prompts(pair):
+    chosen = load_prompts("default")
+    assert len(chosen) >= 20
+    return [(p.id, pair.encode(p.prompt)) for p in chosen]
+
+
+@pytest.fixture(scope="module")
+def reference(pair, prompts):
+    ar = Decoder(pair.runners().target, METHODS.build("ar", {}, pair.runners()), pair.eos_token_id)
+    return {pid: ar.generate(ids, MAX_NEW).tokens for pid, ids in prompts}
+
+
+@pytest.mark.parametrize("method, knobs", CONFIGS, ids=[f"{m}-{k}" if k else m for m, k in CONFIGS])
+def test_greedy_output_equals_ar(pair, prompts, reference, method, knobs):
+    models = pair.runners()
+    decoder = Decoder(models.target, METHODS.build(method, knobs, models), pair.eos_token_id)
+    accepted = 0
+    for pid, ids in prompts:
+        generation = decoder.generate(ids, MAX_NEW, Sampling(), seed=0)
+        expected = reference[pid]
+        first_diff = next((i for i, (a, b) in enumerate(zip(generation.tokens, expected)) if a != b), None)
+        assert generation.tokens == expected, f"{method} {knobs} prompt {pid}: differs at token {first_diff}, lengths {len(generation.tokens)} vs {len(expected)}"
+        accepted += sum(s.accepted for s in generation.steps)
+    if method in ("sps", "tree"):
+        assert accepted > 0, "the drafter never got a token accepted: the pair or the method is broken"
