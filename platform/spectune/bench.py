@@ -250,11 +250,23 @@ def summarise(
         "engine_overhead_share": statistics.median((r.wall_s - r.target_s - r.draft_s) / r.wall_s for r in runs),
         "ms_per_token": 1000.0 / statistics.median(r.tokens_per_s for r in runs),
         "peak_mem_mb": peak_memory_mb(pair.target.device),
-        "acceptance_by_exit_layer": None,
+        "acceptance_by_exit_layer": exit_layer_acceptance(who.runner),
         "temperature": settings.temperature,
         "max_new_tokens": settings.max_new_tokens,
         "per_prompt": [_per_prompt(p, g, s, m if greedy else None) for p, g, s, m in zip(prompts, first.generations, first.seconds, matches)],
     }
+
+
+def exit_layer_acceptance(runner: Runner) -> dict[str, float] | None:
+    """Self-speculative drafters (layerskip, del) report per-token acceptance per exit layer; others None.
+
+    A drafter opts in with an `exit_layer_acceptance() -> {layer: rate}` method; keys become
+    strings so the row survives JSON and the store unchanged.
+    """
+    report = getattr(getattr(runner, "drafter", None), "exit_layer_acceptance", None)
+    if report is None:
+        return None
+    return {str(layer): rate for layer, rate in sorted(report().items())} or None
 
 
 def _per_prompt(prompt: Prompt, generation: Generation, seconds: float, matches_ar: bool | None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Decoding methods. Importing this package registers the built-in ones in METHODS."""
 
 from spectune.methods import builtin  # noqa: F401  (registers ar, sps, tree, pld)
+from spectune.methods import selfspec  # noqa: F401  (registers layerskip, del)
 from spectune.methods.registry import METHODS
 
 __all__ = ["METHODS"]

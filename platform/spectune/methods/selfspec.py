@@ -1,0 +1,246 @@
+"""Self-speculation: the target drafts for itself through an early exit.
+
+- `layerskip` (Elhoushi et al. 2024): draft a chain with the target's first l layers and its
+  head, verify with all L layers.
+- `del` (Zarch et al. 2025, "DEL: Context-Aware Dynamic Exit Layer"): every verification
+  also yields *shadow tokens*, the head applied to each layer's hidden state at the accepted
+  positions; their agreement with the target estimates each exit layer's acceptance a_l over
+  a sliding window, and each round drafts with the (l, d) that maximises the expected tokens
+  per layer computed, (1 + a_l + ... + a_l^d) / (d·l + L).
+
+The drafts share the target's weights. Each exit layer keeps its own KV cache: the engine's
+KVCache owns one model's cache and offers no view over another cache's first layers. Little is
+lost on a chain: the draft's cache already holds every accepted draft token (computed while
+drafting, with the same weights), so each round feeds the drafter at most two tokens (the
+last draft token, when all were accepted, and the bonus).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from pydantic import Field, model_validator
+
+from spectune.engine.runner import CausalLM
+from spectune.engine.sampling import Sampling, probabilities
+from spectune.engine.shapes import chain_shape
+from spectune.engine.tree import DraftTree
+from spectune.methods.base import DraftContext, Knobs, Models, StepOutcome
+from spectune.methods.early_exit import ExitHead, LayerOutputs, check_exit_layer, decoder_layers, exit_view, n_layers
+from spectune.methods.model_drafter import TemplateDrafter
+from spectune.methods.registry import METHODS
+
+# --- layerskip --------------------------------------------------------------------------------
+
+
+class LayerSkipKnobs(Knobs):
+    exit_layer: int | None = Field(
+        None, ge=1, description="draft with the target's first l layers (1..L-1; default: half the layers)"
+    )
+    draft_len: int = Field(4, ge=1, le=64, description="tokens drafted per step")
+
+
+def default_exit_layer(total_layers: int) -> int:
+    return max(1, total_layers // 2)
+
+
+class LayerSkipDrafter(TemplateDrafter):
+    """A chain drafted by a shallow view of the target (its first l layers + norm + head)."""
+
+    def __init__(self, target: CausalLM, exit_layer: int, draft_len: int) -> None:
+        super().__init__(CausalLM(exit_view(target.model, exit_layer)), chain_shape(draft_len))
+        self.exit_layer = exit_layer
+        self._judged = 0  # draft tokens the target ruled on: those up to and including the first rejection
+        self._accepted = 0
+
+    def observe(self, outcome: StepOutcome) -> None:
+        accepted = outcome.verdict.accepted
+        self._accepted += accepted
+        self._judged += accepted + (accepted < outcome.tree.size)  # tokens after a rejection were never judged
+
+    def exit_layer_acceptance(self) -> dict[int, float]:
+        """Per-token acceptance at the exit layer (comparable with DEL's shadow agreement), since build."""
+        return {self.exit_layer: self._accepted / self._judged} if self._judged else {}
+
+
+@METHODS.register(
+    "layerskip",
+    LayerSkipKnobs,
+    needs_drafter=False,
+    summary="self-speculation: a chain drafted by the target's own first l layers and its head (shared weights)",
+    paper="Elhoushi et al. 2024, LayerSkip",
+    cost="d passes of l target layers (+ head); d+1 tokens verified",
+    rule="greedy match; rejection sampling min(1, p/q), residual norm(max(p-q, 0))",
+)
+def build_layerskip(knobs: LayerSkipKnobs, models: Models) -> LayerSkipDrafter:
+    exit_layer = knobs.exit_layer or default_exit_layer(n_layers(models.target.model))
+    check_exit_layer("exit_layer", exit_layer, models.target.model)
+    return LayerSkipDrafter(models.target, exit_layer, knobs.draft_len)
+
+
+# --- DEL's rule (pure) ------------------------------------------------------------------------
+
+
+def expected_tokens(acceptance: float, draft_len: int) -> float:
+    """Tokens a step emits when each draft token is accepted with probability a: 1 + a + ... + a^d.
+
+    The closed form (1 - a^(d+1)) / (1 - a) divides by zero at a = 1; the sum does not.
+    """
+    return sum(acceptance**i for i in range(draft_len + 1))
+
+
+def tokens_per_layer(acceptance: float, exit_layer: int, draft_len: int, total_layers: int) -> float:
+    """DEL's objective: expected tokens per decoder-layer pass (d drafts of l layers + one of L)."""
+    return expected_tokens(acceptance, draft_len) / (draft_len * exit_layer + total_layers)
+
+
+def del_choice(acceptance: Mapping[int, float], total_layers: int, max_draft_len: int) -> tuple[int, int]:
+    """The (exit layer, draft length) maximising tokens per layer; ties go to the shallower, shorter draft."""
+    if not acceptance:
+        raise ValueError("DEL needs an acceptance estimate for at least one exit layer")
+    candidates = [(layer, d) for layer in sorted(acceptance) for d in range(1, max_draft_len + 1)]
+    return max(candidates, key=lambda c: tokens_per_layer(acceptance[c[0]], c[0], c[1], total_layers))
+
+
+class ShadowWindow:
+    """Per exit layer, the last `size` shadow agreements (1.0 = the layer's token is the target's)."""
+
+    def __init__(self, exit_layers: Iterable[int], size: int) -> None:
+        self._recent = {layer: deque(maxlen=size) for layer in exit_layers}
+        self._total = {layer: 0.0 for layer in self._recent}
+        self._count = {layer: 0 for layer in self._recent}
+
+    def add(self, agreements: Mapping[int, Sequence[float]]) -> None:
+        for layer, values in agreements.items():
+            self._recent[layer].extend(values)
+            self._total[layer] += sum(values)
+            self._count[layer] += len(values)
+
+    def estimate(self) -> dict[int, float]:
+        """Acceptance per layer over the window, Laplace-smoothed so an empty window reads 0.5, not 0/0."""
+        return {layer: (sum(recent) + 1.0) / (len(recent) + 2.0) for layer, recent in self._recent.items()}
+
+    def overall(self) -> dict[int, float]:
+        """Mean agreement per layer over everything ever added (for reports, not for choosing)."""
+        return {layer: self._total[layer] / n for layer, n in self._count.items() if n}
+
+
+def shadow_agreement(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    hidden: Mapping[int, torch.Tensor],
+    target_logits: torch.Tensor,
+    rows: Sequence[int],
+    sampling: Sampling,
+) -> dict[int, list[float]]:
+    """How well each exit layer's shadow token agrees with the target at the given tree rows.
+
+    hidden: {exit layer: [n+1, d]} layer outputs of the verification forward; target_logits:
+    [n+1, V]. Greedy: 1.0 where the layer's argmax is the target's. Sampling: the chance a
+    token drawn from the layer's distribution q is accepted against the target's p,
+    sum_v min(p_v, q_v).
+    """
+    layers = sorted(hidden)
+    index = torch.tensor(list(rows))
+    shadow = head(torch.stack([hidden[layer][index] for layer in layers]))  # [m, k, V]
+    target = target_logits[index]  # [k, V]
+    if sampling.greedy:
+        agree = (shadow.argmax(dim=-1) == target.argmax(dim=-1)).float()  # [m, k]
+    else:
+        agree = torch.minimum(probabilities(shadow, sampling), probabilities(target, sampling)).sum(dim=-1)  # [m, k]
+    return {layer: agree[i].tolist() for i, layer in enumerate(layers)}
+
+
+# --- del --------------------------------------------------------------------------------------
+
+
+class DelKnobs(Knobs):
+    window: int = Field(
+        64, ge=1, le=100_000, description="shadow-token comparisons per exit layer that the acceptance estimate averages"
+    )
+    max_draft_len: int = Field(8, ge=1, le=64, description="longest chain a round may draft")
+    min_exit_layer: int = Field(1, ge=1, description="shallowest exit layer considered")
+    max_exit_layer: int | None = Field(None, ge=1, description="deepest exit layer considered (default: L-1)")
+
+    @model_validator(mode="after")
+    def ordered(self) -> "DelKnobs":
+        if self.max_exit_layer is not None and self.min_exit_layer > self.max_exit_layer:
+            raise ValueError(f"min_exit_layer ({self.min_exit_layer}) must be <= max_exit_layer ({self.max_exit_layer})")
+        return self
+
+
+class DynamicExitDrafter:
+    """DEL: each round, draft a chain of d tokens through exit layer l, both picked from shadow tokens.
+
+    The acceptance window describes the model pair, not one sequence, so `reset` keeps it: the
+    next sequence starts from what the last one measured instead of from nothing.
+    """
+
+    def __init__(self, target: CausalLM, exit_layers: range, knobs: DelKnobs) -> None:
+        self.target = target
+        self.exit_layers = exit_layers
+        self.max_draft_len = knobs.max_draft_len
+        self.max_tree_size = knobs.max_draft_len
+        self.total_layers = n_layers(target.model)
+        self.window = ShadowWindow(exit_layers, knobs.window)
+        self.chosen: Counter[tuple[int, int]] = Counter()  # (exit layer, draft length) -> rounds
+        self._head = ExitHead(target.model)
+        self._recorder = LayerOutputs(decoder_layers(target.model), exit_layers)
+        self._drafters: dict[int, TemplateDrafter] = {}  # one cache-owning view per exit layer, built on first use
+        self._sampling = Sampling()
+
+    def reset(self) -> None:
+        self._recorder.detach()
+        for drafter in self._drafters.values():
+            drafter.reset()
+
+    def draft(self, context: DraftContext) -> DraftTree:
+        layer, length = del_choice(self.window.estimate(), self.total_layers, self.max_draft_len)
+        self.chosen[layer, length] += 1
+        drafter = self._drafter(layer)
+        drafter.use_shape(chain_shape(length))
+        tree = drafter.draft(context)
+        self._sampling = context.sampling
+        self._recorder.attach()  # the next pass through the target's layers is this tree's verification
+        return tree
+
+    def commit(self, sequence: Sequence[int]) -> None:
+        for drafter in self._drafters.values():
+            drafter.commit(sequence)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        hidden = self._recorder.detach()
+        if not hidden:  # the verification never ran through the hooks (nothing to learn)
+            return
+        self.window.add(shadow_agreement(self._head, hidden, outcome.target_logits, outcome.verdict.path, self._sampling))
+
+    def exit_layer_acceptance(self) -> dict[int, float]:
+        """Shadow-token agreement per exit layer over every verification since the drafter was built."""
+        return self.window.overall()
+
+    def _drafter(self, layer: int) -> TemplateDrafter:
+        if layer not in self._drafters:
+            self._drafters[layer] = TemplateDrafter(CausalLM(exit_view(self.target.model, layer)), chain_shape(1))
+        return self._drafters[layer]
+
+
+@METHODS.register(
+    "del",
+    DelKnobs,
+    needs_drafter=False,
+    summary="self-speculation choosing exit layer l and length d each round from shadow-token acceptance",
+    paper="Zarch et al. 2025, DEL: context-aware dynamic exit layer",
+    cost="d passes of l target layers (+ head), (l, d) chosen per round; d+1 tokens verified; "
+    "head on each candidate layer at the accepted positions",
+    rule="greedy match; rejection sampling min(1, p/q), residual norm(max(p-q, 0))",
+)
+def build_del(knobs: DelKnobs, models: Models) -> DynamicExitDrafter:
+    target = models.target.model
+    total = n_layers(target)
+    high = knobs.max_exit_layer if knobs.max_exit_layer is not None else total - 1
+    check_exit_layer("min_exit_layer", knobs.min_exit_layer, target)
+    check_exit_layer("max_exit_layer", high, target)
+    if knobs.min_exit_layer > high:
+        raise ValueError(f"min_exit_layer ({knobs.min_exit_layer}) must be <= max_exit_layer ({high})")
+    return DynamicExitDrafter(models.target, range(knobs.min_exit_layer, high + 1), knobs)

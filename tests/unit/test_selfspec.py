@@ -1,0 +1,234 @@
+"""Self-speculation: exit views that share the target's weights, DEL's rule and shadow tokens, both methods."""
+
+import math
+
+import pytest
+import torch
+
+from spectune.bench import DecodeConfig, Settings, contender, run_bench
+from spectune.engine.loop import Decoder
+from spectune.engine.runner import CausalLM
+from spectune.engine.sampling import Sampling
+from spectune.methods import METHODS
+from spectune.methods.base import Models
+from spectune.methods.early_exit import ExitHead, LayerOutputs, decoder_layers, exit_view
+from spectune.methods.selfspec import ShadowWindow, del_choice, expected_tokens, shadow_agreement, tokens_per_layer
+from spectune.pair import load_pair
+from spectune.prompts import load_prompts
+from support import random_llama
+
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return random_llama(seed=7, vocab=32, layers=4, hidden=32)
+
+
+def final_layers_as_identity(model, keep: int):
+    """Zero the output projections of every block after `keep`: they add nothing to the residual
+    stream, so exiting after block `keep` gives exactly the full model's logits."""
+    with torch.no_grad():
+        for block in decoder_layers(model)[keep:]:
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+    return model
+
+
+def scramble_block(model, index: int):
+    """Blow up one block's contribution, so exits before it no longer predict what exits after it do."""
+    with torch.no_grad():
+        block = decoder_layers(model)[index]
+        block.self_attn.o_proj.weight.mul_(30.0)
+        block.mlp.down_proj.weight.mul_(30.0)
+    return model
+
+
+def hook_count(model) -> int:
+    return sum(len(block._forward_hooks) for block in decoder_layers(model))
+
+
+# --- exit views ---------------------------------------------------------------------------------
+
+
+def test_exit_view_shares_every_tensor_with_the_target(target):
+    view = exit_view(target, 2)
+    target_storage = {t.data_ptr() for t in [*target.parameters(), *target.buffers()]}
+    assert view.lm_head.weight.data_ptr() == target.lm_head.weight.data_ptr()
+    assert all(t.data_ptr() in target_storage for t in [*view.parameters(), *view.buffers()])
+    assert view.config.num_hidden_layers == 2 and target.config.num_hidden_layers == 4
+    assert len(decoder_layers(view)) == 2
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_exit_view_logits_are_the_head_on_that_layer(target, layer):
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        hidden = target(input_ids=ids, output_hidden_states=True).hidden_states[layer][0]  # [T, d]
+    expected = ExitHead(target)(hidden)  # [T, V]
+    lm = CausalLM(exit_view(target, layer))
+    first = lm.forward(PROMPT[:5])
+    rest = lm.forward(PROMPT[5:])  # through the view's own KV cache
+    assert len(lm.cache.hf.layers) == layer
+    torch.testing.assert_close(torch.cat([first, rest]), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [0, 4, 9])
+def test_exit_view_rejects_layers_outside_1_to_L_minus_1(target, layer):
+    with pytest.raises(ValueError, match=r"exit_layer must be in 1\.\.3 \(the target has 4 layers\)"):
+        exit_view(target, layer)
+
+
+def test_a_one_layer_target_cannot_self_speculate():
+    with pytest.raises(ValueError, match="needs a target with >= 2 layers"):
+        exit_view(random_llama(seed=1, layers=1), 1)
+
+
+# --- layer output hooks -------------------------------------------------------------------------
+
+
+def test_layer_outputs_see_exactly_one_forward_and_leave_no_hooks(target):
+    recorder = LayerOutputs(decoder_layers(target), [1, 3])
+    before = hook_count(target)  # transformers may keep its own output-capturing hooks
+    lm = CausalLM(target)
+    lm.forward(PROMPT[:3])  # before attach: not recorded
+    recorder.attach()
+    lm.forward(PROMPT[3:])
+    seen = recorder.detach()
+    lm.forward([7])  # after detach: not recorded
+    assert sorted(seen) == [1, 3] and seen[1].shape == (len(PROMPT) - 3, 32)
+    assert recorder.detach() == {}
+    assert hook_count(target) == before
+    with torch.no_grad():
+        reference = target(input_ids=torch.tensor([PROMPT]), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(seen[3], reference[3][0, 3:], rtol=1e-5, atol=1e-5)
+
+
+# --- DEL's rule ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("a", [0.0, 0.3, 0.9])
+@pytest.mark.parametrize("d", [1, 4])
+def test_expected_tokens_is_the_closed_form(a, d):
+    assert expected_tokens(a, d) == pytest.approx((1 - a ** (d + 1)) / (1 - a))
+
+
+def test_full_acceptance_has_no_division_by_zero():
+    assert expected_tokens(1.0, 5) == 6
+    assert tokens_per_layer(1.0, 2, 5, 6) == pytest.approx(6 / 16)
+
+
+def test_del_choice_is_the_brute_force_maximum():
+    acceptance = {1: 0.35, 2: 0.7, 3: 0.8, 4: 0.95, 5: 0.97}
+    best = max(
+        ((l, d) for l in acceptance for d in range(1, 9)),
+        key=lambda c: (1 - acceptance[c[0]] ** (c[1] + 1)) / (1 - acceptance[c[0]]) / (c[1] * c[0] + 6),
+    )
+    assert del_choice(acceptance, 6, 8) == best
+
+
+def test_del_choice_follows_acceptance():
+    assert del_choice({1: 0.99, 2: 0.99}, 6, 8) == (1, 8)  # a cheap layer that always agrees: long drafts
+    assert del_choice({1: 0.05, 3: 0.95}, 6, 8)[0] == 3  # a useless shallow exit loses to a good deeper one
+    assert del_choice({1: 0.05, 3: 0.1}, 6, 8)[1] == 1  # nothing agrees: draft as little as possible
+    with pytest.raises(ValueError, match="at least one exit layer"):
+        del_choice({}, 6, 8)
+
+
+def test_shadow_window_slides_and_smooths():
+    window = ShadowWindow([1, 2], size=3)
+    assert window.estimate() == {1: 0.5, 2: 0.5}  # nothing seen yet
+    window.add({1: [0.0, 0.0, 0.0, 1.0, 1.0, 1.0], 2: [1.0]})
+    assert window.estimate() == {1: pytest.approx(4 / 5), 2: pytest.approx(2 / 3)}  # layer 1 keeps only the last 3
+    assert window.overall() == {1: 0.5, 2: 1.0}
+
+
+# --- shadow tokens --------------------------------------------------------------------------------
+
+
+def test_shadow_agreement_greedy_compares_argmax_at_the_path_rows():
+    target_logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])  # argmax 0, 1, 2
+    hidden = {1: torch.tensor([[5.0, 0, 0], [5.0, 0, 0], [0, 0, 5.0]]), 2: target_logits.clone()}
+    agree = shadow_agreement(lambda h: h, hidden, target_logits, rows=[0, 2], sampling=Sampling())
+    assert agree == {1: [1.0, 1.0], 2: [1.0, 1.0]}
+    agree = shadow_agreement(lambda h: h, hidden, target_logits, rows=[1], sampling=Sampling())
+    assert agree == {1: [0.0], 2: [1.0]}
+
+
+def test_shadow_agreement_sampling_is_the_acceptance_probability():
+    target_logits = torch.tensor([[0.0, 0.0], [0.0, -math.inf]])  # p = [.5, .5] then [1, 0]
+    hidden = {1: torch.tensor([[0.0, 0.0], [-math.inf, 0.0]])}  # q = [.5, .5] then [0, 1]
+    agree = shadow_agreement(lambda h: h, hidden, target_logits, rows=[0, 1], sampling=Sampling(1.0))
+    assert agree[1] == pytest.approx([1.0, 0.0])  # sum min(p, q)
+
+
+# --- the methods ----------------------------------------------------------------------------------
+
+
+def decode(method, knobs, model, prompt=PROMPT, n=24, sampling=Sampling()):
+    models = Models(CausalLM(model), None)
+    drafter = METHODS.build(method, knobs, models)
+    return drafter, Decoder(models.target, drafter).generate(prompt, n, sampling, seed=0)
+
+
+def test_layerskip_through_an_exact_exit_accepts_every_draft():
+    model = final_layers_as_identity(random_llama(seed=3, vocab=32, layers=4, hidden=32), keep=2)
+    drafter, generation = decode("layerskip", {"exit_layer": 2, "draft_len": 5}, model)
+    assert all(step.accepted == step.drafted for step in generation.steps)
+    assert drafter.exit_layer_acceptance() == {2: 1.0}
+
+
+@pytest.mark.parametrize("exact_from, best_layer", [(1, 1), (2, 2)])
+def test_del_picks_the_shallowest_exact_exit_and_drafts_long(exact_from, best_layer):
+    model = final_layers_as_identity(random_llama(seed=3, vocab=32, layers=4, hidden=32), keep=exact_from)
+    if exact_from == 2:
+        scramble_block(model, 1)  # exit 1 now disagrees with the target
+    before = hook_count(model)
+    drafter, generation = decode("del", {"max_draft_len": 6}, model, n=60)
+    acceptance = drafter.exit_layer_acceptance()
+    assert all(acceptance[layer] == 1.0 for layer in range(exact_from, 4))
+    assert all(acceptance[layer] < 0.5 for layer in range(1, exact_from))
+    assert drafter.chosen.most_common(1)[0][0] == (best_layer, 6)  # deep enough, no deeper; longest allowed
+    assert hook_count(model) == before
+
+
+def test_del_and_layerskip_equal_greedy_decoding(target):
+    _, reference = decode("ar", {}, target)
+    for method, knobs in [("layerskip", {"exit_layer": 1, "draft_len": 3}), ("del", {"window": 4})]:
+        _, generation = decode(method, knobs, target)
+        assert generation.tokens == reference.tokens, method
+
+
+def test_bad_exit_layers_name_the_field_and_range(target):
+    models = Models(CausalLM(target), None)
+    with pytest.raises(ValueError, match=r"exit_layer must be in 1\.\.3"):
+        METHODS.build("layerskip", {"exit_layer": 4}, models)
+    with pytest.raises(ValueError, match=r"max_exit_layer must be in 1\.\.3 \(the target has 4 layers\), got 5"):
+        METHODS.build("del", {"max_exit_layer": 5}, models)
+    with pytest.raises(ValueError, match=r"min_exit_layer \(3\) must be <= max_exit_layer \(2\)"):
+        METHODS.build("del", {"min_exit_layer": 3, "max_exit_layer": 2}, models)
+    with pytest.raises(ValueError, match="min_exit_layer"):
+        METHODS.build("del", {"min_exit_layer": 4}, models)
+    with pytest.raises(ValueError, match="exit_layer"):
+        METHODS.knobs("layerskip", {"exit_layer": 0})
+
+
+# --- on the micro pair (trained with an early-exit loss) -----------------------------------------------
+
+
+def test_bench_reports_acceptance_by_exit_layer(micro_pair):
+    pair = load_pair(str(micro_pair / "target"), str(micro_pair / "drafter"))
+    prompts = load_prompts("default", limit=3)
+    settings = Settings(max_new_tokens=16, repeats=1, warmup=0)
+    configs = [
+        DecodeConfig(method="layerskip", exit_layer=2, draft_len=3),
+        DecodeConfig(method="del", max_draft_len=4),
+        DecodeConfig(method="sps"),
+    ]
+    rows = {row["method"]: row for row in run_bench(pair, [contender(pair, c) for c in configs], prompts, settings)}
+    assert rows["layerskip"]["lossless"] and rows["del"]["lossless"]
+    assert list(rows["layerskip"]["acceptance_by_exit_layer"]) == ["2"]
+    assert 0 < rows["layerskip"]["acceptance_by_exit_layer"]["2"] <= 1  # the early-exit loss makes layer 2 useful
+    assert list(rows["del"]["acceptance_by_exit_layer"]) == ["1", "2", "3"]
+    assert rows["del"]["acceptance_by_exit_layer"]["3"] > 0.3
+    assert rows["sps"]["acceptance_by_exit_layer"] is None and rows["ar"]["acceptance_by_exit_layer"] is None
