@@ -1,0 +1,136 @@
+"""The dashboard in a real headless browser: `spectune dashboard` on a seeded store, driven by
+Playwright through Debian's chromium (installed by .ci/chromium.sh; no browser downloads)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dashboard_seed import seed_store
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-quic"]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+SERVER_START_TIMEOUT_S = 60
+RENDER_TIMEOUT_MS = 60_000
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: run .ci/chromium.sh"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spectune_cli() -> str:
+    beside_python = Path(sys.executable).parent / "spectune"
+    return str(beside_python) if beside_python.exists() else shutil.which("spectune") or "spectune"
+
+
+def wait_healthy(base: str, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"`spectune dashboard` exited with {server.returncode}: "
+                                 f"{server.stdout.read().decode(errors='replace')[-2000:]}")
+        try:
+            if httpx.get(f"{base}/_stcore/health", timeout=1.0).text == "ok":
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"dashboard not healthy at {base} after {SERVER_START_TIMEOUT_S} s")
+
+
+@pytest.fixture
+def dashboard_url(tmp_path: Path) -> Iterator[str]:
+    db_url = f"sqlite:///{tmp_path / 'store.db'}"
+    seed_store(db_url).close()
+    port = free_port()
+    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    server = subprocess.Popen([spectune_cli(), "dashboard", "--db", db_url, "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, server)
+        yield base
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # its own session: streamlit is a child of the CLI
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=5)
+
+
+def wait_rendered(page) -> None:  # noqa: ANN001 - playwright's Page
+    """Streamlit has finished a run: the running indicator is gone and the charts are drawn."""
+    page.wait_for_selector('[data-testid="stApp"]', timeout=RENDER_TIMEOUT_MS)
+    page.wait_for_selector(".js-plotly-plot .scatterlayer", timeout=RENDER_TIMEOUT_MS)
+    page.locator('[data-testid="stDataFrame"]').filter(visible=True).first.wait_for(
+        timeout=RENDER_TIMEOUT_MS)
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
+        timeout=RENDER_TIMEOUT_MS)
+    page.wait_for_timeout(800)  # plotly's transitions and the data grid's canvas settle
+
+
+def full_page_screenshot(page, path: Path) -> None:  # noqa: ANN001
+    # Streamlit scrolls its main block, not the document: grow the viewport to its height.
+    height = page.evaluate(
+        "() => document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
+    page.set_viewport_size({"width": 1600, "height": int(height) + 40})
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(path), full_page=True)
+
+
+def test_dashboard_in_chromium(dashboard_url: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(dashboard_url, wait_until="domcontentloaded")
+            wait_rendered(page)
+            # The newest sweep opens first: a running one, refreshing live.
+            assert page.get_by_role("heading", name="quick-gpu").is_visible()
+            assert page.locator(".js-plotly-plot").count() >= 3  # front, knobs, methods...
+            assert page.locator('[data-testid="stDataFrame"]').filter(visible=True).count() >= 1
+
+            # Pick the other sweep in the sidebar.
+            page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
+            page.get_by_role("option", name="quick-cpu").click()
+            page.get_by_role("heading", name="quick-cpu").wait_for(timeout=RENDER_TIMEOUT_MS)
+            wait_rendered(page)
+            front = page.locator(".js-plotly-plot").first
+            assert front.locator(".scatterlayer .trace").count() >= 5  # methods + the front line
+            assert "Pareto front (lossless)" in front.inner_text()
+            assert page.get_by_text("failed: ValueError: tree_shape").first.is_visible()
+            assert page.get_by_text("Lossless: greedy outputs equal plain decoding").is_visible()
+            assert page.locator('[data-testid="stException"]').count() == 0
+
+            shot = ARTIFACTS / "dashboard.png"
+            full_page_screenshot(page, shot)
+            assert shot.stat().st_size > 50_000
+        finally:
+            browser.close()
