@@ -1,0 +1,603 @@
+"""The live endpoint: in-process through FastAPI's TestClient (fast), then real HTTP against
+`spectune serve` running Ray Serve on 127.0.0.1 (slow): greedy output equals AR, streaming,
+every bad input, the API key, the `openai` package, a bounded load test and --stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from spectune.engine.loop import Decoder
+from spectune.engine.sampling import Sampling
+from spectune.methods import METHODS
+from spectune.pair import Pair, load_pair
+from spectune.workers.client import Delta, EndpointError, Finished, complete
+from spectune.workers.completion import CompletionService, TextDeltas
+from spectune.workers.openai_schema import CompletionRequest
+from spectune.workers.serve_app import build_app
+from spectune.workers.served_config import (
+    Limits, ServeArgs, ServeConfigError, choose, from_config_file, resolve_pair,
+)
+
+PROMPTS = [
+    "def add(a, b):\n",
+    "import os\nimport sys\n\n",
+    "class Stack:\n    def __init__(self):\n",
+    "for i in range(10):\n",
+    "# Return the n-th Fibonacci number\ndef fib(n):\n",
+    "with open(path) as f:\n",
+    "    return self.",
+    "if __name__ == '__main__':\n",
+]
+API_KEY = "test-key-123"
+METHOD, KNOBS = "sps", {"draft_len": 4}
+
+
+def ar_tokens(pair: Pair, prompt: str, max_tokens: int) -> list[int]:
+    """The reference: plain greedy decoding of the prompt."""
+    decoder = Decoder(pair.runners().target, METHODS.build("ar", {}, pair.runners()), pair.eos_token_id)
+    return decoder.generate(pair.encode(prompt), max_tokens, Sampling(0.0, 1.0), 0).tokens
+
+
+def write_config(folder: Path, pair_dir: Path, **over: Any) -> Path:
+    path = folder / "served.yaml"
+    path.write_text(yaml.safe_dump({"pair": str(pair_dir), "method": METHOD, "knobs": KNOBS, **over}))
+    return path
+
+
+def sse_events(lines: Iterator[str]) -> list[Any]:
+    """The `data:` payloads of an SSE stream (JSON decoded; the final [DONE] kept as a string)."""
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def streamed_text(events: list[Any]) -> str:
+    return "".join(e["choices"][0]["text"] for e in events if isinstance(e, dict) and e.get("choices"))
+
+
+# --- in-process (fast) --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(micro_pair: Path) -> Pair:
+    return load_pair(str(micro_pair / "target"), str(micro_pair / "drafter"))
+
+
+@pytest.fixture(scope="module")
+def service(pair: Pair, micro_pair: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CompletionService]:
+    served = from_config_file(str(write_config(tmp_path_factory.mktemp("served"), micro_pair)))
+    svc = CompletionService(pair, served, Limits(max_tokens_limit=300))
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def client(service: CompletionService) -> TestClient:
+    return TestClient(build_app(service))
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:4])
+def test_greedy_completion_equals_ar_decoding(client: TestClient, pair: Pair, prompt: str) -> None:
+    reference = ar_tokens(pair, prompt, 40)
+    answer = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 40, "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["choices"][0]["text"] == pair.decode(reference)
+    assert body["choices"][0]["finish_reason"] == ("stop" if reference[-1] == pair.eos_token_id else "length")
+    assert body["usage"] == {"prompt_tokens": len(pair.encode(prompt)), "completion_tokens": len(reference),
+                             "total_tokens": len(pair.encode(prompt)) + len(reference)}
+    stats = body["speculative"]
+    assert (stats["method"], stats["config"], stats["trial_id"]) == (METHOD, KNOBS, None)
+    assert 1 <= stats["target_calls"] <= len(reference)
+    assert stats["mean_accepted_tokens"] == pytest.approx(len(reference) / stats["target_calls"])
+    assert 0 <= stats["acceptance_rate"] <= 1 and stats["tokens_per_s"] > 0
+
+
+def test_stream_sends_text_deltas_that_reassemble_to_the_completion(client: TestClient, pair: Pair) -> None:
+    prompt = PROMPTS[0]
+    whole = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 60, "temperature": 0}).json()
+    request = {"prompt": prompt, "max_tokens": 60, "temperature": 0, "stream": True,
+               "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=request) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert len(chunks) > 2  # text arrives step by step, not in one piece
+    assert streamed_text(events) == whole["choices"][0]["text"] == pair.decode(ar_tokens(pair, prompt, 60))
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    final = chunks[-1]
+    assert final["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert final["speculative"]["target_calls"] == whole["speculative"]["target_calls"]
+    assert events[-2]["choices"] == [] and events[-2]["usage"] == whole["usage"]  # include_usage
+
+
+def test_compare_ar_reports_both_timings_and_the_speedup(client: TestClient) -> None:
+    body = client.post("/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 32, "temperature": 0,
+                                                "compare_ar": True}).json()
+    comparison = body["comparison"]
+    assert comparison["outputs_match"] is True  # greedy + a lossless method
+    assert comparison["ar_wall_s"] > 0 and comparison["ar_tokens_per_s"] > 0
+    assert comparison["speculative_tokens_per_s"] == body["speculative"]["tokens_per_s"]
+    assert comparison["speedup"] == pytest.approx(comparison["speculative_tokens_per_s"] / comparison["ar_tokens_per_s"])
+
+
+def test_sampling_with_a_seed_is_reproducible(client: TestClient) -> None:
+    request = {"prompt": PROMPTS[2], "max_tokens": 24, "temperature": 0.9, "top_p": 0.95, "seed": 7}
+    first, second = (client.post("/v1/completions", json=request).json() for _ in range(2))
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]
+    assert first["speculative"]["seed"] == 7
+
+
+BAD_REQUESTS = [
+    pytest.param(b'{"prompt": "def f(', 400, "malformed JSON", None, id="malformed-json"),
+    pytest.param(b"", 400, "no body", None, id="no-body"),
+    pytest.param(b"[1, 2]", 400, "JSON object", None, id="not-an-object"),
+    pytest.param(b'{"max_tokens": 8}', 400, "prompt is required", "prompt", id="missing-prompt"),
+    pytest.param(b'{"prompt": "   "}', 400, "prompt is empty", "prompt", id="empty-prompt"),
+    pytest.param(b'{"prompt": "x", "max_tokens": 100000}', 400, "at most 300", "max_tokens", id="max-tokens-over-limit"),
+    pytest.param(b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens", "max_tokens", id="max-tokens-zero"),
+    pytest.param(json.dumps({"prompt": "ab " * 1500, "max_tokens": 8}).encode(), 400, "longer than the model's context",
+                 "prompt", id="prompt-longer-than-context"),
+    pytest.param(json.dumps({"prompt": "ab " * 400, "max_tokens": 300}).encode(), 400, "max_tokens can be at most",
+                 "max_tokens", id="prompt-plus-max-tokens-over-context"),
+    pytest.param(b'{"prompt": "x", "temperature": 2.5}', 400, "temperature", "temperature", id="temperature-high"),
+    pytest.param(b'{"prompt": "x", "temperature": -0.1}', 400, "temperature", "temperature", id="temperature-negative"),
+    pytest.param(b'{"prompt": "x", "top_p": 0}', 400, "top_p", "top_p", id="top-p-zero"),
+    pytest.param(b'{"prompt": "x", "top_p": 1.5}', 400, "top_p", "top_p", id="top-p-above-one"),
+    pytest.param(b'{"prompt": "x", "best_of": 3}', 400, "unknown field 'best_of'", "best_of", id="unknown-field"),
+    pytest.param(b'{"prompt": "x", "n": 2}', 400, "n:", "n", id="n-above-one"),
+    pytest.param(b'{"prompt": "x", "model": "gpt-4"}', 404, "not served here", "model", id="unknown-model"),
+]
+
+
+@pytest.mark.parametrize("body, status, reason, param", BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_with_the_reason_and_the_server_keeps_serving(
+    client: TestClient, body: bytes, status: int, reason: str, param: str | None
+) -> None:
+    answer = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert reason in error["message"] and error["param"] == param
+    assert "\n" not in error["message"]
+    good = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 4
+
+
+def test_a_bad_streaming_request_is_refused_before_the_stream_starts(client: TestClient) -> None:
+    answer = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 10_000, "stream": True})
+    assert answer.status_code == 400 and "at most 300" in answer.json()["error"]["message"]
+
+
+def test_unknown_routes_and_methods_name_the_endpoints(client: TestClient) -> None:
+    for answer in (client.get("/v1/chat/completions"), client.get("/v1/completions")):
+        assert answer.status_code in (404, 405)
+        assert "POST /v1/completions" in answer.json()["error"]["message"]
+
+
+def test_models_healthz_and_config(client: TestClient, service: CompletionService, micro_pair: Path) -> None:
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [service.model_id]
+    assert service.model_id == "micro-seed0/sps(draft_len=4)"
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["active_requests"] == 0
+    config = client.get("/config").json()
+    assert (config["method"], config["knobs"], config["lossless"]) == (METHOD, KNOBS, True)
+    assert config["pair"]["target"] == str((micro_pair / "target").resolve())
+    assert config["source"]["kind"] == "config_file" and config["source"]["path"].endswith("served.yaml")
+    assert config["limits"]["max_tokens_limit"] == 300 and config["context"] == 1024
+    named = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "model": service.model_id})
+    assert named.status_code == 200 and named.json()["model"] == service.model_id
+
+
+def test_api_key_is_required_when_configured(service: CompletionService) -> None:
+    guarded = TestClient(build_app(service, api_key=API_KEY))
+    request = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        refused = guarded.post("/v1/completions", json=request, headers=headers)
+        assert refused.status_code == 401 and "API key" in refused.json()["error"]["message"]
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert guarded.get("/v1/models", headers=headers).status_code == 401
+    # The key is checked before the body is read: a bad body without a key is still a 401.
+    assert guarded.post("/v1/completions", content=b"{oops").status_code == 401
+    allowed = {"Authorization": f"Bearer {API_KEY}"}
+    assert guarded.post("/v1/completions", json=request, headers=allowed).status_code == 200
+    assert guarded.get("/config", headers=allowed).status_code == 200
+    assert guarded.get("/healthz").status_code == 200  # probes need no key
+
+
+def test_a_stream_the_client_abandons_stops_decoding(service: CompletionService) -> None:
+    """Closing the stream after the first chunk frees the work: the decode stops within a step."""
+    request = CompletionRequest(prompt=PROMPTS[0], max_tokens=300, temperature=0, stream=True)
+
+    async def first_chunk_then_leave() -> None:
+        chunks = service.stream(request, service.prepare(request))
+        await anext(chunks)
+        await chunks.aclose()
+
+    before = service.health()["cancelled_requests"]
+    asyncio.run(first_chunk_then_leave())
+    deadline = time.monotonic() + 10
+    while service.health()["active_requests"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    health = service.health()
+    assert health["active_requests"] == 0
+    assert health["cancelled_requests"] == before + 1  # stopped early, not run to max_tokens
+
+
+def test_text_deltas_hold_back_a_split_character() -> None:
+    text = "é"
+    raw = text.encode()  # two bytes: a byte-level tokenizer may emit them as two tokens
+
+    def decode(tokens: list[int]) -> str:
+        return bytes(tokens).decode(errors="replace")
+
+    deltas = TextDeltas(decode)
+    assert deltas.add([raw[0]]) == ""  # half a character: nothing yet
+    assert deltas.add([raw[1]]) == text
+    assert deltas.add(list(b"ab")) == "ab" and deltas.flush() == ""
+
+
+# --- choosing what to serve (fast) -------------------------------------------------------
+
+
+def test_config_file_errors_name_the_problem(tmp_path: Path, micro_pair: Path) -> None:
+    def problem(**content: Any) -> str:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(content))
+        with pytest.raises(ServeConfigError) as err:
+            from_config_file(str(path))
+        return str(err.value)
+
+    with pytest.raises(ServeConfigError, match="does not exist"):
+        from_config_file(str(tmp_path / "missing.yaml"))
+    (tmp_path / "bad.yaml").write_text("pair: [unclosed")
+    with pytest.raises(ServeConfigError, match="not valid YAML"):
+        from_config_file(str(tmp_path / "bad.yaml"))
+    assert "unknown method 'nope'" in problem(pair=str(micro_pair), method="nope")
+    assert "draft_len" in problem(pair=str(micro_pair), method="sps", knobs={"draft_len": 0})
+    assert "pair: Field required" in problem(method="sps")
+    assert "has no target/" in problem(pair=str(tmp_path), method="sps")
+    assert "needs a drafter" in problem(pair={"target": str(micro_pair / "target")}, method="sps")
+    assert "extra" in problem(pair=str(micro_pair), method="sps", colour="red").lower()
+
+
+def test_pair_forms_resolve_to_absolute_model_paths(micro_pair: Path) -> None:
+    expected = (str((micro_pair / "target").resolve()), str((micro_pair / "drafter").resolve()))
+    for form in (str(micro_pair), {"dir": str(micro_pair)}, {"path": str(micro_pair)},
+                 {"target": str(micro_pair / "target"), "drafter": str(micro_pair / "drafter")}):
+        ref = resolve_pair(form)
+        assert (ref.target, ref.drafter) == expected
+    assert resolve_pair({"dir": str(micro_pair), "device": "cpu"}).device == "cpu"
+    assert resolve_pair({"target": "Qwen/Qwen2.5-7B-Instruct", "drafter": "Qwen/Qwen2.5-0.5B-Instruct"}).target \
+        == "Qwen/Qwen2.5-7B-Instruct"  # hub ids stay as they are
+
+
+@pytest.fixture
+def sweep_store(tmp_path: Path, micro_pair: Path) -> Iterator[tuple[str, dict[str, int]]]:
+    """A real SQLite store with one finished sweep: the fastest trial is lossy, so it is not served."""
+    from spectune.store.db import connect
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    spec = {"pair": {"dir": str(micro_pair)}, "objectives": [{"metric": "speedup", "mode": "max"},
+                                                              {"metric": "tree_tokens_per_step", "mode": "min"}]}
+    with connect(url) as store:
+        store.create_sweep("quick", spec)
+        ids = {}
+        for key, config, speedup, cost, lossless in (
+            ("a", {"method": "sps", "draft_len": 2, "temperature": 0.0}, 1.2, 3.0, True),
+            ("b", {"method": "sps", "draft_len": 6}, 1.5, 7.0, True),
+            ("c", {"method": "pld", "max_ngram": 3}, 1.9, 5.0, False),
+            ("d", {"method": "sps", "knobs": {"draft_len": 3}}, 1.1, 2.0, True),
+        ):
+            store.upsert_trial("quick", key, config, "running")
+            ids[key] = store.record_result("quick", key, _metrics(config, speedup, cost, lossless), _HARDWARE)
+        yield url, ids
+
+
+_HARDWARE = {"device": "cpu", "cpu_model": "test", "gpu_model": None, "n_cpus": 2, "torch_version": "2",
+             "transformers_version": "5", "hostname": "box"}
+
+
+def _metrics(config: dict[str, Any], speedup: float, cost: float, lossless: bool) -> dict[str, Any]:
+    return {"method": config["method"], "config": config, "n_prompts": 2, "new_tokens": 64, "target_calls": 30,
+            "draft_calls": 60, "mean_accepted_tokens": 2.1, "acceptance_rate": 0.5, "speedup": speedup,
+            "tokens_per_s": 100 * speedup, "ar_tokens_per_s": 100.0, "tree_tokens_per_step": cost,
+            "lossless": lossless, "lossy_method": False, "mismatches": 0 if lossless else 2}
+
+
+def test_best_lossless_trial_of_a_sweep_by_objective(sweep_store: tuple[str, dict[str, int]], micro_pair: Path) -> None:
+    url, ids = sweep_store
+    best = choose(ServeArgs(sweep="quick", objective="speedup", db=url))
+    assert (best.method, best.knobs, best.source.trial_id) == ("sps", {"draft_len": 6}, ids["b"])  # c is not lossless
+    assert best.source.kind == "best_of_sweep" and best.source.mode == "max"
+    assert best.pair.target == str((micro_pair / "target").resolve())
+    assert best.trial_metrics["speedup"] == 1.5
+    cheapest = choose(ServeArgs(sweep="quick", objective="tree_tokens_per_step", db=url))  # the spec says min
+    assert (cheapest.knobs, cheapest.source.mode) == ({"draft_len": 3}, "min")  # knobs nested under `knobs:`
+    assert choose(ServeArgs(sweep="quick", objective="tree_tokens_per_step", mode="max", db=url)).knobs == {"draft_len": 6}
+    chosen = choose(ServeArgs(trial=ids["a"], db=url))
+    assert (chosen.knobs, chosen.source.kind) == ({"draft_len": 2}, "trial")  # the temperature is not a knob
+
+
+def test_the_trial_marked_in_the_dashboard_is_served_when_none_is_named(sweep_store: tuple[str, dict[str, int]]) -> None:
+    from spectune.store.db import connect
+
+    url, ids = sweep_store
+    with pytest.raises(ServeConfigError, match="nothing to serve.*dashboard"):
+        choose(ServeArgs(db=url))
+    with connect(url) as store:
+        store.mark_served(ids["d"])
+    marked = choose(ServeArgs(db=url))
+    assert (marked.source.kind, marked.source.trial_id, marked.knobs) == ("marked_in_dashboard", ids["d"], {"draft_len": 3})
+
+
+def test_store_choices_fail_with_a_clear_reason(sweep_store: tuple[str, dict[str, int]], tmp_path: Path) -> None:
+    url, _ = sweep_store
+    with pytest.raises(ServeConfigError, match="no sweep named 'nope'"):
+        choose(ServeArgs(sweep="nope", db=url))
+    with pytest.raises(ServeConfigError, match="unknown objective 'speed'"):
+        choose(ServeArgs(sweep="quick", objective="speed", db=url))
+    with pytest.raises(ServeConfigError, match="no trial with id 999"):
+        choose(ServeArgs(trial=999, db=url))
+    with pytest.raises(ServeConfigError, match="no finished lossless trial"):
+        choose(ServeArgs(sweep="quick", objective="peak_mem_mb", db=url))
+    with pytest.raises(ValueError, match="not config and trial"):
+        ServeArgs(config="x.yaml", trial=1)
+
+
+def test_cli_reports_bad_choices_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spectune.cli import app
+
+    monkeypatch.setenv("SPECTUNE_CACHE", str(tmp_path))
+    runner = CliRunner()
+    missing = runner.invoke(app, ["serve", "--config", str(tmp_path / "none.yaml")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    both = runner.invoke(app, ["serve", "--config", "a.yaml", "--trial", "3"])
+    assert both.exit_code == 2 and "choose one of config, trial or sweep" in both.output
+    nothing = runner.invoke(app, ["serve", "--stop"])
+    assert nothing.exit_code == 2 and "no `spectune serve` is running" in nothing.output
+
+
+def test_serve_config_file_is_a_valid_serve_build_config() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(Path("workers/serve_config.yaml").read_text()))
+    (application,) = config.applications
+    assert application.import_path == "spectune.workers.serve_app:app_builder"
+    args = ServeArgs.model_validate(application.args)
+    assert args.sweep == "quick" and config.http_options.host == "127.0.0.1"
+    (deployment,) = application.deployments
+    assert deployment.name == "SpectuneCompletions" and deployment.autoscaling_config["max_replicas"] >= 1
+    example = yaml.safe_load(Path("workers/serve_example.yaml").read_text())
+    assert {"pair", "method", "knobs"} <= set(example)
+
+
+# --- real HTTP against Ray Serve (slow) ---------------------------------------------------
+
+
+@dataclass
+class Endpoint:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+    env: dict[str, str]
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+    def stop(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([_spectune(), "serve", "--stop", "--port", str(self.port)], env=self.env,
+                              capture_output=True, text=True, timeout=120)
+
+
+def _spectune() -> str:
+    return str(Path(sys.executable).with_name("spectune"))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_until_healthy(endpoint: Endpoint, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if endpoint.process.poll() is not None:
+            pytest.fail(f"`spectune serve` exited with {endpoint.process.returncode}:\n{endpoint.log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{endpoint.url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"the endpoint was not healthy within {timeout_s:.0f} s:\n{endpoint.log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def endpoint(micro_pair: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
+    """`spectune serve` in its own process: a fresh local Ray, Serve on 127.0.0.1:<free port>."""
+    folder = tmp_path_factory.mktemp("endpoint")
+    config = write_config(folder, micro_pair)
+    port = _free_port()
+    env = {**os.environ, "SPECTUNE_CACHE": str(folder / "cache"), "SPECTUNE_API_KEY": API_KEY,
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = folder / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([_spectune(), "serve", "--config", str(config), "--port", str(port),
+                                    "--max-tokens-limit", "900", "--num-cpus", "1"],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
+    started = Endpoint(f"http://127.0.0.1:{port}", port, process, log, env)
+    try:
+        _wait_until_healthy(started, timeout_s=300)
+        yield started
+    finally:
+        if process.poll() is None:
+            started.stop()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def references(pair: Pair) -> dict[str, str]:
+    """AR greedy text of every test prompt, 32 new tokens."""
+    return {prompt: pair.decode(ar_tokens(pair, prompt, 32)) for prompt in PROMPTS}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_serve_greedy_completions_and_streams_equal_ar(endpoint: Endpoint, references: dict[str, str]) -> None:
+    with httpx.Client(base_url=endpoint.url, headers=endpoint.headers(), timeout=60) as http:
+        for prompt in PROMPTS[:3]:
+            body = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 32, "temperature": 0}).json()
+            assert body["choices"][0]["text"] == references[prompt]
+            assert body["speculative"]["method"] == METHOD and body["speculative"]["target_calls"] >= 1
+            with http.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 32, "temperature": 0,
+                                                              "stream": True}) as response:
+                events = sse_events(response.iter_lines())
+            assert events[-1] == "[DONE]" and streamed_text(events) == references[prompt]
+            assert len([e for e in events if isinstance(e, dict)]) > 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_serve_bad_inputs_get_4xx_and_the_server_keeps_serving(endpoint: Endpoint, references: dict[str, str]) -> None:
+    bad = [(p.values[0], p.values[1], p.values[2].replace("at most 300", "at most 900")) for p in BAD_REQUESTS]
+    good = {"prompt": PROMPTS[0], "max_tokens": 32, "temperature": 0}
+    with httpx.Client(base_url=endpoint.url, headers=endpoint.headers(), timeout=60) as http:
+        for body, status, reason in bad:
+            answer = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+            assert answer.status_code == status and reason in answer.json()["error"]["message"], (body[:60], answer.text)
+            assert http.post("/v1/completions", json=good).json()["choices"][0]["text"] == references[PROMPTS[0]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_serve_api_key_models_healthz_and_config(endpoint: Endpoint) -> None:
+    refused = httpx.post(f"{endpoint.url}/v1/completions", json={"prompt": "x"}, timeout=30)
+    assert refused.status_code == 401 and "API key" in refused.json()["error"]["message"]
+    assert httpx.get(f"{endpoint.url}/healthz", timeout=30).json()["status"] == "ok"
+    with httpx.Client(base_url=endpoint.url, headers=endpoint.headers(), timeout=30) as http:
+        (model,) = http.get("/v1/models").json()["data"]
+        config = http.get("/config").json()
+    assert model["id"] == config["model"] == "micro-seed0/sps(draft_len=4)"
+    assert config["source"]["kind"] == "config_file" and config["limits"]["max_tokens_limit"] == 900
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_openai_package_talks_to_the_endpoint(endpoint: Endpoint, references: dict[str, str]) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{endpoint.url}/v1", api_key=API_KEY, timeout=60, max_retries=0)
+    (model,) = [m.id for m in client.models.list()]
+    prompt = PROMPTS[4]
+    completion = client.completions.create(model=model, prompt=prompt, max_tokens=32, temperature=0)
+    assert completion.choices[0].text == references[prompt]
+    assert completion.usage.completion_tokens == 32 or completion.choices[0].finish_reason == "stop"
+    assert completion.model_extra["speculative"]["method"] == METHOD
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=32, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == references[prompt]
+    compared = client.completions.create(model=model, prompt=prompt, max_tokens=32, temperature=0,
+                                         extra_body={"compare_ar": True})
+    assert compared.model_extra["comparison"]["outputs_match"] is True
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=3.0)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{endpoint.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_client_helper_streams_and_compares(endpoint: Endpoint, references: dict[str, str]) -> None:
+    prompt = PROMPTS[5]
+    events = list(complete(endpoint.url, prompt, max_tokens=32, compare_ar=True, api_key=API_KEY))
+    deltas, final = events[:-1], events[-1]
+    assert deltas and all(isinstance(e, Delta) for e in deltas) and isinstance(final, Finished)
+    assert final.text == "".join(d.text for d in deltas) == references[prompt]
+    assert final.comparison is not None and final.comparison.outputs_match and final.usage is not None
+    (whole,) = complete(endpoint.url, prompt, max_tokens=32, stream=False, api_key=API_KEY)
+    assert whole.text == references[prompt] and whole.speculative.method == METHOD
+    with pytest.raises(EndpointError, match="HTTP 400: max_tokens is 5000"):
+        list(complete(endpoint.url, prompt, max_tokens=5000, api_key=API_KEY))
+    with pytest.raises(EndpointError, match="HTTP 401"):
+        list(complete(endpoint.url, prompt))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_serve_client_that_disconnects_mid_stream_frees_its_work(endpoint: Endpoint) -> None:
+    with httpx.Client(base_url=endpoint.url, headers=endpoint.headers(), timeout=60) as http:
+        before = http.get("/healthz").json()["cancelled_requests"]
+        request = {"prompt": PROMPTS[0], "max_tokens": 900, "temperature": 0, "stream": True}
+        with http.stream("POST", "/v1/completions", json=request) as response:
+            first = next(line for line in response.iter_lines() if line.startswith("data: "))
+            assert json.loads(first.removeprefix("data: "))["choices"][0]["text"] is not None
+        deadline = time.monotonic() + 30
+        while (health := http.get("/healthz").json())["active_requests"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert health["active_requests"] == 0
+    assert health["cancelled_requests"] == before + 1  # stopped early, not decoded to 900 tokens
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_serve_load_16_concurrent_clients_64_requests_all_correct(endpoint: Endpoint,
+                                                                  references: dict[str, str]) -> None:
+    jobs = [(i, PROMPTS[i % len(PROMPTS)]) for i in range(64)]
+
+    def ask(job: tuple[int, str]) -> bool:
+        index, prompt = job
+        if index % 2:  # half streamed, half in one piece
+            *_, final = complete(endpoint.url, prompt, max_tokens=32, api_key=API_KEY, timeout_s=300)
+            return final.text == references[prompt]
+        body = httpx.post(f"{endpoint.url}/v1/completions", headers=endpoint.headers(), timeout=300,
+                          json={"prompt": prompt, "max_tokens": 32, "temperature": 0}).json()
+        return body["choices"][0]["text"] == references[prompt]
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        futures = [pool.submit(ask, job) for job in jobs]
+        done, pending = wait(futures, timeout=600)
+    assert not pending, f"{len(pending)} of 64 requests unanswered after {time.monotonic() - started:.0f} s"
+    assert all(f.result() for f in done)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_serve_stop_shuts_the_endpoint_down(endpoint: Endpoint) -> None:
+    stopped = endpoint.stop()
+    assert stopped.returncode == 0, stopped.stderr + stopped.stdout
+    assert "stopped the endpoint" in stopped.stdout
+    assert endpoint.process.wait(timeout=60) == 0
+    assert not (Path(endpoint.env["SPECTUNE_CACHE"]) / "serve" / f"{endpoint.port}.json").exists()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{endpoint.url}/healthz", timeout=5)

@@ -1,0 +1,336 @@
+"""The endpoint's work, without HTTP: one loaded pair answering completion requests.
+
+`CompletionService` validates a request against the served model (max_tokens limit,
+context), decodes it with the served speculative configuration (and, on request, with
+plain AR to compare) and returns OpenAI-shaped objects. Decoding runs on a small thread
+pool so the event loop stays free; each request gets its own `Decoder` (fresh KV caches
+over the shared weights) and a cancel flag the loop checks between steps, so a client
+that goes away stops costing compute after the current step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from spectune.engine.loop import Decoder, Generation, StepRecord
+from spectune.engine.sampling import Sampling
+from spectune.methods import METHODS
+from spectune.metrics import step_metrics
+from spectune.pair import Pair, load_pair
+from spectune.workers.openai_schema import (
+    ArComparison, Choice, CompletionRequest, CompletionResponse, ModelCard, ModelList, SpeculativeStats, Usage,
+)
+from spectune.workers.served_config import Limits, ServedConfig
+
+# Longest prompt (in characters) worth tokenizing: no token of these tokenizers spans more
+# than a few dozen characters, so anything longer cannot fit the context anyway.
+CHARS_PER_POSITION_BOUND = 64
+AR_METHOD = "ar"
+
+
+class RequestRejected(ValueError):
+    """A request the endpoint will not decode; `status` and the message go back to the client."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: Sampling
+    seed: int
+
+
+@dataclass(frozen=True)
+class DecodeOutcome:
+    tokens: list[int]
+    steps: list[StepRecord]
+    wall_s: float
+    cancelled: bool
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Counts:
+    active: int = 0
+    completed: int = 0
+    cancelled: int = 0
+
+
+class TextDeltas:
+    """Turns a growing list of tokens into text deltas for streaming.
+
+    Byte-level BPE can split one character over several tokens; while the decoded text ends
+    in a replacement character the delta is held back, so no client sees half a character.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._tokens: list[int] = []
+        self._sent = ""
+
+    def add(self, tokens: list[int]) -> str:
+        self._tokens.extend(tokens)
+        text = self._decode(self._tokens)
+        if text.endswith("\ufffd") or not text.startswith(self._sent):
+            return ""
+        return self._take(text)
+
+    def flush(self) -> str:
+        text = self._decode(self._tokens)
+        return self._take(text) if text.startswith(self._sent) else ""
+
+    def _take(self, text: str) -> str:
+        delta, self._sent = text[len(self._sent):], text
+        return delta
+
+
+class CompletionService:
+    """One served configuration over one loaded pair."""
+
+    def __init__(self, pair: Pair, served: ServedConfig, limits: Limits = Limits()) -> None:
+        self.pair = pair
+        self.served = served
+        self.limits = limits
+        self.created = int(time.time())
+        self.max_tree_size = self._decoder(served.method, served.knobs).drafter.max_tree_size  # also checks it builds
+        self._executor = ThreadPoolExecutor(max_workers=limits.decode_threads, thread_name_prefix="spectune-decode")
+        self._counts = Counts()
+        self._counts_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, served: ServedConfig, limits: Limits = Limits()) -> CompletionService:
+        pair_ref = served.pair
+        return cls(load_pair(pair_ref.target, pair_ref.drafter, _device(pair_ref.device), pair_ref.dtype), served, limits)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- what is served ----------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        return self.served.model_id
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_id, created=self.created)])
+
+    def health(self) -> dict[str, Any]:
+        counts = self._counts
+        return {"status": "ok", "model": self.model_id, "active_requests": counts.active,
+                "completed_requests": counts.completed, "cancelled_requests": counts.cancelled}
+
+    def config(self) -> dict[str, Any]:
+        method = METHODS.get(self.served.method)
+        return {
+            "model": self.model_id,
+            "method": self.served.method,
+            "knobs": self.served.knobs,
+            "lossless": method.lossless,
+            "summary": method.summary,
+            "pair": self.served.pair.model_dump(),
+            "device": str(self.pair.target.device),
+            "context": self.pair.max_positions,
+            "max_tree_size": self.max_tree_size,
+            "source": self.served.source.model_dump(exclude_none=True),
+            "trial_metrics": self.served.trial_metrics,
+            "limits": self.limits.model_dump(),
+        }
+
+    # --- requests ----------------------------------------------------------------------
+
+    def prepare(self, request: CompletionRequest) -> DecodeJob:
+        """The decode job for a request, or `RequestRejected` saying what is wrong with it."""
+        if request.model is not None and request.model != self.model_id:
+            raise RequestRejected(f"model {request.model!r} is not served here; this endpoint serves {self.model_id!r}",
+                                  status=404, param="model", code="model_not_found")
+        if request.max_tokens > self.limits.max_tokens_limit:
+            raise RequestRejected(f"max_tokens is {request.max_tokens}; this endpoint allows at most "
+                                  f"{self.limits.max_tokens_limit}", param="max_tokens")
+        context = self.pair.max_positions
+        if len(request.prompt) > context * CHARS_PER_POSITION_BOUND:
+            raise RequestRejected(f"the prompt is {len(request.prompt)} characters, far longer than the model's "
+                                  f"context of {context} tokens", param="prompt")
+        prompt_ids = self.pair.encode(request.prompt)
+        self._check_context(len(prompt_ids), request.max_tokens)
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        return DecodeJob(tuple(prompt_ids), request.max_tokens, Sampling(request.temperature, request.top_p), seed)
+
+    def _check_context(self, prompt_tokens: int, max_tokens: int) -> None:
+        context, tree = self.pair.max_positions, self.max_tree_size
+        room = context - tree - prompt_tokens  # new tokens that still fit
+        if room < 1:
+            raise RequestRejected(f"the prompt is {prompt_tokens} tokens, longer than the model's context of "
+                                  f"{context} tokens allows (the draft tree needs {tree} more)", param="prompt")
+        if max_tokens > room:
+            raise RequestRejected(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) + draft tree "
+                                  f"({tree}) exceeds the model's context of {context} tokens; "
+                                  f"max_tokens can be at most {room} for this prompt", param="max_tokens")
+
+    async def complete(self, request: CompletionRequest) -> CompletionResponse:
+        job = self.prepare(request)
+        outcome = await self._run(self.served.method, self.served.knobs, job)
+        comparison = await self._compare(job, outcome) if request.compare_ar else None
+        return CompletionResponse(
+            id=_completion_id(), created=int(time.time()), model=self.model_id,
+            choices=[Choice(text=self.pair.decode(outcome.tokens), finish_reason=self._finish_reason(outcome))],
+            usage=_usage(job, outcome), speculative=self._stats(job, outcome), comparison=comparison,
+        )
+
+    async def stream(
+        self, request: CompletionRequest, job: DecodeJob, is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> AsyncIterator[CompletionResponse]:
+        """Chunks in OpenAI's streaming shape: text deltas as steps are accepted, then one chunk
+        with finish_reason, the speculative stats (and the AR comparison when asked), then a
+        usage-only chunk when `stream_options.include_usage`.
+
+        `job` comes from `prepare(request)`, called first so that a bad request gets its error
+        status before the stream starts.
+        """
+        completion_id, created = _completion_id(), int(time.time())
+
+        def chunk(text: str, finish_reason: str | None = None, **extra: Any) -> CompletionResponse:
+            return CompletionResponse(id=completion_id, created=created, model=self.model_id,
+                                      choices=[Choice(text=text, finish_reason=finish_reason)], usage=None, **extra)
+
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def push(tokens: list[int] | None) -> None:
+            loop.call_soon_threadsafe(arrived.put_nowait, tokens)
+
+        future = loop.run_in_executor(self._executor, self._decode_then_close, self.served.method,
+                                      self.served.knobs, job, cancel, push)
+        future.add_done_callback(_consume_exception)  # a stream abandoned mid-way never awaits it
+        deltas = TextDeltas(self.pair.decode)
+        try:
+            while (tokens := await arrived.get()) is not None:
+                if is_disconnected is not None and await is_disconnected():
+                    return  # the finally stops the decode after its current step
+                if delta := deltas.add(tokens):
+                    yield chunk(delta)
+            outcome = await future
+            comparison = await self._compare(job, outcome) if request.compare_ar else None
+            yield chunk(deltas.flush(), self._finish_reason(outcome), speculative=self._stats(job, outcome),
+                        comparison=comparison)
+            if request.stream_options is not None and request.stream_options.include_usage:
+                yield CompletionResponse(id=completion_id, created=created, model=self.model_id, choices=[],
+                                         usage=_usage(job, outcome))
+        finally:
+            cancel.set()
+
+    # --- decoding ----------------------------------------------------------------------
+
+    def _decoder(self, method: str, knobs: dict[str, Any]) -> Decoder:
+        drafter = METHODS.build(method, knobs, self.pair.runners())
+        return Decoder(self.pair.runners().target, drafter, self.pair.eos_token_id)
+
+    async def _run(self, method: str, knobs: dict[str, Any], job: DecodeJob) -> DecodeOutcome:
+        cancel = threading.Event()
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._decode, method, knobs, job, cancel)
+        future.add_done_callback(_consume_exception)
+        try:
+            return await future
+        finally:
+            cancel.set()  # a cancelled request (client gone) stops after the current step
+
+    def _decode_then_close(self, method: str, knobs: dict[str, Any], job: DecodeJob, cancel: threading.Event,
+                           push: Callable[[list[int] | None], None]) -> DecodeOutcome:
+        try:
+            return self._decode(method, knobs, job, cancel, push)
+        finally:
+            push(None)
+
+    def _decode(self, method: str, knobs: dict[str, Any], job: DecodeJob, cancel: threading.Event,
+                on_tokens: Callable[[list[int]], None] | None = None) -> DecodeOutcome:
+        """Runs on a worker thread: decode step by step until done or cancelled."""
+        if cancel.is_set():  # the client left while the request queued
+            self._count(cancelled=1)
+            return DecodeOutcome([], [], 0.0, cancelled=True)
+        self._count(active=1)
+        tokens: list[int] = []
+        steps: list[StepRecord] = []
+        started = time.perf_counter()
+        stream = self._decoder(method, knobs).stream(job.prompt_ids, job.max_tokens, job.sampling, job.seed)
+        try:
+            for emitted in stream:
+                tokens.extend(emitted.tokens)
+                steps.append(emitted.record)
+                if on_tokens is not None:
+                    on_tokens(emitted.tokens)
+                if cancel.is_set():
+                    break
+        finally:
+            stream.close()
+            stopped_early = cancel.is_set() and len(tokens) < job.max_tokens and not self._ended(tokens)
+            self._count(active=-1, cancelled=int(stopped_early), completed=int(not stopped_early))
+        return DecodeOutcome(tokens, steps, time.perf_counter() - started, cancelled=stopped_early)
+
+    async def _compare(self, job: DecodeJob, speculative: DecodeOutcome) -> ArComparison:
+        plain = await self._run(AR_METHOD, {}, job)
+        return ArComparison(
+            ar_wall_s=plain.wall_s, ar_tokens_per_s=plain.tokens_per_s,
+            speculative_tokens_per_s=speculative.tokens_per_s,
+            speedup=speculative.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s else 0.0,
+            outputs_match=plain.tokens == speculative.tokens,
+        )
+
+    def _count(self, active: int = 0, completed: int = 0, cancelled: int = 0) -> None:
+        with self._counts_lock:
+            now = self._counts
+            self._counts = Counts(now.active + active, now.completed + completed, now.cancelled + cancelled)
+
+    def _ended(self, tokens: list[int]) -> bool:
+        return bool(tokens) and tokens[-1] == self.pair.eos_token_id
+
+    def _finish_reason(self, outcome: DecodeOutcome) -> str:
+        return "stop" if self._ended(outcome.tokens) else "length"
+
+    def _stats(self, job: DecodeJob, outcome: DecodeOutcome) -> SpeculativeStats:
+        counted = step_metrics([Generation(job.prompt_ids, outcome.tokens, outcome.steps)])
+        return SpeculativeStats(
+            method=self.served.method, config=self.served.knobs, trial_id=self.served.source.trial_id,
+            target_calls=counted["target_calls"], draft_calls=counted["draft_calls"],
+            mean_accepted_tokens=counted["mean_accepted_tokens"], acceptance_rate=counted["acceptance_rate"],
+            tokens_per_s=outcome.tokens_per_s, wall_s=outcome.wall_s, seed=job.seed,
+        )
+
+
+def _usage(job: DecodeJob, outcome: DecodeOutcome) -> Usage:
+    prompt, completion = len(job.prompt_ids), len(outcome.tokens)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _consume_exception(future: asyncio.Future[Any]) -> None:
+    """Mark a failed decode's exception as seen when nobody awaits it (client gone)."""
+    if not future.cancelled():
+        future.exception()

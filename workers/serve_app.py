@@ -1,0 +1,228 @@
+"""The live endpoint: an OpenAI-style FastAPI app over `CompletionService`, hosted by Ray Serve.
+
+    build_app(service, api_key)   the FastAPI app (tests drive it in-process with TestClient)
+    CompletionDeployment          the thin Serve deployment: loads the pair once per replica
+    app_builder(args)             for Serve config files (`serve run/deploy workers/serve_config.yaml`)
+    deploy(served, ...)           what `spectune serve` calls
+
+Endpoints: POST /v1/completions (plain or SSE streaming), GET /v1/models, GET /healthz,
+GET /config. Every bad request gets a 4xx whose body is OpenAI's error shape
+`{"error": {"message", "type", "param", "code"}}`, so client libraries show the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from spectune.workers.completion import CompletionService, RequestRejected
+from spectune.workers.openai_schema import CompletionRequest, ErrorBody, ErrorResponse
+from spectune.workers.served_config import Limits, ServeArgs, ServedConfig, choose
+
+logger = logging.getLogger("spectune.serve")
+
+APP_NAME = "spectune"
+DEPLOYMENT_NAME = "SpectuneCompletions"
+SSE_DONE = "data: [DONE]\n\n"
+_REQUEST_FIELDS = ", ".join(CompletionRequest.model_fields)
+
+
+class AuthFailed(Exception):
+    """No or a wrong bearer token while an API key is configured."""
+
+
+def build_app(service: CompletionService, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="spectune endpoint", summary=f"serving {service.model_id}", version="1")
+    _add_error_handlers(app)
+    authorized = Depends(_key_checker(api_key))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return service.health()
+
+    @app.get("/v1/models", dependencies=[authorized])
+    async def models() -> dict[str, Any]:
+        return service.models().model_dump()
+
+    @app.get("/config", dependencies=[authorized])
+    async def config() -> dict[str, Any]:
+        return service.config()
+
+    @app.post("/v1/completions", dependencies=[authorized], openapi_extra=_body_schema())
+    async def completions(request: Request) -> Any:
+        # The body is parsed here rather than by FastAPI so that the key is checked first
+        # and every parse error gets the same one-line reason.
+        body = CompletionRequest.model_validate_json(await request.body())
+        if not body.stream:
+            return (await service.complete(body)).model_dump(mode="json")
+        job = service.prepare(body)  # errors get their status before the stream starts
+        return StreamingResponse(_sse(service.stream(body, job, request.is_disconnected)),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+async def _sse(chunks: AsyncIterator[Any]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield f"data: {chunk.model_dump_json()}\n\n"
+    except (RuntimeError, ValueError) as err:  # the status line is already sent: report in-band
+        logger.exception("stream failed")
+        yield f"data: {_error('server_error', f'decoding failed: {err}').model_dump_json()}\n\n"
+    yield SSE_DONE
+
+
+def _key_checker(api_key: str | None):
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise AuthFailed()
+
+    return check
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ValidationError)
+    async def invalid_body(_: Request, err: ValidationError) -> JSONResponse:
+        param, message = _validation_reason(err.errors(include_url=False))
+        return _error_response(400, "invalid_request_error", message, param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_params(_: Request, err: RequestValidationError) -> JSONResponse:
+        param, message = _validation_reason(list(err.errors()))
+        return _error_response(400, "invalid_request_error", message, param)
+
+    @app.exception_handler(RequestRejected)
+    async def rejected(_: Request, err: RequestRejected) -> JSONResponse:
+        kind = "not_found_error" if err.status == 404 else "invalid_request_error"
+        return _error_response(err.status, kind, str(err), err.param, err.code)
+
+    @app.exception_handler(AuthFailed)
+    async def unauthorized(_: Request, __: AuthFailed) -> JSONResponse:
+        response = _error_response(401, "authentication_error",
+                                   "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        message = str(err.detail)
+        if err.status_code in (404, 405):
+            message = (f"no endpoint {request.method} {request.url.path}; this server has POST /v1/completions, "
+                       "GET /v1/models, GET /config, GET /healthz")
+        return _error_response(err.status_code, "invalid_request_error", message)
+
+
+def _validation_reason(errors: list[Any]) -> tuple[str | None, str]:
+    """(the first offending field, one line naming every problem)."""
+    reasons, params = [], []
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+        field = ".".join(loc) or None
+        params.append(field)
+        reasons.append(_one_reason(error, field))
+    return next((p for p in params if p), None), "; ".join(reasons)
+
+
+def _one_reason(error: dict[str, Any], field: str | None) -> str:
+    kind = error.get("type")
+    if kind == "json_invalid":
+        if error.get("input") in ("", b""):
+            return "the request has no body: send a JSON object with a prompt"
+        return f"malformed JSON body: {error.get('ctx', {}).get('error', error['msg'])}"
+    if kind == "extra_forbidden":
+        return f"unknown field {field!r} (this endpoint takes: {_REQUEST_FIELDS})"
+    if kind == "missing":
+        return f"{field} is required"
+    if field is None:
+        return f"the body must be a JSON object with a prompt ({error['msg']})"
+    shown = error.get("input")
+    got = f" (got {shown!r})" if isinstance(shown, (int, float, str, bool)) and len(repr(shown)) < 80 else ""
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{field}: {message}{got}"
+
+
+def _error(kind: str, message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
+    return ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
+
+
+def _error_response(status: int, kind: str, message: str, param: str | None = None,
+                    code: str | None = None) -> JSONResponse:
+    return JSONResponse(_error(kind, message, param, code).model_dump(), status_code=status)
+
+
+def _body_schema() -> dict[str, Any]:
+    schema = CompletionRequest.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+# --- Ray Serve ----------------------------------------------------------------------------
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
+@serve.ingress()  # late-bound: the app needs the service this replica builds in __init__
+class CompletionDeployment:
+    """One replica: loads the pair once and answers through `build_app`."""
+
+    def __init__(self, served: dict[str, Any], limits: dict[str, Any], api_key: str | None = None) -> None:
+        _match_torch_threads_to_cpus()
+        self.service = CompletionService.load(ServedConfig.model_validate(served), Limits.model_validate(limits))
+        self.api_key = api_key
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_app(self.service, self.api_key)
+
+    def __del__(self) -> None:
+        self.service.close()
+
+
+def _match_torch_threads_to_cpus() -> None:
+    """Torch threads = the CPUs Ray gave this replica (more would fight the other replicas)."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def bind(served: ServedConfig, limits: Limits, api_key: str | None, *, replicas: int | None = None,
+         autoscaling: dict[str, Any] | None = None, num_cpus: float | None = None,
+         num_gpus: float | None = None) -> serve.Application:
+    """The Serve application for `served`, with deployment options where given."""
+    options: dict[str, Any] = {}
+    if autoscaling is not None:
+        options["autoscaling_config"] = autoscaling
+    elif replicas is not None:
+        options["num_replicas"] = replicas
+    actor_options = {key: value for key, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if value is not None}
+    if actor_options:
+        options["ray_actor_options"] = {"num_cpus": 1, **actor_options}
+    deployment = CompletionDeployment.options(**options) if options else CompletionDeployment
+    return deployment.bind(served.model_dump(mode="json"), limits.model_dump(), api_key)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """For Serve config files: `import_path: spectune.workers.serve_app:app_builder` with `args:`
+    as `ServeArgs` (config / trial / sweep+objective / nothing = the dashboard's mark, db,
+    max_tokens_limit, decode_threads, api_key or $SPECTUNE_API_KEY). Replicas, autoscaling
+    and resources come from the file's `deployments:` section."""
+    parsed = ServeArgs.model_validate(args)
+    return bind(choose(parsed), parsed.limits, parsed.resolved_api_key)
+
+
+def deploy(app: serve.Application, *, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False) -> None:
+    """Start Serve's HTTP proxy on host:port (127.0.0.1 unless told otherwise) and run `app` at /."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)

@@ -1,0 +1,316 @@
+"""Which configuration the endpoint serves, and from where it came.
+
+Four ways to choose, in this order of precedence:
+
+    --config FILE                  a YAML file: pair + method + knobs
+    --trial ID                     a trial in the store (its sweep's spec names the pair)
+    --sweep NAME --objective F     the best lossless finished trial of a sweep by F
+    (nothing)                      the trial the dashboard marked "serve this config"
+
+Everything resolves, in the driver, to one `ServedConfig` with absolute model paths, so a
+replica on another node only loads what it is told.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from spectune.methods import METHODS
+
+ENV_API_KEY = "SPECTUNE_API_KEY"
+
+
+class ServeConfigError(ValueError):
+    """The configuration to serve cannot be chosen or is invalid; the message says why."""
+
+
+class PairRef(BaseModel):
+    """The models to load: local folders or hub ids, as `load_pair` takes them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str
+    drafter: str | None = None
+    device: str = Field("auto", description="auto = cuda when the replica has a GPU, else cpu")
+    dtype: str = "float32"
+
+    @property
+    def name(self) -> str:
+        """A short name: the pair folder (…/micro-seed0/target -> micro-seed0) or the target id."""
+        target = Path(self.target)
+        return target.parent.name if target.name == "target" and target.parent.name else self.target
+
+
+class ServedSource(BaseModel):
+    """Where the served configuration came from (shown by GET /config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["config_file", "trial", "best_of_sweep", "marked_in_dashboard"]
+    path: str | None = None
+    db: str | None = None  # password masked
+    trial_id: int | None = None
+    sweep: str | None = None
+    objective: str | None = None
+    mode: Literal["max", "min"] | None = None
+
+
+class ServedConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pair: PairRef
+    method: str
+    knobs: dict[str, Any] = Field(default_factory=dict)
+    model_id: str
+    source: ServedSource
+    trial_metrics: dict[str, Any] | None = None  # what the sweep measured for this trial
+
+    @model_validator(mode="after")
+    def method_fits_pair(self) -> ServedConfig:
+        METHODS.knobs(self.method, self.knobs)  # ValueError naming the method and the field
+        if METHODS.get(self.method).needs_drafter and not self.pair.drafter:
+            raise ValueError(f"method {self.method!r} needs a drafter model, but the pair names none")
+        return self
+
+    @property
+    def label(self) -> str:
+        args = ",".join(f"{key}={value}" for key, value in self.knobs.items())
+        return f"{self.method}({args})" if args else self.method
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
+    decode_threads: int = Field(2, ge=1, description="requests one replica decodes at once; the rest queue")
+
+
+class ServeArgs(BaseModel):
+    """What `spectune serve` and a Serve config file's `args:` say to serve (see workers/serve_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config: str | None = None
+    trial: int | None = None
+    sweep: str | None = None
+    objective: str = "speedup"
+    mode: Literal["max", "min"] | None = None
+    db: str | None = None
+    device: str | None = None
+    max_tokens_limit: int = Field(512, ge=1)
+    decode_threads: int = Field(2, ge=1)
+    api_key: str | None = None
+
+    @model_validator(mode="after")
+    def one_choice(self) -> ServeArgs:
+        given = [flag for flag, value in (("config", self.config), ("trial", self.trial), ("sweep", self.sweep))
+                 if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"choose one of config, trial or sweep, not {' and '.join(given)}")
+        return self
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_tokens_limit=self.max_tokens_limit, decode_threads=self.decode_threads)
+
+    @property
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get(ENV_API_KEY) or None
+
+
+def choose(args: ServeArgs) -> ServedConfig:
+    """The configuration `args` point at (a file or the store)."""
+    if args.config is not None:
+        served = from_config_file(args.config)
+    else:
+        served = from_store(args)
+    if args.device is not None:
+        served = served.model_copy(update={"pair": served.pair.model_copy(update={"device": args.device})})
+    return served
+
+
+# --- a YAML file --------------------------------------------------------------------------
+
+
+class ConfigFile(BaseModel):
+    """`--config FILE`: pair: micro | PAIR_DIR | {target, drafter, device, dtype}; method; knobs; name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pair: str | dict[str, Any]
+    method: str
+    knobs: dict[str, Any] = Field(default_factory=dict)
+    name: str | None = Field(None, description="the model id clients see; default: pair/method(knobs)")
+
+
+def from_config_file(path: str) -> ServedConfig:
+    file = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ServeConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ServeConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    try:
+        parsed = ConfigFile.model_validate(data)
+        source = ServedSource(kind="config_file", path=str(file.resolve()))
+        return _served(resolve_pair(parsed.pair), parsed.method, parsed.knobs, source, name=parsed.name)
+    except (ValidationError, ValueError) as err:
+        raise ServeConfigError(f"config file {path}: {_reason(err)}") from None
+
+
+# --- the store ----------------------------------------------------------------------------
+
+
+def from_store(args: ServeArgs) -> ServedConfig:
+    from spectune.store.db import connect
+    from spectune.store.errors import StoreError
+
+    try:
+        with connect(args.db) as store:
+            trial_id, source = _pick_trial(store, args)
+            detail = store.trial_detail(trial_id)
+            sweep = store.get_sweep(detail["sweep"])
+    except StoreError as err:
+        raise ServeConfigError(str(err)) from None
+    where = f"trial {trial_id} of sweep {detail['sweep']!r}"
+    try:
+        pair = resolve_pair(_pair_of_spec(sweep.spec if sweep else {}))
+        method, knobs = trial_method_and_knobs(detail["config"])
+        return _served(pair, method, knobs, source, trial_metrics=_metric_summary(detail["metrics"]))
+    except (ValidationError, ValueError) as err:
+        raise ServeConfigError(f"{where}: {_reason(err)}") from None
+
+
+def _pick_trial(store: Any, args: ServeArgs) -> tuple[int, ServedSource]:
+    db = store.url
+    if args.trial is not None:
+        return args.trial, ServedSource(kind="trial", db=db, trial_id=args.trial)
+    if args.sweep is not None:
+        sweep = store.get_sweep(args.sweep)
+        if sweep is None:
+            raise ServeConfigError(f"no sweep named {args.sweep!r} in {db} (see `spectune sweeps list`)")
+        mode = args.mode or _objective_mode(sweep.spec, args.objective)
+        try:
+            best = store.best_trial(args.sweep, args.objective, mode=mode, lossless_only=True)
+        except ValueError as err:
+            raise ServeConfigError(str(err)) from None
+        if best is None:
+            raise ServeConfigError(
+                f"sweep {args.sweep!r} has no finished lossless trial with a {args.objective} value to serve"
+            )
+        return best, ServedSource(kind="best_of_sweep", db=db, trial_id=best, sweep=args.sweep,
+                                  objective=args.objective, mode=mode)
+    marked = store.served_trial()
+    if marked is None:
+        raise ServeConfigError(
+            f"nothing to serve: pass --config FILE, --trial ID or --sweep NAME --objective FIELD, "
+            f"or mark a trial 'serve this config' in the dashboard (store: {db})"
+        )
+    return marked, ServedSource(kind="marked_in_dashboard", db=db, trial_id=marked)
+
+
+def _objective_mode(spec: Mapping[str, Any], objective: str) -> Literal["max", "min"]:
+    """The sweep spec's own mode for this objective when it lists it; else max."""
+    for entry in spec.get("objectives") or []:
+        if isinstance(entry, Mapping) and entry.get("metric") == objective and entry.get("mode") in ("max", "min"):
+            return entry["mode"]
+    return "max"
+
+
+def _pair_of_spec(spec: Mapping[str, Any]) -> str | Mapping[str, Any]:
+    if spec.get("pair") is not None:
+        return spec["pair"]
+    if spec.get("target") is not None:  # target/drafter at the top level
+        return {key: spec[key] for key in ("target", "drafter", "device", "dtype") if spec.get(key) is not None}
+    raise ValueError("its sweep spec names no model pair (expected `pair:`)")
+
+
+def trial_method_and_knobs(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A trial's method and the knobs that method takes (the config's other keys, such as the
+    temperature it was measured at, are not decoding knobs). Knobs may sit under `knobs:`."""
+    method = config.get("method")
+    if not isinstance(method, str):
+        raise ValueError(f"its config names no method: {dict(config)}")
+    nested = config.get("knobs")
+    scope = nested if isinstance(nested, Mapping) else config
+    accepted = METHODS.get(method).knobs.model_fields
+    return method, {key: value for key, value in scope.items() if key in accepted}
+
+
+_SUMMARY_METRICS = ("speedup", "tokens_per_s", "ar_tokens_per_s", "mean_accepted_tokens", "acceptance_rate",
+                    "lossless", "temperature", "max_new_tokens", "n_prompts")
+
+
+def _metric_summary(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if metrics is None:
+        return None
+    return {key: metrics[key] for key in _SUMMARY_METRICS if key in metrics}
+
+
+# --- shared -------------------------------------------------------------------------------
+
+
+def resolve_pair(value: str | Mapping[str, Any]) -> PairRef:
+    """A preset name (micro, tiny), a pair folder holding target/ and drafter/, or a mapping:
+    {target, drafter, device, dtype} or {preset, seed} or {dir} (a sweep spec's form). Local
+    paths become absolute."""
+    if isinstance(value, Mapping):
+        if "preset" in value:
+            return _pair_folder(_preset_dir(str(value["preset"]), int(value.get("seed", 0))), value)
+        folder = value.get("dir") or value.get("path")  # a sweep spec's `pair: {dir: ...}`
+        if folder:
+            return _pair_folder(Path(str(folder)).expanduser(), value)
+        ref = PairRef.model_validate(dict(value))
+        return ref.model_copy(update={"target": _absolute(ref.target),
+                                      "drafter": _absolute(ref.drafter) if ref.drafter else None})
+    from spectune.models.build import PRESETS
+
+    if value in PRESETS:
+        return _pair_folder(_preset_dir(value, 0), {})
+    return _pair_folder(Path(value).expanduser(), {})
+
+
+def _preset_dir(preset: str, seed: int) -> Path:
+    from spectune.models.build import default_pair_dir
+
+    folder = default_pair_dir(preset, seed)
+    if not (folder / "target").is_dir():
+        raise ValueError(f"the {preset} pair is not built at {folder}: run `spectune models build --preset {preset}`")
+    return folder
+
+
+def _pair_folder(folder: Path, options: Mapping[str, Any]) -> PairRef:
+    if not (folder / "target").is_dir():
+        raise ValueError(f"pair folder {folder} has no target/ (expected target/ and drafter/ from `spectune models build`)")
+    drafter = folder / "drafter"
+    extra = {key: options[key] for key in ("device", "dtype") if key in options}
+    return PairRef(target=str((folder / "target").resolve()),
+                   drafter=str(drafter.resolve()) if drafter.is_dir() else None, **extra)
+
+
+def _absolute(path_or_id: str) -> str:
+    """Existing local folders become absolute (replicas run elsewhere); hub ids stay as they are."""
+    path = Path(path_or_id).expanduser()
+    return str(path.resolve()) if path.exists() else path_or_id
+
+
+def _served(pair: PairRef, method: str, knobs: Mapping[str, Any], source: ServedSource, *,
+            name: str | None = None, trial_metrics: dict[str, Any] | None = None) -> ServedConfig:
+    label = ServedConfig.model_construct(method=method, knobs=dict(knobs)).label
+    return ServedConfig(pair=pair, method=method, knobs=dict(knobs), model_id=name or f"{pair.name}/{label}",
+                        source=source, trial_metrics=trial_metrics)
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        return "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in err.errors()
+        )
+    return str(err)
