@@ -1,0 +1,88 @@
+"""Pareto fronts over trial metrics (acceptance/speed versus cost).
+
+A row is on the front when no other eligible row is at least as good in every
+objective and strictly better in one. Duplicates of a front point are all on the
+front; rows with a missing (NaN) objective are never on it and dominate nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+_MODES = ("max", "min")
+_BLOCK_CELLS = 1 << 22  # comparisons per numpy block (bounds memory)
+
+
+def pareto_mask(values: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:
+    """Non-dominated rows of ``values`` [n, m]; ``maximize[j]`` says the direction of column j."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 2 or v.shape[1] != len(maximize):
+        raise ValueError(f"values must be [n, {len(maximize)}], got shape {v.shape}")
+    v = np.where(np.asarray(maximize, dtype=bool), -v, v)  # now every column is minimised
+    valid = ~np.isnan(v).any(axis=1)
+    cand = v[valid]
+    dominated = np.zeros(len(cand), dtype=bool)
+    block = max(1, _BLOCK_CELLS // max(1, len(cand) * max(1, v.shape[1])))
+    for start in range(0, len(cand), block):
+        rows = cand[start:start + block, None, :]  # [b, 1, m] against all [1, n, m]
+        no_worse = (cand[None, :, :] <= rows).all(axis=2)
+        better = (cand[None, :, :] < rows).any(axis=2)
+        dominated[start:start + block] = (no_worse & better).any(axis=1)
+    mask = np.zeros(len(v), dtype=bool)
+    mask[np.flatnonzero(valid)] = ~dominated
+    return mask
+
+
+def _check_objectives(df: pd.DataFrame, objectives: Mapping[str, str]) -> None:
+    if not objectives:
+        raise ValueError("at least one objective is needed")
+    for col, mode in objectives.items():
+        if mode not in _MODES:
+            raise ValueError(f"objective {col!r}: mode must be 'max' or 'min', got {mode!r}")
+        if col not in df.columns:
+            raise KeyError(f"objective {col!r} is not a column (have: {', '.join(map(str, df.columns))})")
+
+
+def lossy_rows(df: pd.DataFrame) -> pd.Series:
+    """Rows whose outputs differed from AR (``lossless`` False) or whose method is lossy."""
+    out = pd.Series(False, index=df.index)
+    if "lossless" in df.columns:
+        out |= df["lossless"].astype("boolean").eq(False).fillna(False).astype(bool)
+    if "lossy_method" in df.columns:
+        out |= df["lossy_method"].astype("boolean").eq(True).fillna(False).astype(bool)
+    return out
+
+
+def pareto_front(df: pd.DataFrame, objectives: Mapping[str, str],
+                 lossless_only: bool = True) -> pd.Series:
+    """Boolean Series (index of ``df``): the rows on the front of ``objectives``
+    (``{"speedup": "max", "tree_tokens_per_step": "min"}``). With ``lossless_only``
+    lossy rows (see `lossy_rows`) are neither on the front nor dominate anything."""
+    _check_objectives(df, objectives)
+    eligible = ~lossy_rows(df) if lossless_only else pd.Series(True, index=df.index)
+    cols = list(objectives)
+    values = df.loc[eligible.to_numpy(), cols].apply(pd.to_numeric, errors="coerce")
+    mask = pareto_mask(values.to_numpy(dtype=float, na_value=np.nan),
+                       [objectives[c] == "max" for c in cols])
+    front = pd.Series(False, index=df.index)
+    front[eligible.to_numpy()] = mask
+    return front
+
+
+def front_step_line(df: pd.DataFrame, x: str, y: str, x_mode: str = "min", y_mode: str = "max",
+                    lossless_only: bool = True) -> tuple[list[float], list[float]]:
+    """The 2-D front of (x, y) as points sorted by x (duplicates dropped), for a step line.
+
+    With x minimised and y maximised (cost versus speed) y rises with x: draw it with
+    plotly's ``line_shape="hv"``; with both maximised y falls with x: use ``"vh"``.
+    """
+    on_front = pareto_front(df, {x: x_mode, y: y_mode}, lossless_only=lossless_only)
+    pts = df.loc[on_front.to_numpy(), [x, y]].apply(pd.to_numeric).astype(float)
+    pts = pts.drop_duplicates().sort_values([x, y])
+    return pts[x].tolist(), pts[y].tolist()
+
+
+__all__ = ["front_step_line", "lossy_rows", "pareto_front", "pareto_mask"]

@@ -1,0 +1,1 @@
+"""Alembic migration environment of the results store (configured programmatically)."""
