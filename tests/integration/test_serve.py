@@ -247,6 +247,27 @@ def test_a_stream_the_client_abandons_stops_decoding(service: CompletionService)
     assert health["cancelled_requests"] == before + 1  # stopped early, not run to max_tokens
 
 
+def test_a_request_cancelled_mid_decode_stops_decoding(service: CompletionService) -> None:
+    """Serve cancels the handler of a client that hung up; the decode thread stops after its step."""
+    request = CompletionRequest(prompt=PROMPTS[0], max_tokens=300, temperature=0)
+
+    async def start_then_cancel() -> None:
+        task = asyncio.create_task(service.complete(request))
+        while service.health()["active_requests"] == 0:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    before = service.health()["cancelled_requests"]
+    asyncio.run(start_then_cancel())
+    deadline = time.monotonic() + 10
+    while service.health()["active_requests"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert service.health()["active_requests"] == 0
+    assert service.health()["cancelled_requests"] == before + 1
+
+
 def test_text_deltas_hold_back_a_split_character() -> None:
     text = "é"
     raw = text.encode()  # two bytes: a byte-level tokenizer may emit them as two tokens
@@ -393,6 +414,24 @@ def test_serve_config_file_is_a_valid_serve_build_config() -> None:
     assert deployment.name == "SpectuneCompletions" and deployment.autoscaling_config["max_replicas"] >= 1
     example = yaml.safe_load(Path("workers/serve_example.yaml").read_text())
     assert {"pair", "method", "knobs"} <= set(example)
+
+
+def test_deployment_options_come_from_flags_and_the_builder_reads_serve_args(micro_pair: Path, tmp_path: Path) -> None:
+    from spectune.workers.serve_app import app_builder, bind
+
+    served = from_config_file(str(write_config(tmp_path, micro_pair)))
+    # Ray has no public accessor for an Application's deployment: read the bound one.
+    fixed = bind(served, Limits(), None, replicas=3, num_cpus=2, num_gpus=0.5)._bound_deployment
+    assert (fixed.num_replicas, fixed.ray_actor_options) == (3, {"num_cpus": 2, "num_gpus": 0.5})
+    scaling = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
+    scaled = bind(served, Limits(), None, autoscaling=scaling)._bound_deployment
+    assert scaled._deployment_config.autoscaling_config.max_replicas == 4
+    built = app_builder({"config": str(tmp_path / "served.yaml"), "max_tokens_limit": 64,
+                         "api_key": API_KEY})._bound_deployment
+    served_arg, limits_arg, key_arg = built.init_args
+    assert served_arg["method"] == METHOD and limits_arg["max_tokens_limit"] == 64 and key_arg == API_KEY
+    with pytest.raises(ValueError, match="extra"):
+        app_builder({"config": "x.yaml", "replicas": 2})  # replicas belong in `deployments:`
 
 
 # --- real HTTP against Ray Serve (slow) ---------------------------------------------------
