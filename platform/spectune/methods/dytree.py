@@ -1,0 +1,261 @@
+"""DySpec's dynamic tree: grow the draft where the drafter is most confident, under a node budget.
+
+Every not-yet-drafted child slot waits in a max-heap keyed by its estimated path probability
+(product of draft probabilities along the path). Expansion runs in rounds: pop up to
+`per_pass` best slots, add their tokens, then ONE drafter forward over the new nodes (tree
+mask) opens their own child slots. Drafter passes stay near the depth, not the budget.
+
+Siblings come in draw order: slot j of a node becomes poppable only after slot j-1 was
+added. Greedy fills slots with the drafter's top-k; sampling with one Gumbel-top-k draw per
+node (without replacement), q recorded per parent for recursive rejection.
+
+Lossless sampling needs one care: whether slot j is drafted must not depend on the token
+drawn into it (keeping a draw only when it came out likely biases the proposal, and the
+rejection rule no longer corrects it). So when sampling, a slot's priority uses the
+*expected* draft probability of its draw given the earlier siblings, sum_x q_j(x) q(x);
+the token's own q(x) enters only the priorities of its descendants.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from pydantic import Field
+
+from spectune.engine.runner import CausalLM
+from spectune.engine.sampling import Sampling, probabilities, sample_without_replacement
+from spectune.engine.tree import DraftTree, additive_mask
+from spectune.methods.base import DraftContext, Knobs, Models, StepOutcome
+from spectune.methods.registry import METHODS
+
+
+class DyTreeKnobs(Knobs):
+    budget: int = Field(16, ge=1, le=512, description="draft nodes per step (root excluded)")
+    max_depth: int = Field(6, ge=1, le=64, description="deepest draft position")
+    topk: int = Field(4, ge=1, le=64, description="most children drafted under one node")
+    per_pass: int = Field(4, ge=1, le=512, description="nodes added per drafter forward (each round's batch)")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A node's ordered child draws and what the heap needs to rank them."""
+
+    tokens: tuple[int, ...]  # draw order (greedy: rank order)
+    priorities: tuple[float, ...]  # estimated acceptance of each slot, known before its token is drawn
+    token_probs: tuple[float, ...]  # draft probability of each drawn token (for its descendants' priorities)
+
+
+def greedy_candidates(logits: torch.Tensor, topk: int) -> Candidates:
+    """The drafter's top-k; a slot's priority is its token's probability (no sampling, no bias to avoid)."""
+    probs = torch.softmax(logits.float(), dim=-1)  # [V]
+    top = probs.topk(min(topk, probs.shape[-1]))
+    values = tuple(top.values.tolist())
+    return Candidates(tuple(top.indices.tolist()), values, values)
+
+
+def sampled_candidates(q: torch.Tensor, topk: int, rng: torch.Generator) -> Candidates:
+    """Gumbel-top-k draws from q; slot j's priority is the expected q of a draw after removing slots < j."""
+    tokens = sample_without_replacement(q, topk, rng)
+    token_probs = tuple(float(q[t]) for t in tokens)
+    return Candidates(tuple(tokens), expected_draw_probs(q, token_probs), token_probs)
+
+
+def expected_draw_probs(q: torch.Tensor, drawn_probs: Sequence[float]) -> tuple[float, ...]:
+    """E[q(x_j) | x_<j] for draws without replacement: (sum q^2 - sum_{i<j} q_i^2) / (1 - sum_{i<j} q_i).
+
+    Depends only on the earlier draws, never on x_j itself.
+    """
+    square_mass = float((q * q).sum())
+    removed, removed_squares, out = 0.0, 0.0, []
+    for prob in drawn_probs:
+        remaining = 1.0 - removed
+        out.append(max(square_mass - removed_squares, 0.0) / remaining if remaining > 1e-12 else 0.0)
+        removed += prob
+        removed_squares += prob * prob
+    return tuple(out)
+
+
+@dataclass(order=True, frozen=True)
+class _Slot:
+    neg_priority: float
+    order: int  # ties: first pushed first (deterministic)
+    parent: int
+    index: int  # position among the parent's candidates
+
+
+class _Tree:
+    """The tree under construction, in insertion order (parents before children)."""
+
+    def __init__(self, root: int) -> None:
+        self.tokens, self.parents, self.depths, self.values = [root], [-1], [0], [1.0]
+        self.ancestors: list[frozenset[int]] = [frozenset({0})]
+        self.first_child: dict[int, int] = {}
+
+    def add(self, token: int, parent: int, value: float) -> int:
+        index = len(self.tokens)
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(self.depths[parent] + 1)
+        self.values.append(value)
+        self.ancestors.append(self.ancestors[parent] | {index})
+        self.first_child.setdefault(parent, index)
+        return index
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens) - 1
+
+
+class Expansion:
+    """One step's growth, without any model: the tree, the heap of open slots, the q rows.
+
+    `grow` drives it; the drafter supplies logits for each round's new nodes.
+    """
+
+    def __init__(self, root: int, knobs: DyTreeKnobs, depth_limit: int, sampling: Sampling, rng: torch.Generator) -> None:
+        self.knobs = knobs
+        self.depth_limit = depth_limit
+        self.sampling = sampling
+        self.rng = rng
+        self.tree = _Tree(root)
+        self.candidates: dict[int, Candidates] = {}
+        self.q_rows: dict[int, torch.Tensor] = {}
+        self.heap: list[_Slot] = []
+        self._order = itertools.count()
+
+    def open(self, node: int, logits: torch.Tensor) -> None:
+        """Draw `node`'s children (all of them, in order) and make the first slot poppable."""
+        if self.sampling.greedy:
+            found = greedy_candidates(logits, self.knobs.topk)
+        else:
+            q = probabilities(logits, self.sampling)  # [V]
+            self.q_rows[node] = q
+            found = sampled_candidates(q, self.knobs.topk, self.rng)
+        self.candidates[node] = found
+        self._push(node, 0)
+
+    def _push(self, parent: int, index: int) -> None:
+        found = self.candidates[parent]
+        if index < len(found.tokens):
+            priority = self.tree.values[parent] * found.priorities[index]
+            heapq.heappush(self.heap, _Slot(-priority, next(self._order), parent, index))
+
+    @property
+    def full(self) -> bool:
+        return self.tree.size >= self.knobs.budget
+
+    def pop_round(self) -> list[int]:
+        """Add up to per_pass best slots; return the new nodes that may still get children."""
+        expandable: list[int] = []
+        added = 0
+        while self.heap and added < self.knobs.per_pass and not self.full:
+            slot = heapq.heappop(self.heap)
+            found = self.candidates[slot.parent]
+            value = self.tree.values[slot.parent] * found.token_probs[slot.index]
+            node = self.tree.add(found.tokens[slot.index], slot.parent, value)
+            added += 1
+            self._push(slot.parent, slot.index + 1)  # the next sibling in draw order
+            if self.tree.depths[node] < self.depth_limit:
+                expandable.append(node)
+        return expandable
+
+    def draft_tree(self, draft_calls: int) -> DraftTree:
+        tree = self.tree
+        return DraftTree(tuple(tree.tokens), tuple(tree.parents), self._q_matrix(), draft_calls)
+
+    def _q_matrix(self) -> torch.Tensor | None:
+        if self.sampling.greedy:
+            return None
+        vocab = next(iter(self.q_rows.values())).shape[-1]
+        q = torch.zeros(len(self.tree.tokens), vocab)  # [n+1, V]; rows of unopened nodes stay zero (never used)
+        for node, row in self.q_rows.items():
+            q[node] = row
+        return q
+
+
+def grow(expansion: Expansion, root_logits: torch.Tensor, forward: Callable[[list[int]], torch.Tensor]) -> DraftTree:
+    """Expand in rounds until the budget is spent; `forward(nodes)` gives their drafter logits [m, V]."""
+    expansion.open(0, root_logits)
+    calls = 1
+    while expansion.heap and not expansion.full:
+        new = expansion.pop_round()
+        if new and not expansion.full:  # a full tree has no room for their children: skip the pass
+            for node, logits in zip(new, forward(new)):
+                expansion.open(node, logits)
+            calls += 1
+    return expansion.draft_tree(calls)
+
+
+class DyTreeDrafter:
+    def __init__(self, lm: CausalLM, knobs: DyTreeKnobs) -> None:
+        self.lm = lm
+        self.knobs = knobs
+        self.max_tree_size = knobs.budget
+
+    def reset(self) -> None:
+        self.lm.reset()
+
+    def commit(self, sequence: Sequence[int]) -> None:
+        self.lm.cache.truncate(self.lm.cache.common_prefix(sequence))
+
+    def observe(self, outcome: StepOutcome) -> None:
+        """The tree is rebuilt from the drafter's confidence each step; nothing to learn."""
+
+    def draft(self, context: DraftContext) -> DraftTree:
+        depth_limit = min(self.knobs.max_depth, context.max_depth)
+        if depth_limit == 0:
+            return DraftTree((context.sequence[-1],), (-1,))
+        root_logits = self.lm.extend_to(context.sequence)  # [V] after the root
+        base = len(self.lm.cache)  # committed tokens, root included
+        expansion = Expansion(context.sequence[-1], self.knobs, depth_limit, context.sampling, context.rng)
+        fed: list[int] = []  # draft nodes in the drafter's cache, in slot order after `base`
+        tree = grow(expansion, root_logits, lambda new: self._forward(expansion.tree, fed, new, base))
+        self._keep_first_child_chain(expansion.tree, fed, base)
+        return tree
+
+    def _forward(self, tree: "_Tree", fed: list[int], new: list[int], base: int) -> torch.Tensor:
+        """One drafter pass over a round's new nodes; their ancestors are already in its cache."""
+        columns = fed + new  # cache slots base, base+1, ... will hold these nodes
+        allowed = torch.tensor([[c in tree.ancestors[n] for c in columns] for n in new])  # [m, fed + m]
+        mask = additive_mask(allowed, base, self.lm.dtype)  # [1, 1, m, base + fed + m]
+        positions = torch.tensor([base - 1 + tree.depths[n] for n in new]).unsqueeze(0)  # [1, m]
+        logits = self.lm.forward([tree.tokens[n] for n in new], positions, mask)  # [m, V]
+        fed.extend(new)
+        return logits
+
+    def _keep_first_child_chain(self, tree: "_Tree", fed: list[int], base: int) -> None:
+        """Keep the drafter's cache only along the first-drawn path: the likeliest to be accepted."""
+        slot_of = {node: slot for slot, node in enumerate(fed)}
+        slots, node = [], 0
+        while (child := tree.first_child.get(node)) is not None and child in slot_of:
+            slots.append(slot_of[child])  # deeper nodes were fed in later rounds: slots ascend
+            node = child
+        if slots:
+            self.lm.cache.keep(base, slots)
+        else:
+            self.lm.cache.truncate(base)
+
+
+def check_fits(knobs: DyTreeKnobs, models: Models) -> None:
+    """A budget the context cannot hold is a bad knob, named with its allowed range."""
+    context = min(models.target.max_positions, models.drafter.max_positions)
+    if knobs.budget > context - 2:
+        raise ValueError(f"dytree: budget={knobs.budget} does not fit the model context; allowed 1..{context - 2}")
+
+
+@METHODS.register(
+    "dytree",
+    DyTreeKnobs,
+    needs_drafter=True,
+    summary="dynamic tree: expand the slot with the highest path probability (heap) until the node budget is spent",
+    paper="Xiong et al. 2024, DySpec (dynamic token trees)",
+    cost="1 + about budget/per_pass drafter passes (one per round); budget + 1 tokens verified",
+    rule="greedy: top-k siblings, match; sampling: Gumbel-top-k siblings, recursive rejection",
+)
+def build_dytree(knobs: DyTreeKnobs, models: Models) -> DyTreeDrafter:
+    check_fits(knobs, models)
+    return DyTreeDrafter(models.drafter, knobs)
