@@ -116,6 +116,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, err: Exception) -> JSONResponse:
+        logger.exception("request failed")
+        return _error_response(500, "server_error", f"internal error: {type(err).__name__}: {err}")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         message = str(err.detail)
@@ -171,7 +176,9 @@ def _body_schema() -> dict[str, Any]:
 # --- Ray Serve ----------------------------------------------------------------------------
 
 
-@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
+# A replica whose pair fails to load fails again: 3 tries, not Serve's default of 20.
+@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=32, max_constructor_retry_count=3,
+                  ray_actor_options={"num_cpus": 1})
 @serve.ingress()  # late-bound: the app needs the service this replica builds in __init__
 class CompletionDeployment:
     """One replica: loads the pair once and answers through `build_app`."""
@@ -185,7 +192,9 @@ class CompletionDeployment:
         return build_app(self.service, self.api_key)
 
     def __del__(self) -> None:
-        self.service.close()
+        service = getattr(self, "service", None)  # absent when loading the pair failed
+        if service is not None:
+            service.close()
 
 
 def _match_torch_threads_to_cpus() -> None:

@@ -66,7 +66,7 @@ def serve(
         fail(f"--max-replicas ({max_replicas}) is below --replicas ({replicas})")
     port = DEFAULT_PORT if port is None else port
     url = f"http://{host}:{port}"
-    from spectune.workers.serve_app import bind, deploy
+    from spectune.workers.serve_app import bind
 
     autoscaling = None if max_replicas is None else {
         "min_replicas": replicas, "max_replicas": max_replicas, "target_ongoing_requests": decode_threads}
@@ -74,7 +74,7 @@ def serve(
                num_cpus=num_cpus, num_gpus=num_gpus)
     if address is not None:
         _start_ray(address, replicas * num_cpus, replicas * num_gpus)
-        deploy(app, host=host, port=port)
+        _deploy_or_fail(app, host, port)
         typer.echo(f"serving {served.model_id} at {url}/v1/completions on {address}; "
                    f"stop with `spectune serve --stop --address {address}`")
         return
@@ -86,12 +86,38 @@ def serve(
         _start_ray(None, replicas * num_cpus, replicas * num_gpus)
         _stop_on_signal(stopping)  # again: a local Ray head installs its own SIGTERM handler, which exits at once
         typer.echo(f"loading {served.model_id} ({served.source.kind}) on {replicas} replica(s)...")
-        deploy(app, host=host, port=port)
+        _deploy_or_fail(app, host, port)
         typer.echo(f"serving {served.model_id} at {url}/v1/completions (Ctrl-C or `spectune serve --stop` to stop)")
         while not stopping.wait(0.5):
             pass
     finally:
         _shutdown(record)
+
+
+def _deploy_or_fail(app: Any, host: str, port: int) -> None:
+    from spectune.workers.serve_app import deploy
+
+    try:
+        deploy(app, host=host, port=port)
+    except RuntimeError as err:  # Serve's "Deploying application ... failed"; the reason is in its status
+        fail(f"the endpoint did not start: {_last_error_line(_deployment_message() or str(err))}")
+
+
+def _deployment_message() -> str:
+    from ray import serve
+
+    from spectune.workers.serve_app import APP_NAME, DEPLOYMENT_NAME
+
+    application = serve.status().applications.get(APP_NAME)
+    deployment = application.deployments.get(DEPLOYMENT_NAME) if application else None
+    return deployment.message if deployment else ""
+
+
+def _last_error_line(message: str) -> str:
+    """The replica's own exception line out of Serve's multi-line failure report (a traceback)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error: " in line or "Exception: " in line]
+    return errors[-1] if errors else lines[0] if lines else "unknown error"
 
 
 def _check_port_free(host: str, port: int) -> None:
