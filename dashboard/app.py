@@ -8,6 +8,10 @@ Read-only on the store except for "Serve this configuration".
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import sqlalchemy as sa
 import streamlit as st
 
@@ -17,6 +21,25 @@ from spectune.store import StoreUnavailable, SweepSummary
 
 REFRESH_CHOICES_S = (0, 2, 5, 10, 30)
 DEFAULT_REFRESH_S = 5
+QUERY_FAILED = "A query on the results database failed"
+
+
+def _reason(exc: sa.exc.SQLAlchemyError) -> str:
+    return " ".join(str(getattr(exc, "orig", None) or exc).split())
+
+
+def guarded(render: Callable[..., None]) -> Callable[..., None]:
+    """``render(url, ...)`` that shows the database error instead of a traceback when the
+    store goes away while the page is open (a live refresh keeps retrying)."""
+    @functools.wraps(render)  # same qualname: a fragment keeps its identity across reruns
+    def run(url: str, *args: Any) -> None:
+        try:
+            render(url, *args)
+        except StoreUnavailable as exc:
+            views.unreachable(exc.url, exc.reason)
+        except sa.exc.SQLAlchemyError as exc:
+            views.unreachable(data.masked(url), _reason(exc), QUERY_FAILED)
+    return run
 
 
 def _refresh_label(seconds: int) -> str:
@@ -63,7 +86,7 @@ def main() -> None:
         return
     except sa.exc.SQLAlchemyError as exc:  # reachable, then failed mid-query
         st.title("spectune")
-        views.unreachable(data.masked(url), " ".join(str(getattr(exc, "orig", exc)).split()))
+        views.unreachable(data.masked(url), _reason(exc), QUERY_FAILED)
         return
     sweep, refresh_s, endpoint = sidebar(url, summaries)
     if sweep is None:
@@ -76,9 +99,9 @@ def main() -> None:
         ["Pareto front & trials", "Compare sweeps", "Try it live"])
     with front_tab:
         live_every = refresh_s if sweep.status == "running" and refresh_s else None
-        st.fragment(views.sweep_view, run_every=live_every)(url, sweep.name)
+        st.fragment(guarded(views.sweep_view), run_every=live_every)(url, sweep.name)
     with compare_tab:
-        st.fragment(views.compare_view)(url, summaries, sweep.name)
+        st.fragment(guarded(views.compare_view))(url, summaries, sweep.name)
     with live_tab:
         st.fragment(views.live_panel)(endpoint)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from spectune.dashboard.figures import (
-    AXES, NUMERIC_KNOBS, config_label, front_of, lossless_text, plottable,
+    NUMERIC_KNOBS, Axis, config_label, front_of, lossless_text, plottable,
 )
 from spectune.pareto import lossy_rows
 
@@ -80,12 +80,12 @@ def trial_table(df: pd.DataFrame, x: str, y: str, sort_by: str = "speedup",
     return table[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS).reset_index(drop=True)
 
 
-def axis_choices(df: pd.DataFrame, axes: dict[str, object]) -> list[str]:
+def axis_choices(df: pd.DataFrame, axes: dict[str, Axis]) -> list[str]:
     """The axis columns with at least one value among done trials (others would be empty)."""
     done = df[df["status"] == "done"]
     present = [c for c in axes if pd.to_numeric(done[c], errors="coerce").notna().any()]
     return present or list(axes)
 
 
-__all__ = ["AXES", "SORTABLE", "TABLE_COLUMNS", "TrialFilter", "apply_filter", "axis_choices",
+__all__ = ["SORTABLE", "TABLE_COLUMNS", "TrialFilter", "apply_filter", "axis_choices",
            "knob_bounds", "trial_table"]

@@ -41,8 +41,9 @@ TRIAL_TABLE_HEIGHT = 390
 # --- messages -------------------------------------------------------------------------------
 
 
-def unreachable(masked_url: str, reason: str) -> None:
-    st.error(f"**Cannot reach the results database** `{masked_url}`", icon=":material/cloud_off:")
+def unreachable(masked_url: str, reason: str,
+                heading: str = "Cannot reach the results database") -> None:
+    st.error(f"**{heading}** `{masked_url}`", icon=":material/cloud_off:")
     st.code(reason, language=None, wrap_lines=True)
     st.markdown("Check the URL (`spectune dashboard --db URL`, or `$SPECTUNE_DB`) and that the "
                 "database server is running; this page retries on every refresh.")
@@ -318,19 +319,21 @@ def _sweep_best(frame: pd.DataFrame, sweep: str, hardware: str, x: str, y: str) 
 
 
 def _live_stats(answer: LiveAnswer) -> None:
-    spec, comparison = answer.speculative, answer.comparison
+    if answer.finished is None:
+        return
+    spec, comparison = answer.finished.speculative, answer.finished.comparison
     tiles = st.columns(4)
-    tau = spec.get("mean_accepted_tokens")
-    rate = spec.get("acceptance_rate")
+    tau, rate = spec.mean_accepted_tokens, spec.acceptance_rate
     tiles[0].metric("tau (tokens / target pass)", "–" if tau is None else f"{tau:.2f}")
     tiles[1].metric("acceptance", "–" if rate is None else f"{rate:.0%}")
-    tiles[2].metric("tok/s", "–" if spec.get("tokens_per_s") is None
-                    else f"{spec['tokens_per_s']:.0f}")
-    tiles[3].metric("speedup vs AR", "–" if comparison.get("speedup") is None
-                    else f"{comparison['speedup']:.2f}x")
-    if spec.get("method"):
-        st.caption(f"served: {config_label(spec.get('config'), spec['method'])}"
-                   + (f" (trial {spec['trial_id']})" if spec.get("trial_id") else ""))
+    tiles[2].metric("tok/s", f"{spec.tokens_per_s:.0f}")
+    tiles[3].metric("speedup vs AR", "–" if comparison is None else f"{comparison.speedup:.2f}x",
+                    help=None if comparison is None else
+                    f"AR: {comparison.ar_tokens_per_s:.0f} tok/s; outputs "
+                    f"{'match' if comparison.outputs_match else 'differ'}")
+    source = f" (trial {spec.trial_id})" if spec.trial_id is not None else ""
+    st.caption(f"served: `{config_label({'method': spec.method, **spec.config})}`{source} · "
+               f"{spec.target_calls} target passes · finish: {answer.finished.finish_reason}")
 
 
 def live_panel(endpoint: str) -> None:
@@ -346,12 +349,14 @@ def live_panel(endpoint: str) -> None:
     if not go:
         return
     answer = LiveAnswer()
+    shown = st.empty()  # redrawn per streamed step: the prompt and its continuation so far
     try:
-        with st.container(border=True):
-            st.write_stream(stream_completion(endpoint, prompt, answer, max_tokens=max_tokens,
-                                              compare_ar=compare))
+        for _ in stream_completion(endpoint, prompt, answer, max_tokens=max_tokens,
+                                   compare_ar=compare):
+            shown.code(prompt + answer.text, language="python", wrap_lines=True)
     except EndpointDown as exc:
-        st.error(f"**The endpoint is down.** {exc}", icon=":material/cloud_off:")
+        st.error(f"**No answer from the endpoint** at `{endpoint}`: {exc}. Start one with "
+                 "`spectune serve`, or set its URL in the sidebar.", icon=":material/cloud_off:")
         return
     except EndpointRejected as exc:
         st.error(f"**The endpoint refused the request.** {exc}", icon=":material/block:")

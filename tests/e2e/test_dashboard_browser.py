@@ -132,5 +132,14 @@ def test_dashboard_in_chromium(dashboard_url: str) -> None:
             shot = ARTIFACTS / "dashboard.png"
             full_page_screenshot(page, shot)
             assert shot.stat().st_size > 50_000
+
+            # Clicking a point opens its trial (plotly selection event -> rerun).
+            page.set_viewport_size({"width": 1600, "height": 1000})
+            sps_points = front.locator(".scatterlayer .trace").nth(2).locator(".points path")
+            box = sps_points.first.bounding_box()  # sps(draft_len=1): the seed's trial 1
+            assert box is not None
+            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.get_by_text("Trial 1", exact=True).wait_for(timeout=RENDER_TIMEOUT_MS)
+            assert page.get_by_text("sps(draft_len=1)").first.is_visible()
         finally:
             browser.close()

@@ -253,3 +253,14 @@ def test_axis_choices_skip_empty_metrics(cpu: pd.DataFrame) -> None:
 def test_wide_cost_range_gets_a_log_axis(cpu: pd.DataFrame) -> None:
     assert pareto_figure(cpu, X, Y).layout.xaxis.type == "log"  # 2 .. 45 tree tokens
     assert pareto_figure(cpu, "ms_per_token", Y).layout.xaxis.type != "log"
+
+
+def test_dashboard_command_runs_the_installed_app_headless() -> None:
+    from spectune.cli.dashboard_cmd import app_path, streamlit_command
+
+    assert app_path().is_file() and app_path().name == "app.py"
+    command = streamlit_command("127.0.0.1", 8765)
+    assert command[1:4] == ["-m", "streamlit", "run"] and command[4] == str(app_path())
+    flags = dict(zip(command[5::2], command[6::2]))
+    assert flags["--server.headless"] == "true"
+    assert flags["--server.port"] == "8765" and flags["--server.address"] == "127.0.0.1"
