@@ -267,7 +267,8 @@ def resolve_pair(value: str | Mapping[str, Any]) -> PairRef:
         folder = value.get("dir") or value.get("path")  # a sweep spec's `pair: {dir: ...}`
         if folder:
             return _pair_folder(Path(str(folder)).expanduser(), value)
-        ref = PairRef.model_validate(dict(value))
+        # A stored sweep spec carries `dir: null` next to target/drafter: drop what is unset.
+        ref = PairRef.model_validate({key: item for key, item in value.items() if item is not None and key != "dir"})
         return ref.model_copy(update={"target": _absolute(ref.target),
                                       "drafter": _absolute(ref.drafter) if ref.drafter else None})
     from spectune.models.build import PRESETS

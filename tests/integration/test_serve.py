@@ -308,7 +308,12 @@ def test_config_file_errors_name_the_problem(tmp_path: Path, micro_pair: Path) -
 def test_pair_forms_resolve_to_absolute_model_paths(micro_pair: Path) -> None:
     expected = (str((micro_pair / "target").resolve()), str((micro_pair / "drafter").resolve()))
     for form in (str(micro_pair), {"dir": str(micro_pair)}, {"path": str(micro_pair)},
-                 {"target": str(micro_pair / "target"), "drafter": str(micro_pair / "drafter")}):
+                 {"target": str(micro_pair / "target"), "drafter": str(micro_pair / "drafter")},
+                 # a sweep spec as the launcher stores it (`SweepSpec.model_dump`)
+                 {"dir": None, "target": str(micro_pair / "target"), "drafter": str(micro_pair / "drafter"),
+                  "device": "cpu", "dtype": "float32"},
+                 {"dir": str(micro_pair), "target": f"{micro_pair}/target", "drafter": f"{micro_pair}/drafter",
+                  "device": "cpu", "dtype": "float32"}):
         ref = resolve_pair(form)
         assert (ref.target, ref.drafter) == expected
     assert resolve_pair({"dir": str(micro_pair), "device": "cpu"}).device == "cpu"
