@@ -8,6 +8,7 @@ from spectune.cli import bench_cmd, methods_cmd, models_cmd
 from spectune.cli import store_cmd
 from spectune.cli import dashboard_cmd
 from spectune.cli import serve_cmd
+from spectune.cli import trees_cmd
 
 app = typer.Typer(
     name="spectune",
@@ -24,6 +25,7 @@ app.command("results")(store_cmd.results)
 app.add_typer(store_cmd.sweeps_app, name="sweeps")
 app.command("dashboard")(dashboard_cmd.dashboard)
 app.command("serve")(serve_cmd.serve)
+app.add_typer(trees_cmd.app, name="trees")
 
 
 def main() -> None:

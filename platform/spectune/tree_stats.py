@@ -1,0 +1,133 @@
+"""What Sequoia's optimiser needs from a pair and a worker: the acceptance vector and forward times.
+
+`measure_acceptance` decodes a prompt set with a one-level tree of `width` ranked drafter
+children and counts which rank the target accepted each step: p[k] is the fraction of steps
+whose k-th child was accepted. `profile_forwards` times target (and drafter) forwards of
+1..N tree tokens after a fixed-length past. The CLI writes both as JSON files
+(schemas in `spectune.tree_files`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from spectune.engine.loop import Decoder
+from spectune.engine.runner import CausalLM
+from spectune.engine.sampling import Sampling
+from spectune.engine.shapes import branching_shape
+from spectune.engine.tree import DraftTree, tree_inputs, tree_layout
+from spectune.methods.base import DraftContext, Drafter, StepOutcome
+from spectune.methods.model_drafter import TemplateDrafter
+from spectune.pair import Pair
+from spectune.prompts import Prompt
+
+# --- measuring p[k] -----------------------------------------------------------------------------
+
+
+class RankRecorder:
+    """Wraps a drafter; after each step notes which ranked root child, if any, the target accepted."""
+
+    def __init__(self, inner: Drafter, width: int) -> None:
+        self.inner = inner
+        self.max_tree_size = inner.max_tree_size
+        self.accepted_by_rank = [0] * width
+        self.steps = 0
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def draft(self, context: DraftContext) -> DraftTree:
+        return self.inner.draft(context)
+
+    def commit(self, sequence: Sequence[int]) -> None:
+        self.inner.commit(sequence)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        self.inner.observe(outcome)
+        if outcome.tree.size == 0:  # the last step of a generation may draft nothing
+            return
+        self.steps += 1
+        if outcome.verdict.accepted:
+            root_children = tree_layout(outcome.tree.parents).children[0]
+            self.accepted_by_rank[root_children.index(outcome.verdict.path[1])] += 1
+
+    @property
+    def acceptance(self) -> list[float]:
+        return [count / self.steps if self.steps else 0.0 for count in self.accepted_by_rank]
+
+
+def measure_acceptance(
+    pair: Pair, prompts: Sequence[list[int]], width: int, max_new_tokens: int, sampling: Sampling, seed: int = 0
+) -> RankRecorder:
+    """Decode every prompt with `width` ranked drafter children per step; count accepted ranks."""
+    if pair.drafter is None:
+        raise ValueError("measuring acceptance needs a drafter model: the pair has none")
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    models = pair.runners()
+    recorder = RankRecorder(TemplateDrafter(models.drafter, branching_shape([width])), width)
+    decoder = Decoder(models.target, recorder, pair.eos_token_id)
+    for i, tokens in enumerate(prompts):
+        decoder.generate(tokens, max_new_tokens, sampling, seed + i)
+    return recorder
+
+
+# --- profiling forward times ------------------------------------------------------------------
+
+
+def profile_forwards(
+    model: torch.nn.Module, filler: Sequence[int], past: int, max_tokens: int, repeats: int
+) -> list[float]:
+    """Fastest ms of one forward over n tree tokens (a root and n-1 children) after `past` cached tokens."""
+    lm = CausalLM(model)
+    if past:
+        lm.forward(filler[:past], last_only=True)
+    for n in (1, max_tokens, 1):  # the first calls pay one-off costs (allocator, kernel selection)
+        lm.forward(filler[past : past + n], tree_inputs((-1,) + (0,) * (n - 1), past, lm.dtype).positions)
+        lm.cache.truncate(past)
+    times = []
+    for n in range(1, max_tokens + 1):
+        parents = (-1,) + (0,) * (n - 1)  # a star: a real tree mask for n >= 3
+        inputs = tree_inputs(parents, past, lm.dtype)
+        tokens = list(filler[past : past + n])
+        samples = []
+        for _ in range(repeats + 1):  # the first call of each size warms up
+            _synchronize(lm.device)
+            started = time.perf_counter()
+            lm.forward(tokens, inputs.positions, inputs.mask)
+            _synchronize(lm.device)
+            samples.append((time.perf_counter() - started) * 1000)
+            lm.cache.truncate(past)
+        times.append(min(samples[1:]))  # other processes only ever add time: the fastest is the model's cost
+    return times
+
+
+def filler_tokens(pair: Pair, prompts: Sequence[Prompt], length: int) -> list[int]:
+    """Real text for the past and the tree tokens: the prompt set's tokens, repeated to `length`."""
+    tokens = [t for p in prompts for t in pair.encode(p.prompt)]
+    if not tokens:
+        raise ValueError("the prompt set encodes to no tokens")
+    return (tokens * (length // len(tokens) + 1))[:length]
+
+
+def check_profile_fits(pair: Pair, past: int, max_tokens: int) -> None:
+    if max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if past < 0:
+        raise ValueError(f"--past must be >= 0, got {past}")
+    context = pair.max_positions
+    if pair.drafter is not None:
+        context = min(context, int(getattr(pair.drafter.config, "max_position_embeddings", context)))
+    if past + max_tokens > context:
+        raise ValueError(
+            f"--past {past} + --max-tokens {max_tokens} exceeds the models' context of {context}; "
+            f"allowed --max-tokens 1..{max(context - past, 0)}"
+        )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
