@@ -350,7 +350,9 @@ def compare_fronts_figure(df: pd.DataFrame, x: str, y: str, sweeps: Sequence[str
             legendgroup=sweep, customdata=_customdata(points, on_front),
             hovertemplate=_hover_template(x_axis, y_axis),
             marker={"color": color, "size": [13 if f else 9 for f in on_front],
-                    "opacity": [FRONT_OPACITY if f else DOMINATED_OPACITY for f in on_front],
+                    "opacity": [FRONT_OPACITY if f else LOSSY_OPACITY if lossy
+                                else DOMINATED_OPACITY
+                                for f, lossy in zip(on_front, points["_lossy"])],
                     "symbol": [LOSSY_SYMBOL if lossy else "circle" for lossy in points["_lossy"]]},
         ))
         xs, ys = (front_step_line(points, x, y, x_axis.mode, y_axis.mode) if len(points)
@@ -361,6 +363,9 @@ def compare_fronts_figure(df: pd.DataFrame, x: str, y: str, sweeps: Sequence[str
                                        "width": 2.5}))
     fig = _base_layout(fig, x_axis, y_axis)
     fig.update_layout(legend={"title": {"text": "sweep"}})
+    shown = plottable(df[df["sweep"].isin(list(sweeps))], x, y)[x]
+    if _wide_spread(shown):
+        fig.update_xaxes(type="log", tickvals=_log_ticks(shown))
     return fig
 
 

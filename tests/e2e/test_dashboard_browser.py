@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dashboard_seed import seed_store
+from dashboard_seed import GPU_HW, metrics, seed_store
+from spectune.store import Store
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -60,9 +61,15 @@ def wait_healthy(base: str, server: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def dashboard_url(tmp_path: Path) -> Iterator[str]:
-    db_url = f"sqlite:///{tmp_path / 'store.db'}"
-    seed_store(db_url).close()
+def store(tmp_path: Path) -> Iterator[Store]:
+    seeded = seed_store(f"sqlite:///{tmp_path / 'store.db'}")
+    yield seeded
+    seeded.close()
+
+
+@pytest.fixture
+def dashboard_url(store: Store) -> Iterator[str]:
+    db_url = store.engine.url.render_as_string(hide_password=False)
     port = free_port()
     env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     server = subprocess.Popen([spectune_cli(), "dashboard", "--db", db_url, "--port", str(port)],
@@ -84,7 +91,8 @@ def dashboard_url(tmp_path: Path) -> Iterator[str]:
 def wait_rendered(page) -> None:  # noqa: ANN001 - playwright's Page
     """Streamlit has finished a run: the running indicator is gone and the charts are drawn."""
     page.wait_for_selector('[data-testid="stApp"]', timeout=RENDER_TIMEOUT_MS)
-    page.wait_for_selector(".js-plotly-plot .scatterlayer", timeout=RENDER_TIMEOUT_MS)
+    page.locator(".js-plotly-plot .scatterlayer").filter(visible=True).first.wait_for(
+        timeout=RENDER_TIMEOUT_MS)
     page.locator('[data-testid="stDataFrame"]').filter(visible=True).first.wait_for(
         timeout=RENDER_TIMEOUT_MS)
     page.wait_for_function(
@@ -102,7 +110,11 @@ def full_page_screenshot(page, path: Path) -> None:  # noqa: ANN001
     page.screenshot(path=str(path), full_page=True)
 
 
-def test_dashboard_in_chromium(dashboard_url: str) -> None:
+def point_count(page) -> int:  # noqa: ANN001
+    return page.locator(".js-plotly-plot").first.locator(".scatterlayer .points path").count()
+
+
+def test_dashboard_in_chromium(dashboard_url: str, store: Store) -> None:
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -116,6 +128,16 @@ def test_dashboard_in_chromium(dashboard_url: str) -> None:
             assert page.get_by_role("heading", name="quick-gpu").is_visible()
             assert page.locator(".js-plotly-plot").count() >= 3  # front, knobs, methods...
             assert page.locator('[data-testid="stDataFrame"]').filter(visible=True).count() >= 1
+
+            # Live refresh: a trial finishing while the page is open appears without a reload.
+            before = point_count(page)
+            store.record_result("quick-gpu", "sps-k8", metrics({"method": "sps", "draft_len": 8},
+                                                               GPU_HW), GPU_HW.spec)
+            page.wait_for_function(
+                "n => document.querySelector('.js-plotly-plot')"
+                ".querySelectorAll('.scatterlayer .points path').length > n",
+                arg=before, timeout=30_000)
+            assert point_count(page) == before + 1
 
             # Pick the other sweep in the sidebar.
             page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
@@ -132,6 +154,14 @@ def test_dashboard_in_chromium(dashboard_url: str) -> None:
             shot = ARTIFACTS / "dashboard.png"
             full_page_screenshot(page, shot)
             assert shot.stat().st_size > 50_000
+
+            # Both sweeps' fronts on one plot.
+            page.get_by_role("tab", name="Compare sweeps").click()
+            compare = page.locator(".js-plotly-plot").filter(has_text="quick-gpu front")
+            compare.wait_for(timeout=RENDER_TIMEOUT_MS)
+            wait_rendered(page)
+            compare.screenshot(path=str(ARTIFACTS / "dashboard-compare.png"))
+            page.get_by_role("tab", name="Pareto front & trials").click()
 
             # Clicking a point opens its trial (plotly selection event -> rerun).
             page.set_viewport_size({"width": 1600, "height": 1000})

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,13 +22,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from dashboard_seed import CONFIGS, ERROR_MESSAGE, GPU_HW, metrics, seed_store
 from spectune.pareto import front_step_line, pareto_front
-from spectune.store import Store, connect
+from spectune.store import Store, connect, resolve_url
 
+PG_URL = os.environ.get("SPECTUNE_TEST_PG_URL")
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 X, Y = "tree_tokens_per_step", "speedup"
 TIMEOUT_S = 60
@@ -129,6 +133,40 @@ def test_front_points_and_membership_equal_the_store(seeded: tuple[str, Store],
     assert front_line(chart(at, "front_quick-cpu")) == pytest.approx(xs)
     lossy = int(frame.loc[frame["lossy_method"].fillna(False).astype(bool), "trial_id"].iloc[0])
     assert points[lossy]["symbol"] != "circle" and lossy not in ids
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh schema on the test PostgreSQL server (dropped afterwards)."""
+    schema = f"dash_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(resolve_url(PG_URL))
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield sa.make_url(resolve_url(PG_URL)).update_query_dict(
+            {"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    finally:
+        st.cache_resource.clear()  # the app's pooled connections, before the schema goes
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not PG_URL, reason="SPECTUNE_TEST_PG_URL not set: no PostgreSQL server "
+                    "(start one with `eval \"$(.ci/postgres.sh)\"`)")
+def test_front_equals_the_store_on_postgresql(pg_url: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    store = seed_store(pg_url)
+    try:
+        at = pick_sweep(app_on(pg_url, monkeypatch), "quick-cpu")
+        frame = store.trials_frame("quick-cpu")
+        points = drawn_points(chart(at, "front_quick-cpu"))
+        assert set(points) == set(frame.loc[frame["status"] == "done", "trial_id"])
+        assert front_ids(points) == store_front(frame)[0]
+        assert "spectune:***@" in texts(at.sidebar.caption)  # the password never shows
+    finally:
+        store.close()
 
 
 def test_trial_table_lists_every_trial_with_errors(seeded: tuple[str, Store],
