@@ -9,6 +9,7 @@ from spectune.cli import store_cmd
 from spectune.cli import dashboard_cmd
 from spectune.cli import serve_cmd
 from spectune.cli import trees_cmd
+from spectune.cli import sweep_cmd
 
 app = typer.Typer(
     name="spectune",
@@ -26,6 +27,8 @@ app.add_typer(store_cmd.sweeps_app, name="sweeps")
 app.command("dashboard")(dashboard_cmd.dashboard)
 app.command("serve")(serve_cmd.serve)
 app.add_typer(trees_cmd.app, name="trees")
+app.command("sweep")(sweep_cmd.sweep)
+app.command("demo")(sweep_cmd.demo)
 
 
 def main() -> None:

@@ -1,0 +1,107 @@
+"""`spectune sweep SPEC.yaml` and `spectune demo`: run sweeps on Ray into the results store."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+
+from spectune.cli.output import fail
+
+_DB_HELP = "Database URL or SQLite path (default: $SPECTUNE_DB or ~/.cache/spectune/spectune.db)."
+
+
+def sweep(
+    spec: Path = typer.Argument(..., help="Sweep spec (YAML), e.g. sweeps/specs/quick.yaml."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster: auto, ray://host:10001, host:6379 "
+                                       "(default: $RAY_ADDRESS, else a local cluster)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep of the same name."),
+    storage: str | None = typer.Option(None, "--storage", help="Tune's results folder (default: "
+                                       "~/.cache/spectune/ray_results; shared storage on multi-node clusters)."),
+) -> None:
+    """Run a sweep spec on Ray; every trial goes to the results store."""
+    with _store(db) as store:  # first: an unreachable database fails in seconds, before Ray or torch load
+        from spectune.sweeps.spec import SpecError, load_spec
+
+        try:
+            loaded = load_spec(spec)
+        except SpecError as err:
+            fail(str(err))
+        outcome = _run(loaded, store, db, address, resume, storage)
+    if outcome.status != "done":
+        raise typer.Exit(130)
+
+
+def _store(db: str | None) -> Any:
+    from spectune.store import StoreUnavailable, connect
+
+    try:
+        return connect(db)
+    except StoreUnavailable as err:
+        fail(str(err))
+
+
+def _run(spec: Any, store: Any, db: str | None, address: str | None, resume: bool, storage: str | None) -> Any:
+    from rich.console import Console
+
+    from spectune.store import resolve_url
+    from spectune.sweeps.launcher import SweepFailed, SweepOptions, run_sweep
+
+    console = Console()
+    try:
+        outcome = run_sweep(spec, store, SweepOptions(db=db, address=address, resume=resume, storage=storage), console)
+    except SweepFailed as err:
+        fail(str(err))
+    failed = f", {outcome.failed} failed" if outcome.failed else ""
+    loads = sum(w["pair_loads"] for w in outcome.workers)
+    console.print(f"sweep {outcome.name} {outcome.status}: {outcome.trials} trials{failed} in {outcome.wall_s:.0f} s "
+                  f"({len(outcome.workers)} worker(s), {loads} pair load(s))", highlight=False, soft_wrap=True)
+    db_arg = f" --db {resolve_url(db)}" if db else ""
+    console.print(f"results: spectune results {outcome.name}{db_arg}", highlight=False, soft_wrap=True)
+    return outcome
+
+
+def demo(
+    pair: Path | None = typer.Option(None, "--pair", help="Tiny pair folder (built if missing; "
+                                     "default ~/.cache/spectune/pairs/tiny-seed0)."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+) -> None:
+    """Build the tiny pair if needed, sweep quick.yaml on it, print the Pareto front and what to open next."""
+    from spectune.cli.store_cmd import results
+    from spectune.models.build import build_pair, default_pair_dir
+    from spectune.store import resolve_url
+    from spectune.sweeps.spec import SpecError, parse_spec
+
+    folder = (pair or default_pair_dir("tiny")).expanduser().resolve()
+    with _store(db) as store:  # fail fast, before a minutes-long build
+        build_pair("tiny", folder, progress=True)
+        data = yaml.safe_load(resources.files("spectune.sweeps").joinpath("specs/quick.yaml").read_text())
+        kept = {k: v for k, v in data["pair"].items() if k not in ("dir", "target", "drafter")}  # device, dtype
+        data["pair"] = {**kept, "dir": str(folder)}
+        try:
+            spec = parse_spec(data, "quick.yaml")
+        except SpecError as err:
+            fail(str(err))
+        spec = spec.model_copy(update={"name": _free_name(spec, {s.name for s in store.list_sweeps()})})
+        outcome = _run(spec, store, db, None, False, None)
+    url = resolve_url(db)
+    results(sweep=outcome.name, json_out=False, db=db, objective=None)
+    typer.echo(f"\ndashboard: spectune dashboard --db {url}")
+    typer.echo(f"endpoint:  spectune serve --sweep {outcome.name} --objective speedup --db {url}")
+
+
+def _free_name(spec: Any, taken: set[str]) -> str:
+    """quick, then quick-2, quick-3, ...: the demo can run again into the same store."""
+    from ray.tune import Tuner
+
+    from spectune.sweeps.launcher import SweepOptions, experiment_path
+
+    name, n = spec.name, 1
+    while name in taken or Tuner.can_restore(experiment_path(spec.model_copy(update={"name": name}), SweepOptions())):
+        n += 1
+        name = f"{spec.name}-{n}"
+    return name

@@ -1,0 +1,277 @@
+"""Run a sweep: store first, then Ray, workers holding the pair, and Tune over the spec's space.
+
+Order matters for failing fast: the caller reaches the database first (`connect`), then
+the spec, prompts and local model paths are checked, and only then does Ray start, so
+a bad URL or spec costs seconds, not a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from spectune.prompts import Prompt, load_prompts
+from spectune.sweeps.spec import PairSpec, SweepSpec
+
+TRIAL_STATES_UNFINISHED = ("pending", "running")
+
+
+class SweepFailed(RuntimeError):
+    """The sweep cannot start or go on; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    db: str | None = None  # database URL or SQLite path (default: $SPECTUNE_DB or the SQLite file)
+    address: str | None = None  # Ray address: None = $RAY_ADDRESS or a new local cluster; "auto"; "ray://..."
+    resume: bool = False
+    storage: str | None = None  # Tune's results folder (default: ~/.cache/spectune/ray_results)
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    name: str
+    status: str  # done | interrupted
+    trials: int
+    failed: int
+    wall_s: float
+    experiment_path: str
+    workers: list[dict[str, Any]] = field(default_factory=list)  # each worker's counters (pair_loads, ...)
+
+
+def default_storage() -> Path:
+    base = os.environ.get("SPECTUNE_CACHE")
+    root = Path(base).expanduser() if base else Path.home() / ".cache" / "spectune"
+    return root / "ray_results"
+
+
+def storage_path(options: SweepOptions) -> str:
+    if options.storage and "://" in options.storage:  # s3://, gs://: shared storage for multi-node clusters
+        return options.storage
+    return str(Path(options.storage).expanduser().resolve() if options.storage else default_storage())
+
+
+def experiment_path(spec: SweepSpec, options: SweepOptions) -> str:
+    return f"{storage_path(options).rstrip('/')}/{spec.name}"
+
+
+def run_sweep(spec: SweepSpec, store: Any, options: SweepOptions = SweepOptions(),
+              console: Console | None = None) -> SweepOutcome:
+    """Run (or resume) a sweep to the end, writing to `store` (connect it first: `spectune.store.connect`,
+    which fails fast on an unreachable database). Raises SweepFailed before any trial starts."""
+    console = console or Console()
+    prompts = _prompts(spec)
+    if options.address is None and not os.environ.get("RAY_ADDRESS"):
+        check_local_pair(spec.pair)  # on a cluster the paths may exist only on the workers
+    _check_new_or_resumable(store, spec, options)
+    return _run(store, spec, prompts, options, console)
+
+
+def _prompts(spec: SweepSpec) -> tuple[Prompt, ...]:
+    try:
+        return tuple(load_prompts(spec.prompts.set, spec.prompts.limit))
+    except ValueError as err:  # PromptFileError
+        raise SweepFailed(f"prompts.set: {err}") from None
+
+
+def check_local_pair(pair: PairSpec) -> None:
+    for role in ("target", "drafter"):
+        value = getattr(pair, role)
+        if value and value.startswith(("/", ".")) and not (Path(value) / "config.json").is_file():
+            hint = " (build it with `spectune models build`)" if "pairs" in value else ""
+            raise SweepFailed(f"pair.{role}: {value} is not a model folder (no config.json){hint}")
+
+
+def _check_new_or_resumable(store: Any, spec: SweepSpec, options: SweepOptions) -> None:
+    from ray.tune import Tuner
+
+    path = experiment_path(spec, options)
+    stored = store.get_sweep(spec.name)
+    if options.resume:
+        if not Tuner.can_restore(path):
+            raise SweepFailed(f"nothing to resume: no Tune state for sweep {spec.name!r} at {path}")
+        if stored is not None and stored.spec != spec.model_dump(mode="json"):
+            changed = sorted(k for k in set(stored.spec) | set(spec.model_dump(mode="json"))
+                             if stored.spec.get(k) != spec.model_dump(mode="json").get(k))
+            raise SweepFailed(f"sweep {spec.name!r} was started with another spec (differs in: {', '.join(changed)}); "
+                              "resume with the same spec or start a sweep under a new name")
+        return
+    if stored is not None:
+        raise SweepFailed(f"a sweep named {spec.name!r} is already in the store; resume it with --resume "
+                          "or give the spec another name")
+    if Tuner.can_restore(path):
+        raise SweepFailed(f"Tune state for a sweep named {spec.name!r} already exists at {path}; "
+                          "resume it with --resume, or use another name or --storage")
+
+
+class _QuietTrialFailures(logging.Filter):
+    """Tune logs every failed trial with a traceback; a TrialFailed is already a one-line result."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from spectune.sweeps.trainable import TrialFailed
+
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(getattr(error, "cause", error), TrialFailed)
+
+
+@contextmanager
+def _quiet_tune() -> Iterator[None]:
+    """Our progress lines replace Tune's tables; the store replaces its CSV and TensorBoard logs.
+
+    Tune reads these switches from the environment: set for the sweep, then put back
+    (a user's own setting wins).
+    """
+    switches = {"RAY_AIR_NEW_OUTPUT": "0",  # the legacy reporter honours verbose=0
+                "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+    added = {k: v for k, v in switches.items() if k not in os.environ}
+    quiet = _QuietTrialFailures()
+    controller_log = logging.getLogger("ray.tune.execution.tune_controller")
+    os.environ.update(added)
+    controller_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        controller_log.removeFilter(quiet)
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _start_ray(address: str | None) -> bool:
+    """Connect to (or start) Ray; True when this call started it (so we shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        ray.init(include_dashboard=False, log_to_driver=False)  # a local cluster for this sweep
+    else:
+        ray.init(address=address, log_to_driver=False)
+    return True
+
+
+def workers_that_fit(spec: SweepSpec) -> int:
+    """Trial slots the cluster can hold now (a request it cannot meet would leave trials pending forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    need = spec.resources
+    fit = math.floor(cpus / need.cpus + 1e-9)
+    if need.gpus > 0:
+        fit = min(fit, math.floor(gpus / need.gpus + 1e-9))
+    if fit < 1:
+        raise SweepFailed(f"resources: a trial needs {need.cpus:g} CPUs and {need.gpus:g} GPUs; "
+                          f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs")
+    return min(spec.concurrency, fit)
+
+
+def _run(store: Any, spec: SweepSpec, prompts: tuple[Prompt, ...], options: SweepOptions, console: Console) -> SweepOutcome:
+    import ray
+
+    from spectune.workers.pair_worker import PairSource, pool_stats, start_pool, wait_ready
+
+    started_ray = _start_ray(options.address)
+    pool, created = None, False
+    started = time.perf_counter()
+    try:
+        slots = workers_that_fit(spec)
+        pair = spec.pair
+        source = PairSource(pair.pair_id, pair.target, pair.drafter, pair.device, pair.dtype)
+        console.print(f"sweep {spec.name}: {spec.trials} trials, {spec.search} search, {slots} worker(s) "
+                      f"loading {pair.target}", highlight=False, soft_wrap=True)
+        pool = start_pool(source, slots, spec.resources.cpus, spec.resources.gpus)
+        for ready in wait_ready(pool):
+            if ready.error:
+                raise SweepFailed(f"worker {ready.worker_id} cannot load the pair: {ready.error}")
+        # the sweep enters the store only once it can run: a failed start leaves nothing to clean up
+        store.create_sweep(spec.name, spec.model_dump(mode="json"), resume=options.resume)
+        created = True
+        store.set_sweep_status(spec.name, "running")
+        with _quiet_tune():
+            tuner = _tuner(store, spec, options, prompts, {pair.pair_id: pool}, slots, console)
+            tuner.fit()
+        workers = pool_stats(pool)
+    except KeyboardInterrupt:
+        if created:
+            store.set_sweep_status(spec.name, "interrupted")
+        raise
+    except BaseException:
+        if created:
+            store.set_sweep_status(spec.name, "error")
+        raise
+    finally:
+        if pool is not None:
+            _stop_pool(pool)
+        if started_ray:
+            ray.shutdown()
+    return _finish(store, spec, options, time.perf_counter() - started, workers)
+
+
+def _tuner(store: Any, spec: SweepSpec, options: SweepOptions, prompts: tuple[Prompt, ...],
+           pools: dict[str, Any], slots: int, console: Console) -> Any:
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback  # result.json: what Tune's ResultGrid reads back
+
+    from spectune.sweeps.callback import ProgressCallback, StoreCallback
+    from spectune.sweeps.space import num_samples, param_space, searcher
+    from spectune.sweeps.trainable import SweepContext, run_trial
+    from spectune.workers.pair_worker import TRIAL_CPU_SHARE
+
+    context = SweepContext.of(spec, pools, prompts)
+    # the trial only waits on its leased worker, which holds the slot's CPUs and GPUs
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU_SHARE})
+    store_callback = StoreCallback(spec.name).attach(store)
+    first = spec.objectives[0]
+    progress = ProgressCallback(spec.trials, first.metric, first.mode).attach(console)
+    if options.resume:
+        tuner = tune.Tuner.restore(experiment_path(spec, options), trainable, resume_errored=True)
+        _reattach_callbacks(tuner, store, console)
+        return tuner
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(search_alg=searcher(spec, slots), num_samples=num_samples(spec), reuse_actors=True),
+        run_config=tune.RunConfig(name=spec.name, storage_path=storage_path(options), verbose=0,
+                                  callbacks=[store_callback, progress, JsonLoggerCallback()]),
+    )
+
+
+def _reattach_callbacks(tuner: Any, store: Any, console: Console) -> None:
+    """Tune restores the callbacks it pickled, without their store and console; give them back.
+
+    There is no public accessor for a restored Tuner's RunConfig (ray-project/ray#41364).
+    """
+    from spectune.sweeps.callback import ProgressCallback, StoreCallback
+
+    for callback in tuner._local_tuner.get_run_config().callbacks or []:
+        if isinstance(callback, StoreCallback):
+            callback.attach(store)
+        elif isinstance(callback, ProgressCallback):
+            callback.attach(console)
+
+
+def _stop_pool(pool: Any) -> None:
+    """Workers hold CPUs/GPUs: release them even when the driver's Ray outlives the sweep."""
+    import ray
+
+    for worker in pool.workers:
+        ray.kill(worker)
+    pool.free.shutdown(force=True)
+
+
+def _finish(store: Any, spec: SweepSpec, options: SweepOptions, wall_s: float, workers: list[dict[str, Any]]) -> SweepOutcome:
+    trials = store.trials_frame(spec.name)
+    unfinished = int(trials["status"].isin(TRIAL_STATES_UNFINISHED).sum())
+    status = "interrupted" if unfinished else "done"  # Tune stops on Ctrl-C and saves its state
+    store.set_sweep_status(spec.name, status)
+    failed = int((trials["status"] == "error").sum())
+    return SweepOutcome(spec.name, status, len(trials), failed, wall_s, experiment_path(spec, options), workers)

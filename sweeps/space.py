@@ -1,0 +1,133 @@
+"""A sweep spec as Ray Tune sees it: the param_space, the searcher and the trial count.
+
+Tune's three ways of searching a conditional space (a tree shape only for tree methods):
+
+- grid:  `tune.grid_search` over the explicit list of {method, knobs...} configurations
+         (times `tune.grid_search` over temperatures);
+- random: `tune.choice` over per-method dicts whose knobs are Tune domains
+         (Tune resolves domains nested in the chosen dict), sampled with a seeded generator;
+- optuna-nsga2: `OptunaSearch` with a define-by-run function that suggests the method,
+         then that method's knobs, under NSGA-II (multi-objective, seeded).
+
+Whatever the search, `trial_config` turns the config Tune hands a trial into one
+`TrialConfig` (method, knobs, temperature).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import tune
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
+
+from spectune.sweeps.spec import Range, SweepSpec, grid_configs
+
+OPTUNA_PRIMITIVES = (type(None), bool, int, float, str)  # what optuna's categorical choices may hold
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One trial: a registered method, its knobs, the sampling temperature."""
+
+    method: str
+    knobs: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The flat config the store keeps: {method, knob: value, ..., temperature}."""
+        return {"method": self.method, **self.knobs, "temperature": self.temperature}
+
+    @property
+    def label(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.knobs.items())
+        text = f"{self.method}({args})" if args else self.method
+        return f"{text}@T={self.temperature:g}" if self.temperature else text
+
+
+def trial_config(tune_config: Mapping[str, Any]) -> TrialConfig:
+    """Grid and random configs hold {"trial": {method, ...knobs}}; Optuna's hold {method, <method>: {knobs}}."""
+    temperature = float(tune_config.get("temperature", 0.0))
+    if "trial" in tune_config:
+        knobs = dict(tune_config["trial"])
+        method = knobs.pop("method")
+        return TrialConfig(method, knobs, temperature)
+    method = tune_config["method"]
+    return TrialConfig(method, dict(tune_config.get(method) or {}), temperature)
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """Tune's param_space for grid and random search (Optuna defines its space by run instead)."""
+    if spec.search == "grid":
+        return {"trial": tune.grid_search(grid_configs(spec.space)), "temperature": tune.grid_search(spec.temperatures)}
+    if spec.search == "random":
+        methods = [{"method": m, **{k: _domain(v) for k, v in knobs.items()}} for m, knobs in spec.space.items()]
+        return {"trial": tune.choice(methods), "temperature": tune.choice(spec.temperatures)}
+    return {}
+
+
+def _domain(values: list[Any] | Range) -> Any:
+    if isinstance(values, list):
+        return tune.choice(values)
+    if values.integer:  # Tune's integer upper bounds are exclusive; the spec's are inclusive
+        return tune.lograndint(values.low, values.high + 1) if values.log else tune.randint(values.low, values.high + 1)
+    return tune.loguniform(values.low, values.high) if values.log else tune.uniform(values.low, values.high)
+
+
+def searcher(spec: SweepSpec, slots: int) -> Searcher | BasicVariantGenerator:
+    """At most `slots` trials at once (one per worker); Tune takes that limit from the search algorithm."""
+    if spec.search == "optuna-nsga2":
+        return ConcurrencyLimiter(optuna_searcher(spec), max_concurrent=slots)
+    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=slots)
+
+
+def num_samples(spec: SweepSpec) -> int:
+    """Tune's num_samples: a grid runs once over its combinations; the others draw `trials` samples."""
+    return 1 if spec.search == "grid" else spec.trials
+
+
+def optuna_searcher(spec: SweepSpec) -> Searcher:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    samples = spec.trials
+    # NSGA-II evolves generations of population_size trials: small sweeps get small generations
+    sampler = optuna.samplers.NSGAIISampler(seed=spec.seed, population_size=max(2, min(50, samples // 2)))
+    return OptunaSearch(
+        space=DefineByRun(spec),
+        metric=[o.metric for o in spec.objectives],
+        mode=[o.mode for o in spec.objectives],
+        sampler=sampler,
+    )
+
+
+@dataclass(frozen=True)
+class DefineByRun:
+    """Optuna's conditional space: the method first, then only that method's knobs.
+
+    Knob parameters are named `<method>/<knob>` (one distribution per name, as Optuna
+    requires); choices Optuna cannot hold (lists, e.g. tree shapes) are suggested as
+    JSON text and handed to Tune decoded.
+    """
+
+    spec: SweepSpec
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        method = trial.suggest_categorical("method", list(self.spec.space))
+        decoded: dict[str, Any] = {}
+        for knob, values in self.spec.space[method].items():
+            name = f"{method}/{knob}"
+            if isinstance(values, Range):
+                suggest = trial.suggest_int if values.integer else trial.suggest_float
+                suggest(name, values.low, values.high, log=values.log)
+            elif all(isinstance(v, OPTUNA_PRIMITIVES) for v in values):
+                trial.suggest_categorical(name, values)
+            else:
+                decoded[name] = json.loads(trial.suggest_categorical(name, [json.dumps(v) for v in values]))
+        temperatures = self.spec.temperatures
+        if len(temperatures) > 1:
+            trial.suggest_categorical("temperature", temperatures)
+            return decoded
+        return {**decoded, "temperature": temperatures[0]}

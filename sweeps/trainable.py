@@ -1,0 +1,77 @@
+"""The Tune function trainable: lease a worker holding the pair, run the trial there, report.
+
+Nothing here writes the database: the driver's `StoreCallback` stores what trials report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray import tune
+
+from spectune.prompts import Prompt
+from spectune.sweeps.space import TrialConfig, trial_config
+from spectune.workers.pair_worker import TrialOutcome, TrialRequest, WorkerPool
+
+if TYPE_CHECKING:  # the spec imports the method registry (torch): trial processes never need it
+    from spectune.sweeps.spec import SweepSpec
+
+PAYLOAD = "spectune"  # the reported key holding metrics, hardware and baseline for the store
+
+
+class TrialFailed(RuntimeError):
+    """The trial's configuration could not be measured; the message says why (stored as the trial's error)."""
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep shares (handed to trials once, through `tune.with_parameters`)."""
+
+    pools: dict[str, WorkerPool]  # pair id -> the workers holding that pair
+    pair_id: str
+    prompts: tuple[Prompt, ...]
+    max_new_tokens: int
+    top_p: float
+    seed: int
+    repeats: int
+    warmup: int
+    objectives: tuple[str, ...]
+
+    @classmethod
+    def of(cls, spec: SweepSpec, pools: dict[str, WorkerPool], prompts: tuple[Prompt, ...]) -> SweepContext:
+        return cls(pools, spec.pair.pair_id, prompts, spec.max_new_tokens, spec.top_p, spec.seed, spec.repeats,
+                   spec.warmup, tuple(o.metric for o in spec.objectives))
+
+    def settings(self, temperature: float) -> dict[str, Any]:
+        """`spectune.bench.Settings` fields (the worker validates them)."""
+        return {"max_new_tokens": self.max_new_tokens, "temperature": temperature, "top_p": self.top_p,
+                "seed": self.seed, "repeats": self.repeats, "warmup": self.warmup}
+
+
+def run_trial(config: dict[str, Any], context: SweepContext) -> None:
+    trial = trial_config(config)
+    request = TrialRequest(tune.get_context().get_trial_id(), trial.method, trial.knobs,
+                           context.settings(trial.temperature), context.prompts)
+    started = time.perf_counter()
+    with context.pools[context.pair_id].lease() as worker:
+        outcome: TrialOutcome = ray.get(worker.run.remote(request))
+    if outcome.error is not None:
+        raise TrialFailed(outcome.error)
+    tune.report(trial_report(trial, outcome, context.objectives, time.perf_counter() - started))
+
+
+def trial_report(trial: TrialConfig, outcome: TrialOutcome, objectives: tuple[str, ...], wall_s: float) -> dict[str, Any]:
+    """Objectives at the top level (searchers read them there); everything for the store under PAYLOAD."""
+    metrics = {**outcome.metrics, "config": trial.as_dict(), "label": trial.label, "decode_s": outcome.decode_s,
+               "trial_wall_s": wall_s, "worker": outcome.worker}
+    return {
+        **{name: metrics.get(name) for name in objectives},
+        PAYLOAD: {
+            "metrics": metrics,
+            "hardware": outcome.hardware,
+            "baselines": [asdict(b) for b in outcome.baselines],
+        },
+    }

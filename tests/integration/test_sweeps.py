@@ -1,0 +1,259 @@
+"""Sweeps on a real Ray cluster into a real SQLite store, on the micro pair.
+
+- a sweep stores every trial once: a failing configuration as `error` with its message,
+  the others `done` with metrics; the worker loaded the pair once; one AR baseline stored;
+- a driver killed mid-sweep resumes with --resume, every trial stored exactly once;
+- an unreachable database fails in seconds, before Ray starts;
+- `ray job submit` against a token-authenticated `ray start --head` runs a sweep.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import yaml
+from typer.testing import CliRunner
+
+from spectune.cli import app
+from spectune.store import connect
+from spectune.sweeps.launcher import SweepOptions, run_sweep
+from spectune.sweeps.spec import parse_spec
+
+BIN = Path(sys.executable).parent  # the venv's spectune and ray
+TOO_BIG_TREE = [16, 16, 4]  # 1296 nodes: more than the micro target's 1024 positions, so the trial fails
+
+
+def sweep_spec(name: str, pair: Path, space: dict, **overrides) -> dict:
+    return {
+        "name": name,
+        "pair": {"dir": str(pair)},
+        "prompts": {"set": "default", "limit": 2},
+        "max_new_tokens": 24,
+        "space": space,
+        "search": "grid",
+        "repeats": 1,
+        "warmup": 1,
+        "concurrency": 1,
+        "resources": {"cpus": 1, "gpus": 0},
+        **overrides,
+    }
+
+
+def write_spec(folder: Path, spec: dict) -> Path:
+    path = folder / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    """Ray's session folder: short (unix socket paths are limited to ~107 bytes) and removed after."""
+    folder = Path(tempfile.mkdtemp(prefix="st-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def driver_env(ray_tmp: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "RAY_TMPDIR": str(ray_tmp), "OMP_NUM_THREADS": "1",
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+
+
+def count(db: Path, sql: str) -> int:
+    with sqlite3.connect(db, timeout=30) as conn:
+        try:
+            return conn.execute(sql).fetchone()[0]
+        except sqlite3.OperationalError:  # the driver has not created the tables yet
+            return 0
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """The driver and the Ray processes it started share its process group (start_new_session)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_sweep_stores_every_trial_once_and_the_worker_loads_the_pair_once(micro_pair, tmp_path, ray_tmp, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    space = {"sps": {"draft_len": [2, 4]}, "pld": {}, "tree": {"branching": [TOO_BIG_TREE]}}
+    spec = parse_spec(sweep_spec("micro4", micro_pair, space))
+    db = tmp_path / "sweeps.db"
+    with connect(f"sqlite:///{db}") as store:
+        outcome = run_sweep(spec, store, SweepOptions(storage=str(tmp_path / "tune")))
+        trials = store.trials_frame("micro4")
+        assert store.get_sweep("micro4").status == "done"
+        with store.engine.connect() as conn:
+            baselines = conn.execute(sa.text("SELECT count(*) FROM ar_baselines")).scalar_one()
+        done = trials[trials.status == "done"]
+        detail = store.trial_detail(int(done.trial_id.iloc[0]))
+
+    assert (outcome.status, outcome.trials, outcome.failed) == ("done", 4, 1)
+    assert len(trials) == 4 and trials.trial_key.is_unique
+    [worker] = outcome.workers
+    assert (worker["pair_loads"], worker["baselines_measured"], worker["trials_run"]) == (1, 1, 4)
+    assert baselines == 1  # measured once by the worker, stored once by the driver
+
+    failed = trials[trials.status == "error"]
+    assert failed.method.tolist() == ["tree"]
+    assert "exceeds the target's context of 1024 positions" in failed.error.iloc[0]
+    assert failed.speedup.isna().all()
+
+    assert sorted(done.method) == ["pld", "sps", "sps"]
+    assert sorted(done.draft_len.dropna().tolist()) == [2, 4]
+    assert (done.speedup > 0).all() and (done.mean_accepted_tokens >= 1).all()
+    assert done.lossless.all()  # greedy: every speculative output equals AR's
+    assert done.cpu_model.notna().all()
+    assert detail["hardware"]["device"] == "cpu" and detail["hardware"]["torch_version"]
+    assert len(detail["per_prompt"]) == 2
+    assert detail["metrics"]["worker"]["pair_loads"] == 1
+    assert detail["metrics"]["decode_s"] > 0
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_sweep_resumes_and_stores_every_trial_exactly_once(micro_pair, tmp_path, ray_tmp):
+    space = {"sps": {"draft_len": [1, 2, 3, 4]}, "pld": {}}
+    path = write_spec(tmp_path, sweep_spec("resumed", micro_pair, space, max_new_tokens=48,
+                                           prompts={"set": "default", "limit": 3}))
+    db = tmp_path / "sweeps.db"
+    command = [str(BIN / "spectune"), "sweep", str(path), "--db", f"sqlite:///{db}", "--storage", str(tmp_path / "tune")]
+    first = subprocess.Popen(command, env=driver_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while count(db, "SELECT count(*) FROM trials WHERE status = 'done'") < 1:
+            assert first.poll() is None, first.stdout.read().decode()
+            assert time.monotonic() < deadline, "no trial finished within 4 minutes"
+            time.sleep(0.2)
+    finally:
+        kill_group(first)
+    done_before = count(db, "SELECT count(*) FROM trials WHERE status = 'done'")
+    assert done_before < 5, "the sweep finished before the driver was killed"
+    assert count(db, "SELECT count(*) FROM sweeps WHERE name = 'resumed' AND status = 'running'") == 1
+
+    second = subprocess.run([*command, "--resume"], env=driver_env(ray_tmp), capture_output=True, text=True,
+                            timeout=300, start_new_session=True)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "sweep resumed done: 5 trials" in second.stdout
+
+    with connect(f"sqlite:///{db}") as store:
+        trials = store.trials_frame("resumed")
+        assert store.get_sweep("resumed").status == "done"
+    assert len(trials) == 5 and trials.trial_key.is_unique
+    assert (trials.status == "done").all()
+    assert sorted(trials.method) == ["pld", "sps", "sps", "sps", "sps"]
+    assert sorted(trials.draft_len.dropna().tolist()) == [1, 2, 3, 4]
+    assert count(db, "SELECT count(*) FROM trial_metrics") == 5
+
+
+def test_an_unreachable_database_fails_fast_before_ray_starts(micro_pair, tmp_path, ray_tmp):
+    path = write_spec(tmp_path, sweep_spec("nodb", micro_pair, {"pld": {}}))
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(BIN / "spectune"), "sweep", str(path), "--db", "postgresql+psycopg://spectune:secret@127.0.0.1:9/none"],
+        env=driver_env(ray_tmp), capture_output=True, text=True, timeout=60,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot reach database postgresql+psycopg://spectune:***@127.0.0.1:9/none")
+    assert "secret" not in result.stderr + result.stdout
+    assert elapsed < 10
+    assert not any(ray_tmp.iterdir()), "Ray started although the database was unreachable"
+
+
+def test_a_bad_spec_fails_before_anything_starts(tmp_path, micro_pair):
+    bad = write_spec(tmp_path, sweep_spec("bad", micro_pair, {"sps": {"draftlen": [2]}}))
+    result = CliRunner().invoke(app, ["sweep", str(bad), "--db", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert result.exit_code == 2
+    assert "space.sps.draftlen: unknown knob for sps; its knobs: draft_len, schedule, max_draft_len" in result.output
+    with connect(f"sqlite:///{tmp_path / 'x.db'}") as store:
+        assert store.list_sweeps() == []
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head(ray_tmp: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """`ray start --head` with token auth, every port free (other clusters may run here), stopped after.
+
+    Stopped by killing its process group rather than `ray stop`, which would stop every Ray on the machine.
+    """
+    env = driver_env(ray_tmp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    gcs, dashboard, agent, agent_grpc, client, runtime_env, metrics = free_ports(7)
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats",
+         "--include-dashboard", "true", "--port", str(gcs), "--dashboard-port", str(dashboard),
+         "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+         "--ray-client-server-port", str(client), "--runtime-env-agent-port", str(runtime_env),
+         "--metrics-export-port", str(metrics)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(3)
+        head.wait(timeout=30)
+
+
+def submit(address: str, env: dict[str, str], working_dir: Path, entrypoint: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's job agent is still starting."""
+    deadline = time.monotonic() + 180
+    while True:
+        result = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(working_dir), "--", *entrypoint],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        starting = any(s in result.stdout + result.stderr for s in ("No available agent", "Connection refused",
+                                                                     "Failed to connect"))
+        if result.returncode == 0 or not starting or time.monotonic() > deadline:
+            return result
+        time.sleep(3)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_sweep_on_a_token_authenticated_cluster(micro_pair, tmp_path, ray_head):
+    address, env = ray_head
+    job_dir = tmp_path / "job"  # what --working-dir uploads: just the spec
+    job_dir.mkdir()
+    write_spec(job_dir, sweep_spec("submitted", micro_pair, {"sps": {"draft_len": [2]}, "pld": {}}))
+    db = tmp_path / "sweeps.db"  # absolute: the job runs in an unpacked copy of the working dir
+    result = submit(address, env, job_dir, ["spectune", "sweep", "submitted.yaml", "--db", f"sqlite:///{db}",
+                                            "--storage", str(tmp_path / "tune")])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in output, output
+    assert "sweep submitted done: 2 trials" in output
+
+    with connect(f"sqlite:///{db}") as store:
+        trials = store.trials_frame("submitted")
+        sweep = store.get_sweep("submitted")
+    assert sweep.status == "done" and sweep.ray_address
+    assert sorted(trials.method) == ["pld", "sps"]
+    assert (trials.status == "done").all() and (trials.speedup > 0).all()

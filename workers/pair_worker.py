@@ -1,0 +1,267 @@
+"""The Ray actor that holds one loaded target/drafter pair and runs trial after trial on it.
+
+Loading a pair per trial would dominate a sweep (minutes for a 7B target), so the sweep
+driver starts a few of these per pair and trials lease them (`WorkerPool`). A worker
+measures the AR baseline once per (prompt set, settings) and reuses it for every
+trial's speedup; the next successful trial carries it back so the driver stores it.
+
+Resources: a trial slot is the worker (cpus - TRIAL_CPU_SHARE CPUs, all of the slot's
+GPUs) plus the Tune trial that leases it (TRIAL_CPU_SHARE CPUs); the trial only waits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import ray
+from pydantic import ValidationError
+from ray.util.queue import Queue
+
+from spectune.prompts import Prompt
+
+if TYPE_CHECKING:
+    from spectune.bench import Baseline, Settings
+
+# Trials import this module too, and a trial process only waits: torch, transformers and the
+# engine are imported inside the worker's methods, so a trial process starts in a second or two.
+
+TRIAL_CPU_SHARE = 0.001  # what a Tune trial reserves: it only waits on its worker
+
+
+@dataclass(frozen=True)
+class PairSource:
+    """Where a worker loads its pair from (`load_pair` arguments)."""
+
+    pair_id: str
+    target: str
+    drafter: str | None
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class TrialRequest:
+    trial_key: str
+    method: str
+    knobs: dict[str, Any]
+    settings: dict[str, Any]  # `spectune.bench.Settings` fields
+    prompts: tuple[Prompt, ...]
+
+
+@dataclass(frozen=True)
+class BaselineRecord:
+    """An AR baseline as the store keeps it (`Store.save_baseline` arguments)."""
+
+    pair_id: str
+    prompt_set_hash: str
+    max_new_tokens: int
+    temperature: float
+    ar_tokens_per_s: float
+    target_path: str
+    drafter_path: str | None
+    measured_s: float
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What a worker returns: metrics (or the error that stopped the trial) and where it ran."""
+
+    hardware: dict[str, Any]
+    worker: dict[str, Any]
+    metrics: dict[str, Any] | None = None
+    error: str | None = None
+    baselines: tuple[BaselineRecord, ...] = ()  # measured since the last successful trial: the driver stores them
+    decode_s: float = 0.0  # seconds inside decoding (the trial's passes, plus the baseline's if measured)
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    worker_id: str
+    hardware: dict[str, Any]
+    load_s: float
+    error: str | None = None
+
+
+@dataclass
+class WorkerCounters:
+    pair_loads: int = 0
+    baselines_measured: int = 0
+    trials_run: int = 0
+    trials_failed: int = 0
+
+
+def prompt_set_hash(prompts: Sequence[Prompt]) -> str:
+    text = json.dumps([[p.id, p.prompt] for p in prompts], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def error_text(err: BaseException) -> str:
+    """One line. Our ValueErrors already say what is wrong; anything else is named by its type."""
+    if isinstance(err, ValidationError):
+        return "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+    message = " ".join(str(err).split())
+    return message if isinstance(err, ValueError) and message else f"{type(err).__name__}: {message}"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: fall back to what the platform module knows
+    return platform.processor() or platform.machine()
+
+
+def describe_hardware(device: str, threads: int) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    on_gpu = device.startswith("cuda") and torch.cuda.is_available()
+    return {
+        "device": torch.device(device).type,
+        "cpu_model": cpu_model(),
+        "gpu_model": torch.cuda.get_device_name(torch.device(device)) if on_gpu else None,
+        "n_cpus": threads,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "hostname": socket.gethostname(),
+        "host_cpus": os.cpu_count(),
+    }
+
+
+class PairWorker:
+    """Loads the pair in __init__ (once), then runs trials; every trial error is returned, never raised."""
+
+    def __init__(self, source: PairSource, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)  # the trial's CPUs, whatever OMP_NUM_THREADS said
+        self.source = source
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.counters = WorkerCounters()
+        self.hardware = describe_hardware(source.device, threads)
+        self.baselines: dict[tuple[str, Settings], Baseline] = {}
+        self.undelivered: list[BaselineRecord] = []  # ride back with the next successful trial
+        self.pair, self.load_error, self.load_s = None, None, 0.0
+        started = time.perf_counter()
+        try:
+            from spectune.pair import load_pair
+
+            self.pair = load_pair(source.target, source.drafter, source.device, source.dtype)
+            self.counters.pair_loads += 1
+        except (ValueError, OSError, RuntimeError) as err:  # PairError is a ValueError; OOM a RuntimeError
+            self.load_error = error_text(err)
+        self.load_s = time.perf_counter() - started
+
+    def ready(self) -> WorkerReady:
+        return WorkerReady(self.worker_id, self.hardware, self.load_s, self.load_error)
+
+    def stats(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "pair_id": self.source.pair_id, **asdict(self.counters)}
+
+    def run(self, request: TrialRequest) -> TrialOutcome:
+        from spectune.bench import DecodeConfig, Settings, contender, measure
+
+        self.counters.trials_run += 1
+        if self.pair is None:
+            return self._failed(f"the worker could not load the pair: {self.load_error}", 0.0)
+        started = time.perf_counter()
+        try:
+            settings = Settings(**request.settings)
+            baseline = self._baseline(request.prompts, settings)
+            config = DecodeConfig(method=request.method, **request.knobs)
+            metrics = measure(self.pair, contender(self.pair, config), baseline, request.prompts, settings)
+        except Exception as err:  # noqa: BLE001 - any failure is this trial's result; the sweep goes on
+            self._free_gpu_memory()
+            return self._failed(error_text(err), time.perf_counter() - started)
+        delivered, self.undelivered = tuple(self.undelivered), []
+        return TrialOutcome(self.hardware, self._worker_info(), metrics, None, delivered, time.perf_counter() - started)
+
+    def _baseline(self, prompts: tuple[Prompt, ...], settings: Settings) -> Baseline:
+        from spectune.bench import measure_baseline
+
+        key = (prompt_set_hash(prompts), settings)
+        if key in self.baselines:
+            return self.baselines[key]
+        started = time.perf_counter()
+        # a fresh process decodes its first pass measurably slower (allocator, kernel caches for every
+        # new cache length): an untimed AR pass first, so the speedup of every trial is not inflated
+        measure_baseline(self.pair, prompts, settings.model_copy(update={"repeats": 1, "warmup": 0}))
+        baseline = measure_baseline(self.pair, prompts, settings)
+        self.baselines[key] = baseline
+        self.counters.baselines_measured += 1
+        self.undelivered.append(BaselineRecord(
+            pair_id=self.source.pair_id,
+            prompt_set_hash=key[0],
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            ar_tokens_per_s=baseline.tokens_per_s,
+            target_path=self.source.target,
+            drafter_path=self.source.drafter,
+            measured_s=time.perf_counter() - started,
+        ))
+        return baseline
+
+    def _failed(self, message: str, decode_s: float) -> TrialOutcome:
+        self.counters.trials_failed += 1
+        return TrialOutcome(self.hardware, self._worker_info(), None, message, (), decode_s)
+
+    def _worker_info(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "pair_loads": self.counters.pair_loads,
+                "trials_run": self.counters.trials_run, "load_s": self.load_s}
+
+    def _free_gpu_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # after an out-of-memory trial the next one starts clean
+
+
+RemotePairWorker = ray.remote(PairWorker)
+
+
+@dataclass(frozen=True)
+class WorkerPool:
+    """The workers holding one pair; a trial leases one for its duration (a queue of free workers)."""
+
+    pair_id: str
+    workers: tuple[Any, ...]  # actor handles
+    free: Queue = field(compare=False)
+
+    @contextmanager
+    def lease(self) -> Iterator[Any]:
+        worker = self.free.get(block=True)
+        try:
+            yield worker
+        finally:
+            self.free.put(worker)
+
+
+def start_pool(source: PairSource, size: int, cpus: float, gpus: float) -> WorkerPool:
+    """`size` workers for one pair (they start loading at once); wait with `wait_ready`."""
+    options = {"num_cpus": max(cpus - TRIAL_CPU_SHARE, TRIAL_CPU_SHARE), "num_gpus": gpus}
+    threads = max(1, round(cpus))
+    workers = tuple(RemotePairWorker.options(**options).remote(source, threads) for _ in range(size))
+    free = Queue(maxsize=size, actor_options={"num_cpus": 0})
+    for worker in workers:
+        free.put(worker)
+    return WorkerPool(source.pair_id, workers, free)
+
+
+def wait_ready(pool: WorkerPool) -> list[WorkerReady]:
+    return ray.get([w.ready.remote() for w in pool.workers])
+
+
+def pool_stats(pool: WorkerPool) -> list[dict[str, Any]]:
+    return ray.get([w.stats.remote() for w in pool.workers])
