@@ -1,9 +1,13 @@
 """DySpec's dynamic tree: grow the draft where the drafter is most confident, under a node budget.
 
 Every not-yet-drafted child slot waits in a max-heap keyed by its estimated path probability
-(product of draft probabilities along the path). Expansion runs in rounds: pop up to
-`per_pass` best slots, add their tokens, then ONE drafter forward over the new nodes (tree
-mask) opens their own child slots. Drafter passes stay near the depth, not the budget.
+(product of draft probabilities along the path). Expansion runs in rounds: pop the best
+slots and add their tokens, then ONE drafter forward over the new nodes (tree mask) opens
+their own child slots. A round keeps popping while the next slot beats what a child of this
+round's new nodes is expected to score (their value times the typical best-child estimate
+seen so far), up to `per_pass` nodes: a confident drafter grows a chain one pass per level,
+a hesitant one adds many siblings per pass. Passes are capped at the depth limit, like a
+static tree's: the last round fills what is left of the budget from the open slots.
 
 Siblings come in draw order: slot j of a node becomes poppable only after slot j-1 was
 added. Greedy fills slots with the drafter's top-k; sampling with one Gumbel-top-k draw per
@@ -37,7 +41,7 @@ class DyTreeKnobs(Knobs):
     budget: int = Field(16, ge=1, le=512, description="draft nodes per step (root excluded)")
     max_depth: int = Field(6, ge=1, le=64, description="deepest draft position")
     topk: int = Field(4, ge=1, le=64, description="most children drafted under one node")
-    per_pass: int = Field(4, ge=1, le=512, description="nodes added per drafter forward (each round's batch)")
+    per_pass: int = Field(8, ge=1, le=512, description="most nodes added per drafter forward (one round)")
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,7 @@ class Expansion:
         self.q_rows: dict[int, torch.Tensor] = {}
         self.heap: list[_Slot] = []
         self._order = itertools.count()
+        self._best_child_estimates: list[float] = []  # first-slot estimate of every opened node
 
     def open(self, node: int, logits: torch.Tensor) -> None:
         """Draw `node`'s children (all of them, in order) and make the first slot poppable."""
@@ -136,6 +141,8 @@ class Expansion:
             self.q_rows[node] = q
             found = sampled_candidates(q, self.knobs.topk, self.rng)
         self.candidates[node] = found
+        if found.priorities:
+            self._best_child_estimates.append(found.priorities[0])
         self._push(node, 0)
 
     def _push(self, parent: int, index: int) -> None:
@@ -148,11 +155,19 @@ class Expansion:
     def full(self) -> bool:
         return self.tree.size >= self.knobs.budget
 
-    def pop_round(self) -> list[int]:
-        """Add up to per_pass best slots; return the new nodes that may still get children."""
+    def pop_round(self, last: bool = False) -> list[int]:
+        """Add the best slots until a new node's child would likely rank first; return the expandable new nodes.
+
+        The last round (no drafter pass follows) fills the budget from whatever slots are open.
+        """
         expandable: list[int] = []
         added = 0
-        while self.heap and added < self.knobs.per_pass and not self.full:
+        estimates = self._best_child_estimates
+        child_guess = sum(estimates) / len(estimates) if estimates else 1.0
+        awaited = 0.0  # the priority a child of this round's new nodes is expected to have
+        while self.heap and (last or added < self.knobs.per_pass) and not self.full:
+            if added and not last and -self.heap[0].neg_priority < awaited:
+                break  # best-first would likely take a child we cannot see yet: run the drafter first
             slot = heapq.heappop(self.heap)
             found = self.candidates[slot.parent]
             value = self.tree.values[slot.parent] * found.token_probs[slot.index]
@@ -161,6 +176,7 @@ class Expansion:
             self._push(slot.parent, slot.index + 1)  # the next sibling in draw order
             if self.tree.depths[node] < self.depth_limit:
                 expandable.append(node)
+                awaited = max(awaited, value * child_guess)
         return expandable
 
     def draft_tree(self, draft_calls: int) -> DraftTree:
@@ -178,11 +194,17 @@ class Expansion:
 
 
 def grow(expansion: Expansion, root_logits: torch.Tensor, forward: Callable[[list[int]], torch.Tensor]) -> DraftTree:
-    """Expand in rounds until the budget is spent; `forward(nodes)` gives their drafter logits [m, V]."""
+    """Expand in rounds until the budget is spent; `forward(nodes)` gives their drafter logits [m, V].
+
+    At most `depth_limit` drafter passes (the root's included), as many as a static tree that deep.
+    """
     expansion.open(0, root_logits)
     calls = 1
     while expansion.heap and not expansion.full:
-        new = expansion.pop_round()
+        last = calls >= expansion.depth_limit
+        new = expansion.pop_round(last)
+        if last:
+            break
         if new and not expansion.full:  # a full tree has no room for their children: skip the pass
             for node, logits in zip(new, forward(new)):
                 expansion.open(node, logits)
@@ -253,7 +275,7 @@ def check_fits(knobs: DyTreeKnobs, models: Models) -> None:
     needs_drafter=True,
     summary="dynamic tree: expand the slot with the highest path probability (heap) until the node budget is spent",
     paper="Xiong et al. 2024, DySpec (dynamic token trees)",
-    cost="1 + about budget/per_pass drafter passes (one per round); budget + 1 tokens verified",
+    cost="one drafter pass per round, at most max_depth (like a static tree that deep); budget + 1 tokens verified",
     rule="greedy: top-k siblings, match; sampling: Gumbel-top-k siblings, recursive rejection",
 )
 def build_dytree(knobs: DyTreeKnobs, models: Models) -> DyTreeDrafter:
