@@ -10,17 +10,22 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from spectune.prompts import Prompt, load_prompts
 from spectune.sweeps.spec import PairSpec, SweepSpec
+
+if TYPE_CHECKING:
+    from spectune.store import Store
+    from spectune.workers.pair_worker import WorkerPool
 
 TRIAL_STATES_UNFINISHED = ("pending", "running")
 
@@ -31,7 +36,6 @@ class SweepFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class SweepOptions:
-    db: str | None = None  # database URL or SQLite path (default: $SPECTUNE_DB or the SQLite file)
     address: str | None = None  # Ray address: None = $RAY_ADDRESS or a new local cluster; "auto"; "ray://..."
     resume: bool = False
     storage: str | None = None  # Tune's results folder (default: ~/.cache/spectune/ray_results)
@@ -64,7 +68,7 @@ def experiment_path(spec: SweepSpec, options: SweepOptions) -> str:
     return f"{storage_path(options).rstrip('/')}/{spec.name}"
 
 
-def run_sweep(spec: SweepSpec, store: Any, options: SweepOptions = SweepOptions(),
+def run_sweep(spec: SweepSpec, store: Store, options: SweepOptions = SweepOptions(),
               console: Console | None = None) -> SweepOutcome:
     """Run (or resume) a sweep to the end, writing to `store` (connect it first: `spectune.store.connect`,
     which fails fast on an unreachable database). Raises SweepFailed before any trial starts."""
@@ -84,14 +88,17 @@ def _prompts(spec: SweepSpec) -> tuple[Prompt, ...]:
 
 
 def check_local_pair(pair: PairSpec) -> None:
+    """Local model folders must exist here (hub ids, "org/name", are left to `from_pretrained`)."""
     for role in ("target", "drafter"):
         value = getattr(pair, role)
-        if value and value.startswith(("/", ".")) and not (Path(value) / "config.json").is_file():
-            hint = " (build it with `spectune models build`)" if "pairs" in value else ""
+        local = value and (value.startswith(("/", ".")) or value.count("/") > 1 or Path(value).exists())
+        if local and not (Path(value) / "config.json").is_file():
+            built = re.search(r"pairs/([a-z]+)-seed(\d+)/", value)
+            hint = f" (build it with `spectune models build --preset {built[1]} --seed {built[2]}`)" if built else ""
             raise SweepFailed(f"pair.{role}: {value} is not a model folder (no config.json){hint}")
 
 
-def _check_new_or_resumable(store: Any, spec: SweepSpec, options: SweepOptions) -> None:
+def _check_new_or_resumable(store: Store, spec: SweepSpec, options: SweepOptions) -> None:
     from ray.tune import Tuner
 
     path = experiment_path(spec, options)
@@ -174,7 +181,7 @@ def workers_that_fit(spec: SweepSpec) -> int:
     return min(spec.concurrency, fit)
 
 
-def _run(store: Any, spec: SweepSpec, prompts: tuple[Prompt, ...], options: SweepOptions, console: Console) -> SweepOutcome:
+def _run(store: Store, spec: SweepSpec, prompts: tuple[Prompt, ...], options: SweepOptions, console: Console) -> SweepOutcome:
     import ray
 
     from spectune.workers.pair_worker import PairSource, pool_stats, start_pool, wait_ready
@@ -216,8 +223,8 @@ def _run(store: Any, spec: SweepSpec, prompts: tuple[Prompt, ...], options: Swee
     return _finish(store, spec, options, time.perf_counter() - started, workers)
 
 
-def _tuner(store: Any, spec: SweepSpec, options: SweepOptions, prompts: tuple[Prompt, ...],
-           pools: dict[str, Any], slots: int, console: Console) -> Any:
+def _tuner(store: Store, spec: SweepSpec, options: SweepOptions, prompts: tuple[Prompt, ...],
+           pools: dict[str, WorkerPool], slots: int, console: Console) -> Any:
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback  # result.json: what Tune's ResultGrid reads back
 
@@ -245,21 +252,24 @@ def _tuner(store: Any, spec: SweepSpec, options: SweepOptions, prompts: tuple[Pr
     )
 
 
-def _reattach_callbacks(tuner: Any, store: Any, console: Console) -> None:
+def _reattach_callbacks(tuner: Any, store: Store, console: Console) -> None:
     """Tune restores the callbacks it pickled, without their store and console; give them back.
 
     There is no public accessor for a restored Tuner's RunConfig (ray-project/ray#41364).
     """
     from spectune.sweeps.callback import ProgressCallback, StoreCallback
 
-    for callback in tuner._local_tuner.get_run_config().callbacks or []:
+    local_tuner = getattr(tuner, "_local_tuner", None)
+    if local_tuner is None:
+        raise SweepFailed("this Ray version keeps a restored Tuner's callbacks out of reach; cannot resume into the store")
+    for callback in local_tuner.get_run_config().callbacks or []:
         if isinstance(callback, StoreCallback):
             callback.attach(store)
         elif isinstance(callback, ProgressCallback):
             callback.attach(console)
 
 
-def _stop_pool(pool: Any) -> None:
+def _stop_pool(pool: WorkerPool) -> None:
     """Workers hold CPUs/GPUs: release them even when the driver's Ray outlives the sweep."""
     import ray
 
@@ -268,7 +278,7 @@ def _stop_pool(pool: Any) -> None:
     pool.free.shutdown(force=True)
 
 
-def _finish(store: Any, spec: SweepSpec, options: SweepOptions, wall_s: float, workers: list[dict[str, Any]]) -> SweepOutcome:
+def _finish(store: Store, spec: SweepSpec, options: SweepOptions, wall_s: float, workers: list[dict[str, Any]]) -> SweepOutcome:
     trials = store.trials_frame(spec.name)
     unfinished = int(trials["status"].isin(TRIAL_STATES_UNFINISHED).sum())
     status = "interrupted" if unfinished else "done"  # Tune stops on Ctrl-C and saves its state

@@ -200,6 +200,8 @@ class SweepSpec(BaseModel):
                 raise ValueError(f"space: the grid has {count} configurations (limit {MAX_GRID}); use search: random or optuna-nsga2")
         if self.pair.device.startswith("cuda") and self.resources.gpus <= 0:
             raise ValueError(f"resources.gpus: pair.device is {self.pair.device}, so each trial needs gpus > 0")
+        if self.pair.device.startswith("cuda:"):
+            raise ValueError(f"pair.device: use cuda, not {self.pair.device}: Ray gives each worker its own GPU(s)")
         return self
 
     @property

@@ -185,6 +185,26 @@ def test_a_bad_spec_fails_before_anything_starts(tmp_path, micro_pair):
         assert store.list_sweeps() == []
 
 
+def test_a_missing_pair_folder_fails_before_ray_starts_and_says_how_to_build_it(tmp_path, ray_tmp, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    missing = tmp_path / "pairs" / "tiny-seed3"
+    spec = write_spec(tmp_path, sweep_spec("nopair", missing, {"pld": {}}))
+    result = CliRunner().invoke(app, ["sweep", str(spec), "--db", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert result.exit_code == 2
+    assert f"pair.target: {missing}/target is not a model folder (no config.json)" in result.output
+    assert "spectune models build --preset tiny --seed 3" in result.output
+    assert not any(ray_tmp.iterdir())
+
+
+def test_demo_refuses_a_folder_holding_another_pair_and_an_unreachable_database(micro_pair, tmp_path):
+    runner = CliRunner()
+    other = runner.invoke(app, ["demo", "--pair", str(micro_pair), "--db", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert other.exit_code == 2 and "holds a micro pair" in other.output
+    unreachable = runner.invoke(app, ["demo", "--pair", str(tmp_path / "tiny"), "--db", "postgresql://u:pw@127.0.0.1:9/x"])
+    assert unreachable.exit_code == 2 and "cannot reach database" in unreachable.output
+    assert not (tmp_path / "tiny").exists()  # nothing was built
+
+
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:

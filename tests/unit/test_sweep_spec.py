@@ -77,6 +77,7 @@ def test_gpu_cluster_asks_for_gpus_and_a_hub_pair():
         ({"pair": {"dir": "x", "target": "y"}}, "pair: give either dir or target/drafter, not both"),
         ({"pair": {"dir": "x", "device": "gpu"}}, "pair.device: device must be cpu, cuda, cuda:N or mps"),
         ({"pair": {"dir": "x", "device": "cuda"}}, "resources.gpus: pair.device is cuda, so each trial needs gpus > 0"),
+        ({"pair": {"dir": "x", "device": "cuda:1"}, "resources": {"gpus": 1}}, "pair.device: use cuda, not cuda:1"),
         ({"pair": {"dir": "x", "dtype": "int8"}}, "pair.dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
         ({"objectives": [{"metric": "sped"}]}, "objectives.0.metric: unknown metric 'sped'; allowed: "),
         ({"objectives": [{"metric": "speedup", "mode": "up"}]}, "objectives.0.mode: Input should be 'max' or 'min'"),

@@ -53,7 +53,7 @@ def _run(spec: Any, store: Any, db: str | None, address: str | None, resume: boo
 
     console = Console()
     try:
-        outcome = run_sweep(spec, store, SweepOptions(db=db, address=address, resume=resume, storage=storage), console)
+        outcome = run_sweep(spec, store, SweepOptions(address=address, resume=resume, storage=storage), console)
     except SweepFailed as err:
         fail(str(err))
     failed = f", {outcome.failed} failed" if outcome.failed else ""
@@ -72,11 +72,14 @@ def demo(
 ) -> None:
     """Build the tiny pair if needed, sweep quick.yaml on it, print the Pareto front and what to open next."""
     from spectune.cli.store_cmd import results
-    from spectune.models.build import build_pair, default_pair_dir
+    from spectune.models.build import build_pair, default_pair_dir, read_card
     from spectune.store import resolve_url
     from spectune.sweeps.spec import SpecError, parse_spec
 
     folder = (pair or default_pair_dir("tiny")).expanduser().resolve()
+    card = read_card(folder)
+    if card is not None and card.get("preset") != "tiny":  # building would overwrite that pair
+        fail(f"--pair {folder} holds a {card.get('preset')} pair; give a tiny pair's folder or a new one")
     with _store(db) as store:  # fail fast, before a minutes-long build
         build_pair("tiny", folder, progress=True)
         data = yaml.safe_load(resources.files("spectune.sweeps").joinpath("specs/quick.yaml").read_text())
