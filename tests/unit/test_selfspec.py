@@ -12,7 +12,16 @@ from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
 from spectune.methods.base import Models
 from spectune.methods.early_exit import ExitHead, LayerOutputs, decoder_layers, exit_view
-from spectune.methods.selfspec import ShadowWindow, del_choice, expected_tokens, shadow_agreement, tokens_per_layer
+from spectune.methods.selfspec import (
+    RoundCosts,
+    ShadowWindow,
+    del_choice,
+    expected_tokens,
+    layer_costs,
+    measured_costs,
+    shadow_agreement,
+    tokens_per_cost,
+)
 from spectune.pair import load_pair
 from spectune.prompts import load_prompts
 from support import random_llama
@@ -113,9 +122,14 @@ def test_expected_tokens_is_the_closed_form(a, d):
     assert expected_tokens(a, d) == pytest.approx((1 - a ** (d + 1)) / (1 - a))
 
 
+def test_layer_costs_give_dels_formula():
+    a, l, d, total = 0.8, 2, 3, 6
+    assert tokens_per_cost(a, l, d, layer_costs([1, 2], total)) == pytest.approx((1 - a ** (d + 1)) / (1 - a) / (d * l + total))
+
+
 def test_full_acceptance_has_no_division_by_zero():
     assert expected_tokens(1.0, 5) == 6
-    assert tokens_per_layer(1.0, 2, 5, 6) == pytest.approx(6 / 16)
+    assert tokens_per_cost(1.0, 2, 5, layer_costs([2], 6)) == pytest.approx(6 / 16)
 
 
 def test_del_choice_is_the_brute_force_maximum():
@@ -124,15 +138,31 @@ def test_del_choice_is_the_brute_force_maximum():
         ((l, d) for l in acceptance for d in range(1, 9)),
         key=lambda c: (1 - acceptance[c[0]] ** (c[1] + 1)) / (1 - acceptance[c[0]]) / (c[1] * c[0] + 6),
     )
-    assert del_choice(acceptance, 6, 8) == best
+    assert del_choice(acceptance, layer_costs(acceptance, 6), 8) == best
 
 
 def test_del_choice_follows_acceptance():
-    assert del_choice({1: 0.99, 2: 0.99}, 6, 8) == (1, 8)  # a cheap layer that always agrees: long drafts
-    assert del_choice({1: 0.05, 3: 0.95}, 6, 8)[0] == 3  # a useless shallow exit loses to a good deeper one
-    assert del_choice({1: 0.05, 3: 0.1}, 6, 8)[1] == 1  # nothing agrees: draft as little as possible
+    costs = layer_costs([1, 2, 3], 6)
+    assert del_choice({1: 0.99, 2: 0.99}, costs, 8) == (1, 8)  # a cheap layer that always agrees: long drafts
+    assert del_choice({1: 0.05, 3: 0.95}, costs, 8)[0] == 3  # a useless shallow exit loses to a good deeper one
+    assert del_choice({1: 0.05, 3: 0.1}, costs, 8)[1] == 1  # nothing agrees: draft as little as possible
     with pytest.raises(ValueError, match="at least one exit layer"):
-        del_choice({}, 6, 8)
+        del_choice({}, costs, 8)
+
+
+def test_a_fixed_cost_per_pass_shortens_drafts_and_deepens_exits():
+    acceptance = {1: 0.6, 2: 0.75, 3: 0.85}
+    by_layers = del_choice(acceptance, layer_costs(acceptance, 6), 8)
+    overhead = 3.0  # every pass also pays embedding, head and framework: 3 layers' worth
+    by_time = del_choice(acceptance, RoundCosts({l: l + overhead for l in acceptance}, 6 + overhead, 0.0), 8)
+    assert by_time[0] > by_layers[0] and by_time[1] <= by_layers[1]
+
+
+def test_measured_costs_time_every_candidate_layer(target):
+    costs = measured_costs(CausalLM(target), [1, 2, 3], max_draft_len=4)
+    assert sorted(costs.draft) == [1, 2, 3]
+    assert all(seconds > 0 for seconds in costs.draft.values()) and costs.verify_base > 0
+    assert costs.verify_per_token >= 0
 
 
 def test_shadow_window_slides_and_smooths():
@@ -184,7 +214,7 @@ def test_del_picks_the_shallowest_exact_exit_and_drafts_long(exact_from, best_la
     if exact_from == 2:
         scramble_block(model, 1)  # exit 1 now disagrees with the target
     before = hook_count(model)
-    drafter, generation = decode("del", {"max_draft_len": 6}, model, n=60)
+    drafter, generation = decode("del", {"max_draft_len": 6, "cost": "layers"}, model, n=60)
     acceptance = drafter.exit_layer_acceptance()
     assert all(acceptance[layer] == 1.0 for layer in range(exact_from, 4))
     assert all(acceptance[layer] < 0.5 for layer in range(1, exact_from))

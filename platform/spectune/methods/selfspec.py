@@ -6,7 +6,10 @@
   also yields *shadow tokens*, the head applied to each layer's hidden state at the accepted
   positions; their agreement with the target estimates each exit layer's acceptance a_l over
   a sliding window, and each round drafts with the (l, d) that maximises the expected tokens
-  per layer computed, (1 + a_l + ... + a_l^d) / (d·l + L).
+  per layer computed, (1 + a_l + ... + a_l^d) / (d·l + L). With `cost: measured` (the default)
+  the same rule divides by seconds instead of layers: a draft pass per exit layer and the
+  verification, timed on the worker when the method is built (small models pay a fixed cost
+  per forward pass that layer counting ignores).
 
 The drafts share the target's weights. Each exit layer keeps its own KV cache: the engine's
 KVCache owns one model's cache and offers no view over another cache's first layers. Little is
@@ -17,11 +20,16 @@ last draft token, when all were accepted, and the bonus).
 
 from __future__ import annotations
 
+import math
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
+from transformers import PreTrainedModel
 
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling, probabilities
@@ -91,17 +99,68 @@ def expected_tokens(acceptance: float, draft_len: int) -> float:
     return sum(acceptance**i for i in range(draft_len + 1))
 
 
-def tokens_per_layer(acceptance: float, exit_layer: int, draft_len: int, total_layers: int) -> float:
-    """DEL's objective: expected tokens per decoder-layer pass (d drafts of l layers + one of L)."""
-    return expected_tokens(acceptance, draft_len) / (draft_len * exit_layer + total_layers)
+@dataclass(frozen=True)
+class RoundCosts:
+    """What a round costs, in one unit: a draft pass through each exit layer, and the verification."""
+
+    draft: Mapping[int, float]  # exit layer -> one draft pass
+    verify_base: float  # the target's pass over the root alone
+    verify_per_token: float  # and what each further tree token adds
+
+    def round(self, exit_layer: int, draft_len: int) -> float:
+        return draft_len * self.draft[exit_layer] + self.verify_base + self.verify_per_token * draft_len
 
 
-def del_choice(acceptance: Mapping[int, float], total_layers: int, max_draft_len: int) -> tuple[int, int]:
-    """The (exit layer, draft length) maximising tokens per layer; ties go to the shallower, shorter draft."""
+def layer_costs(exit_layers: Iterable[int], total_layers: int) -> RoundCosts:
+    """DEL's unit: decoder-layer passes, d·l + L (exact where layers dominate: large models, GPUs)."""
+    return RoundCosts({layer: float(layer) for layer in exit_layers}, float(total_layers), 0.0)
+
+
+def tokens_per_cost(acceptance: float, exit_layer: int, draft_len: int, costs: RoundCosts) -> float:
+    """DEL's objective: expected tokens per unit of cost; with layer costs, (1-a^(d+1)) / (1-a) / (d·l + L)."""
+    return expected_tokens(acceptance, draft_len) / costs.round(exit_layer, draft_len)
+
+
+def del_choice(acceptance: Mapping[int, float], costs: RoundCosts, max_draft_len: int) -> tuple[int, int]:
+    """The (exit layer, draft length) maximising tokens per cost; ties go to the shallower, shorter draft."""
     if not acceptance:
         raise ValueError("DEL needs an acceptance estimate for at least one exit layer")
     candidates = [(layer, d) for layer in sorted(acceptance) for d in range(1, max_draft_len + 1)]
-    return max(candidates, key=lambda c: tokens_per_layer(acceptance[c[0]], c[0], c[1], total_layers))
+    return max(candidates, key=lambda c: tokens_per_cost(acceptance[c[0]], c[0], c[1], costs))
+
+
+def measured_costs(target: CausalLM, exit_layers: Iterable[int], max_draft_len: int) -> RoundCosts:
+    """Seconds on this worker: best-of-N timings of one draft pass per exit layer and of verification.
+
+    Per-pass overhead (embedding, head, framework) makes a shallow pass cost far more than l/L of
+    a full one on small models and CPUs; counting layers alone then picks drafts that are too long.
+    """
+    draft = {layer: forward_seconds(exit_view(target.model, layer), 1) for layer in exit_layers}
+    verify_one = forward_seconds(target.model, 1)
+    verify_full = forward_seconds(target.model, max_draft_len + 1)
+    return RoundCosts(draft, verify_one, max(verify_full - verify_one, 0.0) / max_draft_len)
+
+
+def forward_seconds(model: PreTrainedModel, n_tokens: int, context: int = 32, repeats: int = 5) -> float:
+    """Fastest of `repeats` forwards of n_tokens after a `context`-token cache (noise only ever adds time)."""
+    lm = CausalLM(model)
+    vocab = model.config.vocab_size
+    lm.forward([i % vocab for i in range(context)])
+    tokens = [(context + i) % vocab for i in range(n_tokens)]
+    best = math.inf
+    for _ in range(repeats + 1):  # the first pass warms up
+        _synchronize(lm.device)
+        started = time.perf_counter()
+        lm.forward(tokens)
+        _synchronize(lm.device)
+        best = min(best, time.perf_counter() - started)
+        lm.cache.truncate(context)
+    return best
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class ShadowWindow:
@@ -162,6 +221,11 @@ class DelKnobs(Knobs):
     max_draft_len: int = Field(8, ge=1, le=64, description="longest chain a round may draft")
     min_exit_layer: int = Field(1, ge=1, description="shallowest exit layer considered")
     max_exit_layer: int | None = Field(None, ge=1, description="deepest exit layer considered (default: L-1)")
+    cost: Literal["layers", "measured"] = Field(
+        "measured",
+        description="what a round costs: layers = DEL's d·l + L layer passes; measured = seconds of a draft pass "
+        "per exit layer and of verification, timed on this worker when the method is built",
+    )
 
     @model_validator(mode="after")
     def ordered(self) -> "DelKnobs":
@@ -177,12 +241,12 @@ class DynamicExitDrafter:
     next sequence starts from what the last one measured instead of from nothing.
     """
 
-    def __init__(self, target: CausalLM, exit_layers: range, knobs: DelKnobs) -> None:
+    def __init__(self, target: CausalLM, exit_layers: range, knobs: DelKnobs, costs: RoundCosts) -> None:
         self.target = target
         self.exit_layers = exit_layers
+        self.costs = costs
         self.max_draft_len = knobs.max_draft_len
         self.max_tree_size = knobs.max_draft_len
-        self.total_layers = n_layers(target.model)
         self.window = ShadowWindow(exit_layers, knobs.window)
         self.chosen: Counter[tuple[int, int]] = Counter()  # (exit layer, draft length) -> rounds
         self._head = ExitHead(target.model)
@@ -196,7 +260,7 @@ class DynamicExitDrafter:
             drafter.reset()
 
     def draft(self, context: DraftContext) -> DraftTree:
-        layer, length = del_choice(self.window.estimate(), self.total_layers, self.max_draft_len)
+        layer, length = del_choice(self.window.estimate(), self.costs, self.max_draft_len)
         self.chosen[layer, length] += 1
         drafter = self._drafter(layer)
         drafter.use_shape(chain_shape(length))
@@ -232,7 +296,7 @@ class DynamicExitDrafter:
     summary="self-speculation choosing exit layer l and length d each round from shadow-token acceptance",
     paper="Zarch et al. 2025, DEL: context-aware dynamic exit layer",
     cost="d passes of l target layers (+ head), (l, d) chosen per round; d+1 tokens verified; "
-    "head on each candidate layer at the accepted positions",
+    "head on each candidate layer at the accepted positions; build times one pass per candidate layer",
     rule="greedy match; rejection sampling min(1, p/q), residual norm(max(p-q, 0))",
 )
 def build_del(knobs: DelKnobs, models: Models) -> DynamicExitDrafter:
@@ -243,4 +307,9 @@ def build_del(knobs: DelKnobs, models: Models) -> DynamicExitDrafter:
     check_exit_layer("max_exit_layer", high, target)
     if knobs.min_exit_layer > high:
         raise ValueError(f"min_exit_layer ({knobs.min_exit_layer}) must be <= max_exit_layer ({high})")
-    return DynamicExitDrafter(models.target, range(knobs.min_exit_layer, high + 1), knobs)
+    exit_layers = range(knobs.min_exit_layer, high + 1)
+    if knobs.cost == "layers":
+        costs = layer_costs(exit_layers, total)
+    else:
+        costs = measured_costs(models.target, exit_layers, knobs.max_draft_len)
+    return DynamicExitDrafter(models.target, exit_layers, knobs, costs)
