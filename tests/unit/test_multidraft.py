@@ -31,6 +31,13 @@ def test_default_shape_is_width_independent_drafts_of_depth_tokens(method):
     assert METHODS.knobs(method, {"branching": [3, 2, 1]}).shape().size == 3 + 6 + 6
 
 
+def test_a_tree_beyond_the_context_is_refused_at_build_time(models):
+    with pytest.raises(ValueError, match=r"rsd: width=32, depth=10 makes a tree of 320 nodes; .* allows 1\.\.254"):
+        METHODS.build("rsd", {"width": 32, "depth": 10}, runners(models))
+    with pytest.raises(ValueError, match=r"specinfer: branching=\[8, 8, 8\] makes a tree of 584 nodes"):
+        METHODS.build("specinfer", {"branching": [8, 8, 8]}, runners(models))
+
+
 def test_bad_branching_names_the_field():
     with pytest.raises(ValueError, match="branching"):
         METHODS.knobs("rsd", {"branching": [2, 0]})

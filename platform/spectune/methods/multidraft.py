@@ -58,6 +58,16 @@ class WithReplacementDrafter(TemplateDrafter):
         return [tree.add(token, node, slot) for token, slot in zip(picks, slots)]
 
 
+def fitted_shape(name: str, knobs: MultiDraftKnobs, models: Models) -> TreeShape:
+    """The knobs' tree, refused at build time when the model context cannot hold it."""
+    shape = knobs.shape()
+    context = min(models.target.max_positions, models.drafter.max_positions)
+    if shape.size > context - 2:
+        given = f"branching={knobs.branching}" if knobs.branching is not None else f"width={knobs.width}, depth={knobs.depth}"
+        raise ValueError(f"{name}: {given} makes a tree of {shape.size} nodes; the model context allows 1..{context - 2}")
+    return shape
+
+
 @METHODS.register(
     "rsd",
     MultiDraftKnobs,
@@ -68,7 +78,7 @@ class WithReplacementDrafter(TemplateDrafter):
     rule="greedy: top-k siblings, match; sampling: Gumbel-top-k siblings, recursive rejection (q loses each rejected token)",
 )
 def build_rsd(knobs: MultiDraftKnobs, models: Models) -> TemplateDrafter:
-    return TemplateDrafter(models.drafter, knobs.shape())
+    return TemplateDrafter(models.drafter, fitted_shape("rsd", knobs, models))
 
 
 @METHODS.register(
@@ -81,4 +91,4 @@ def build_rsd(knobs: MultiDraftKnobs, models: Models) -> TemplateDrafter:
     rule="greedy: top-k siblings, match; sampling: i.i.d. siblings, multi-round rejection (q unchanged after a rejection)",
 )
 def build_specinfer(knobs: MultiDraftKnobs, models: Models) -> WithReplacementDrafter:
-    return WithReplacementDrafter(models.drafter, knobs.shape())
+    return WithReplacementDrafter(models.drafter, fitted_shape("specinfer", knobs, models))
