@@ -34,7 +34,7 @@ def bench(
     json_out: bool = typer.Option(False, "--json", help="One JSON object per configuration instead of a table."),
 ) -> None:
     """Run configurations over a prompt set; report speedup over AR measured in the same run."""
-    from spectune.bench import Settings, contender, run_bench
+    from spectune.bench import contender, run_bench
     from spectune.pair import load_pair
     from spectune.prompts import load_prompts
 
@@ -47,7 +47,7 @@ def bench(
         contenders = [contender(loaded, c) for c in configs] + _peers(peer, loaded)
     except ValueError as err:
         fail(str(err))
-    progress = _Progress(len(contenders) + 1, settings.repeats, quiet=json_out)
+    progress = _Progress(len(contenders) + 1, settings.repeats)
     try:
         rows = run_bench(loaded, contenders, prompt_set, settings, on_pass=progress.advance)
     except ValueError as err:
@@ -132,11 +132,11 @@ def _peers(names: list[str], loaded) -> list:
 class _Progress:
     """A rich progress bar over (contender, repeat) passes, on stderr."""
 
-    def __init__(self, contenders: int, repeats: int, quiet: bool) -> None:
+    def __init__(self, contenders: int, repeats: int) -> None:
         from rich.console import Console
         from rich.progress import Progress
 
-        self._bar = Progress(console=Console(stderr=True), transient=True, disable=False)
+        self._bar = Progress(console=Console(stderr=True), transient=True)
         self._task = self._bar.add_task("timed passes", total=contenders * repeats)
         self._bar.start()
 
