@@ -214,12 +214,19 @@ def test_del_picks_the_shallowest_exact_exit_and_drafts_long(exact_from, best_la
     if exact_from == 2:
         scramble_block(model, 1)  # exit 1 now disagrees with the target
     before = hook_count(model)
-    drafter, generation = decode("del", {"max_draft_len": 6, "cost": "layers"}, model, n=60)
+    drafter, generation = decode("del", {"max_draft_len": 6, "cost": "layers", "shadow_every": 1}, model, n=60)
     acceptance = drafter.exit_layer_acceptance()
     assert all(acceptance[layer] == 1.0 for layer in range(exact_from, 4))
     assert all(acceptance[layer] < 0.5 for layer in range(1, exact_from))
     assert drafter.chosen.most_common(1)[0][0] == (best_layer, 6)  # deep enough, no deeper; longest allowed
     assert hook_count(model) == before
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_del_computes_shadows_on_every_nth_round(target, every):
+    drafter, generation = decode("del", {"shadow_every": every, "cost": "layers"}, target, n=30)
+    rounds = len(generation.steps)
+    assert drafter.shadowed_rounds == math.ceil(rounds / every)
 
 
 def test_del_and_layerskip_equal_greedy_decoding(target):

@@ -218,6 +218,12 @@ class DelKnobs(Knobs):
     window: int = Field(
         64, ge=1, le=100_000, description="shadow-token comparisons per exit layer that the acceptance estimate averages"
     )
+    shadow_every: int = Field(
+        4,
+        ge=1,
+        le=1000,
+        description="compute shadow tokens on every n-th verification: each costs a head pass, about one layer's worth",
+    )
     max_draft_len: int = Field(8, ge=1, le=64, description="longest chain a round may draft")
     min_exit_layer: int = Field(1, ge=1, description="shallowest exit layer considered")
     max_exit_layer: int | None = Field(None, ge=1, description="deepest exit layer considered (default: L-1)")
@@ -247,12 +253,16 @@ class DynamicExitDrafter:
         self.costs = costs
         self.max_draft_len = knobs.max_draft_len
         self.max_tree_size = knobs.max_draft_len
+        self.shadow_every = knobs.shadow_every
         self.window = ShadowWindow(exit_layers, knobs.window)
         self.chosen: Counter[tuple[int, int]] = Counter()  # (exit layer, draft length) -> rounds
         self._head = ExitHead(target.model)
         self._recorder = LayerOutputs(decoder_layers(target.model), exit_layers)
         self._drafters: dict[int, TemplateDrafter] = {}  # one cache-owning view per exit layer, built on first use
         self._sampling = Sampling()
+        self._rounds = 0
+        self.shadowed_rounds = 0  # verifications whose shadow tokens were computed
+        self._choice: tuple[int, int] | None = None  # (exit layer, draft length); recomputed when the window moves
 
     def reset(self) -> None:
         self._recorder.detach()
@@ -260,13 +270,17 @@ class DynamicExitDrafter:
             drafter.reset()
 
     def draft(self, context: DraftContext) -> DraftTree:
-        layer, length = del_choice(self.window.estimate(), self.costs, self.max_draft_len)
+        if self._choice is None:
+            self._choice = del_choice(self.window.estimate(), self.costs, self.max_draft_len)
+        layer, length = self._choice
         self.chosen[layer, length] += 1
         drafter = self._drafter(layer)
         drafter.use_shape(chain_shape(length))
         tree = drafter.draft(context)
         self._sampling = context.sampling
-        self._recorder.attach()  # the next pass through the target's layers is this tree's verification
+        if self._rounds % self.shadow_every == 0:
+            self._recorder.attach()  # the next pass through the target's layers is this tree's verification
+        self._rounds += 1
         return tree
 
     def commit(self, sequence: Sequence[int]) -> None:
@@ -278,6 +292,8 @@ class DynamicExitDrafter:
         if not hidden:  # the verification never ran through the hooks (nothing to learn)
             return
         self.window.add(shadow_agreement(self._head, hidden, outcome.target_logits, outcome.verdict.path, self._sampling))
+        self.shadowed_rounds += 1
+        self._choice = None
 
     def exit_layer_acceptance(self) -> dict[int, float]:
         """Shadow-token agreement per exit layer over every verification since the drafter was built."""
