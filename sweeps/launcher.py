@@ -160,8 +160,12 @@ def _start_ray(address: str | None) -> bool:
         return False
     if address is None and not os.environ.get("RAY_ADDRESS"):
         ray.init(include_dashboard=False, log_to_driver=False)  # a local cluster for this sweep
-    else:
+        return True
+    where = address or os.environ["RAY_ADDRESS"]
+    try:
         ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise SweepFailed(f"cannot reach Ray at {where}: {' '.join(str(err).split())}") from None
     return True
 
 

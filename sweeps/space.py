@@ -92,9 +92,11 @@ def optuna_searcher(spec: SweepSpec) -> Searcher:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    samples = spec.trials
-    # NSGA-II evolves generations of population_size trials: small sweeps get small generations
-    sampler = optuna.samplers.NSGAIISampler(seed=spec.seed, population_size=max(2, min(50, samples // 2)))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress lines say what each trial did
+    # NSGA-II draws a random first generation of population_size trials, then evolves it:
+    # a small sweep gets smaller generations than Optuna's 50, so that some of it evolves
+    population = min(50, max(4, spec.trials // 2))
+    sampler = optuna.samplers.NSGAIISampler(seed=spec.seed, population_size=population)
     return OptunaSearch(
         space=DefineByRun(spec),
         metric=[o.metric for o in spec.objectives],

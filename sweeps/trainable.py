@@ -53,8 +53,7 @@ class SweepContext:
 
 def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     trial = trial_config(config)
-    request = TrialRequest(tune.get_context().get_trial_id(), trial.method, trial.knobs,
-                           context.settings(trial.temperature), context.prompts)
+    request = TrialRequest(trial.method, trial.knobs, context.settings(trial.temperature), context.prompts)
     started = time.perf_counter()
     with context.pools[context.pair_id].lease() as worker:
         outcome: TrialOutcome = ray.get(worker.run.remote(request))

@@ -50,7 +50,6 @@ class PairSource:
 
 @dataclass(frozen=True)
 class TrialRequest:
-    trial_key: str
     method: str
     knobs: dict[str, Any]
     settings: dict[str, Any]  # `spectune.bench.Settings` fields
