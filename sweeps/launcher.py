@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -162,11 +163,23 @@ def _start_ray(address: str | None) -> bool:
         ray.init(include_dashboard=False, log_to_driver=False)  # a local cluster for this sweep
         return True
     where = address or os.environ["RAY_ADDRESS"]
+    _check_reachable(where)
     try:
         ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SweepFailed(f"cannot reach Ray at {where}: {' '.join(str(err).split())}") from None
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """A host:port that refuses connections fails now, not after Ray's minutes of retries."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and the like: Ray resolves those itself, quickly
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise SweepFailed(f"cannot reach Ray at {address}: {err.strerror or err}") from None
 
 
 def workers_that_fit(spec: SweepSpec) -> int:

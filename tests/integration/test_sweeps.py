@@ -205,6 +205,17 @@ def test_demo_refuses_a_folder_holding_another_pair_and_an_unreachable_database(
     assert not (tmp_path / "tiny").exists()  # nothing was built
 
 
+def test_an_unreachable_ray_address_fails_in_seconds_and_stores_nothing(micro_pair, tmp_path):
+    [closed] = free_ports(1)
+    spec = write_spec(tmp_path, sweep_spec("noray", micro_pair, {"pld": {}}))
+    result = CliRunner().invoke(app, ["sweep", str(spec), "--db", f"sqlite:///{tmp_path / 'x.db'}",
+                                      "--address", f"127.0.0.1:{closed}"])
+    assert result.exit_code == 2
+    assert f"cannot reach Ray at 127.0.0.1:{closed}: Connection refused" in result.output
+    with connect(f"sqlite:///{tmp_path / 'x.db'}") as store:
+        assert store.list_sweeps() == []
+
+
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
