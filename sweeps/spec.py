@@ -289,7 +289,7 @@ def grid_configs(space: Mapping[str, Mapping[str, KnobValues]]) -> list[dict[str
         if len(choices) != len(names):
             continue  # ranges: reported by check_method
         for combo in itertools.product(*choices):
-            configs.append({"method": method, **dict(zip(names, combo))})
+            configs.append({"method": method, **dict(zip(names, combo, strict=True))})
     return configs
 
 
