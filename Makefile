@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
-PAIR   ?= $(HOME)/.cache/spectune/pairs/tiny
+PAIR   ?= $(HOME)/.cache/spectune/pairs/tiny-seed0
 DB     ?= $(HOME)/.cache/spectune/spectune.db
 
 .PHONY: setup demo test test-fast clean

@@ -10,6 +10,8 @@ from typing import Any
 import pandas as pd
 import typer
 
+from spectune.cli.output import fail
+
 DEFAULT_OBJECTIVES = {"speedup": "max", "tree_tokens_per_step": "min"}
 _TABLE_COLUMNS = ("method", "draft_len", "tree_shape", "node_budget", "exit_layer", "temperature")
 _SHOWN_METRICS = ("mean_accepted_tokens", "speedup", "tree_tokens_per_step", "lossless")
@@ -29,8 +31,7 @@ def _open(db: str | None) -> Any:
     try:
         return connect(db)
     except StoreUnavailable as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(err))
 
 
 def parse_objectives(items: list[str]) -> dict[str, str]:
@@ -81,7 +82,8 @@ def _fmt(value: Any) -> str:
 
 
 def results(
-    sweep: str = typer.Argument(..., help="Sweep name."),
+    sweep_arg: str | None = typer.Argument(None, metavar="SWEEP", help="Sweep name (or --sweep)."),
+    sweep_opt: str | None = typer.Option(None, "--sweep", help="Sweep name."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     db: str | None = typer.Option(None, "--db", help=_DB_HELP),
     objective: list[str] | None = typer.Option(
@@ -91,6 +93,9 @@ def results(
     """Trials of a sweep with its Pareto front (lossless trials only) marked ★."""
     from spectune.pareto import pareto_front
 
+    sweep = sweep_opt or sweep_arg
+    if sweep is None:
+        fail("name the sweep: spectune results --sweep NAME (spectune sweeps list shows them)")
     store = _open(db)
     row = store.get_sweep(sweep)
     if row is None:
