@@ -73,6 +73,13 @@ class Method:
     rule: str  # how acceptance keeps it lossless (greedy / sampling)
 
 
+def check_budget_fits(method: str, budget: int, models: Models) -> None:
+    """A node budget the context cannot hold is a bad knob, named with its allowed range."""
+    context = min(models.target.max_positions, models.drafter.max_positions)
+    if budget > context - 2:
+        raise ValueError(f"{method}: budget={budget} does not fit the model context; allowed 1..{context - 2}")
+
+
 def root_only(context: DraftContext) -> DraftTree:
     """The empty draft: the target just decodes one token after the root."""
     return DraftTree(tokens=(context.sequence[-1],), parents=(-1,))

@@ -33,7 +33,7 @@ from pydantic import Field
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling, probabilities, sample_without_replacement
 from spectune.engine.tree import DraftTree, additive_mask
-from spectune.methods.base import DraftContext, Knobs, Models, StepOutcome
+from spectune.methods.base import DraftContext, Knobs, Models, StepOutcome, check_budget_fits
 from spectune.methods.registry import METHODS
 
 
@@ -262,13 +262,6 @@ class DyTreeDrafter:
             self.lm.cache.truncate(base)
 
 
-def check_fits(knobs: DyTreeKnobs, models: Models) -> None:
-    """A budget the context cannot hold is a bad knob, named with its allowed range."""
-    context = min(models.target.max_positions, models.drafter.max_positions)
-    if knobs.budget > context - 2:
-        raise ValueError(f"dytree: budget={knobs.budget} does not fit the model context; allowed 1..{context - 2}")
-
-
 @METHODS.register(
     "dytree",
     DyTreeKnobs,
@@ -279,5 +272,5 @@ def check_fits(knobs: DyTreeKnobs, models: Models) -> None:
     rule="greedy: top-k siblings, match; sampling: Gumbel-top-k siblings, recursive rejection",
 )
 def build_dytree(knobs: DyTreeKnobs, models: Models) -> DyTreeDrafter:
-    check_fits(knobs, models)
+    check_budget_fits("dytree", knobs.budget, models)
     return DyTreeDrafter(models.drafter, knobs)

@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from spectune.engine.sequoia import SequoiaTree, check_acceptance, hardware_aware_tree, optimal_tree
 from spectune.engine.shapes import paths_shape
-from spectune.methods.base import Knobs, Models
+from spectune.methods.base import Knobs, Models, check_budget_fits
 from spectune.methods.model_drafter import TemplateDrafter
 from spectune.methods.registry import METHODS
 from spectune.tree_files import load_acceptance, load_profile
@@ -60,12 +60,6 @@ class SequoiaKnobs(Knobs):
         return hardware_aware_tree(acceptance, self.budget, self.max_depth, load_profile(self.profile_file))
 
 
-def check_fits(knobs: SequoiaKnobs, models: Models) -> None:
-    context = min(models.target.max_positions, models.drafter.max_positions)
-    if knobs.budget > context - 2:
-        raise ValueError(f"sequoia: budget={knobs.budget} does not fit the model context; allowed 1..{context - 2}")
-
-
 @METHODS.register(
     "sequoia",
     SequoiaKnobs,
@@ -76,5 +70,5 @@ def check_fits(knobs: SequoiaKnobs, models: Models) -> None:
     rule="greedy: top-k siblings, match; sampling: Gumbel-top-k siblings, recursive rejection (SpecTree)",
 )
 def build_sequoia(knobs: SequoiaKnobs, models: Models) -> TemplateDrafter:
-    check_fits(knobs, models)
+    check_budget_fits("sequoia", knobs.budget, models)
     return TemplateDrafter(models.drafter, paths_shape(knobs.tree().paths))
