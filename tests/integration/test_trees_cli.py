@@ -23,7 +23,7 @@ def measured(micro_pair, tmp_path_factory):
     acceptance, profile = folder / "acceptance.json", folder / "profile.json"
     result = trees("measure", "--pair", micro_pair, "--limit", 3, "--max-new-tokens", 16, "--width", 4, "--out", acceptance)
     assert result.exit_code == 0, result.output
-    result = trees("profile", "--pair", micro_pair, "--max-tokens", 9, "--past", 16, "--repeats", 1, "--out", profile)
+    result = trees("profile", "--pair", micro_pair, "--max-tokens", 9, "--past", 16, "--repeats", 1, "--threads", 1, "--out", profile)
     assert result.exit_code == 0, result.output
     return folder, json.loads(acceptance.read_text()), json.loads(profile.read_text())
 
@@ -76,6 +76,7 @@ def test_optimized_tree_loads_in_the_tree_method_and_stays_lossless(measured, mi
         (["measure", "--pair", "{pair}", "--width", 0], "--width must be in 1..64"),
         (["profile", "--pair", "{pair}", "--max-tokens", 100000], "allowed --max-tokens 1.."),
         (["profile", "--pair", "{folder}", "--max-tokens", 4], "does not exist"),
+        (["profile", "--pair", "{pair}", "--threads", 0], "--threads must be >= 1"),
     ],
 )
 def test_bad_input_is_one_clear_line(measured, micro_pair, args, message):

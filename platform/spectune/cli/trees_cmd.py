@@ -94,6 +94,7 @@ def profile(
     past: int = typer.Option(128, help="Cached tokens before the tree (a fixed-length context)."),
     repeats: int = typer.Option(5, help="Timed forwards per size; the fastest is kept (contention only adds time)."),
     prompts: str = typer.Option("default", help="Text the past and tree tokens are taken from."),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's own); use what the workers use."),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
     out: Path = typer.Option(Path("profile.json"), help="Where to write the forward times (JSON)."),
@@ -106,6 +107,10 @@ def profile(
 
     if repeats < 1:
         fail(f"--repeats must be >= 1, got {repeats}")
+    if threads is not None:
+        if threads < 1:
+            fail(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     try:
         loaded = _load(pair, device, dtype)
         check_profile_fits(loaded, past, max_tokens)
