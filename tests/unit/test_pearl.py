@@ -97,7 +97,7 @@ def test_greedy_equals_ar_with_a_different_drafter(models16, knobs):
     target, drafter = models16
     models = Models(CausalLM(target), CausalLM(drafter))
     pearl = METHODS.build("pearl", knobs, models)
-    guards = [Guard(models.drafter)] + ([Guard(pearl.verifier)] if pearl.verifier else [])
+    guards = [Guard(lm) for lm in (models.drafter, pearl.lookahead_lm, pearl.verifier) if lm is not None]
     decoder = Decoder(models.target, pearl)
     for prompt in ([1, 2, 3], [4, 4, 4, 4, 4], [7]):
         assert decoder.generate(prompt, 30).tokens == ar_tokens(target, prompt, 30), knobs
@@ -108,13 +108,15 @@ def test_a_drafter_equal_to_the_target_reuses_every_lookahead(models16):
     target, _ = models16
     models = Models(CausalLM(target), CausalLM(target))  # the drafter's guesses are always right
     pearl = METHODS.build("pearl", {"gamma": 3}, models)
-    guard = Guard(models.drafter)
+    foreground, lookahead = Guard(models.drafter), Guard(pearl.lookahead_lm)
     generation = Decoder(models.target, pearl).generate([1, 2, 3], 41)
     assert generation.tokens == ar_tokens(target, [1, 2, 3], 41)
     assert [s.accepted for s in generation.steps] == [3] * 10 + [0]  # every chain accepted; the last one cut
-    assert pearl.stats["reused"] == 9  # every chain after the first was drafted while the target verified
-    assert "MainThread" in guard.threads and any(t.startswith("pearl-drafter") for t in guard.threads)
-    assert guard.overlaps == 0
+    # PEARL drafts ahead in post-verify mode, i.e. from the second step on; each lookahead is used next step
+    assert pearl.stats["lookaheads"] == 9 and pearl.stats["reused"] == 8
+    assert foreground.threads == {"MainThread"}  # one user per cache
+    assert lookahead.threads and all(t.startswith("pearl-drafter") for t in lookahead.threads)
+    assert foreground.overlaps == lookahead.overlaps == 0
 
 
 def test_pre_verify_cuts_a_chain_whose_first_token_the_target_rejects(models16):
@@ -137,14 +139,12 @@ def test_thread_counts_are_restored_and_errors_surface(models16):
     Decoder(models.target, pearl).generate([1, 2, 3], 20)
     assert torch.get_num_threads() == before
 
-    original = models.drafter.forward
-
     def broken(*args, **kwargs):
-        if threading.current_thread().name.startswith("pearl-drafter"):
-            raise RuntimeError("drafter failed in the background")
-        return original(*args, **kwargs)
+        raise RuntimeError("drafter failed in the background")
 
-    models.drafter.forward = broken
+    models = Models(CausalLM(target), CausalLM(target))  # every chain accepted: the lookahead always runs
+    pearl = METHODS.build("pearl", {"target_threads": before + 1}, models)
+    pearl.lookahead_lm.forward = broken
     with pytest.raises(RuntimeError, match="drafter failed in the background"):
         Decoder(models.target, pearl).generate([1, 2, 3], 20)
     assert torch.get_num_threads() == before
@@ -180,24 +180,26 @@ def test_sampled_tokens_follow_the_target(same_drafter):
     target = random_llama(seed=3, vocab=4, layers=2, hidden=32)
     drafter = target if same_drafter else random_llama(seed=4, vocab=4, layers=1, hidden=32)
     models = Models(CausalLM(target), CausalLM(drafter))
-    # 4 tokens: gamma 1 gives two steps, the second one reusing the lookahead when the bonus was guessed;
-    # gamma 2 pre-verifies the first chain, and a slightly slow drafter lets the target's answer cut it
+    # reuse: gamma 1 and 6 tokens = three steps; the second drafts ahead (post-verify mode) and the third
+    # reuses that lookahead when the bonus was guessed. pre-verify: gamma 2 pre-verifies the first chain,
+    # and a slightly slow drafter lets the target's answer arrive in time to cut it.
     pearl = METHODS.build("pearl", {"gamma": 1 if same_drafter else 2}, models)
     if not same_drafter:
         Guard(models.drafter, delay_s=0.001)
+    length = 6 if same_drafter else 4
     decoder = Decoder(models.target, pearl)
     sampling = Sampling(temperature=1.0)
     prompt = [1, 2, 3]
-    law = exact_law(target, prompt, sampling, 4)
+    law = exact_law(target, prompt, sampling, length)
     n = 500
-    first, later = np.zeros(16), np.zeros(16)
+    first, last = np.zeros(16), np.zeros(16)
     for seed in range(n):
-        a, b, c, d = decoder.generate(prompt, 4, sampling, seed=seed).tokens
-        first[a * 4 + b] += 1
-        later[c * 4 + d] += 1
+        tokens = decoder.generate(prompt, length, sampling, seed=seed).tokens
+        first[tokens[0] * 4 + tokens[1]] += 1
+        last[tokens[-2] * 4 + tokens[-1]] += 1
     exercised = pearl.stats["reused" if same_drafter else "preverify_cuts"]
     assert exercised > n / 10, f"only {exercised} of {n} generations took the path under test"
-    for counts, pick in ((first, lambda k: k[0] * 4 + k[1]), (later, lambda k: k[2] * 4 + k[3])):
+    for counts, pick in ((first, lambda k: k[0] * 4 + k[1]), (last, lambda k: k[-2] * 4 + k[-1])):
         expected = np.zeros(16)
         for key, mass in law.items():
             expected[pick(key)] += mass

@@ -3,24 +3,28 @@
 Plain SpS makes each model wait for the other: the target idles while the drafter drafts
 gamma tokens, the drafter idles while the target verifies them. PEARL overlaps the two:
 
-- post-verify: while the loop's target verifies the chain d1..dg, a background thread keeps
-  drafting as if the whole chain will be accepted: it guesses the target's bonus token (the
-  drafter's argmax after dg) and drafts gamma more tokens after the guess. If the target
-  accepts the whole chain and its bonus equals the guess, the next step's chain is already
-  there (drafted while the target worked); otherwise the thread is stopped and its work dropped.
+- post-verify (after a fully accepted chain): while the loop's target verifies the chain
+  d1..dg, a background thread keeps drafting as if the whole chain will be accepted: it
+  guesses the target's bonus token (the drafter's argmax after dg) and drafts gamma more
+  tokens after the guess. If the target accepts the whole chain and its bonus equals the
+  guess, the next step's chain is already there (drafted while the target worked); otherwise
+  the lookahead is stopped and dropped.
 - pre-verify: after a rejection (when the next chain is drafted from scratch) a second
   thread runs the target on the root while the drafter drafts; if the target would reject
   the first draft token, drafting stops at once instead of finishing a doomed chain.
 
 The modes switch as in the paper: a fully accepted chain puts the next step in post-verify
-mode (its chain is reused), a rejection puts it in pre-verify mode.
+mode, a rejection puts it in pre-verify mode.
 
 Lossless by construction: the loop verifies whatever chain this returns with its own target
 forward. Reused tokens were drawn from the drafter given exactly the committed sequence
 (the reuse test checks it), independently of the target's randomness, so sampling stays
-exact. Threads never share a cache: the background thread owns the drafter's cache between
-draft() and the next commit(), and joins before the foreground touches it; pre-verify runs
-on its own target runner (own KV cache over the shared weights).
+exact.
+
+No cache is shared between threads: the foreground drafts with the drafter's runner, the
+lookahead thread with its own runner over the same weights, pre-verify with its own target
+runner (never the loop's). Each worker runs its jobs one at a time, so its cache has one user.
+Hence a missed lookahead is just told to stop; the foreground never waits for it.
 
 Each side's torch thread count is set per thread (OpenMP/MKL settings are per thread), and the
 loop's thread is switched to `target_threads` only while the background drafter runs beside
@@ -157,19 +161,21 @@ class ThreadCount:
 class PearlDrafter:
     def __init__(self, models: Models, knobs: PearlKnobs) -> None:
         self.knobs = knobs
-        self.lm = models.drafter
+        self.lm = models.drafter  # the foreground's drafter cache
         self.max_tree_size = knobs.gamma
-        # pre-verify needs the target's logits at the root before the loop computes them: an own
-        # runner over the same weights, so the loop's target cache is never touched from here
-        self.verifier = CausalLM(models.target.model) if knobs.parallel and knobs.pre_verify else None
-        self._drafter_worker = self._worker("pearl-drafter", knobs.drafter_threads) if knobs.parallel else None
-        self._target_worker = self._worker("pearl-preverify", knobs.target_threads) if self.verifier else None
+        post, pre = knobs.parallel and knobs.post_verify, knobs.parallel and knobs.pre_verify
+        # every thread gets its own runner (own KV cache) over the shared weights
+        self.lookahead_lm = CausalLM(models.drafter.model) if post else None
+        self.verifier = CausalLM(models.target.model) if pre else None  # never the loop's target cache
+        self._drafter_worker = self._worker("pearl-drafter", knobs.drafter_threads) if post else None
+        self._target_worker = self._worker("pearl-preverify", knobs.target_threads) if pre else None
         self._threads = ThreadCount()
-        self._ahead: Lookahead | None = None  # running post-verify job
-        self._ready: tuple[tuple[int, ...], Lookahead] | None = None  # a hit: (sequence it continues, job)
+        self._ahead: Lookahead | None = None  # the lookahead drafting beside this step's verification
+        self._ready: tuple[tuple[int, ...], Lookahead] | None = None  # (sequence it may continue, job)
         self._preverify: PreVerify | None = None
+        self._outstanding: list[Future] = []  # background jobs nobody waits for: errors surface from here
         self._mode = "pre"  # PEARL starts in pre-verify mode
-        self.stats = {"reused": 0, "preverify_cuts": 0}
+        self.stats = {"lookaheads": 0, "reused": 0, "preverify_cuts": 0}
 
     def _worker(self, name: str, threads: int) -> ThreadPoolExecutor:
         pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,))
@@ -179,16 +185,20 @@ class PearlDrafter:
     # --- the Drafter protocol -----------------------------------------------------------------
 
     def reset(self) -> None:
-        self._settle(None)
-        self.lm.reset()
-        if self.verifier is not None:
-            self.verifier.reset()
+        self._stop_lookaheads()
+        for job in self._outstanding:  # at most one pass each; a new prompt starts with idle workers
+            job.result()
+        self._outstanding = []
+        self._threads.restore()
+        for lm in (self.lm, self.lookahead_lm, self.verifier):
+            if lm is not None:
+                lm.reset()
         self._mode = "pre"
 
     def draft(self, context: DraftContext) -> DraftTree:
         sequence, sampling = context.sequence, context.sampling
         limit = min(self.knobs.gamma, context.max_depth)
-        reused = self._take_ready(sequence)
+        reused = self._take_ready(sequence) if limit else None
         if limit == 0:
             return root_only(context)
         if reused is not None:
@@ -199,15 +209,20 @@ class PearlDrafter:
         else:
             chain = draft_chain(self.lm, sequence, limit, sampling, context.rng)
         tree = chain_tree(sequence[-1], chain, limit)
-        more_after_this_step = context.max_depth > tree.size  # else the loop stops at this step's bonus
-        if self._drafter_worker is not None and self.knobs.post_verify and more_after_this_step:
+        if self._post_verify_applies(context, tree):
             self._launch_ahead(sequence + tree.tokens[1:], sampling, context.rng)
         return tree
 
     def commit(self, sequence: Sequence[int]) -> None:
-        self._settle(sequence)
-        if self._ready is None:
-            self.lm.cache.truncate(self.lm.cache.common_prefix(sequence))
+        self._threads.restore()  # the target's verification is over
+        self._reap()
+        job, self._ahead = self._ahead, None
+        if job is not None:
+            if full_acceptance(sequence, job.base):
+                self._ready = (tuple(sequence), job)  # draft() checks the guess, then waits for the chain
+            else:
+                job.stop.set()  # drafted for a future that did not happen; nobody waits for it
+        self.lm.cache.truncate(self.lm.cache.common_prefix(sequence))
 
     def observe(self, outcome: StepOutcome) -> None:
         if outcome.tree.size:
@@ -215,73 +230,71 @@ class PearlDrafter:
 
     # --- post-verify --------------------------------------------------------------------------
 
+    def _post_verify_applies(self, context: DraftContext, tree: DraftTree) -> bool:
+        """PEARL drafts ahead in post-verify mode: after a fully accepted chain, when full acceptance is likely."""
+        more_after_this_step = context.max_depth > tree.size  # else the loop stops at this step's bonus
+        return self._drafter_worker is not None and self._mode == "post" and more_after_this_step
+
     def _launch_ahead(self, base: tuple[int, ...], sampling: Sampling, rng: torch.Generator) -> None:
         # the background draws from its own generator (seeded here, in order) so the loop's rng is never shared
         seed = None if sampling.greedy else int(torch.randint(0, 2**62, (1,), generator=rng))
         job = Lookahead(base)
         job.future = self._drafter_worker.submit(self._run_ahead, job, sampling, seed)
+        self.stats["lookaheads"] += 1
+        self._outstanding.append(job.future)
         self._ahead = job
         self._threads.use(self.knobs.target_threads)  # the loop's target forward runs next, beside the drafter
 
     def _run_ahead(self, job: Lookahead, sampling: Sampling, seed: int | None) -> Chain:
         """Background thread: guess the bonus token, then draft gamma tokens after it."""
         try:
-            logits = self.lm.extend_to(job.base)  # [V] after the chain's last token
+            if job.stop.is_set():  # stopped while queued behind an earlier job
+                return Chain((), (), 0)
+            logits = self.lookahead_lm.extend_to(job.base)  # [V] after the chain's last token
             job.guess = int(logits.argmax())  # the target's most likely bonus, as the drafter sees it
         finally:
             job.guessed.set()  # never leave the foreground waiting, even on an error
         if job.stop.is_set():
             return Chain((), (), 1)
         rng = None if seed is None else torch.Generator().manual_seed(seed)
-        chain = draft_chain(self.lm, job.base + (job.guess,), self.knobs.gamma, sampling, rng, job.stop.is_set)
+        chain = draft_chain(self.lookahead_lm, job.base + (job.guess,), self.knobs.gamma, sampling, rng, job.stop.is_set)
         return Chain(chain.tokens, chain.q_rows, chain.calls + 1)
 
-    def _settle(self, sequence: Sequence[int] | None) -> None:
-        """After a verification: keep the post-verify job if its guess came true, else stop and join it."""
-        self._join_preverify()
-        self._drop_ready()
-        job, self._ahead = self._ahead, None
-        if job is None:
-            return
-        hit = sequence is not None and full_acceptance(sequence, job.base)
-        if hit:
-            job.guessed.wait()
-            hit = job.guess == sequence[-1]
-        if hit:
-            self._ready = (tuple(sequence), job)  # keep drafting; draft() joins it
-            return
-        job.stop.set()
-        self._join(job)
-
-    def _drop_ready(self) -> None:
-        """A kept lookahead nobody will use (a new prompt): stop it and take the cache back."""
-        ready, self._ready = self._ready, None
-        if ready is not None:
-            ready[1].stop.set()
-            self._join(ready[1])
-
     def _take_ready(self, sequence: tuple[int, ...]) -> Chain | None:
+        """The lookahead's chain if its guess of the bonus came true (then wait for all gamma tokens)."""
         ready, self._ready = self._ready, None
         if ready is None:
             return None
         continues, job = ready
-        chain = self._join(job)  # waits for the rest of the lookahead
-        if continues != sequence or not chain.tokens:
-            self.lm.cache.truncate(self.lm.cache.common_prefix(sequence))
+        job.guessed.wait()
+        if continues != sequence or job.guess != sequence[-1]:
+            job.stop.set()
             return None
-        return chain
+        chain = job.future.result()  # the lookahead's remaining passes (re-raises a background error)
+        return chain if len(chain.tokens) == self.knobs.gamma else None
 
-    def _join(self, job: Lookahead) -> Chain:
-        """Wait for a lookahead; the drafter cache is the foreground's again (a background error re-raises here)."""
-        try:
-            return job.future.result()
-        finally:
-            self._threads.restore()
+    def _stop_lookaheads(self) -> None:
+        for job in (self._ahead, self._ready[1] if self._ready else None):
+            if job is not None:
+                job.stop.set()
+        self._ahead, self._ready = None, None
+
+    def _reap(self) -> None:
+        """Forget finished background jobs, re-raising the first error one of them hit."""
+        running = []
+        for job in self._outstanding:
+            if not job.done():
+                running.append(job)
+            elif job.exception() is not None:
+                self._stop_lookaheads()
+                raise job.exception()
+        self._outstanding = running
 
     # --- pre-verify ---------------------------------------------------------------------------
 
     def _preverify_applies(self, limit: int) -> bool:
-        return self._target_worker is not None and self._mode == "pre" and limit >= 2
+        idle = self._preverify is None or self._preverify.future.done()  # never queue behind a late answer
+        return self._target_worker is not None and self._mode == "pre" and limit >= 2 and idle
 
     def _draft_with_preverify(
         self, sequence: tuple[int, ...], limit: int, sampling: Sampling, rng: torch.Generator
@@ -290,6 +303,7 @@ class PearlDrafter:
         q_first = first.q_rows[0] if first.q_rows else None
         job = PreVerify(self._target_worker.submit(self._acceptance, sequence, first.tokens[0], q_first, sampling))
         self._preverify = job
+        self._outstanding.append(job.future)
         self._threads.use(self.knobs.drafter_threads)  # the drafter now runs beside the target
         try:
             if job.rejects():
@@ -309,11 +323,6 @@ class PearlDrafter:
         if sampling.greedy:
             return float(int(logits.argmax()) == token)
         return min(1.0, float(probabilities(logits, sampling)[token] / q[token]))
-
-    def _join_preverify(self) -> None:
-        job, self._preverify = self._preverify, None
-        if job is not None:
-            job.future.result()  # the verifier cache is ours again; re-raises a worker error
 
 
 @METHODS.register(
