@@ -31,6 +31,9 @@ def bench(
     peer: list[str] = typer.Option([], help="Also run a peer implementation: hf."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16."),
+    threads: int | None = typer.Option(
+        None, min=1, help="Torch threads (default: torch's). Use 1 on a shared or loaded CPU: spinning thread teams cost 10x."
+    ),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per configuration instead of a table."),
 ) -> None:
     """Run configurations over a prompt set; report speedup over AR measured in the same run."""
@@ -38,6 +41,10 @@ def bench(
     from spectune.pair import load_pair
     from spectune.prompts import load_prompts
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         settings = _settings(max_new_tokens, temperature, top_p, seed, repeats, warmup)
         configs = _configs(method, set_, config)
