@@ -236,6 +236,12 @@ def test_del_and_layerskip_equal_greedy_decoding(target):
         assert generation.tokens == reference.tokens, method
 
 
+@pytest.mark.parametrize("layers, expected", [(2, 1), (4, 1), (8, 2), (32, 8)])
+def test_layerskip_default_exit_is_a_quarter_of_the_layers(layers, expected):
+    model = random_llama(seed=1, vocab=16, layers=layers, hidden=16)
+    assert METHODS.build("layerskip", {}, Models(CausalLM(model), None)).exit_layer == expected
+
+
 def test_bad_exit_layers_name_the_field_and_range(target):
     models = Models(CausalLM(target), None)
     with pytest.raises(ValueError, match=r"exit_layer must be in 1\.\.3"):
