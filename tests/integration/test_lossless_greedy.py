@@ -15,6 +15,7 @@ EXTRA_CONFIGS = [
     ("tree", {"branching": [4, 2, 2, 1]}),
     ("tree", {"paths": [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0]]}),
     ("pld", {"max_ngram": 2, "draft_len": 4}),
+    ("pld", {"matches": 4, "draft_len": 6}),
 ]
 CONFIGS = [(name, {}) for name in METHODS.names() if name != "ar"] + EXTRA_CONFIGS
 

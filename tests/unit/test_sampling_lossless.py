@@ -130,7 +130,11 @@ def exact_law_from_model(target, prompt, sampling):
     return law.flatten()
 
 
-EXTRA_CONFIGS = [("sps", {"draft_len": 3, "schedule": "heuristic"}), ("tree", {"branching": [3, 2]})]
+EXTRA_CONFIGS = [
+    ("sps", {"draft_len": 3, "schedule": "heuristic"}),
+    ("tree", {"branching": [3, 2]}),
+    ("pld", {"matches": 4, "max_ngram": 1}),  # a trie of continuations from the second step on
+]
 EVERY_METHOD = [(name, {}) for name in METHODS.names() if METHODS.get(name).lossless]
 
 

@@ -153,6 +153,12 @@ class PldKnobs(Knobs):
     max_ngram: int = Field(3, ge=1, le=16, description="longest suffix n-gram to look up")
     min_ngram: int = Field(1, ge=1, le=16, description="shortest suffix n-gram to try")
     draft_len: int = Field(10, ge=1, le=64, description="tokens copied after the match")
+    matches: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="earlier matches whose continuations are merged into a tree (1 = the classic chain)",
+    )
 
     @model_validator(mode="after")
     def ordered(self) -> "PldKnobs":
@@ -162,11 +168,16 @@ class PldKnobs(Knobs):
 
 
 class PromptLookup:
-    """Copy what followed the latest earlier occurrence of the current suffix n-gram (no model)."""
+    """Copy what followed earlier occurrences of the current suffix n-gram (no model).
+
+    With one match this is prompt lookup decoding's chain; with more, the continuations of the
+    most recent matches are merged into a trie (a shared prefix is verified once), so a suffix
+    that was followed by different text at different places offers every version at once.
+    """
 
     def __init__(self, knobs: PldKnobs) -> None:
         self.knobs = knobs
-        self.max_tree_size = knobs.draft_len
+        self.max_tree_size = knobs.draft_len * knobs.matches
 
     def reset(self) -> None: ...
 
@@ -176,30 +187,54 @@ class PromptLookup:
 
     def draft(self, context: DraftContext) -> DraftTree:
         limit = min(self.knobs.draft_len, context.max_depth)
-        proposal = lookup(context.sequence, self.knobs.min_ngram, self.knobs.max_ngram, limit) if limit else []
-        tokens = (context.sequence[-1], *proposal)
-        return DraftTree(tokens, tuple(range(-1, len(proposal))))
+        knobs = self.knobs
+        found = lookup(context.sequence, knobs.min_ngram, knobs.max_ngram, limit, knobs.matches) if limit else []
+        return continuation_trie(context.sequence[-1], found)
 
 
-def lookup(sequence: Sequence[int], min_ngram: int, max_ngram: int, length: int) -> list[int]:
-    """Tokens that followed the most recent earlier match of the longest matching suffix n-gram."""
+def lookup(sequence: Sequence[int], min_ngram: int, max_ngram: int, length: int, matches: int = 1) -> list[list[int]]:
+    """Up to `matches` continuations (<= `length` tokens) of earlier matches of the current suffix.
+
+    Longest matching n-gram first, most recent match first within one n; each earlier
+    position is used once even when it matches at several n.
+    """
     seq = torch.tensor(sequence)  # [L]
+    found: list[list[int]] = []
+    used: set[int] = set()  # start of each copied continuation
     for n in range(min(max_ngram, len(sequence) - 1), min_ngram - 1, -1):
         windows = seq[:-1].unfold(0, n, 1)  # [L-n, n] every n-gram that has a next token
-        hits = (windows == seq[-n:]).all(dim=1).nonzero().flatten()  # starts of earlier matches
-        if len(hits):
-            start = int(hits[-1]) + n
-            return seq[start : start + length].tolist()
-    return []
+        hits = (windows == seq[-n:]).all(dim=1).nonzero().flatten()  # [h] starts of earlier matches
+        for start in (int(h) + n for h in reversed(hits)):
+            if start not in used:
+                used.add(start)
+                found.append(seq[start : start + length].tolist())
+            if len(found) == matches:
+                return found
+    return found
+
+
+def continuation_trie(root: int, continuations: Sequence[Sequence[int]]) -> DraftTree:
+    """Merge token chains hanging off `root` into a tree; earlier chains get the lower-ranked children."""
+    tokens, parents = [root], [-1]
+    child_of: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+    for chain in continuations:
+        node = 0
+        for token in chain:
+            if (node, token) not in child_of:
+                child_of[node, token] = len(tokens)
+                tokens.append(token)
+                parents.append(node)
+            node = child_of[node, token]
+    return DraftTree(tuple(tokens), tuple(parents))
 
 
 @METHODS.register(
     "pld",
     PldKnobs,
     needs_drafter=False,
-    summary="copy what followed the last earlier match of the suffix n-gram (no model)",
+    summary="copy what followed the last earlier match of the suffix n-gram (no model); matches > 1: a trie of several",
     paper="Saxena 2023, prompt lookup decoding",
-    cost="0 drafter passes; draft_len + 1 tokens verified",
+    cost="0 drafter passes; draft_len + 1 tokens verified (a trie: at most matches x draft_len + 1)",
     rule="greedy match; sample-and-match (one-hot proposal)",
 )
 def build_pld(knobs: PldKnobs, models: Models) -> PromptLookup:
