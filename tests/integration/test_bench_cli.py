@@ -43,6 +43,18 @@ def test_bench_sampling_reports_lossless_null(micro_pair):
     assert all(r["lossless"] is None and r["mismatches"] is None for r in rows)
 
 
+def test_bench_markdown_table(micro_pair):
+    result = bench("--pair", micro_pair, "--limit", 2, "--max-new-tokens", 8, "--repeats", 2, "--warmup", 0,
+                   "--method", "pld", "--set", "matches=2", "--markdown")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| configuration | speedup | ± std | repeats |")
+    assert len(lines) == 4  # header, rule, ar, pld
+    ar, pld = (line.split(" | ") for line in lines[2:])
+    assert ar[0] == "| `ar`" and ar[1] == "1.00x" and pld[0] == "| `pld(matches=2)`"
+    assert len(pld[3].split(", ")) == 2 and pld[-1] == "yes |"  # both repeats; lossless
+
+
 def test_hf_peer_rows(micro_pair):
     result = bench("--pair", micro_pair, "--limit", 2, "--max-new-tokens", 12, "--repeats", 1, "--warmup", 0,
                    "--method", "sps", "--peer", "hf", "--json")

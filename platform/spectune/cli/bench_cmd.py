@@ -10,7 +10,7 @@ from typing import Any
 import typer
 import yaml
 
-from spectune.cli.output import fail, results_table
+from spectune.cli.output import fail, results_markdown, results_table
 
 
 def bench(
@@ -35,6 +35,7 @@ def bench(
         None, min=1, help="Torch threads (default: torch's). Use 1 on a shared or loaded CPU: spinning thread teams cost 10x."
     ),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per configuration instead of a table."),
+    markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (as in docs/benchmarks.md) instead."),
 ) -> None:
     """Run configurations over a prompt set; report speedup over AR measured in the same run."""
     from spectune.bench import contender, run_bench
@@ -64,6 +65,8 @@ def bench(
     if json_out:
         for row in rows:
             sys.stdout.write(json.dumps(row) + "\n")
+    elif markdown:
+        sys.stdout.write(results_markdown(rows))
     else:
         results_table(rows, title=f"{target_id} + {drafter_id or 'no drafter'}, {len(prompt_set)} prompts")
 
