@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from spectune.engine.loop import Decoder, Generation
 from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
+from spectune.methods.base import draft_modules
 from spectune.metrics import step_metrics
 from spectune.pair import Pair
 from spectune.profiling import ForwardClock, peak_memory_mb
@@ -143,7 +144,9 @@ def encode_prompts(pair: Pair, prompts: Sequence[Prompt], max_new_tokens: int) -
 def timed_pass(pair: Pair, runner: Runner, encoded: Sequence[list[int]], settings: Settings) -> Pass:
     target_clock, draft_clock = ForwardClock(), ForwardClock()
     generations, seconds = [], []
-    with target_clock.attached(pair.target), draft_clock.attached(pair.drafter):
+    # the drafter model, and what a drafter drafts with besides (the target's exit views: layerskip, del)
+    drafting = (pair.drafter, *draft_modules(getattr(runner, "drafter", None)))
+    with target_clock.attached(pair.target), draft_clock.attached(*drafting):
         for i, tokens in enumerate(encoded):
             started = time.perf_counter()
             generations.append(runner.generate(tokens, settings.max_new_tokens, settings.sampling, settings.seed + i))

@@ -46,6 +46,19 @@ class Drafter(Protocol):
         """After each step: adapt (draft length schedules, tables)."""
 
 
+def draft_modules(drafter: object) -> tuple[torch.nn.Module, ...]:
+    """The modules whose forward calls are a drafter's drafting, beside the pair's drafter model.
+
+    A drafter that drafts with something other than the loaded drafter model (an early-exit view
+    of the target, say) names it with a `draft_modules() -> Sequence[nn.Module]` method, so that
+    timing from outside (`spectune bench`'s forward hooks) can count it as drafting. Only naming:
+    the drafter itself times nothing. A named module must not run inside the target's forward,
+    nor the target inside it, or the time would count on both sides. Default: none.
+    """
+    named = getattr(drafter, "draft_modules", None)
+    return tuple(named()) if named is not None else ()
+
+
 class Knobs(BaseModel):
     """Base of every method's knobs: unknown fields are errors, so typos never pass silently."""
 

@@ -71,6 +71,10 @@ class LayerSkipDrafter(TemplateDrafter):
         self._accepted += accepted
         self._judged += accepted + (accepted < outcome.tree.size)  # tokens after a rejection were never judged
 
+    def draft_modules(self) -> tuple[torch.nn.Module, ...]:
+        """The exit view drafts (a module of its own over the target's blocks; the target's forward never calls it)."""
+        return (self.lm.model,)
+
     def exit_layer_acceptance(self) -> dict[int, float]:
         """Per-token acceptance at the exit layer (comparable with DEL's shadow agreement), since build."""
         return {self.exit_layer: self._accepted / self._judged} if self._judged else {}
@@ -261,6 +265,7 @@ class DynamicExitDrafter:
         self.chosen: Counter[tuple[int, int]] = Counter()  # (exit layer, draft length) -> rounds
         self._head = ExitHead(target.model)
         self._recorder = LayerOutputs(decoder_layers(target.model), exit_layers)
+        self._views: dict[int, PreTrainedModel] = {}  # exit layer -> its view of the target, built on first use
         self._drafters: dict[int, TemplateDrafter] = {}  # one cache-owning view per exit layer, built on first use
         self._sampling = Sampling()
         self._rounds = 0
@@ -298,14 +303,28 @@ class DynamicExitDrafter:
         self.shadowed_rounds += 1
         self._choice = None
 
+    def draft_modules(self) -> tuple[torch.nn.Module, ...]:
+        """Every exit view a round may draft with (built here if not yet used; a view shares the target's
+        weights and owns no cache, so an unused one costs nothing while decoding).
+
+        Shadow tokens are not drafting: they are read from the verification forward (layer hooks)
+        and the head applied after it, outside any module named here.
+        """
+        return tuple(self._view(layer) for layer in self.exit_layers)
+
     def exit_layer_acceptance(self) -> dict[int, float]:
         """Shadow-token agreement per exit layer over every verification since the drafter was built."""
         return self.window.overall()
 
     def _drafter(self, layer: int) -> TemplateDrafter:
         if layer not in self._drafters:
-            self._drafters[layer] = TemplateDrafter(CausalLM(exit_view(self.target.model, layer)), chain_shape(1))
+            self._drafters[layer] = TemplateDrafter(CausalLM(self._view(layer)), chain_shape(1))
         return self._drafters[layer]
+
+    def _view(self, layer: int) -> PreTrainedModel:
+        if layer not in self._views:
+            self._views[layer] = exit_view(self.target.model, layer)
+        return self._views[layer]
 
 
 @METHODS.register(

@@ -1,0 +1,82 @@
+"""Timing from outside: ForwardClock's counting, and bench passes that see every drafting module."""
+
+import pytest
+import torch
+from torch import nn
+
+from spectune.bench import DecodeConfig, Settings, contender, timed_pass
+from spectune.methods.base import draft_modules
+from spectune.pair import load_pair
+from spectune.profiling import ForwardClock
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.inner(x))
+
+
+class Failing(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+
+def test_nested_forwards_of_attached_modules_count_once():
+    outer = Outer()
+    clock = ForwardClock()
+    with clock.attached(outer, outer.inner):
+        outer(torch.ones(2))
+    assert clock.calls == 1 and clock.seconds > 0
+    with clock.attached(outer, outer.inner):
+        outer.inner(torch.ones(2))  # the inner module alone is an outermost call
+    assert clock.calls == 2
+
+
+def test_a_module_named_twice_or_none_is_hooked_once():
+    outer = Outer()
+    clock = ForwardClock()
+    with clock.attached(outer, None, outer):
+        assert len(outer._forward_pre_hooks) == 1
+        outer(torch.ones(2))
+    assert clock.calls == 1
+    assert not outer._forward_pre_hooks and not outer._forward_hooks and not outer.inner._forward_hooks
+
+
+def test_a_forward_that_raises_does_not_stop_the_clock_counting():
+    failing, fine = Failing(2, 2), nn.Linear(2, 2)
+    clock = ForwardClock()
+    with clock.attached(failing, fine):
+        with pytest.raises(RuntimeError):
+            failing(torch.ones(2))
+        fine(torch.ones(2))
+    assert clock.calls == 2
+
+
+def test_only_self_speculative_drafters_name_modules_of_their_own(micro_pair):
+    pair = load_pair(str(micro_pair / "target"), str(micro_pair / "drafter"))
+    configs = {"ar": {}, "sps": {}, "layerskip": {}, "del": {"cost": "layers"}}
+    expected = {"ar": 0, "sps": 0, "layerskip": 1, "del": 3}  # del: a view per exit layer 1..L-1
+    for method, knobs in configs.items():
+        modules = draft_modules(contender(pair, DecodeConfig(method=method, **knobs)).runner.drafter)
+        assert len(modules) == expected[method], method
+        assert all(m is not pair.target and m is not pair.drafter for m in modules)
+
+
+@pytest.mark.parametrize("config", [{"method": "layerskip"}, {"method": "del", "cost": "layers", "max_draft_len": 3}])
+def test_self_speculative_draft_time_is_drafting_not_engine_overhead(micro_pair, config):
+    pair = load_pair(str(micro_pair / "target"), str(micro_pair / "drafter"))
+    settings = Settings(max_new_tokens=24, repeats=1, warmup=0)
+    encoded = [pair.encode(text) for text in ("The capital of France is", "def fibonacci(n):")]
+    who = contender(pair, DecodeConfig(**config))
+    timed_pass(pair, who.runner, encoded[:1], settings)  # warm up
+    run = timed_pass(pair, who.runner, encoded, settings)
+    # the target's clock sees exactly the prefills and verifications: no draft pass through the view
+    assert run.target_forwards == len(encoded) + sum(g.target_calls for g in run.generations)
+    draft_share = run.draft_s / run.wall_s
+    overhead_share = (run.wall_s - run.target_s - run.draft_s) / run.wall_s
+    # before the views were timed, their draft time (~0.35 of the wall here) landed in the overhead (~0.5)
+    assert draft_share > 0.15, (draft_share, overhead_share)
+    assert overhead_share < 0.4, (draft_share, overhead_share)
