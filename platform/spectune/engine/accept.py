@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spectune.engine.sampling import Sampling, probabilities, sample
+from spectune.engine.sampling import Sampling, host, probabilities, sample
 from spectune.engine.tree import DraftTree, tree_layout
 
 
@@ -48,12 +48,16 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Verdict:
 
 
 def accept_sampled(tree: DraftTree, target_probs: torch.Tensor, rng: torch.Generator) -> Verdict:
-    """target_probs: [n+1, V]. Returns a path whose tokens, plus the bonus, follow the target exactly."""
+    """target_probs: [n+1, V] (any device). Returns a path whose tokens, plus the bonus, follow the target exactly.
+
+    The rows of the nodes on the path come to the CPU one by one (`host`), where the generator's
+    uniforms and the drafter's q live: p, q and every residual share a device and a dtype.
+    """
     children = tree_layout(tree.parents).children
     path = [0]
     while True:
         node = path[-1]
-        chosen, residual = _recursive_rejection(tree, node, children[node], target_probs[node], rng)
+        chosen, residual = _recursive_rejection(tree, node, children[node], host(target_probs[node]), rng)
         if chosen is None:
             return Verdict(tuple(path), sample(residual, rng))
         path.append(chosen)
@@ -62,8 +66,11 @@ def accept_sampled(tree: DraftTree, target_probs: torch.Tensor, rng: torch.Gener
 def _recursive_rejection(
     tree: DraftTree, node: int, siblings: tuple[int, ...], p: torch.Tensor, rng: torch.Generator
 ) -> tuple[int | None, torch.Tensor]:
-    """Try each sibling in draw order; on rejection move p to the residual and q off the rejected token."""
-    q = tree.q[node] if tree.q is not None else None  # [V] or one-hot proposals
+    """Try each sibling in draw order; on rejection move p to the residual and q off the rejected token.
+
+    p: [V] on the CPU (from `host`), like q.
+    """
+    q = host(tree.q[node]) if tree.q is not None else None  # [V] on the CPU, or one-hot proposals
     for child in siblings:
         token = tree.tokens[child]
         q_token = float(q[token]) if q is not None else 1.0

@@ -14,7 +14,7 @@ import dataclasses
 import torch
 from pydantic import Field, model_validator
 
-from spectune.engine.sampling import probabilities
+from spectune.engine.sampling import probabilities, sample_with_replacement
 from spectune.engine.shapes import TreeShape, branching_shape
 from spectune.engine.tree import DraftTree
 from spectune.methods.base import DraftContext, Knobs, Models
@@ -53,7 +53,7 @@ class WithReplacementDrafter(TemplateDrafter):
         if not slots:
             return []
         q = probabilities(logits, context.sampling)  # [V]
-        picks = torch.multinomial(q, len(slots), replacement=True, generator=context.rng).tolist()
+        picks = sample_with_replacement(q, len(slots), context.rng)
         tree.q_rows[node] = q
         return [tree.add(token, node, slot) for token, slot in zip(picks, slots)]
 
