@@ -1,7 +1,7 @@
 """`spectune bench`: decoding configurations over a prompt set, timed against AR in the same run.
 
-Every repeat runs the AR baseline and then each configuration over all prompts, so each
-speedup is a ratio of two passes made back to back on the same machine state.
+Within every repeat each prompt is decoded by AR and then by each configuration back to back,
+so each speedup is a ratio of times taken seconds apart on the same machine state.
 """
 
 from __future__ import annotations
@@ -141,17 +141,31 @@ def encode_prompts(pair: Pair, prompts: Sequence[Prompt], max_new_tokens: int) -
     return encoded
 
 
-def timed_pass(pair: Pair, runner: Runner, encoded: Sequence[list[int]], settings: Settings) -> Pass:
+def timed_prompt(pair: Pair, runner: Runner, tokens: list[int], index: int, settings: Settings) -> Pass:
+    """One prompt decoded once, timed by the wall clock and by forward hooks on the models."""
     target_clock, draft_clock = ForwardClock(), ForwardClock()
-    generations, seconds = [], []
     # the drafter model, and what a drafter drafts with besides (the target's exit views: layerskip, del)
     drafting = (pair.drafter, *draft_modules(getattr(runner, "drafter", None)))
     with target_clock.attached(pair.target), draft_clock.attached(*drafting):
-        for i, tokens in enumerate(encoded):
-            started = time.perf_counter()
-            generations.append(runner.generate(tokens, settings.max_new_tokens, settings.sampling, settings.seed + i))
-            seconds.append(time.perf_counter() - started)
-    return Pass(generations, seconds, target_clock.seconds, draft_clock.seconds, target_clock.calls)
+        started = time.perf_counter()
+        generation = runner.generate(tokens, settings.max_new_tokens, settings.sampling, settings.seed + index)
+        seconds = time.perf_counter() - started
+    return Pass([generation], [seconds], target_clock.seconds, draft_clock.seconds, target_clock.calls)
+
+
+def joined(parts: Sequence[Pass]) -> Pass:
+    """Per-prompt passes as one pass over the prompt set."""
+    return Pass(
+        [g for part in parts for g in part.generations],
+        [s for part in parts for s in part.seconds],
+        sum(part.target_s for part in parts),
+        sum(part.draft_s for part in parts),
+        sum(part.target_forwards for part in parts),
+    )
+
+
+def timed_pass(pair: Pair, runner: Runner, encoded: Sequence[list[int]], settings: Settings) -> Pass:
+    return joined([timed_prompt(pair, runner, tokens, i, settings) for i, tokens in enumerate(encoded)])
 
 
 @dataclass(frozen=True)
@@ -198,9 +212,14 @@ def run_bench(
     contenders: Sequence[Contender],
     prompts: Sequence[Prompt],
     settings: Settings,
-    on_pass: Callable[[str, int], None] = lambda label, repeat: None,
+    on_prompt: Callable[[int, int], None] = lambda repeat, prompt: None,
 ) -> list[dict[str, Any]]:
-    """AR and every contender, interleaved per repeat so each speedup compares back-to-back passes."""
+    """AR and every contender, interleaved prompt by prompt within each repeat.
+
+    Each prompt is decoded by AR and then by every contender back to back, so the machine's
+    speed drifting over minutes (shared or virtual CPUs do) hits AR and each contender alike,
+    however many contenders there are.
+    """
     encoded = encode_prompts(pair, prompts, settings.max_new_tokens)
     ar = contender(pair, DecodeConfig(method="ar"))
     everyone = [ar, *[c for c in contenders if c.label != "ar"]]
@@ -208,9 +227,13 @@ def run_bench(
         warm_up(pair, each, encoded, settings)
     passes: dict[str, list[Pass]] = {c.label: [] for c in everyone}
     for repeat in range(settings.repeats):
+        parts: dict[str, list[Pass]] = {c.label: [] for c in everyone}
+        for i, tokens in enumerate(encoded):
+            for each in everyone:
+                parts[each.label].append(timed_prompt(pair, each.runner, tokens, i, settings))
+            on_prompt(repeat, i)
         for each in everyone:
-            passes[each.label].append(timed_pass(pair, each.runner, encoded, settings))
-            on_pass(each.label, repeat)
+            passes[each.label].append(joined(parts[each.label]))
     reference = passes["ar"][0].generations
     return [summarise(c, passes[c.label], passes["ar"], reference, prompts, settings, pair) for c in everyone]
 
@@ -254,6 +277,7 @@ def summarise(
         "ms_per_token": 1000.0 / statistics.median(r.tokens_per_s for r in runs),
         "peak_mem_mb": peak_memory_mb(pair.target.device),
         "acceptance_by_exit_layer": exit_layer_acceptance(who.runner),
+        "exit_choices": exit_choices(who.runner),
         "temperature": settings.temperature,
         "max_new_tokens": settings.max_new_tokens,
         "per_prompt": [_per_prompt(p, g, s, m if greedy else None) for p, g, s, m in zip(prompts, first.generations, first.seconds, matches)],
@@ -270,6 +294,14 @@ def exit_layer_acceptance(runner: Runner) -> dict[str, float] | None:
     if report is None:
         return None
     return {str(layer): rate for layer, rate in sorted(report().items())} or None
+
+
+def exit_choices(runner: Runner) -> dict[str, int] | None:
+    """How often a dynamic-exit drafter (del) picked each (exit layer, draft length), as {"l,d": rounds}; else None."""
+    report = getattr(getattr(runner, "drafter", None), "exit_choices", None)
+    if report is None:
+        return None
+    return {f"{layer},{length}": rounds for (layer, length), rounds in sorted(report().items())} or None
 
 
 def _per_prompt(prompt: Prompt, generation: Generation, seconds: float, matches_ar: bool | None) -> dict[str, Any]:

@@ -275,3 +275,7 @@ def test_bench_reports_acceptance_by_exit_layer(micro_pair):
     assert list(rows["del"]["acceptance_by_exit_layer"]) == ["1", "2", "3"]
     assert rows["del"]["acceptance_by_exit_layer"]["3"] > 0.3
     assert rows["sps"]["acceptance_by_exit_layer"] is None and rows["ar"]["acceptance_by_exit_layer"] is None
+    choices = rows["del"]["exit_choices"]  # {"l,d": rounds}: every round drafted with one (l, d) in range
+    assert choices and all(1 <= int(k.split(",")[0]) <= 3 and 1 <= int(k.split(",")[1]) <= 4 for k in choices)
+    assert sum(choices.values()) == rows["del"]["target_calls"]  # one round per step (1 pass, no warm-up)
+    assert rows["layerskip"]["exit_choices"] is None and rows["sps"]["exit_choices"] is None

@@ -55,9 +55,9 @@ def bench(
         contenders = [contender(loaded, c) for c in configs] + _peers(peer, loaded)
     except ValueError as err:
         fail(str(err))
-    progress = _Progress(len(contenders) + 1, settings.repeats)
+    progress = _Progress(len(prompt_set), settings.repeats, len(contenders) + 1)
     try:
-        rows = run_bench(loaded, contenders, prompt_set, settings, on_pass=progress.advance)
+        rows = run_bench(loaded, contenders, prompt_set, settings, on_prompt=progress.advance)
     except ValueError as err:
         fail(str(err))
     finally:
@@ -140,18 +140,19 @@ def _peers(names: list[str], loaded) -> list:
 
 
 class _Progress:
-    """A rich progress bar over (contender, repeat) passes, on stderr."""
+    """A rich progress bar over (repeat, prompt) rounds, each decoded by AR and every configuration, on stderr."""
 
-    def __init__(self, contenders: int, repeats: int) -> None:
+    def __init__(self, prompts: int, repeats: int, contenders: int) -> None:
         from rich.console import Console
         from rich.progress import Progress
 
+        self._prompts = prompts
         self._bar = Progress(console=Console(stderr=True), transient=True)
-        self._task = self._bar.add_task("timed passes", total=contenders * repeats)
+        self._task = self._bar.add_task(f"prompts x {contenders} configurations", total=prompts * repeats)
         self._bar.start()
 
-    def advance(self, label: str, repeat: int) -> None:
-        self._bar.update(self._task, advance=1, description=f"repeat {repeat + 1}: {label}")
+    def advance(self, repeat: int, prompt: int) -> None:
+        self._bar.update(self._task, advance=1, description=f"repeat {repeat + 1}, prompt {prompt + 1}/{self._prompts}")
 
     def close(self) -> None:
         self._bar.stop()

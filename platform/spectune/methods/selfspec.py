@@ -312,6 +312,10 @@ class DynamicExitDrafter:
         """
         return tuple(self._view(layer) for layer in self.exit_layers)
 
+    def exit_choices(self) -> dict[tuple[int, int], int]:
+        """Rounds drafted with each (exit layer, draft length) since the drafter was built."""
+        return dict(self.chosen)
+
     def exit_layer_acceptance(self) -> dict[int, float]:
         """Shadow-token agreement per exit layer over every verification since the drafter was built."""
         return self.window.overall()
