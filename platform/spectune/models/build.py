@@ -55,7 +55,7 @@ from .corpus import Corpus, load_corpus
 
 #: Bumped whenever a change to this module changes what a build produces; cached pairs
 #: whose card has another version are rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 EOS_TOKEN = "<|endoftext|>"  # also the bos token (GPT-2 convention); id 0
 PAD_TOKEN = "<|pad|>"  # never in the training data; id 1
@@ -106,7 +106,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # For tests: ~25 s end to end on 2 CPU cores. Vocab 512 (256 byte symbols + 254
+    # For tests: ~30 s end to end on 2 idle CPU cores. Vocab 512 (256 byte symbols + 254
     # merges + 2 specials, ~2.2 bytes/token on stdlib code): a tiny embedding/head, so
     # the 4-layer d=128 body dominates the target's cost and the drafter is ~7x cheaper.
     "micro": Preset(
@@ -123,18 +123,22 @@ PRESETS: dict[str, Preset] = {
         bf16_autocast=False,
         description="test pair: 4-layer d=128 target, 1-layer d=64 drafter, vocab 512",
     ),
-    # For the demo: ~7-8 minutes on 2 AMX-capable cores (bf16 autocast), cached. Vocab
-    # 4096 (~3.6 bytes/token vs 3.2 for 2048): more text per target forward; with bf16
-    # the larger head costs only ~25% more per training step than 2048 would.
+    # For the demo: ~9 minutes on 2 idle AMX-capable cores (bf16 autocast; estimated
+    # from single-thread CPU time, see the card's timings), cached. Vocab 4096 (~3.6
+    # bytes/token vs 3.2 for 2048): more text per target forward; with bf16 the larger
+    # head costs only ~25% more per training step than 2048 would. In this budget both
+    # models are far from converged and held-out loss follows tokens seen, not updates
+    # (500 x 8 windows: 4.60; 800 x 4 windows: 4.75); the target gets ~0.9M tokens
+    # (~1.65 CPU-s per step), the ~15x cheaper drafter 1.2M.
     "tiny": Preset(
         name="tiny",
         vocab_size=4096,
         max_train_bytes=12_000_000,  # more than the filtered stdlib has: use all of it
         max_heldout_bytes=1_000_000,
         target=ModelSpec(n_layers=6, hidden_size=384, n_heads=8, intermediate_size=1024,
-                         steps=500, batch=8, seq_len=256, lr=1.5e-3),
+                         steps=450, batch=8, seq_len=256, lr=1.5e-3),
         drafter=ModelSpec(n_layers=1, hidden_size=128, n_heads=4, intermediate_size=352,
-                          steps=1000, batch=8, seq_len=256, lr=3e-3),
+                          steps=600, batch=8, seq_len=256, lr=3e-3),
         eval_windows=64,
         eval_seq_len=256,
         bf16_autocast=True,
@@ -311,6 +315,17 @@ def sample_windows(stream: torch.Tensor, batch: int, seq_len: int, generator: to
     return stream[starts[:, None] + torch.arange(seq_len + 1)]
 
 
+#: Batches are split into chunks whose fp32 logits stay under this size, and gradients
+#: are accumulated over the chunks. Larger tensors exceed glibc's mmap threshold (32 MiB
+#: at most), so every step would map and unmap them afresh: measured on the tiny target
+#: (8 x 256 tokens, vocab 4096) that is 168k page faults per step against 4k when split.
+LOGITS_CHUNK_BYTES = 16 * 2**20
+
+
+def windows_per_chunk(seq_len: int, vocab_size: int) -> int:
+    return max(1, LOGITS_CHUNK_BYTES // (seq_len * vocab_size * 4))
+
+
 def lr_factor(step: int, total: int, warmup: int, min_frac: float) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_frac``."""
     if step < warmup:
@@ -388,6 +403,7 @@ def train_model(
     )
     n_layers = model.config.num_hidden_layers
     weights = exit_loss_weights(n_layers) if early_exit else [1.0]
+    chunk = windows_per_chunk(spec.seq_len, model.config.vocab_size)
     gen = torch.Generator().manual_seed(_derive_seed(seed, role + ":batches"))
     autocast = (
         torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -400,20 +416,24 @@ def train_model(
     ) as bar:
         for step in range(spec.steps):
             windows = sample_windows(stream, spec.batch, spec.seq_len, gen)
-            with autocast:
-                losses = layer_losses(model, windows, all_layers=early_exit and n_layers > 1)
-            loss = sum(w * l for w, l in zip(weights, losses))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            step_losses = [0.0] * len(weights)
+            for part in windows.split(chunk):
+                frac = part.shape[0] / windows.shape[0]
+                with autocast:
+                    losses = layer_losses(model, part, all_layers=early_exit and n_layers > 1)
+                loss = sum(w * l for w, l in zip(weights, losses)) * frac
+                loss.backward()
+                step_losses = [a + l.item() * frac for a, l in zip(step_losses, losses)]
             torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
             opt.step()
             sched.step()
-            final_losses.append(losses[-1].item())
+            final_losses.append(step_losses[-1])
             bar.update(1)
             if step % 10 == 0 or step == spec.steps - 1:
-                postfix = {"loss": f"{final_losses[-1]:.3f}", "lr": f"{sched.get_last_lr()[0]:.1e}"}
-                if early_exit and len(losses) > 1:
-                    postfix["exit1"] = f"{losses[0].item():.3f}"
+                postfix = {"loss": f"{step_losses[-1]:.3f}", "lr": f"{sched.get_last_lr()[0]:.1e}"}
+                if len(step_losses) > 1:
+                    postfix["exit1"] = f"{step_losses[0]:.3f}"
                 bar.set_postfix(postfix)
     seconds = time.perf_counter() - t0
     model.eval()
@@ -422,13 +442,15 @@ def train_model(
         "train_seconds": round(seconds, 2),
         "train_loss_final": round(sum(tail) / len(tail), 4),
         "precision": "bf16-autocast" if bf16 else "fp32",
+        "chunks_per_batch": math.ceil(spec.batch / chunk),
         "exit_loss_weights": [round(w, 6) for w in weights],
     }
 
 
 @torch.no_grad()
-def evaluate(model, stream: torch.Tensor, n_windows: int, seq_len: int, all_layers: bool, batch: int = 16) -> list[float]:
+def evaluate(model, stream: torch.Tensor, n_windows: int, seq_len: int, all_layers: bool) -> list[float]:
     """Mean held-out CE per exit layer (or just the final layer) over fixed windows, fp32."""
+    batch = windows_per_chunk(seq_len, model.config.vocab_size)
     gen = torch.Generator().manual_seed(EVAL_SEED)
     windows = sample_windows(stream, n_windows, seq_len, gen)
     model.eval()
@@ -473,6 +495,7 @@ def _is_cached(out: Path, preset: Preset, seed: int, target: ModelSpec, drafter:
             or card.get("seed") != seed
             or card["target"]["train_steps"] != target.steps
             or card["drafter"]["train_steps"] != drafter.steps
+            or card.get("preset_spec") != json.loads(json.dumps(asdict(preset)))
         ):
             return False
     except (KeyError, TypeError):
@@ -551,6 +574,17 @@ def _save(model, tokenizer, path: Path, progress: bool) -> None:
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
+
+
+def _swap_in(new: Path, dest: Path) -> None:
+    old = dest.with_name(f".{dest.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        os.rename(dest, old)
+    os.rename(new, dest)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def _model_card_entry(spec: ModelSpec, model, stats: dict) -> dict:
@@ -638,9 +672,12 @@ def build_pair(
             d_eval = evaluate(drafter, held_stream, p.eval_windows, p.eval_seq_len, all_layers=False)
         _log(progress, f"drafter held-out loss: {d_eval[0]:.3f}")
 
-        # 4. save
-        _save(target, hf_tok, out / "target", progress)
-        _save(drafter, hf_tok, out / "drafter", progress)
+        # 4. save: into hidden folders first, then swap them in (a reader of the old
+        # pair never sees a half-written model directory)
+        for role, model in (("target", target), ("drafter", drafter)):
+            _save(model, hf_tok, out / f".{role}.new", progress)
+        for role in ("target", "drafter"):
+            _swap_in(out / f".{role}.new", out / role)
         import tokenizers
         import transformers
 
