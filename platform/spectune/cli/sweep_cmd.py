@@ -92,7 +92,7 @@ def demo(
         spec = spec.model_copy(update={"name": _free_name(spec, {s.name for s in store.list_sweeps()})})
         outcome = _run(spec, store, db, None, False, None)
     url = resolve_url(db)
-    results(sweep=outcome.name, json_out=False, db=db, objective=None)
+    results(sweep_arg=outcome.name, sweep_opt=None, json_out=False, db=db, objective=None)
     typer.echo(f"\ndashboard: spectune dashboard --db {url}")
     typer.echo(f"endpoint:  spectune serve --sweep {outcome.name} --objective speedup --db {url}")
 
