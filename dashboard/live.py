@@ -1,5 +1,5 @@
 """The "Try it live" panel's side of the endpoint: a streamed completion through
-`spectune.workers.client` (OpenAI's `/v1/completions` plus spectune's speculative stats),
+`spectune.workers.serve.client` (OpenAI's `/v1/completions` plus spectune's speculative stats),
 turned into text deltas for `st.write_stream` and one `LiveAnswer` for the stats."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from spectune.workers.client import Delta, EndpointError, Finished, complete
+from spectune.workers.serve.client import Delta, EndpointError, Finished, complete
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000"
 TIMEOUT_S = 120.0  # a long completion (with the AR comparison) on a CPU endpoint

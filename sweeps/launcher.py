@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from spectune.paths import cache_dir
 from spectune.prompts import Prompt, load_prompts
 from spectune.sweeps.spec import PairSpec, SweepSpec
 
 if TYPE_CHECKING:
     from spectune.store import Store
-    from spectune.workers.pair_worker import WorkerPool
+    from spectune.workers.trials.pair_worker import WorkerPool
 
 TRIAL_STATES_UNFINISHED = ("pending", "running")
 
@@ -54,9 +55,7 @@ class SweepOutcome:
 
 
 def default_storage() -> Path:
-    base = os.environ.get("SPECTUNE_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "spectune"
-    return root / "ray_results"
+    return cache_dir("ray_results")
 
 
 def storage_path(options: SweepOptions) -> str:
@@ -201,7 +200,7 @@ def workers_that_fit(spec: SweepSpec) -> int:
 def _run(store: Store, spec: SweepSpec, prompts: tuple[Prompt, ...], options: SweepOptions, console: Console) -> SweepOutcome:
     import ray
 
-    from spectune.workers.pair_worker import PairSource, pool_stats, start_pool, wait_ready
+    from spectune.workers.trials.pair_worker import PairSource, pool_stats, start_pool, wait_ready
 
     started_ray = _start_ray(options.address)
     pool, created = None, False
@@ -248,7 +247,7 @@ def _tuner(store: Store, spec: SweepSpec, options: SweepOptions, prompts: tuple[
     from spectune.sweeps.callback import ProgressCallback, StoreCallback
     from spectune.sweeps.space import num_samples, param_space, searcher
     from spectune.sweeps.trainable import SweepContext, run_trial
-    from spectune.workers.pair_worker import TRIAL_CPU_SHARE
+    from spectune.workers.trials.pair_worker import TRIAL_CPU_SHARE
 
     context = SweepContext.of(spec, pools, prompts)
     # the trial only waits on its leased worker, which holds the slot's CPUs and GPUs

@@ -14,7 +14,7 @@ from ray import tune
 
 from spectune.prompts import Prompt
 from spectune.sweeps.space import TrialConfig, trial_config
-from spectune.workers.pair_worker import TrialOutcome, TrialRequest, WorkerPool
+from spectune.workers.trials.pair_worker import TrialOutcome, TrialRequest, WorkerPool
 
 if TYPE_CHECKING:  # the spec imports the method registry (torch): trial processes never need it
     from spectune.sweeps.spec import SweepSpec

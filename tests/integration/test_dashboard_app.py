@@ -412,9 +412,9 @@ def live_endpoint(micro_pair: Path) -> Iterator[str]:
     """The real endpoint app (FastAPI, `spectune.workers`) on the micro pair, over HTTP."""
     import uvicorn
 
-    from spectune.workers.completion import CompletionService
-    from spectune.workers.serve_app import build_app
-    from spectune.workers.served_config import PairRef, ServedConfig, ServedSource
+    from spectune.workers.serve.completion import CompletionService
+    from spectune.workers.serve.app import build_app
+    from spectune.workers.serve.served_config import PairRef, ServedConfig, ServedSource
 
     served = ServedConfig(
         pair=PairRef(target=str(micro_pair / "target"), drafter=str(micro_pair / "drafter"),
@@ -442,7 +442,7 @@ def live_endpoint(micro_pair: Path) -> Iterator[str]:
 @pytest.mark.slow
 def test_live_panel_streams_an_answer_with_stats(seeded: tuple[str, Store], live_endpoint: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from spectune.workers.client import Finished, complete
+    from spectune.workers.serve.client import Finished, complete
 
     url, _ = seeded
     at = app_on(url, monkeypatch)

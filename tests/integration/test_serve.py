@@ -27,11 +27,11 @@ from spectune.engine.loop import Decoder
 from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
 from spectune.pair import Pair, load_pair
-from spectune.workers.client import Delta, EndpointError, Finished, complete
-from spectune.workers.completion import CompletionService, TextDeltas
-from spectune.workers.openai_schema import CompletionRequest
-from spectune.workers.serve_app import build_app
-from spectune.workers.served_config import (
+from spectune.workers.serve.client import Delta, EndpointError, Finished, complete
+from spectune.workers.serve.completion import CompletionService, TextDeltas
+from spectune.workers.serve.openai_schema import CompletionRequest
+from spectune.workers.serve.app import build_app
+from spectune.workers.serve.served_config import (
     Limits, ServeArgs, ServeConfigError, choose, from_config_file, resolve_pair,
 )
 
@@ -410,19 +410,19 @@ def test_cli_reports_bad_choices_in_one_line(tmp_path: Path, monkeypatch: pytest
 def test_serve_config_file_is_a_valid_serve_build_config() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    config = ServeDeploySchema.model_validate(yaml.safe_load(Path("workers/serve_config.yaml").read_text()))
+    config = ServeDeploySchema.model_validate(yaml.safe_load(Path("workers/serve/serve_config.yaml").read_text()))
     (application,) = config.applications
-    assert application.import_path == "spectune.workers.serve_app:app_builder"
+    assert application.import_path == "spectune.workers.serve.app:app_builder"
     args = ServeArgs.model_validate(application.args)
     assert args.sweep == "quick" and config.http_options.host == "127.0.0.1"
     (deployment,) = application.deployments
     assert deployment.name == "SpectuneCompletions" and deployment.autoscaling_config["max_replicas"] >= 1
-    example = yaml.safe_load(Path("workers/serve_example.yaml").read_text())
+    example = yaml.safe_load(Path("workers/serve/serve_example.yaml").read_text())
     assert {"pair", "method", "knobs"} <= set(example)
 
 
 def test_deployment_options_come_from_flags_and_the_builder_reads_serve_args(micro_pair: Path, tmp_path: Path) -> None:
-    from spectune.workers.serve_app import app_builder, bind
+    from spectune.workers.serve.app import app_builder, bind
 
     served = from_config_file(str(write_config(tmp_path, micro_pair)))
     # Ray has no public accessor for an Application's deployment: read the bound one.

@@ -514,7 +514,7 @@ def test_secrets_are_referenced_by_name_and_key(manifests):
 
 
 def test_secret_env_names_are_the_ones_the_project_reads(manifests):
-    from spectune.workers.served_config import ENV_API_KEY
+    from spectune.workers.serve.served_config import ENV_API_KEY
 
     names = {env["name"] for kind in ("RayJob", "RayService")
              for container in containers(cluster_spec(manifests, kind)) for env in container.get("env", [])}
@@ -533,7 +533,7 @@ def serve_application(manifests: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_rayservice_builds_the_endpoint_app_from_the_best_trial_of_the_rayjobs_sweep(manifests):
-    from spectune.workers.served_config import ServeArgs
+    from spectune.workers.serve.served_config import ServeArgs
 
     application = serve_application(manifests)
     module_name, _, attribute = application["import_path"].partition(":")
@@ -551,7 +551,7 @@ def test_rayservice_builds_the_endpoint_app_from_the_best_trial_of_the_rayjobs_s
 def test_rayservice_deployment_options_fit_the_gpu_workers(manifests):
     from ray.serve.schema import DeploymentSchema
 
-    from spectune.workers.serve_app import DEPLOYMENT_NAME
+    from spectune.workers.serve.app import DEPLOYMENT_NAME
 
     (deployment,) = serve_application(manifests)["deployments"]
     assert deployment["name"] == DEPLOYMENT_NAME

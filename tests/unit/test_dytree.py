@@ -11,7 +11,7 @@ from spectune.engine.accept import accept_sampled
 from spectune.engine.loop import Decoder
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling, probabilities, sample_without_replacement
-from spectune.engine.tree import tree_layout
+from spectune.trees.draft import tree_layout
 from spectune.methods import METHODS
 from spectune.methods import dytree
 from spectune.methods.base import DraftContext, Models

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spectune.engine.runner import CausalLM
-from spectune.engine.tree import tree_inputs, tree_layout
+from spectune.trees.draft import tree_inputs, tree_layout
 from support import random_llama
 
 MODEL = random_llama(seed=0, vocab=32, layers=2, hidden=32)

@@ -6,7 +6,7 @@ import torch
 from spectune.engine.loop import Decoder
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
-from spectune.engine.tree import tree_layout
+from spectune.trees.draft import tree_layout
 from spectune.methods import METHODS
 from spectune.methods.base import DraftContext, Models
 from support import random_llama

@@ -2,7 +2,7 @@
 
 import pytest
 
-from spectune.engine.tree import tree_layout
+from spectune.trees.draft import tree_layout
 from spectune.methods import METHODS
 from spectune.methods.base import DraftContext
 from spectune.methods.builtin import continuation_trie, lookup

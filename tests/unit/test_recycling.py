@@ -9,12 +9,13 @@ from spectune.engine.accept import Verdict
 from spectune.engine.loop import Decoder
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
-from spectune.engine.shapes import branching_shape, paths_shape
-from spectune.engine.tree import DraftTree, tree_layout
+from spectune.trees.shapes import branching_shape, paths_shape
+from spectune.trees.draft import DraftTree, tree_layout
 from spectune.methods import METHODS
 from spectune.methods.base import DraftContext, Models, StepOutcome
 from spectune.methods.recycling import AdjacencyMatrix, recycle_order
-from spectune.methods.retrieval import RANK_WEIGHTS, fill_template, ranked_paths
+from spectune.methods.template_fill import RANK_WEIGHTS, fill_template
+from spectune.trees.shapes import ranked_paths
 from support import random_llama
 
 

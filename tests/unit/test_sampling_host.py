@@ -9,7 +9,7 @@ import torch
 
 from spectune.engine.accept import accept_sampled
 from spectune.engine.sampling import host, sample, sample_with_replacement, sample_without_replacement
-from spectune.engine.tree import DraftTree
+from spectune.trees.draft import DraftTree
 
 V = 50
 

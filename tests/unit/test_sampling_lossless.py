@@ -15,8 +15,8 @@ from scipy.stats import chisquare
 from spectune.engine.accept import accept_sampled
 from spectune.engine.loop import Decoder
 from spectune.engine.sampling import Sampling, probabilities, sample_without_replacement
-from spectune.engine.shapes import branching_shape, chain_shape
-from spectune.engine.tree import DraftTree
+from spectune.trees.shapes import branching_shape, chain_shape
+from spectune.trees.draft import DraftTree
 from spectune.methods import METHODS
 from spectune.methods.base import Models
 from spectune.engine.runner import CausalLM

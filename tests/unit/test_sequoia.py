@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from spectune.engine.loop import Decoder
 from spectune.engine.runner import CausalLM
-from spectune.engine.sequoia import (
+from spectune.trees.sequoia import (
     Profile,
     SequoiaTable,
     check_acceptance,
@@ -19,10 +19,10 @@ from spectune.engine.sequoia import (
     step_cost_ms,
     tree_value,
 )
-from spectune.engine.shapes import paths_shape
+from spectune.trees.shapes import paths_shape
 from spectune.methods import METHODS
 from spectune.methods.base import Models
-from spectune.tree_files import load_acceptance, load_profile
+from spectune.trees.files import load_acceptance, load_profile
 from support import random_llama
 
 torch.set_num_threads(1)
@@ -116,7 +116,7 @@ def test_hardware_aware_choice_is_the_fastest_tree_per_token(acceptance, base_ms
 
 
 def optimal_like(paths, acceptance):
-    from spectune.engine.sequoia import SequoiaTree
+    from spectune.trees.sequoia import SequoiaTree
 
     return SequoiaTree(tuple(paths), len(paths), depth_of(paths), tree_value(paths, acceptance))
 

@@ -5,8 +5,8 @@ import re
 import pytest
 import torch
 
-from spectune.engine.shapes import branching_shape, chain_shape, paths_shape
-from spectune.engine.tree import additive_mask, ancestor_matrix, retrieve_paths, tree_inputs, tree_layout
+from spectune.trees.shapes import branching_shape, chain_shape, paths_shape
+from spectune.trees.draft import additive_mask, ancestor_matrix, retrieve_paths, tree_inputs, tree_layout
 
 NEG = torch.finfo(torch.float32).min
 

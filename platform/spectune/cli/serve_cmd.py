@@ -51,7 +51,7 @@ def serve(
         return
     from pydantic import ValidationError
 
-    from spectune.workers.served_config import ServeArgs, ServeConfigError, choose
+    from spectune.workers.serve.served_config import ServeArgs, ServeConfigError, choose
 
     try:
         args = ServeArgs(config=str(config) if config else None, trial=trial, sweep=sweep, objective=objective,
@@ -66,7 +66,7 @@ def serve(
         fail(f"--max-replicas ({max_replicas}) is below --replicas ({replicas})")
     port = DEFAULT_PORT if port is None else port
     url = f"http://{host}:{port}"
-    from spectune.workers.serve_app import bind
+    from spectune.workers.serve.app import bind
 
     autoscaling = None if max_replicas is None else {
         "min_replicas": replicas, "max_replicas": max_replicas, "target_ongoing_requests": decode_threads}
@@ -95,7 +95,7 @@ def serve(
 
 
 def _deploy_or_fail(app: Any, host: str, port: int) -> None:
-    from spectune.workers.serve_app import deploy
+    from spectune.workers.serve.app import deploy
 
     try:
         deploy(app, host=host, port=port)
@@ -106,7 +106,7 @@ def _deploy_or_fail(app: Any, host: str, port: int) -> None:
 def _deployment_message() -> str:
     from ray import serve
 
-    from spectune.workers.serve_app import APP_NAME, DEPLOYMENT_NAME
+    from spectune.workers.serve.app import APP_NAME, DEPLOYMENT_NAME
 
     application = serve.status().applications.get(APP_NAME)
     deployment = application.deployments.get(DEPLOYMENT_NAME) if application else None
@@ -179,7 +179,7 @@ def _stop(address: str | None, port: int | None) -> None:
         import ray
         from ray import serve
 
-        from spectune.workers.serve_app import APP_NAME
+        from spectune.workers.serve.app import APP_NAME
 
         ray.init(address=address)
         serve.delete(APP_NAME)
@@ -241,9 +241,9 @@ def _alive(pid: int) -> bool:
 
 
 def _state_dir() -> Path:
-    base = os.environ.get("SPECTUNE_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "spectune"
-    return root / "serve"
+    from spectune.paths import cache_dir
+
+    return cache_dir("serve")
 
 
 def _state_file(port: int) -> Path:

@@ -57,7 +57,7 @@ def measure(
     from spectune.bench import encode_prompts
     from spectune.engine.sampling import Sampling
     from spectune.prompts import load_prompts
-    from spectune.tree_stats import measure_acceptance
+    from spectune.trees.measure import measure_acceptance
 
     if not 1 <= width <= 64:
         fail(f"--width must be in 1..64, got {width}")
@@ -103,7 +103,7 @@ def profile(
     import torch
 
     from spectune.prompts import load_prompts
-    from spectune.tree_stats import check_profile_fits, filler_tokens, profile_forwards
+    from spectune.trees.measure import check_profile_fits, filler_tokens, profile_forwards
 
     if repeats < 1:
         fail(f"--repeats must be >= 1, got {repeats}")
@@ -143,8 +143,8 @@ def optimize(
     out: Path = typer.Option(Path("tree.json"), help="Where to write the path list (JSON) for `tree --set paths_file=...`."),
 ) -> None:
     """Run Sequoia's dynamic program and write the best tree as a Medusa path list."""
-    from spectune.engine.sequoia import hardware_aware_tree, optimal_tree
-    from spectune.tree_files import load_acceptance, load_profile
+    from spectune.trees.sequoia import hardware_aware_tree, optimal_tree
+    from spectune.trees.files import load_acceptance, load_profile
 
     if not 1 <= budget <= 512:
         fail(f"--budget must be in 1..512, got {budget}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from spectune.engine.sampling import Sampling, host, probabilities, sample
-from spectune.engine.tree import DraftTree, tree_layout
+from spectune.trees.draft import DraftTree, tree_layout
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 from spectune.engine.accept import Verdict, accept
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
-from spectune.engine.tree import DraftTree, tree_inputs, tree_layout
+from spectune.trees.draft import DraftTree, tree_inputs, tree_layout
 from spectune.methods.base import DraftContext, Drafter, StepOutcome
 
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from spectune.engine.accept import Verdict
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
-from spectune.engine.tree import DraftTree
+from spectune.trees.draft import DraftTree
 
 
 @dataclass(frozen=True)

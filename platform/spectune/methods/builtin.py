@@ -10,8 +10,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from spectune.engine.shapes import TreeShape, branching_shape, chain_shape, paths_shape
-from spectune.engine.tree import DraftTree
+from spectune.trees.shapes import TreeShape, branching_shape, chain_shape, paths_shape
+from spectune.trees.draft import DraftTree
 from spectune.methods.base import DraftContext, Knobs, Models, StepOutcome, root_only
 from spectune.methods.model_drafter import TemplateDrafter
 from spectune.methods.registry import METHODS

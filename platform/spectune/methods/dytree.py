@@ -32,7 +32,7 @@ from pydantic import Field
 
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling, probabilities, sample_without_replacement
-from spectune.engine.tree import DraftTree, additive_mask
+from spectune.trees.draft import DraftTree, additive_mask
 from spectune.methods.base import DraftContext, Knobs, Models, StepOutcome, check_budget_fits
 from spectune.methods.registry import METHODS
 

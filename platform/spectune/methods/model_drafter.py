@@ -13,8 +13,8 @@ import torch
 
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import probabilities, sample_without_replacement
-from spectune.engine.shapes import TreeShape
-from spectune.engine.tree import DraftTree, additive_mask, ancestor_matrix, tree_layout
+from spectune.trees.shapes import TreeShape
+from spectune.trees.draft import DraftTree, additive_mask, ancestor_matrix, tree_layout
 from spectune.methods.base import DraftContext
 
 

@@ -15,8 +15,8 @@ import torch
 from pydantic import Field, model_validator
 
 from spectune.engine.sampling import probabilities, sample_with_replacement
-from spectune.engine.shapes import TreeShape, branching_shape
-from spectune.engine.tree import DraftTree
+from spectune.trees.shapes import TreeShape, branching_shape
+from spectune.trees.draft import DraftTree
 from spectune.methods.base import DraftContext, Knobs, Models
 from spectune.methods.model_drafter import TemplateDrafter, _Growing
 from spectune.methods.registry import METHODS

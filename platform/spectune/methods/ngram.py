@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
-from spectune.engine.shapes import TreeShape
-from spectune.engine.tree import DraftTree
+from spectune.trees.shapes import TreeShape
+from spectune.trees.draft import DraftTree
 from spectune.methods.base import DraftContext, Models, StepOutcome
 from spectune.methods.registry import METHODS
-from spectune.methods.retrieval import TemplateKnobs, check_template_fits, fill_template
+from spectune.methods.template_fill import TemplateKnobs, check_template_fits, fill_template
 
 
 class NgramTable:

@@ -44,7 +44,7 @@ from pydantic import Field
 
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling, probabilities, sample
-from spectune.engine.tree import DraftTree
+from spectune.trees.draft import DraftTree
 from spectune.methods.base import DraftContext, Knobs, Models, StepOutcome, root_only
 from spectune.methods.registry import METHODS
 

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from spectune.engine.shapes import TreeShape
-from spectune.engine.tree import DraftTree
+from spectune.trees.shapes import TreeShape
+from spectune.trees.draft import DraftTree
 from spectune.methods.base import DraftContext, Models, StepOutcome
 from spectune.methods.registry import METHODS
-from spectune.methods.retrieval import TemplateKnobs, check_template_fits, fill_template
+from spectune.methods.template_fill import TemplateKnobs, check_template_fits, fill_template
 
 UNSEEN = -1  # an adjacency row for a token the target has not been seen predicting after
 

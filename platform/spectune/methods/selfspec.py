@@ -33,8 +33,8 @@ from transformers import PreTrainedModel
 
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling, probabilities
-from spectune.engine.shapes import chain_shape
-from spectune.engine.tree import DraftTree
+from spectune.trees.shapes import chain_shape
+from spectune.trees.draft import DraftTree
 from spectune.methods.base import DraftContext, Knobs, Models, StepOutcome
 from spectune.methods.early_exit import ExitHead, LayerOutputs, check_exit_layer, decoder_layers, exit_view, n_layers
 from spectune.methods.model_drafter import TemplateDrafter

@@ -51,6 +51,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from spectune.paths import cache_dir
+
 from .corpus import Corpus, load_corpus
 
 #: Bumped whenever a change to this module changes what a build produces; cached pairs
@@ -159,9 +161,7 @@ def get_preset(preset: str) -> Preset:
 def default_pair_dir(preset: str, seed: int = 0) -> Path:
     """``$SPECTUNE_CACHE`` (else ``~/.cache/spectune``) ``/pairs/{preset}-seed{seed}``."""
     get_preset(preset)
-    base = os.environ.get("SPECTUNE_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "spectune"
-    return root / "pairs" / f"{preset}-seed{int(seed)}"
+    return cache_dir("pairs", f"{preset}-seed{int(seed)}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ and the endpoint read.
 
 from spectune.store._sql import hardware_summary
 from spectune.store.db import (
-    DEFAULT_DB_URL, Store, alembic_config, connect, make_engine, mask_url, resolve_url, upgrade,
+    Store, default_url, alembic_config, connect, make_engine, mask_url, resolve_url, upgrade,
 )
 from spectune.store.errors import (
     StoreError, StoreUnavailable, SweepExists, UnknownSweep, UnknownTrial,
@@ -22,8 +22,8 @@ from spectune.store.errors import (
 from spectune.store.reader import FRAME_COLUMNS, NUMERIC_METRICS, BaselineRow, SweepRow, SweepSummary
 
 __all__ = [
-    "DEFAULT_DB_URL", "FRAME_COLUMNS", "NUMERIC_METRICS", "BaselineRow", "Store", "StoreError",
+    "FRAME_COLUMNS", "NUMERIC_METRICS", "BaselineRow", "Store", "StoreError",
     "StoreUnavailable", "SweepExists", "SweepRow", "SweepSummary", "UnknownSweep", "UnknownTrial",
-    "alembic_config", "connect", "hardware_summary", "make_engine", "mask_url", "resolve_url",
+    "alembic_config", "connect", "default_url", "hardware_summary", "make_engine", "mask_url", "resolve_url",
     "upgrade",
 ]

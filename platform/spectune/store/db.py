@@ -21,21 +21,25 @@ from alembic.config import Config
 from alembic.util.exc import CommandError
 from sqlalchemy.orm import Session, sessionmaker
 
+from spectune.paths import cache_dir
 from spectune.store.errors import StoreUnavailable
 from spectune.store.reader import StoreReader
 from spectune.store.writer import StoreWriter
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-DEFAULT_DB_PATH = Path.home() / ".cache" / "spectune" / "spectune.db"
-DEFAULT_DB_URL: str = os.environ.get("SPECTUNE_DB") or f"sqlite:///{DEFAULT_DB_PATH}"
 PG_CONNECT_TIMEOUT_S = 3
 _MIGRATION_LOCK = threading.Lock()
+
+
+def default_url() -> str:
+    """$SPECTUNE_DB, else spectune.db in the cache folder ($SPECTUNE_CACHE or ~/.cache/spectune)."""
+    return os.environ.get("SPECTUNE_DB") or f"sqlite:///{cache_dir('spectune.db')}"
 
 
 def resolve_url(url: str | None = None) -> str:
     """``url``, else $SPECTUNE_DB, else the default SQLite file. A bare path means SQLite;
     ``postgresql://`` / ``postgres://`` select the psycopg (3) driver."""
-    url = url or os.environ.get("SPECTUNE_DB") or f"sqlite:///{DEFAULT_DB_PATH}"
+    url = url or default_url()
     if "://" not in url:
         return f"sqlite:///{Path(url).expanduser().resolve()}"
     for prefix in ("postgresql://", "postgres://"):

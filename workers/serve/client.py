@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from spectune.workers.openai_schema import ArComparison, CompletionResponse, SpeculativeStats, Usage
+from spectune.workers.serve.openai_schema import ArComparison, CompletionResponse, SpeculativeStats, Usage
 
 
 class EndpointError(RuntimeError):

@@ -25,10 +25,10 @@ from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
 from spectune.metrics import step_metrics
 from spectune.pair import Pair, load_pair
-from spectune.workers.openai_schema import (
+from spectune.workers.serve.openai_schema import (
     ArComparison, Choice, CompletionRequest, CompletionResponse, ModelCard, ModelList, SpeculativeStats, Usage,
 )
-from spectune.workers.served_config import Limits, ServedConfig
+from spectune.workers.serve.served_config import Limits, ServedConfig
 
 # Longest prompt (in characters) worth tokenizing: no token of these tokenizers spans more
 # than a few dozen characters, so anything longer cannot fit the context anyway.

@@ -4,7 +4,7 @@
 children and counts which rank the target accepted each step: p[k] is the fraction of steps
 whose k-th child was accepted. `profile_forwards` times target (and drafter) forwards of
 1..N tree tokens after a fixed-length past. The CLI writes both as JSON files
-(schemas in `spectune.tree_files`).
+(schemas in `spectune.trees.files`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from spectune.engine.loop import Decoder
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
-from spectune.engine.shapes import branching_shape
-from spectune.engine.tree import DraftTree, tree_inputs, tree_layout
+from spectune.trees.shapes import branching_shape
+from spectune.trees.draft import DraftTree, tree_inputs, tree_layout
 from spectune.methods.base import DraftContext, Drafter, StepOutcome
 from spectune.methods.model_drafter import TemplateDrafter
 from spectune.pair import Pair

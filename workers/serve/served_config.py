@@ -92,7 +92,7 @@ class Limits(BaseModel):
 
 
 class ServeArgs(BaseModel):
-    """What `spectune serve` and a Serve config file's `args:` say to serve (see workers/serve_config.yaml)."""
+    """What `spectune serve` and a Serve config file's `args:` say to serve (see workers/serve/serve_config.yaml)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

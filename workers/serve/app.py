@@ -2,7 +2,7 @@
 
     build_app(service, api_key)   the FastAPI app (tests drive it in-process with TestClient)
     CompletionDeployment          the thin Serve deployment: loads the pair once per replica
-    app_builder(args)             for Serve config files (`serve run/deploy workers/serve_config.yaml`)
+    app_builder(args)             for Serve config files (`serve run/deploy workers/serve/serve_config.yaml`)
     deploy(served, ...)           what `spectune serve` calls
 
 Endpoints: POST /v1/completions (plain or SSE streaming), GET /v1/models, GET /healthz,
@@ -24,9 +24,9 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from spectune.workers.completion import CompletionService, RequestRejected
-from spectune.workers.openai_schema import CompletionRequest, ErrorBody, ErrorResponse
-from spectune.workers.served_config import Limits, ServeArgs, ServedConfig, choose
+from spectune.workers.serve.completion import CompletionService, RequestRejected
+from spectune.workers.serve.openai_schema import CompletionRequest, ErrorBody, ErrorResponse
+from spectune.workers.serve.served_config import Limits, ServeArgs, ServedConfig, choose
 
 logger = logging.getLogger("spectune.serve")
 
@@ -223,7 +223,7 @@ def bind(served: ServedConfig, limits: Limits, api_key: str | None, *, replicas:
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """For Serve config files: `import_path: spectune.workers.serve_app:app_builder` with `args:`
+    """For Serve config files: `import_path: spectune.workers.serve.app:app_builder` with `args:`
     as `ServeArgs` (config / trial / sweep+objective / nothing = the dashboard's mark, db,
     max_tokens_limit, decode_threads, api_key or $SPECTUNE_API_KEY). Replicas, autoscaling
     and resources come from the file's `deployments:` section."""

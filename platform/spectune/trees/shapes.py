@@ -23,11 +23,16 @@ class TreeShape:
         return len(self.parents) - 1
 
     @property
-    def depth(self) -> int:
-        depth = [0] * len(self.parents)
+    def depths(self) -> tuple[int, ...]:
+        """Depth of every template node (root 0)."""
+        depths = [0] * len(self.parents)
         for i, p in enumerate(self.parents[1:], start=1):
-            depth[i] = depth[p] + 1
-        return max(depth)
+            depths[i] = depths[p] + 1
+        return tuple(depths)
+
+    @property
+    def depth(self) -> int:
+        return max(self.depths)
 
     def n_children(self) -> tuple[int, ...]:
         counts = [0] * len(self.parents)
@@ -92,3 +97,24 @@ def _check_path(path: Sequence[int], position: int) -> list[int]:
     if any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in path):
         raise ValueError(f"path #{position} must hold integer ranks >= 0, got {list(path)}")
     return list(path)
+
+
+def ranked_paths(size: int, max_depth: int, rank_weights: Sequence[float]) -> list[list[int]]:
+    """The `size` rank paths with the highest product of per-rank weights (ties: shorter, then smaller ranks).
+
+    With weights read as "chance the r-th candidate is the right one", this is the static tree
+    that maximises expected accepted tokens (Sequoia's objective, under independence); it is
+    wide near the root and deep along the best ranks, like the hand-built template of the
+    Token Recycling paper. Weights must be < 1 and non-increasing so the set is prefix-closed.
+    """
+    if any(not 0 < w < 1 for w in rank_weights) or list(rank_weights) != sorted(rank_weights, reverse=True):
+        raise ValueError(f"rank weights must be in (0, 1) and non-increasing, got {list(rank_weights)}")
+    frontier: list[tuple[float, list[int]]] = [(w, [r]) for r, w in enumerate(rank_weights)]
+    chosen: list[list[int]] = []
+    while frontier and len(chosen) < size:
+        frontier.sort(key=lambda item: (-item[0], len(item[1]), item[1]))
+        score, path = frontier.pop(0)
+        chosen.append(path)
+        if len(path) < max_depth:
+            frontier += [(score * w, path + [r]) for r, w in enumerate(rank_weights)]
+    return chosen

@@ -1,6 +1,6 @@
 """Benchmark of the live endpoint: what HTTP + Ray Serve add, and throughput under concurrency.
 
-    python -m spectune.workers.bench_endpoint --config workers/serve_example.yaml
+    python -m spectune.workers.serve.bench_endpoint --config workers/serve/serve_example.yaml
 
 1. Overhead: the same greedy requests, one at a time, (a) decoded in this process by
    `CompletionService.complete` (what a replica runs, without HTTP and Serve) and (b) sent over
@@ -60,7 +60,7 @@ def _body(prompt: str, max_tokens: int) -> dict[str, Any]:
 
 
 def measure_overhead(service: Any, url: str, prompts: list[str], max_tokens: int, rounds: int) -> Overhead:
-    from spectune.workers.openai_schema import CompletionRequest
+    from spectune.workers.serve.openai_schema import CompletionRequest
 
     async def in_process(prompt: str, tokens: int) -> float:
         started = time.perf_counter()
@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from spectune.prompts import load_prompts
-    from spectune.workers.completion import CompletionService
-    from spectune.workers.served_config import Limits, from_config_file
+    from spectune.workers.serve.completion import CompletionService
+    from spectune.workers.serve.served_config import Limits, from_config_file
 
     torch.set_num_threads(1)  # as the replica (num_cpus=1)
     served = from_config_file(args.config)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
             _stop_endpoint()
     notes = (f"{args.max_tokens} new tokens per request, {len(prompts)} prompts of the shipped set, "
              f"{args.replicas} replica(s) x 1 CPU, decode_threads={args.decode_threads}")
-    command = "python -m spectune.workers.bench_endpoint " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m spectune.workers.serve.bench_endpoint " + " ".join(argv if argv is not None else sys.argv[1:])
     print(markdown(command, served.model_id, overhead, rows, notes))
     if args.json:
         print(json.dumps({"overhead": asdict(overhead), "throughput": [asdict(r) for r in rows]}, indent=2))
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
 def _start_endpoint(served: Any, limits: Any, replicas: int) -> str:
     import ray
 
-    from spectune.workers.serve_app import bind, deploy
+    from spectune.workers.serve.app import bind, deploy
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     port = _free_port()

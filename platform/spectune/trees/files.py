@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from spectune.engine.sequoia import Profile, check_acceptance
+from spectune.trees.sequoia import Profile, check_acceptance
 
 
 class AcceptanceFile(BaseModel):

@@ -1,4 +1,4 @@
-"""Model-free drafting from a lookup structure: fill a static tree template breadth first.
+"""Filling a static tree template from a lookup structure (model-free drafting), and the template knobs.
 
 Token Recycling (adjacency matrix) and the online n-gram table share this: each template
 node asks "what are the ranked candidate tokens after this path?" and takes the one at its
@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 from pydantic import Field, model_validator
 
-from spectune.engine.shapes import TreeShape, branching_shape, paths_shape
-from spectune.engine.tree import DraftTree
+from spectune.trees.shapes import TreeShape, branching_shape, paths_shape, ranked_paths
+from spectune.trees.draft import DraftTree
 from spectune.methods.base import Knobs
 
 # candidates(path) -> ranked distinct tokens that may follow `path` (root first, root included)
@@ -60,13 +60,6 @@ class TemplateKnobs(Knobs):
         return next((k for k in ("branching", "paths") if getattr(self, k) is not None), "tree_size")
 
 
-def template_depths(shape: TreeShape) -> tuple[int, ...]:
-    depths = [0] * len(shape.parents)
-    for i, parent in enumerate(shape.parents[1:], start=1):
-        depths[i] = depths[parent] + 1
-    return tuple(depths)
-
-
 def check_template_fits(shape: TreeShape, max_positions: int, field: str) -> None:
     """A template the target could never verify is a knob error, reported at build time."""
     if shape.size + 1 >= max_positions:
@@ -81,7 +74,7 @@ def fill_template(shape: TreeShape, root: int, candidates: Candidates, max_depth
 
     Nodes deeper than `max_depth`, and nodes whose parent was dropped, are dropped.
     """
-    depths = template_depths(shape)
+    depths = shape.depths
     tokens, parents = [root], [-1]
     placed = {0: 0}  # template node -> tree node
     paths: dict[int, tuple[int, ...]] = {0: (root,)}
@@ -101,24 +94,3 @@ def fill_template(shape: TreeShape, root: int, candidates: Candidates, max_depth
         parents.append(placed[parent])
         paths[node] = paths[parent] + (token,)
     return DraftTree(tuple(tokens), tuple(parents))
-
-
-def ranked_paths(size: int, max_depth: int, rank_weights: Sequence[float]) -> list[list[int]]:
-    """The `size` rank paths with the highest product of per-rank weights (ties: shorter, then smaller ranks).
-
-    With weights read as "chance the r-th candidate is the right one", this is the static tree
-    that maximises expected accepted tokens (Sequoia's objective, under independence); it is
-    wide near the root and deep along the best ranks, like the hand-built template of the
-    Token Recycling paper. Weights must be < 1 and non-increasing so the set is prefix-closed.
-    """
-    if any(not 0 < w < 1 for w in rank_weights) or list(rank_weights) != sorted(rank_weights, reverse=True):
-        raise ValueError(f"rank weights must be in (0, 1) and non-increasing, got {list(rank_weights)}")
-    frontier: list[tuple[float, list[int]]] = [(w, [r]) for r, w in enumerate(rank_weights)]
-    chosen: list[list[int]] = []
-    while frontier and len(chosen) < size:
-        frontier.sort(key=lambda item: (-item[0], len(item[1]), item[1]))
-        score, path = frontier.pop(0)
-        chosen.append(path)
-        if len(path) < max_depth:
-            frontier += [(score * w, path + [r]) for r, w in enumerate(rank_weights)]
-    return chosen
