@@ -18,7 +18,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def micro_pair() -> Path:
     """The micro target/drafter pair (seed 0), built once (~30 s) and cached across runs
     in ``$SPECTUNE_CACHE`` or ``~/.cache/spectune`` (``pairs/micro-seed0``)."""
-    from spectune.models.build import build_pair, default_pair_dir
+    from spectune.models.build import build_pair
+    from spectune.models.presets import default_pair_dir
 
     return build_pair("micro", default_pair_dir("micro", 0), seed=0, progress=False)
 

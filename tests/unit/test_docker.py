@@ -366,7 +366,7 @@ def test_service_commands_parse_and_health_checks_probe_their_ports(compose, nam
 
 
 def test_pair_and_tune_state_sit_on_one_volume_at_the_same_path_on_every_node(compose, monkeypatch):
-    from spectune.models.build import default_pair_dir
+    from spectune.models.presets import default_pair_dir
     from spectune.sweeps.spec import load_spec
 
     mounts = {name: dict(v.split(":", 1)[::-1] for v in services(compose)[name]["volumes"])

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from spectune.models import build as B
+from spectune.models.build import build_pair
+from spectune.models.cache import is_cached
+from spectune.models.losses import exit_logits, exit_loss_weights, layer_losses
+from spectune.models.presets import PRESETS, default_pair_dir, effective_spec
+from spectune.models.tokenizer import EOS_ID, train_tokenizer
 from spectune.models.corpus import is_heldout, list_stdlib_files
 
 CODE = (
@@ -68,21 +72,21 @@ def test_layer_losses_last_layer_equals_hf_loss(micro_pair: Path) -> None:
     tok = AutoTokenizer.from_pretrained(micro_pair / "target")
     window = tok(CODE * 3, return_tensors="pt").input_ids[:, :200]
     with torch.no_grad():
-        losses = B.layer_losses(model, window)
+        losses = layer_losses(model, window)
         hf = model(input_ids=window, labels=window).loss
         out = model(input_ids=window[:, :-1], output_hidden_states=True)
     assert len(losses) == model.config.num_hidden_layers
     assert torch.allclose(losses[-1], hf, atol=1e-5), (losses[-1], hf)
     # the last hidden state is already normed; exit_logits must not norm it again
-    assert torch.allclose(B.exit_logits(model, out.hidden_states, len(losses)), out.logits, atol=1e-5)
+    assert torch.allclose(exit_logits(model, out.hidden_states, len(losses)), out.logits, atol=1e-5)
     # an intermediate exit differs from the final one
-    assert not torch.allclose(B.exit_logits(model, out.hidden_states, 1), out.logits)
+    assert not torch.allclose(exit_logits(model, out.hidden_states, 1), out.logits)
 
 
 def test_build_is_deterministic_and_cached(tmp_path: Path) -> None:
-    a = B.build_pair("micro", tmp_path / "a", seed=0, progress=False, steps=20)
-    b = B.build_pair("micro", tmp_path / "b", seed=0, progress=False, steps=20)
-    c = B.build_pair("micro", tmp_path / "c", seed=1, progress=False, steps=20)
+    a = build_pair("micro", tmp_path / "a", seed=0, progress=False, steps=20)
+    b = build_pair("micro", tmp_path / "b", seed=0, progress=False, steps=20)
+    c = build_pair("micro", tmp_path / "c", seed=1, progress=False, steps=20)
     for role in ("target", "drafter"):
         wa = (a / role / "model.safetensors").read_bytes()
         assert wa == (b / role / "model.safetensors").read_bytes(), role
@@ -94,13 +98,13 @@ def test_build_is_deterministic_and_cached(tmp_path: Path) -> None:
 
     # same preset/seed/steps: cached, nothing rewritten
     mtime = (a / "target" / "model.safetensors").stat().st_mtime_ns
-    assert B.build_pair("micro", a, seed=0, progress=False, steps=20) == a
+    assert build_pair("micro", a, seed=0, progress=False, steps=20) == a
     assert (a / "target" / "model.safetensors").stat().st_mtime_ns == mtime
     # another step count or seed is not a cache hit
-    p = B.PRESETS["micro"]
-    assert B._is_cached(a, p, 0, B._effective_spec(p.target, 20), B._effective_spec(p.drafter, 20))
-    assert not B._is_cached(a, p, 0, B._effective_spec(p.target, 21), B._effective_spec(p.drafter, 21))
-    assert not B._is_cached(a, p, 1, B._effective_spec(p.target, 20), B._effective_spec(p.drafter, 20))
+    p = PRESETS["micro"]
+    assert is_cached(a, p, 0, effective_spec(p.target, 20), effective_spec(p.drafter, 20))
+    assert not is_cached(a, p, 0, effective_spec(p.target, 21), effective_spec(p.drafter, 21))
+    assert not is_cached(a, p, 1, effective_spec(p.target, 20), effective_spec(p.drafter, 20))
     # the build leaves torch's global state as it found it
     assert not torch.are_deterministic_algorithms_enabled()
 
@@ -116,16 +120,16 @@ def test_tokenizer_round_trip(micro_pair: Path) -> None:
     assert tok.eos_token_id not in ids  # no bos/eos added to plain text
     assert len(ids) < len(CODE.encode("utf-8"))  # merges compress
 
-    raw = B.train_tokenizer([CODE * 20, "def main():\n    pass\n" * 50], vocab_size=300)
+    raw = train_tokenizer([CODE * 20, "def main():\n    pass\n" * 50], vocab_size=300)
     assert raw.decode(raw.encode(CODE).ids) == CODE
-    assert raw.token_to_id("<|endoftext|>") == B.EOS_ID
+    assert raw.token_to_id("<|endoftext|>") == EOS_ID
 
 
 def test_unknown_preset(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown model-pair preset 'huge'.*micro.*tiny"):
-        B.build_pair("huge", tmp_path / "x")
+        build_pair("huge", tmp_path / "x")
     with pytest.raises(ValueError, match="micro"):
-        B.default_pair_dir("huge")
+        default_pair_dir("huge")
     assert not (tmp_path / "x").exists()
 
 
@@ -133,20 +137,20 @@ def test_unwritable_out_dir(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match="cannot write the model pair to"):
-        B.build_pair("micro", blocker / "pair", progress=False, steps=1)
+        build_pair("micro", blocker / "pair", progress=False, steps=1)
 
 
 def test_default_pair_dir(tmp_cache: Path) -> None:
-    assert B.default_pair_dir("tiny") == tmp_cache / "pairs" / "tiny-seed0"
-    assert B.default_pair_dir("micro", seed=3) == tmp_cache / "pairs" / "micro-seed3"
+    assert default_pair_dir("tiny") == tmp_cache / "pairs" / "tiny-seed0"
+    assert default_pair_dir("micro", seed=3) == tmp_cache / "pairs" / "micro-seed3"
 
 
 def test_exit_loss_weights() -> None:
     for n in (1, 2, 4, 6):
-        w = B.exit_loss_weights(n)
+        w = exit_loss_weights(n)
         assert len(w) == n and math.isclose(sum(w), 1.0)
         assert all(x <= y for x, y in zip(w, w[1:])) and w[-1] >= 0.5
-    assert B.exit_loss_weights(6)[-1] == pytest.approx(0.5)
+    assert exit_loss_weights(6)[-1] == pytest.approx(0.5)
 
 
 def test_corpus_split_is_deterministic() -> None:

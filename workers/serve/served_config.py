@@ -271,7 +271,7 @@ def resolve_pair(value: str | Mapping[str, Any]) -> PairRef:
         ref = PairRef.model_validate({key: item for key, item in value.items() if item is not None and key != "dir"})
         return ref.model_copy(update={"target": _absolute(ref.target),
                                       "drafter": _absolute(ref.drafter) if ref.drafter else None})
-    from spectune.models.build import PRESETS
+    from spectune.models.presets import PRESETS
 
     if value in PRESETS:
         return _pair_folder(_preset_dir(value, 0), {})
@@ -279,7 +279,7 @@ def resolve_pair(value: str | Mapping[str, Any]) -> PairRef:
 
 
 def _preset_dir(preset: str, seed: int) -> Path:
-    from spectune.models.build import default_pair_dir
+    from spectune.models.presets import default_pair_dir
 
     folder = default_pair_dir(preset, seed)
     if not (folder / "target").is_dir():

@@ -120,7 +120,7 @@ def _parse_set(item: str) -> tuple[str, Any]:
 
 def _pair_ids(pair: Path | None, target: str | None, drafter: str | None) -> tuple[str, str | None]:
     if pair is None and target is None:
-        from spectune.models.build import default_pair_dir
+        from spectune.models.presets import default_pair_dir
 
         pair = default_pair_dir("tiny")
         if not pair.exists():

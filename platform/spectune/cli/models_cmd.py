@@ -17,7 +17,8 @@ def build(
     force: bool = typer.Option(False, help="Rebuild even if a cached pair exists."),
 ) -> None:
     """Train a target (early-exit loss on every layer) and a drafter sharing one BPE tokenizer."""
-    from spectune.models.build import build_pair, default_pair_dir
+    from spectune.models.build import build_pair
+    from spectune.models.presets import default_pair_dir
 
     try:
         path = build_pair(preset, out or default_pair_dir(preset, seed), seed=seed, force=force)

@@ -72,7 +72,9 @@ def demo(
 ) -> None:
     """Build the tiny pair if needed, sweep quick.yaml on it, print the Pareto front and what to open next."""
     from spectune.cli.store_cmd import results
-    from spectune.models.build import build_pair, default_pair_dir, read_card
+    from spectune.models.build import build_pair
+    from spectune.models.card import read_card
+    from spectune.models.presets import default_pair_dir
     from spectune.store import resolve_url
     from spectune.sweeps.spec import SpecError, parse_spec
 
