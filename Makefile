@@ -4,8 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
-PAIR   ?= $(HOME)/.cache/spectune/pairs/tiny-seed0
-DB     ?= $(HOME)/.cache/spectune/spectune.db
+# The cache folder, as spectune.paths.cache_dir finds it: $SPECTUNE_CACHE, else ~/.cache/spectune.
+CACHE  ?= $(or $(SPECTUNE_CACHE),$(HOME)/.cache/spectune)
+PAIR   ?= $(CACHE)/pairs/tiny-seed0
+DB     ?= $(CACHE)/spectune.db
 
 .PHONY: setup demo test test-fast clean
 
