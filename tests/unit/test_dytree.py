@@ -14,7 +14,8 @@ from spectune.engine.sampling import Sampling, probabilities, sample_without_rep
 from spectune.trees.draft import tree_layout
 from spectune.methods import METHODS
 from spectune.methods import dytree
-from spectune.methods.base import DraftContext, Models
+from spectune.engine.drafter import DraftContext
+from spectune.methods.base import Models
 from support import random_llama
 
 torch.set_num_threads(1)
@@ -239,7 +240,7 @@ def test_drafter_cache_keeps_a_chain_of_the_tree(models):
 def test_budget_beyond_the_context_names_the_knob_and_range(models):
     target, drafter = models
     pair = Models(CausalLM(target), CausalLM(drafter))
-    with pytest.raises(ValueError, match=r"budget=300 .* allowed 1\.\.254"):
+    with pytest.raises(ValueError, match=r"dytree: budget=300 .* allows 1\.\.254"):
         METHODS.build("dytree", {"budget": 300}, pair)
     with pytest.raises(ValueError, match="budget"):
         METHODS.knobs("dytree", {"budget": 0})

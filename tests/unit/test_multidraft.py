@@ -8,7 +8,8 @@ from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
 from spectune.trees.draft import tree_layout
 from spectune.methods import METHODS
-from spectune.methods.base import DraftContext, Models
+from spectune.engine.drafter import DraftContext
+from spectune.methods.base import Models
 from support import random_llama
 
 torch.set_num_threads(1)
@@ -32,9 +33,9 @@ def test_default_shape_is_width_independent_drafts_of_depth_tokens(method):
 
 
 def test_a_tree_beyond_the_context_is_refused_at_build_time(models):
-    with pytest.raises(ValueError, match=r"rsd: width=32, depth=10 makes a tree of 320 nodes; .* allows 1\.\.254"):
+    with pytest.raises(ValueError, match=r"rsd: width=32, depth=10 makes a draft tree of 320 nodes; .* allows 1\.\.254"):
         METHODS.build("rsd", {"width": 32, "depth": 10}, runners(models))
-    with pytest.raises(ValueError, match=r"specinfer: branching=\[8, 8, 8\] makes a tree of 584 nodes"):
+    with pytest.raises(ValueError, match=r"specinfer: branching=\[8, 8, 8\] makes a draft tree of 584 nodes"):
         METHODS.build("specinfer", {"branching": [8, 8, 8]}, runners(models))
 
 

@@ -7,7 +7,8 @@ from spectune.engine.loop import Decoder
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
-from spectune.methods.base import DraftContext, Models
+from spectune.engine.drafter import DraftContext
+from spectune.methods.base import Models
 from spectune.methods.ngram import NgramTable
 from support import random_llama
 
@@ -94,5 +95,5 @@ def test_ngram_knob_errors():
         METHODS.knobs("ngram", {"max_entries": 0})
     with pytest.raises(ValueError, match="branching entries must be integers >= 1"):
         METHODS.knobs("ngram", {"branching": [2, 0]})
-    with pytest.raises(ValueError, match=r"tree_size: the template has \d+ nodes"):
+    with pytest.raises(ValueError, match=r"ngram: tree_size=600 makes a draft tree of 600 nodes; .* allows 1\.\.254"):
         METHODS.build("ngram", {"tree_size": 600}, Models(CausalLM(random_llama(0, vocab=16)), None))

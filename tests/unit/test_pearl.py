@@ -150,6 +150,29 @@ def test_thread_counts_are_restored_and_errors_surface(models16):
     assert torch.get_num_threads() == before
 
 
+def test_the_target_verifies_with_target_threads_while_a_lookahead_drafts_beside_it(models16):
+    target, _ = models16
+    before = torch.get_num_threads()
+    models = Models(CausalLM(target), CausalLM(target))  # every chain accepted: post-verify mode from step 2
+    pearl = METHODS.build("pearl", {"gamma": 3, "target_threads": before + 1, "pre_verify": False}, models)
+    Guard(pearl.lookahead_lm, delay_s=0.05)  # a slow lookahead: still drafting when the target verifies
+    seen, verify = [], models.target.verify
+
+    def counting_verify(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        if len(seen) == 6:
+            raise RuntimeError("verification failed")
+        return verify(*args, **kwargs)
+
+    models.target.verify = counting_verify
+    with pytest.raises(RuntimeError, match="verification failed"):
+        Decoder(models.target, pearl).generate([1, 2, 3], 30)
+    assert torch.get_num_threads() == before  # restored on the way out of a failing verification too
+    assert seen[0] == before  # step 1 is in pre-verify mode: no lookahead, the thread count stays
+    assert seen[1:] == [before + 1] * 5  # then each verification runs beside that step's lookahead
+    pearl.reset()
+
+
 def test_knob_errors_name_the_field():
     with pytest.raises(ValueError, match="pearl.*gamma"):
         METHODS.knobs("pearl", {"gamma": 0})

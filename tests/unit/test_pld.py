@@ -4,7 +4,7 @@ import pytest
 
 from spectune.trees.draft import tree_layout
 from spectune.methods import METHODS
-from spectune.methods.base import DraftContext
+from spectune.engine.drafter import DraftContext
 from spectune.methods.builtin import continuation_trie, lookup
 from spectune.engine.sampling import Sampling
 

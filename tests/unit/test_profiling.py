@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from spectune.bench import DecodeConfig, Settings, contender, timed_pass
-from spectune.methods.base import draft_modules
 from spectune.pair import load_pair
 from spectune.profiling import ForwardClock
 
@@ -60,7 +59,7 @@ def test_only_self_speculative_drafters_name_modules_of_their_own(micro_pair):
     configs = {"ar": {}, "sps": {}, "layerskip": {}, "del": {"cost": "layers"}}
     expected = {"ar": 0, "sps": 0, "layerskip": 1, "del": 3}  # del: a view per exit layer 1..L-1
     for method, knobs in configs.items():
-        modules = draft_modules(contender(pair, DecodeConfig(method=method, **knobs)).runner.drafter)
+        modules = contender(pair, DecodeConfig(method=method, **knobs)).runner.drafter.draft_modules()
         assert len(modules) == expected[method], method
         assert all(m is not pair.target and m is not pair.drafter for m in modules)
 

@@ -12,7 +12,8 @@ from spectune.engine.sampling import Sampling
 from spectune.trees.shapes import branching_shape, paths_shape
 from spectune.trees.draft import DraftTree, tree_layout
 from spectune.methods import METHODS
-from spectune.methods.base import DraftContext, Models, StepOutcome
+from spectune.engine.drafter import DraftContext, StepOutcome
+from spectune.methods.base import Models
 from spectune.methods.recycling import AdjacencyMatrix, recycle_order
 from spectune.methods.template_fill import RANK_WEIGHTS, fill_template
 from spectune.trees.shapes import ranked_paths
@@ -137,5 +138,5 @@ def test_recycling_knob_errors_name_the_field(small_pair):
         METHODS.knobs("recycling", {"k": 0})
     with pytest.raises(ValueError, match=r"k: 32 candidates .* allowed range 1\.\.16"):
         METHODS.build("recycling", {"k": 32}, models)
-    with pytest.raises(ValueError, match=r"branching: the template has \d+ nodes; it must have at most 254"):
+    with pytest.raises(ValueError, match=r"recycling: branching=\[8, 8, 4\] makes a draft tree of \d+ nodes; .* allows 1\.\.254"):
         METHODS.build("recycling", {"branching": [8, 8, 4]}, models)  # random_llama's context is 256

@@ -1,17 +1,20 @@
 """Self-speculation: exit views that share the target's weights, DEL's rule and shadow tokens, both methods."""
 
 import math
+import threading
 
 import pytest
 import torch
 
 from spectune.bench import DecodeConfig, Settings, contender, run_bench
+from spectune.engine.drafter import StepOutcome
 from spectune.engine.loop import Decoder
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
+from spectune.trees.draft import tree_inputs
 from spectune.methods import METHODS
 from spectune.methods.base import Models
-from spectune.methods.early_exit import ExitHead, LayerOutputs, decoder_layers, exit_view
+from spectune.methods.early_exit import ExitHead, decoder_layers, exit_view
 from spectune.methods.selfspec import (
     RoundCosts,
     ShadowWindow,
@@ -57,6 +60,14 @@ def hook_count(model) -> int:
     return sum(len(block._forward_hooks) for block in decoder_layers(model))
 
 
+def hook_count_with_transformers_capture(model) -> int:
+    """The blocks' hooks once transformers has installed its own output-capturing hooks (lazily, on the
+    first forward asking for hidden states; inactive outside such a forward): any further hook is ours."""
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[0]]), output_hidden_states=True)
+    return hook_count(model)
+
+
 # --- exit views ---------------------------------------------------------------------------------
 
 
@@ -93,24 +104,46 @@ def test_a_one_layer_target_cannot_self_speculate():
         exit_view(random_llama(seed=1, layers=1), 1)
 
 
-# --- layer output hooks -------------------------------------------------------------------------
+# --- layer outputs of a verification ----------------------------------------------------------------
 
 
-def test_layer_outputs_see_exactly_one_forward_and_leave_no_hooks(target):
-    recorder = LayerOutputs(decoder_layers(target), [1, 3])
-    before = hook_count(target)  # transformers may keep its own output-capturing hooks
+def block_output(output) -> torch.Tensor:
+    hidden = output[0] if isinstance(output, tuple) else output  # [1, n, d]
+    return hidden[0].clone()
+
+
+def test_verify_hands_back_exactly_the_block_outputs_a_forward_hook_sees(target):
+    before = hook_count_with_transformers_capture(target)
     lm = CausalLM(target)
-    lm.forward(PROMPT[:3])  # before attach: not recorded
-    recorder.attach()
-    lm.forward(PROMPT[3:])
-    seen = recorder.detach()
-    lm.forward([7])  # after detach: not recorded
-    assert sorted(seen) == [1, 3] and seen[1].shape == (len(PROMPT) - 3, 32)
-    assert recorder.detach() == {}
-    assert hook_count(target) == before
+    lm.forward(PROMPT[:3])
+    seen: dict[int, torch.Tensor] = {}
+    blocks = decoder_layers(target)
+    handles = [  # what spectune's former recorder did: a hook on block l-1 (exit after layer l)
+        blocks[layer - 1].register_forward_hook(lambda m, a, out, layer=layer: seen.__setitem__(layer, block_output(out)))
+        for layer in (1, 3)
+    ]
+    try:
+        inputs = tree_inputs(tuple(range(-1, len(PROMPT) - 4)), 3)  # the rest of the prompt as a chain
+        verified = lm.verify(PROMPT[3:], inputs.positions, inputs.mask, hidden_layers=(3, 1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sorted(verified.hidden) == [1, 3] and verified.hidden[1].shape == (len(PROMPT) - 3, 32)
+    assert all(torch.equal(verified.hidden[layer], seen[layer]) for layer in (1, 3))
     with torch.no_grad():
-        reference = target(input_ids=torch.tensor([PROMPT]), output_hidden_states=True).hidden_states
-    torch.testing.assert_close(seen[3], reference[3][0, 3:], rtol=1e-5, atol=1e-5)
+        reference = target(input_ids=torch.tensor([PROMPT]), output_hidden_states=True)
+    torch.testing.assert_close(verified.hidden[3], reference.hidden_states[3][0, 3:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(verified.logits, reference.logits[0, 3:], rtol=1e-5, atol=1e-5)
+    assert lm.verify([7], torch.tensor([[len(PROMPT)]]), None).hidden == {}  # nothing asked, nothing kept
+    assert hook_count(target) == before
+
+
+@pytest.mark.parametrize("layer", [0, 4])
+def test_verify_hands_back_only_block_outputs_below_the_last(target, layer):
+    lm = CausalLM(target)
+    with pytest.raises(ValueError, match=r"hidden layers must be in 1\.\.3 \(the model has 4\)"):
+        lm.verify([1, 2], torch.tensor([[0, 1]]), None, hidden_layers=(layer,))
+    assert len(lm.cache) == 0
 
 
 # --- DEL's rule ---------------------------------------------------------------------------------
@@ -213,7 +246,7 @@ def test_del_picks_the_shallowest_exact_exit_and_drafts_long(exact_from, best_la
     model = final_layers_as_identity(random_llama(seed=3, vocab=32, layers=4, hidden=32), keep=exact_from)
     if exact_from == 2:
         scramble_block(model, 1)  # exit 1 now disagrees with the target
-    before = hook_count(model)
+    before = hook_count_with_transformers_capture(model)
     drafter, generation = decode("del", {"max_draft_len": 6, "cost": "layers", "shadow_every": 1}, model, n=60)
     acceptance = drafter.exit_layer_acceptance()
     assert all(acceptance[layer] == 1.0 for layer in range(exact_from, 4))
@@ -234,6 +267,79 @@ def test_del_and_layerskip_equal_greedy_decoding(target):
     for method, knobs in [("layerskip", {"exit_layer": 1, "draft_len": 3}), ("del", {"window": 4})]:
         _, generation = decode(method, knobs, target)
         assert generation.tokens == reference.tokens, method
+
+
+def observed_steps(drafter):
+    """Record (committed sequence when drafting, outcome) of every step the drafter sees."""
+    steps: list[list] = []
+    draft, observe = drafter.draft, drafter.observe
+
+    def recording_draft(context):
+        steps.append([context.sequence])
+        return draft(context)
+
+    def recording_observe(outcome: StepOutcome) -> None:
+        steps[-1].append(outcome)
+        observe(outcome)
+
+    drafter.draft, drafter.observe = recording_draft, recording_observe
+    return steps
+
+
+def test_del_shadows_from_the_verification_equal_a_separate_exit_view_forward(target):
+    models = Models(CausalLM(target), None)
+    drafter = METHODS.build("del", {"shadow_every": 1, "cost": "layers", "window": 1000}, models)
+    steps = observed_steps(drafter)
+    Decoder(models.target, drafter).generate(PROMPT, 24)
+    head = ExitHead(target)
+    agreements: dict[int, list[float]] = {layer: [] for layer in (1, 2, 3)}
+    for sequence, outcome in steps:
+        assert sorted(outcome.hidden) == [1, 2, 3]
+        verified = list(sequence[:-1]) + list(outcome.tree.tokens)  # the target's cache, then the tree (a chain)
+        path = list(outcome.verdict.path)
+        for layer in (1, 2, 3):
+            view_logits = CausalLM(exit_view(target, layer)).forward(verified)[len(sequence) - 1 :]  # [n+1, V]
+            torch.testing.assert_close(head(outcome.hidden[layer]), view_logits, rtol=1e-4, atol=1e-4)
+            shadow = view_logits[path].argmax(dim=-1) == outcome.target_logits[path].argmax(dim=-1)
+            agreements[layer] += shadow.float().tolist()
+    overall = {layer: sum(values) / len(values) for layer, values in agreements.items()}
+    assert drafter.exit_layer_acceptance() == pytest.approx(overall)
+    assert drafter.shadowed_rounds == len(steps)
+
+
+def del_requests(target, prompt, start=None):
+    """Three del generations of `prompt` by one decoder (own runner and KV cache) over the shared target."""
+    models = Models(CausalLM(target), None)
+    drafter = METHODS.build("del", {"shadow_every": 1, "cost": "layers", "max_draft_len": 4}, models)
+    decoder = Decoder(models.target, drafter)
+    if start is not None:
+        start.wait()
+    return [decoder.generate(prompt, 40).tokens for _ in range(3)], drafter
+
+
+def test_two_del_requests_at_once_on_one_target_both_equal_greedy_decoding(target):
+    prompts = ([3, 1, 4, 1, 5], [2, 7, 1, 8, 2, 8, 1, 8])
+    reference = [decode("ar", {}, target, prompt=p, n=40)[1].tokens for p in prompts]
+    alone = [del_requests(target, p)[1].exit_layer_acceptance() for p in prompts]
+    start = threading.Barrier(len(prompts))
+    results: dict[int, object] = {}
+
+    def request(i: int) -> None:
+        try:
+            results[i] = del_requests(target, prompts[i], start)
+        except BaseException as err:  # surfaced below, in the test's thread
+            results[i] = err
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(len(prompts)):
+        assert not isinstance(results[i], BaseException), results[i]
+        tokens, drafter = results[i]
+        assert all(t == reference[i] for t in tokens), f"request {i} differs from greedy decoding"
+        assert drafter.exit_layer_acceptance() == pytest.approx(alone[i]), "shadows saw only their own request"
 
 
 @pytest.mark.parametrize("layers, expected", [(2, 1), (4, 1), (8, 2), (32, 8)])

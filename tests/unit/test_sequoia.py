@@ -224,7 +224,7 @@ def test_method_reads_measured_files(models, tmp_path):
 def test_method_bad_knobs_name_the_field(models, tmp_path):
     target, drafter = models
     pair = Models(CausalLM(target), CausalLM(drafter))
-    with pytest.raises(ValueError, match=r"budget=300 .* allowed 1\.\.254"):
+    with pytest.raises(ValueError, match=r"sequoia: budget=300 .* allows 1\.\.254"):
         METHODS.build("sequoia", {"budget": 300}, pair)
     with pytest.raises(ValueError, match="acceptance: .*sum to <= 1"):
         METHODS.knobs("sequoia", {"acceptance": [0.8, 0.8]})

@@ -2,8 +2,10 @@
 
     draft -> tree inputs -> verify (ONE target forward) -> accept -> commit
 
-The target's cache holds every committed token but the last (the tree's root). Timing stays
-out of here: the loop returns counts; profilers hook the models from outside.
+The drafter says what it needs around verification (`hidden_layers`, `verifying`), so the
+loop never branches on a method. The target's cache holds every committed token but the last
+(the tree's root). Timing stays out of here: the loop returns counts; profilers hook the
+models from outside.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 
 from spectune.engine.accept import Verdict, accept
+from spectune.engine.budget import check_fits
+from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
 from spectune.trees.draft import DraftTree, tree_inputs, tree_layout
-from spectune.methods.base import DraftContext, Drafter, StepOutcome
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,15 @@ class Decoder:
         while produced < max_new_tokens:
             context = DraftContext(tuple(sequence), sampling, rng, max_depth=max_new_tokens - produced - 1)
             tree = self.drafter.draft(context)  # 1. draft: tokens + parents (+ q when sampling)
+            layers = self.drafter.hidden_layers()  # decoder layers whose outputs the drafter wants back
             past = len(self.target.cache)
             inputs = tree_inputs(tree.parents, past, self.target.dtype)  # 2. tree inputs: mask, positions
-            logits = self.target.forward(tree.tokens, inputs.positions, inputs.mask)  # 3. verify: [n+1, V]
+            with self.drafter.verifying(tree):  # 3. verify: ONE target forward over every node
+                verified = self.target.verify(tree.tokens, inputs.positions, inputs.mask, layers)
+            logits = verified.logits  # [n+1, V]; verified.hidden: {layer: [n+1, d]}
             verdict = accept(tree, logits, sampling, rng)  # 4. accept: path + bonus
             emitted = self._commit(tree, verdict, past, sequence)  # 5. commit: caches hold the accepted prefix
-            self.drafter.observe(StepOutcome(tree, verdict, logits))
+            self.drafter.observe(StepOutcome(tree, verdict, logits, verified.hidden))
             emitted, stop = self._cut(emitted, max_new_tokens - produced)
             produced += len(emitted)
             yield Emitted(emitted, _record(tree, verdict))
@@ -112,17 +118,8 @@ class Decoder:
         return emitted[:room], False
 
     def _check_budget(self, prompt_len: int, max_new_tokens: int) -> None:
-        if prompt_len < 1:
-            raise ValueError("the prompt is empty: it needs at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        needed = prompt_len + max_new_tokens + self.drafter.max_tree_size
-        if needed > self.target.max_positions:
-            raise ValueError(
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) + draft tree "
-                f"({self.drafter.max_tree_size} nodes) = {needed} exceeds the target's context "
-                f"of {self.target.max_positions} positions"
-            )
+        """ValueError for an empty prompt or no new tokens; budget.ContextOverflow when they do not fit."""
+        check_fits(prompt_len, max_new_tokens, self.drafter.max_tree_size, self.target.max_positions)
 
 
 def _record(tree: DraftTree, verdict: Verdict) -> StepRecord:

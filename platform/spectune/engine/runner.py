@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
+from spectune.engine.budget import context_length
 from spectune.engine.kvcache import KVCache
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What the target's verification forward hands back."""
+
+    logits: torch.Tensor  # [n, V] float, at every verified token
+    hidden: Mapping[int, torch.Tensor]  # layer l -> [n, d] output of decoder block l (1-based), as asked
 
 
 class CausalLM:
@@ -25,12 +35,15 @@ class CausalLM:
 
     @property
     def max_positions(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        return context_length(self.model.config)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
 
     def reset(self) -> None:
         self.cache = KVCache(self.model.config)
 
-    @torch.inference_mode()
     def forward(
         self,
         tokens: Sequence[int],
@@ -39,9 +52,41 @@ class CausalLM:
         last_only: bool = False,
     ) -> torch.Tensor:
         """Append `tokens` to the cache; return their logits [n, V] (or [1, V] with last_only)."""
+        return self._run(tokens, positions, mask, last_only, ()).logits
+
+    def verify(
+        self,
+        tokens: Sequence[int],
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        hidden_layers: Sequence[int] = (),
+    ) -> Verification:
+        """Append `tokens` (a draft tree: positions [1, n], mask [1, 1, n, past+n] or None for a chain);
+        return their logits and the outputs of decoder blocks `hidden_layers` (each in 1..L-1).
+
+        The layer outputs come from transformers' own output capture, which collects through a
+        ContextVar: nothing is hooked for this call alone, and concurrent forwards of the same
+        model in other threads neither see nor disturb what this one collects.
+        """
+        layers = tuple(sorted(set(hidden_layers)))
+        bad = [layer for layer in layers if not 1 <= layer < self.n_layers]
+        if bad:
+            raise ValueError(f"hidden layers must be in 1..{self.n_layers - 1} (the model has {self.n_layers}), got {bad}")
+        return self._run(tokens, positions, mask, False, layers)
+
+    @torch.inference_mode()
+    def _run(
+        self,
+        tokens: Sequence[int],
+        positions: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        last_only: bool,
+        layers: tuple[int, ...],
+    ) -> Verification:
         ids = torch.tensor([list(tokens)], device=self.device)  # [1, n]
         if positions is None:
             positions = torch.arange(len(self.cache), len(self.cache) + len(tokens)).unsqueeze(0)  # [1, n]
+        capture = {"output_hidden_states": list(layers)} if layers else {}  # hidden_states[l]: output of block l
         out = self.model(
             input_ids=ids,
             position_ids=positions.to(self.device),
@@ -49,9 +94,11 @@ class CausalLM:
             cache=self.cache.hf,
             use_cache=True,
             logits_to_keep=1 if last_only else 0,
+            **capture,
         )
         self.cache.appended(tokens)
-        return out.logits[0].float()  # [n, V]
+        hidden = {layer: out.hidden_states[layer][0] for layer in layers}  # layer -> [n, d]
+        return Verification(out.logits[0].float(), hidden)  # logits [n, V]
 
     def extend_to(self, sequence: Sequence[int]) -> torch.Tensor:
         """Make the cache hold exactly `sequence`, reusing its longest matching prefix; [V] logits after it."""

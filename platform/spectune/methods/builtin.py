@@ -10,9 +10,10 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.trees.shapes import TreeShape, branching_shape, chain_shape, paths_shape
 from spectune.trees.draft import DraftTree
-from spectune.methods.base import DraftContext, Knobs, Models, StepOutcome, root_only
+from spectune.methods.base import Knobs, Models
 from spectune.methods.model_drafter import TemplateDrafter
 from spectune.methods.registry import METHODS
 
@@ -24,19 +25,13 @@ class ArKnobs(Knobs):
     pass
 
 
-class Autoregressive:
+class Autoregressive(Drafter):
     """No draft: one target forward per token. The baseline every ratio is measured against."""
 
     max_tree_size = 0
 
-    def reset(self) -> None: ...
-
     def draft(self, context: DraftContext) -> DraftTree:
-        return root_only(context)
-
-    def commit(self, sequence: Sequence[int]) -> None: ...
-
-    def observe(self, outcome: StepOutcome) -> None: ...
+        return DraftTree.root_only(context.sequence[-1])
 
 
 @METHODS.register(
@@ -91,6 +86,7 @@ class ChainDrafter(TemplateDrafter):
     paper="Leviathan et al. 2023; Chen et al. 2023",
     cost="k drafter passes (first one over the uncached suffix); k+1 tokens verified",
     rule="greedy match; rejection sampling min(1, p/q), residual norm(max(p-q, 0))",
+    columns={"draft_len": ("draft_len",)},
 )
 def build_sps(knobs: SpsKnobs, models: Models) -> ChainDrafter:
     return ChainDrafter(models, knobs)
@@ -141,6 +137,7 @@ def _load_paths(path: Path) -> list[list[int]]:
     paper="SpecInfer (Miao et al. 2024) token trees; Medusa path lists (Cai et al. 2024)",
     cost="depth drafter passes (one per level); tree size + 1 tokens verified",
     rule="greedy match; recursive rejection over siblings drawn without replacement",
+    columns={"tree_shape": ("branching", "paths", "paths_file")},
 )
 def build_tree(knobs: TreeKnobs, models: Models) -> TemplateDrafter:
     return TemplateDrafter(models.drafter, knobs.shape())
@@ -167,7 +164,7 @@ class PldKnobs(Knobs):
         return self
 
 
-class PromptLookup:
+class PromptLookup(Drafter):
     """Copy what followed earlier occurrences of the current suffix n-gram (no model).
 
     With one match this is prompt lookup decoding's chain; with more, the continuations of the
@@ -178,12 +175,6 @@ class PromptLookup:
     def __init__(self, knobs: PldKnobs) -> None:
         self.knobs = knobs
         self.max_tree_size = knobs.draft_len * knobs.matches
-
-    def reset(self) -> None: ...
-
-    def commit(self, sequence: Sequence[int]) -> None: ...
-
-    def observe(self, outcome: StepOutcome) -> None: ...
 
     def draft(self, context: DraftContext) -> DraftTree:
         limit = min(self.knobs.draft_len, context.max_depth)
@@ -236,6 +227,7 @@ def continuation_trie(root: int, continuations: Sequence[Sequence[int]]) -> Draf
     paper="Saxena 2023, prompt lookup decoding",
     cost="0 drafter passes; draft_len + 1 tokens verified (a trie: at most matches x draft_len + 1)",
     rule="greedy match; sample-and-match (one-hot proposal)",
+    columns={"draft_len": ("draft_len",)},
 )
 def build_pld(knobs: PldKnobs, models: Models) -> PromptLookup:
     return PromptLookup(knobs)

@@ -30,10 +30,12 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
+from spectune.engine.budget import check_tree_fits
+from spectune.engine.drafter import DraftContext, Drafter
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling, probabilities, sample_without_replacement
 from spectune.trees.draft import DraftTree, additive_mask
-from spectune.methods.base import DraftContext, Knobs, Models, StepOutcome, check_budget_fits
+from spectune.methods.base import Knobs, Models
 from spectune.methods.registry import METHODS
 
 
@@ -212,7 +214,9 @@ def grow(expansion: Expansion, root_logits: torch.Tensor, forward: Callable[[lis
     return expansion.draft_tree(calls)
 
 
-class DyTreeDrafter:
+class DyTreeDrafter(Drafter):
+    """Rebuilds the tree from the drafter's confidence each step: nothing to learn across steps."""
+
     def __init__(self, lm: CausalLM, knobs: DyTreeKnobs) -> None:
         self.lm = lm
         self.knobs = knobs
@@ -224,13 +228,10 @@ class DyTreeDrafter:
     def commit(self, sequence: Sequence[int]) -> None:
         self.lm.cache.truncate(self.lm.cache.common_prefix(sequence))
 
-    def observe(self, outcome: StepOutcome) -> None:
-        """The tree is rebuilt from the drafter's confidence each step; nothing to learn."""
-
     def draft(self, context: DraftContext) -> DraftTree:
         depth_limit = min(self.knobs.max_depth, context.max_depth)
         if depth_limit == 0:
-            return DraftTree((context.sequence[-1],), (-1,))
+            return DraftTree.root_only(context.sequence[-1])
         root_logits = self.lm.extend_to(context.sequence)  # [V] after the root
         base = len(self.lm.cache)  # committed tokens, root included
         expansion = Expansion(context.sequence[-1], self.knobs, depth_limit, context.sampling, context.rng)
@@ -270,7 +271,8 @@ class DyTreeDrafter:
     paper="Xiong et al. 2024, DySpec (dynamic token trees)",
     cost="one drafter pass per round, at most max_depth (like a static tree that deep); budget + 1 tokens verified",
     rule="greedy: top-k siblings, match; sampling: Gumbel-top-k siblings, recursive rejection",
+    columns={"node_budget": ("budget",)},
 )
 def build_dytree(knobs: DyTreeKnobs, models: Models) -> DyTreeDrafter:
-    check_budget_fits("dytree", knobs.budget, models)
+    check_tree_fits(f"dytree: budget={knobs.budget}", knobs.budget, models.context)
     return DyTreeDrafter(models.drafter, knobs)

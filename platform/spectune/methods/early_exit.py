@@ -91,38 +91,3 @@ class ExitHead:
         """[..., d] hidden states after some layer -> [..., V] logits."""
         return self.lm_head(self.norm(hidden)).float()
 
-
-class LayerOutputs:
-    """Forward hooks that keep the output of chosen decoder layers during ONE forward call.
-
-    Observing from outside is how spectune reads a model without changing the loop: the
-    hooks are attached just before the forward to be observed and removed right after.
-    """
-
-    def __init__(self, layers: nn.ModuleList, exit_layers: Iterable[int]) -> None:
-        self._modules = {layer: layers[layer - 1] for layer in exit_layers}  # exit after layer l = output of block l-1
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._outputs: dict[int, torch.Tensor] = {}
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
-    def attach(self) -> None:
-        self.detach()
-        self._handles = [module.register_forward_hook(self._keeper(layer)) for layer, module in self._modules.items()]
-
-    def detach(self) -> dict[int, torch.Tensor]:
-        """Remove the hooks; return {exit layer: [n, d] hidden states} of the forward they saw."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        outputs, self._outputs = self._outputs, {}
-        return outputs
-
-    def _keeper(self, layer: int):
-        def keep(module: nn.Module, args: object, output: torch.Tensor | tuple) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output  # [1, n, d]
-            self._outputs[layer] = hidden[0]
-
-        return keep

@@ -11,14 +11,14 @@ from collections.abc import Sequence
 
 import torch
 
+from spectune.engine.drafter import DraftContext, Drafter
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import probabilities, sample_without_replacement
 from spectune.trees.shapes import TreeShape
 from spectune.trees.draft import DraftTree, additive_mask, ancestor_matrix, tree_layout
-from spectune.methods.base import DraftContext
 
 
-class TemplateDrafter:
+class TemplateDrafter(Drafter):
     def __init__(self, lm: CausalLM, shape: TreeShape) -> None:
         self.lm = lm
         self.use_shape(shape)
@@ -35,13 +35,10 @@ class TemplateDrafter:
     def commit(self, sequence: Sequence[int]) -> None:
         self.lm.cache.truncate(self.lm.cache.common_prefix(sequence))
 
-    def observe(self, outcome: object) -> None:
-        """A static template learns nothing."""
-
     def draft(self, context: DraftContext) -> DraftTree:
         depth_limit = min(self.shape.depth, context.max_depth)
         if depth_limit == 0:
-            return DraftTree((context.sequence[-1],), (-1,))
+            return DraftTree.root_only(context.sequence[-1])
         logits = self.lm.extend_to(context.sequence)[None]  # [1, V] after the root
         base = len(self.lm.cache)  # committed tokens, root included
         tree = _Growing(context.sequence[-1])

@@ -14,10 +14,12 @@ import dataclasses
 import torch
 from pydantic import Field, model_validator
 
+from spectune.engine.budget import check_tree_fits
+from spectune.engine.drafter import DraftContext
 from spectune.engine.sampling import probabilities, sample_with_replacement
 from spectune.trees.shapes import TreeShape, branching_shape
 from spectune.trees.draft import DraftTree
-from spectune.methods.base import DraftContext, Knobs, Models
+from spectune.methods.base import Knobs, Models
 from spectune.methods.model_drafter import TemplateDrafter, _Growing
 from spectune.methods.registry import METHODS
 
@@ -37,6 +39,10 @@ class MultiDraftKnobs(Knobs):
     def shape(self) -> TreeShape:
         """[width, 1, 1, ...]: `width` independent drafts of `depth` tokens, or the explicit per-level widths."""
         return branching_shape(self.branching if self.branching is not None else [self.width] + [1] * (self.depth - 1))
+
+    def shape_knobs(self) -> str:
+        """The knobs that set the shape, for messages: `branching=[3, 2, 1]` or `width=3, depth=4`."""
+        return f"branching={self.branching}" if self.branching is not None else f"width={self.width}, depth={self.depth}"
 
 
 class WithReplacementDrafter(TemplateDrafter):
@@ -61,10 +67,7 @@ class WithReplacementDrafter(TemplateDrafter):
 def fitted_shape(name: str, knobs: MultiDraftKnobs, models: Models) -> TreeShape:
     """The knobs' tree, refused at build time when the model context cannot hold it."""
     shape = knobs.shape()
-    context = min(models.target.max_positions, models.drafter.max_positions)
-    if shape.size > context - 2:
-        given = f"branching={knobs.branching}" if knobs.branching is not None else f"width={knobs.width}, depth={knobs.depth}"
-        raise ValueError(f"{name}: {given} makes a tree of {shape.size} nodes; the model context allows 1..{context - 2}")
+    check_tree_fits(f"{name}: {knobs.shape_knobs()}", shape.size, models.context)
     return shape
 
 
@@ -76,6 +79,7 @@ def fitted_shape(name: str, knobs: MultiDraftKnobs, models: Models) -> TreeShape
     paper="Jeon et al. 2024, Recursive Speculative Decoding (RSD-C)",
     cost="depth drafter passes (one per level); tree size + 1 tokens verified",
     rule="greedy: top-k siblings, match; sampling: Gumbel-top-k siblings, recursive rejection (q loses each rejected token)",
+    columns={"tree_shape": ("branching",)},
 )
 def build_rsd(knobs: MultiDraftKnobs, models: Models) -> TemplateDrafter:
     return TemplateDrafter(models.drafter, fitted_shape("rsd", knobs, models))
@@ -89,6 +93,7 @@ def build_rsd(knobs: MultiDraftKnobs, models: Models) -> TemplateDrafter:
     paper="Miao et al. 2024, SpecInfer (multi-step speculative sampling)",
     cost="depth drafter passes (one per level); tree size + 1 tokens verified",
     rule="greedy: top-k siblings, match; sampling: i.i.d. siblings, multi-round rejection (q unchanged after a rejection)",
+    columns={"tree_shape": ("branching",)},
 )
 def build_specinfer(knobs: MultiDraftKnobs, models: Models) -> WithReplacementDrafter:
     return WithReplacementDrafter(models.drafter, fitted_shape("specinfer", knobs, models))

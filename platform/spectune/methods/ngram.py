@@ -13,11 +13,13 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
+from spectune.engine.budget import check_tree_fits
+from spectune.engine.drafter import DraftContext, Drafter
 from spectune.trees.shapes import TreeShape
 from spectune.trees.draft import DraftTree
-from spectune.methods.base import DraftContext, Models, StepOutcome
+from spectune.methods.base import Models
 from spectune.methods.registry import METHODS
-from spectune.methods.template_fill import TemplateKnobs, check_template_fits, fill_template
+from spectune.methods.template_fill import TemplateKnobs, fill_template
 
 
 class NgramTable:
@@ -73,7 +75,7 @@ class NgramKnobs(TemplateKnobs):
     )
 
 
-class NgramDrafter:
+class NgramDrafter(Drafter):
     def __init__(self, knobs: NgramKnobs, shape: TreeShape) -> None:
         self.knobs = knobs
         self.shape = shape
@@ -104,8 +106,6 @@ class NgramDrafter:
         self.table.add(sequence, self._indexed)
         self._indexed = len(sequence)
 
-    def observe(self, outcome: StepOutcome) -> None: ...
-
 
 @METHODS.register(
     "ngram",
@@ -116,8 +116,9 @@ class NgramDrafter:
     paper="ADED (Liu et al. 2024, adaptive n-gram drafting); STAND (Song et al. 2025)",
     cost="0 drafter passes (table lookups); up to template size + 1 tokens verified",
     rule="greedy match; sample-and-match (deterministic draft, distinct siblings)",
+    columns={"tree_shape": ("branching", "paths")},
 )
 def build_ngram(knobs: NgramKnobs, models: Models) -> NgramDrafter:
     shape = knobs.shape()
-    check_template_fits(shape, models.target.max_positions, knobs.template_field())
+    check_tree_fits(f"ngram: {knobs.template_knob()}", shape.size, models.context)
     return NgramDrafter(knobs, shape)

@@ -27,25 +27,28 @@ runner (never the loop's). Each worker runs its jobs one at a time, so its cache
 Hence a missed lookahead is just told to stop; the foreground never waits for it.
 
 Each side's torch thread count is set per thread (OpenMP/MKL settings are per thread), and the
-loop's thread is switched to `target_threads` only while the background drafter runs beside
-it, then restored, so nothing leaks into other methods timed in the same process.
+loop's thread is switched to `target_threads` only for the target's verification while a
+lookahead drafts beside it (`verifying`, which the loop enters around that forward), then
+restored, so nothing leaks into other methods timed in the same process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from pydantic import Field
 
+from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling, probabilities, sample
 from spectune.trees.draft import DraftTree
-from spectune.methods.base import DraftContext, Knobs, Models, StepOutcome, root_only
+from spectune.methods.base import Knobs, Models
 from spectune.methods.registry import METHODS
 
 #: pre-verify stops drafting when the target would accept the first draft token with a
@@ -158,7 +161,7 @@ class ThreadCount:
         self._saved = None
 
 
-class PearlDrafter:
+class PearlDrafter(Drafter):
     def __init__(self, models: Models, knobs: PearlKnobs) -> None:
         self.knobs = knobs
         self.lm = models.drafter  # the foreground's drafter cache
@@ -189,7 +192,6 @@ class PearlDrafter:
         for job in self._outstanding:  # at most one pass each; a new prompt starts with idle workers
             job.result()
         self._outstanding = []
-        self._threads.restore()
         for lm in (self.lm, self.lookahead_lm, self.verifier):
             if lm is not None:
                 lm.reset()
@@ -200,7 +202,7 @@ class PearlDrafter:
         limit = min(self.knobs.gamma, context.max_depth)
         reused = self._take_ready(sequence) if limit else None
         if limit == 0:
-            return root_only(context)
+            return DraftTree.root_only(sequence[-1])
         if reused is not None:
             chain = reused
             self.stats["reused"] += 1
@@ -213,8 +215,17 @@ class PearlDrafter:
             self._launch_ahead(sequence + tree.tokens[1:], sampling, context.rng)
         return tree
 
+    @contextlib.contextmanager
+    def verifying(self, tree: DraftTree) -> Iterator[None]:
+        """The target verifies with `target_threads` while this step's lookahead drafts beside it."""
+        if self._ahead is not None and not self._ahead.future.done():
+            self._threads.use(self.knobs.target_threads)
+        try:
+            yield
+        finally:
+            self._threads.restore()
+
     def commit(self, sequence: Sequence[int]) -> None:
-        self._threads.restore()  # the target's verification is over
         self._reap()
         job, self._ahead = self._ahead, None
         if job is not None:
@@ -242,8 +253,7 @@ class PearlDrafter:
         job.future = self._drafter_worker.submit(self._run_ahead, job, sampling, seed)
         self.stats["lookaheads"] += 1
         self._outstanding.append(job.future)
-        self._ahead = job
-        self._threads.use(self.knobs.target_threads)  # the loop's target forward runs next, beside the drafter
+        self._ahead = job  # the loop's verification runs next, beside it (see `verifying`)
 
     def _run_ahead(self, job: Lookahead, sampling: Sampling, seed: int | None) -> Chain:
         """Background thread: guess the bonus token, then draft gamma tokens after it."""
@@ -335,6 +345,7 @@ class PearlDrafter:
     cost="gamma drafter passes per step, those of a reused chain overlapped with the target; pre-verify adds a "
     "target pass over the new tokens beside the drafter; gamma + 1 tokens verified",
     rule="greedy match; rejection sampling min(1, p/q), residual norm(max(p-q, 0)) (the loop verifies every chain)",
+    columns={"draft_len": ("gamma",)},
 )
 def build_pearl(knobs: PearlKnobs, models: Models) -> PearlDrafter:
     return PearlDrafter(models, knobs)

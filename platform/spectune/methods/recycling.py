@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from spectune.engine.budget import check_tree_fits
+from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.trees.shapes import TreeShape
 from spectune.trees.draft import DraftTree
-from spectune.methods.base import DraftContext, Models, StepOutcome
+from spectune.methods.base import Models
 from spectune.methods.registry import METHODS
-from spectune.methods.template_fill import TemplateKnobs, check_template_fits, fill_template
+from spectune.methods.template_fill import TemplateKnobs, fill_template
 
 UNSEEN = -1  # an adjacency row for a token the target has not been seen predicting after
 
@@ -74,7 +76,7 @@ class RecyclingKnobs(TemplateKnobs):
         return self
 
 
-class TokenRecycling:
+class TokenRecycling(Drafter):
     """The drafter: BFS over the template on the adjacency matrix; learns from every verification."""
 
     def __init__(self, knobs: RecyclingKnobs, shape: TreeShape) -> None:
@@ -94,8 +96,6 @@ class TokenRecycling:
     def _after_last(self, path: tuple[int, ...]) -> list[int]:
         return self.matrix.candidates(path[-1])
 
-    def commit(self, sequence: Sequence[int]) -> None: ...
-
     def observe(self, outcome: StepOutcome) -> None:
         order = recycle_order(outcome)
         self.matrix.update([outcome.tree.tokens[i] for i in order], outcome.target_logits[order])
@@ -110,10 +110,11 @@ class TokenRecycling:
     paper="Luo et al. 2024, Turning Trash into Treasure (Token Recycling)",
     cost="0 drafter passes (table lookups); up to template size + 1 tokens verified",
     rule="greedy match; sample-and-match (deterministic draft, distinct siblings)",
+    columns={"tree_shape": ("branching", "paths")},
 )
 def build_recycling(knobs: RecyclingKnobs, models: Models) -> TokenRecycling:
     shape = knobs.shape(knobs.k)
-    check_template_fits(shape, models.target.max_positions, knobs.template_field())
+    check_tree_fits(f"recycling: {knobs.template_knob()}", shape.size, models.context)
     vocab = int(models.target.model.config.vocab_size)
     if knobs.k > vocab:
         raise ValueError(f"k: {knobs.k} candidates per token exceeds the vocabulary; allowed range 1..{vocab}")

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
-from spectune.methods.base import Drafter, Knobs, Method, Models
+from spectune.config import DecodeConfig, KnobColumns
+from spectune.engine.drafter import Drafter
+from spectune.methods.base import Knobs, Method, Models
+
+COLUMNS = tuple(f.name for f in dataclasses.fields(KnobColumns))
+INT_COLUMNS = ("draft_len", "node_budget", "exit_layer")
 
 
 class MethodRegistry:
@@ -25,13 +32,25 @@ class MethodRegistry:
         cost: str,
         rule: str,
         lossless: bool = True,
+        columns: Mapping[str, tuple[str, ...]] | None = None,
     ) -> Callable[[Callable[[Knobs, Models], Drafter]], Callable[[Knobs, Models], Drafter]]:
-        """Register a method's factory; the texts feed `spectune methods` and docs/methods.md."""
+        """Register a method's factory; the texts feed `spectune methods` and docs/methods.md.
+
+        `columns` maps a store knob column (a `spectune.config.KnobColumns` field) to the
+        method's knobs that fill it, first non-None wins: {"draft_len": ("gamma",)}.
+        """
+        columns = {column: tuple(names) for column, names in (columns or {}).items()}
+        for column, names in columns.items():
+            if column not in COLUMNS:
+                raise ValueError(f"method {name!r}: {column!r} is no knob column (known: {', '.join(COLUMNS)})")
+            unknown = [k for k in names if k not in knobs.model_fields]
+            if unknown or not names:
+                raise ValueError(f"method {name!r}: column {column!r} names no knob of {knobs.__name__}: {unknown or names}")
 
         def decorate(build: Callable[[Knobs, Models], Drafter]) -> Callable[[Knobs, Models], Drafter]:
             if name in self._methods:
                 raise ValueError(f"method {name!r} is registered twice")
-            self._methods[name] = Method(name, knobs, build, needs_drafter, lossless, summary, paper, cost, rule)
+            self._methods[name] = Method(name, knobs, build, needs_drafter, lossless, summary, paper, cost, rule, columns)
             return build
 
         return decorate
@@ -54,12 +73,42 @@ class MethodRegistry:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {e['msg']}" for e in err.errors())
             raise ValueError(f"bad knobs for method {name!r}: {problems}") from None
 
+    def config(
+        self, method: str, knobs: Mapping[str, Any], temperature: float = 0.0, name: str | None = None
+    ) -> DecodeConfig:
+        """A validated configuration: the knobs kept exactly as given, the store's knob columns filled."""
+        values = dict(knobs)
+        validated = self.knobs(method, values)
+        return DecodeConfig(method, values, temperature, name, knob_columns(self.get(method), values, validated))
+
     def build(self, name: str, values: Mapping[str, Any], models: Models) -> Drafter:
         method = self.get(name)
         knobs = self.knobs(name, values)
         if method.needs_drafter and models.drafter is None:
             raise ValueError(f"method {name!r} drafts with a drafter model; pass --drafter")
         return method.build(knobs, models)
+
+
+def knob_columns(method: Method, given: Mapping[str, Any], validated: Knobs) -> KnobColumns:
+    """Each column from the first of its knobs the user gave a non-None value (as validated: ints as int,
+    a branching or path list as compact JSON, a paths file as its name); None where none was given."""
+    filled: dict[str, Any] = {}
+    for column, names in method.columns.items():
+        knob = next((k for k in names if given.get(k) is not None), None)
+        if knob is None:
+            continue
+        value = getattr(validated, knob)
+        if column in INT_COLUMNS:
+            filled[column] = int(value)
+        else:
+            filled[column] = value if isinstance(value, str) else json.dumps(_plain(value), separators=(",", ":"))
+    return KnobColumns(**filled)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 METHODS = MethodRegistry()

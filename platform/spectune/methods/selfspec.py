@@ -11,6 +11,11 @@
   verification, timed on the worker when the method is built (small models pay a fixed cost
   per forward pass that layer counting ignores).
 
+Shadow tokens need the target's own layer outputs at the verified nodes: DEL names its exit
+layers from `hidden_layers()` on shadow rounds and reads them in `observe` (`outcome.hidden`),
+so nothing is hooked onto the target's shared blocks and two requests may decode at once on
+one loaded target.
+
 The drafts share the target's weights. Each exit layer keeps its own KV cache: the engine's
 KVCache owns one model's cache and offers no view over another cache's first layers. Little is
 lost on a chain: the draft's cache already holds every accepted draft token (computed while
@@ -31,12 +36,13 @@ import torch
 from pydantic import Field, model_validator
 from transformers import PreTrainedModel
 
+from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling, probabilities
 from spectune.trees.shapes import chain_shape
 from spectune.trees.draft import DraftTree
-from spectune.methods.base import DraftContext, Knobs, Models, StepOutcome
-from spectune.methods.early_exit import ExitHead, LayerOutputs, check_exit_layer, decoder_layers, exit_view, n_layers
+from spectune.methods.base import Knobs, Models
+from spectune.methods.early_exit import ExitHead, check_exit_layer, exit_view, n_layers
 from spectune.methods.model_drafter import TemplateDrafter
 from spectune.methods.registry import METHODS
 
@@ -88,6 +94,7 @@ class LayerSkipDrafter(TemplateDrafter):
     paper="Elhoushi et al. 2024, LayerSkip",
     cost="d passes of l target layers (+ head); d+1 tokens verified",
     rule="greedy match; rejection sampling min(1, p/q), residual norm(max(p-q, 0))",
+    columns={"draft_len": ("draft_len",), "exit_layer": ("exit_layer",)},
 )
 def build_layerskip(knobs: LayerSkipKnobs, models: Models) -> LayerSkipDrafter:
     exit_layer = knobs.exit_layer or default_exit_layer(n_layers(models.target.model))
@@ -247,7 +254,7 @@ class DelKnobs(Knobs):
         return self
 
 
-class DynamicExitDrafter:
+class DynamicExitDrafter(Drafter):
     """DEL: each round, draft a chain of d tokens through exit layer l, both picked from shadow tokens.
 
     The acceptance window describes the model pair, not one sequence, so `reset` keeps it: the
@@ -264,16 +271,16 @@ class DynamicExitDrafter:
         self.window = ShadowWindow(exit_layers, knobs.window)
         self.chosen: Counter[tuple[int, int]] = Counter()  # (exit layer, draft length) -> rounds
         self._head = ExitHead(target.model)
-        self._recorder = LayerOutputs(decoder_layers(target.model), exit_layers)
         self._views: dict[int, PreTrainedModel] = {}  # exit layer -> its view of the target, built on first use
         self._drafters: dict[int, TemplateDrafter] = {}  # one cache-owning view per exit layer, built on first use
         self._sampling = Sampling()
         self._rounds = 0
+        self._shadow_round = False  # this round's verification hands back the exit layers' outputs
         self.shadowed_rounds = 0  # verifications whose shadow tokens were computed
         self._choice: tuple[int, int] | None = None  # (exit layer, draft length); recomputed when the window moves
 
     def reset(self) -> None:
-        self._recorder.detach()
+        self._shadow_round = False
         for drafter in self._drafters.values():
             drafter.reset()
 
@@ -286,20 +293,25 @@ class DynamicExitDrafter:
         drafter.use_shape(chain_shape(length))
         tree = drafter.draft(context)
         self._sampling = context.sampling
-        if self._rounds % self.shadow_every == 0:
-            self._recorder.attach()  # the next pass through the target's layers is this tree's verification
+        self._shadow_round = self._rounds % self.shadow_every == 0
         self._rounds += 1
         return tree
+
+    def hidden_layers(self) -> tuple[int, ...]:
+        """On every `shadow_every`-th round, the exit layers: their outputs at the verified nodes give shadow tokens."""
+        return tuple(self.exit_layers) if self._shadow_round else ()
 
     def commit(self, sequence: Sequence[int]) -> None:
         for drafter in self._drafters.values():
             drafter.commit(sequence)
 
     def observe(self, outcome: StepOutcome) -> None:
-        hidden = self._recorder.detach()
-        if not hidden:  # the verification never ran through the hooks (nothing to learn)
+        self._shadow_round = False
+        if not outcome.hidden:  # not a shadow round: nothing to learn
             return
-        self.window.add(shadow_agreement(self._head, hidden, outcome.target_logits, outcome.verdict.path, self._sampling))
+        self.window.add(
+            shadow_agreement(self._head, outcome.hidden, outcome.target_logits, outcome.verdict.path, self._sampling)
+        )
         self.shadowed_rounds += 1
         self._choice = None
 
@@ -307,7 +319,7 @@ class DynamicExitDrafter:
         """Every exit view a round may draft with (built here if not yet used; a view shares the target's
         weights and owns no cache, so an unused one costs nothing while decoding).
 
-        Shadow tokens are not drafting: they are read from the verification forward (layer hooks)
+        Shadow tokens are not drafting: they are read from the verification forward (`outcome.hidden`)
         and the head applied after it, outside any module named here.
         """
         return tuple(self._view(layer) for layer in self.exit_layers)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
+from spectune.engine.budget import check_tree_fits
 from spectune.trees.sequoia import SequoiaTree, check_acceptance, hardware_aware_tree, optimal_tree
 from spectune.trees.shapes import paths_shape
-from spectune.methods.base import Knobs, Models, check_budget_fits
+from spectune.methods.base import Knobs, Models
 from spectune.methods.model_drafter import TemplateDrafter
 from spectune.methods.registry import METHODS
 from spectune.trees.files import load_acceptance, load_profile
@@ -68,7 +69,8 @@ class SequoiaKnobs(Knobs):
     paper="Chen et al. 2024, Sequoia (scalable, robust, hardware-aware speculative decoding)",
     cost="tree depth drafter passes (one per level); at most budget + 1 tokens verified",
     rule="greedy: top-k siblings, match; sampling: Gumbel-top-k siblings, recursive rejection (SpecTree)",
+    columns={"node_budget": ("budget",)},
 )
 def build_sequoia(knobs: SequoiaKnobs, models: Models) -> TemplateDrafter:
-    check_budget_fits("sequoia", knobs.budget, models)
+    check_tree_fits(f"sequoia: budget={knobs.budget}", knobs.budget, models.context)
     return TemplateDrafter(models.drafter, paths_shape(knobs.tree().paths))

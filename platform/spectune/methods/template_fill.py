@@ -59,14 +59,11 @@ class TemplateKnobs(Knobs):
         """The knob that set the template, for error messages."""
         return next((k for k in ("branching", "paths") if getattr(self, k) is not None), "tree_size")
 
-
-def check_template_fits(shape: TreeShape, max_positions: int, field: str) -> None:
-    """A template the target could never verify is a knob error, reported at build time."""
-    if shape.size + 1 >= max_positions:
-        raise ValueError(
-            f"{field}: the template has {shape.size} nodes; it must have at most {max_positions - 2} "
-            f"to fit the target's context of {max_positions} positions"
-        )
+    def template_knob(self) -> str:
+        """That knob with its value, for messages: `branching=[4, 2]`, `tree_size=64` (default: 32)."""
+        field = self.template_field()
+        value = getattr(self, field)
+        return f"{field}={value if value is not None else DEFAULT_TREE_SIZE}"
 
 
 def fill_template(shape: TreeShape, root: int, candidates: Candidates, max_depth: int) -> DraftTree:

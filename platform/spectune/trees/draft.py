@@ -27,6 +27,11 @@ class DraftTree:
         """Draft nodes, root excluded."""
         return len(self.tokens) - 1
 
+    @classmethod
+    def root_only(cls, root: int) -> DraftTree:
+        """The empty draft: the target just decodes one token after the root."""
+        return cls(tokens=(root,), parents=(-1,))
+
 
 @dataclass(frozen=True)
 class TreeLayout:

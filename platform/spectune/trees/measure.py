@@ -9,17 +9,20 @@ whose k-th child was accepted. `profile_forwards` times target (and drafter) for
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
+from spectune.engine.budget import context_length
+from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.loop import Decoder
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
 from spectune.trees.shapes import branching_shape
 from spectune.trees.draft import DraftTree, tree_inputs, tree_layout
-from spectune.methods.base import DraftContext, Drafter, StepOutcome
 from spectune.methods.model_drafter import TemplateDrafter
 from spectune.pair import Pair
 from spectune.prompts import Prompt
@@ -27,8 +30,11 @@ from spectune.prompts import Prompt
 # --- measuring p[k] -----------------------------------------------------------------------------
 
 
-class RankRecorder:
-    """Wraps a drafter; after each step notes which ranked root child, if any, the target accepted."""
+class RankRecorder(Drafter):
+    """Wraps a drafter; after each step notes which ranked root child, if any, the target accepted.
+
+    Every ability of the wrapped drafter is forwarded, so wrapping changes nothing it does.
+    """
 
     def __init__(self, inner: Drafter, width: int) -> None:
         self.inner = inner
@@ -42,8 +48,23 @@ class RankRecorder:
     def draft(self, context: DraftContext) -> DraftTree:
         return self.inner.draft(context)
 
+    def hidden_layers(self) -> tuple[int, ...]:
+        return self.inner.hidden_layers()
+
+    def verifying(self, tree: DraftTree) -> contextlib.AbstractContextManager[None]:
+        return self.inner.verifying(tree)
+
     def commit(self, sequence: Sequence[int]) -> None:
         self.inner.commit(sequence)
+
+    def draft_modules(self) -> tuple[nn.Module, ...]:
+        return self.inner.draft_modules()
+
+    def exit_layer_acceptance(self) -> dict[int, float]:
+        return self.inner.exit_layer_acceptance()
+
+    def exit_choices(self) -> dict[tuple[int, int], int]:
+        return self.inner.exit_choices()
 
     def observe(self, outcome: StepOutcome) -> None:
         self.inner.observe(outcome)
@@ -118,9 +139,9 @@ def check_profile_fits(pair: Pair, past: int, max_tokens: int) -> None:
         raise ValueError(f"--max-tokens must be >= 1, got {max_tokens}")
     if past < 0:
         raise ValueError(f"--past must be >= 0, got {past}")
-    context = pair.max_positions
+    context = context_length(pair.target.config)
     if pair.drafter is not None:
-        context = min(context, int(getattr(pair.drafter.config, "max_position_embeddings", context)))
+        context = min(context, context_length(pair.drafter.config))
     if past + max_tokens > context:
         raise ValueError(
             f"--past {past} + --max-tokens {max_tokens} exceeds the models' context of {context}; "

@@ -1,0 +1,102 @@
+"""What plugs into the loop: the Drafter protocol, what it is told before a step and after it.
+
+The loop calls, each step,
+
+    draft(context) -> DraftTree           # phase 1
+    hidden_layers() -> layers to hand back  # which decoder-layer outputs the coming verification returns
+    with verifying(tree): <target forward> # phase 3, inside the drafter's resource switch
+    commit(sequence)                       # phase 5, drafter side
+    observe(outcome)                       # what the step showed: verdict, target logits, those layer outputs
+
+and `reset()` before every sequence. Every ability beyond `draft` has a documented default on
+the base class, so the loop and the tools around it (bench's timing, reports) call them on any
+drafter without probing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from spectune.engine.accept import Verdict
+from spectune.engine.sampling import Sampling
+from spectune.trees.draft import DraftTree
+
+
+@dataclass(frozen=True)
+class DraftContext:
+    sequence: tuple[int, ...]  # every committed token; the last one is the tree's root
+    sampling: Sampling
+    rng: torch.Generator
+    max_depth: int  # deeper drafts could never be emitted (max_new_tokens is near)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    tree: DraftTree
+    verdict: Verdict
+    target_logits: torch.Tensor  # [n+1, V] for drafters that learn from the target (Token Recycling)
+    hidden: Mapping[int, torch.Tensor] = field(default_factory=dict)  # {layer l: [n+1, d]} output of block l (1-based)
+    # at every tree node, for the layers `hidden_layers()` asked for this step (else empty)
+
+
+class Drafter(ABC):
+    """Base of every drafter. Subclasses set `max_tree_size` and implement `draft`; the rest is optional."""
+
+    max_tree_size: int  # the most draft nodes one step can propose (for the context check)
+
+    def reset(self) -> None:
+        """Forget everything about the previous sequence. Default: nothing to forget."""
+
+    @abstractmethod
+    def draft(self, context: DraftContext) -> DraftTree:
+        """Phase 1: propose a tree rooted at context.sequence[-1]."""
+
+    def commit(self, sequence: Sequence[int]) -> None:
+        """Phase 5, drafter side: keep only state consistent with the accepted `sequence`. Default: no state."""
+
+    def observe(self, outcome: StepOutcome) -> None:
+        """After each step: adapt (draft length schedules, tables, acceptance estimates). Default: learn nothing."""
+
+    # --- around verification --------------------------------------------------------------------
+
+    def hidden_layers(self) -> tuple[int, ...]:
+        """Decoder layers (1..L-1) whose outputs the coming verification must hand back.
+
+        Called by the loop after `draft()`; the outputs arrive in `observe(outcome)` as
+        `outcome.hidden`. Default: none (the verification computes logits only).
+        """
+        return ()
+
+    def verifying(self, tree: DraftTree) -> contextlib.AbstractContextManager[None]:
+        """Entered right before the target's verification forward of `tree`, exited right after, even on error.
+
+        For resource switches while the target runs (PEARL: the thread count beside a background
+        drafter). Default: nothing to switch.
+        """
+        return contextlib.nullcontext()
+
+    # --- what tools around the loop may ask -----------------------------------------------------
+
+    def draft_modules(self) -> tuple[nn.Module, ...]:
+        """Modules other than the pair's drafter model whose forward calls are this drafter's drafting.
+
+        An early-exit view of the target (layerskip, del) is one, so that timing from outside
+        (`spectune bench`'s forward hooks) counts it as drafting. Only naming: the drafter itself
+        times nothing. A named module must not run inside the target's forward, nor the target
+        inside it, or the time would count on both sides. Default: none.
+        """
+        return ()
+
+    def exit_layer_acceptance(self) -> dict[int, float]:
+        """Per-token acceptance per exit layer, for self-speculative drafters (layerskip, del). Default: {}."""
+        return {}
+
+    def exit_choices(self) -> dict[tuple[int, int], int]:
+        """Rounds drafted with each (exit layer, draft length), for dynamic-exit drafters (del). Default: {}."""
+        return {}
