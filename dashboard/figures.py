@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
+from spectune.config import DecodeConfig
 from spectune.pareto import front_step_line, lossy_rows, pareto_front
 
 
@@ -81,16 +82,13 @@ def _flat_config(config: Any) -> dict[str, Any]:
 
 
 def config_label(config: Any, method: Any = None, extra: Any = None) -> str:
-    """A short name for a configuration: the bench label when recorded, else
-    ``method(knob=value,...)`` from the config."""
+    """The configuration's one label (`DecodeConfig.label`): the one its trial reported, else made from the config."""
     if isinstance(extra, Mapping) and extra.get("label"):
         return str(extra["label"])
-    flat = _flat_config(config)
-    if flat.get("name"):
-        return str(flat["name"])
-    name = flat.pop("method", None) or method or "?"
-    knobs = ",".join(f"{k}={_compact(v)}" for k, v in flat.items() if k not in ("name", "method"))
-    return f"{name}({knobs})" if knobs else str(name)
+    flat = dict(config) if isinstance(config, Mapping) else {}
+    if not flat.get("method"):
+        flat["method"] = str(method) if not _missing(method) and method else "?"
+    return DecodeConfig.from_dict(flat).label()
 
 
 def _compact(value: Any) -> str:

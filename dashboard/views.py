@@ -332,7 +332,7 @@ def _live_stats(answer: LiveAnswer) -> None:
                     f"AR: {comparison.ar_tokens_per_s:.0f} tok/s; outputs "
                     f"{'match' if comparison.outputs_match else 'differ'}")
     source = f" (trial {spec.trial_id})" if spec.trial_id is not None else ""
-    st.caption(f"served: `{config_label({'method': spec.method, **spec.config})}`{source} · "
+    st.caption(f"served: `{spec.label}`{source} · "
                f"{spec.target_calls} target passes · finish: {answer.finished.finish_reason}")
 
 

@@ -18,8 +18,18 @@ from ray import cloudpickle
 from ray.tune import Callback
 from rich.console import Console
 
+from spectune.config import DecodeConfig
+from spectune.results import BaselineResult, DecodeResult
 from spectune.sweeps.space import trial_config
 from spectune.sweeps.trainable import PAYLOAD, TrialFailed
+
+
+def stored_config(tune_config: Mapping[str, Any]) -> DecodeConfig:
+    """The trial's configuration with the store columns its method declares (the driver has the registry)."""
+    from spectune.methods import METHODS
+
+    config = trial_config(tune_config)
+    return METHODS.config(config.method, config.knobs, config.temperature)
 
 
 def error_message(trial: Any) -> str:
@@ -73,30 +83,22 @@ class StoreCallback(Callback):
         for trial in trials:  # new trials show up as pending before they start
             if trial.trial_id not in self.seen and trial.status == "PENDING":
                 self.seen.add(trial.trial_id)
-                self.store.upsert_trial(self.sweep, trial.trial_id, trial_config(trial.config).as_dict(), "pending")
+                self.store.upsert_trial(self.sweep, trial.trial_id, stored_config(trial.config), "pending")
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.seen.add(trial.trial_id)
-        self.store.upsert_trial(self.sweep, trial.trial_id, trial_config(trial.config).as_dict(), "running")
+        self.store.upsert_trial(self.sweep, trial.trial_id, stored_config(trial.config), "running")
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: Mapping[str, Any], **info: Any) -> None:
         payload = result[PAYLOAD]
-        self.store.record_result(self.sweep, trial.trial_id, payload["metrics"], payload["hardware"])
+        outcome = DecodeResult.from_dict(payload["result"], config=stored_config(trial.config))
+        self.store.record_result(self.sweep, trial.trial_id, outcome, payload["hardware"])
         for baseline in payload["baselines"]:
-            self.save_baseline(baseline, payload["hardware"])
+            self.store.save_baseline(BaselineResult(**baseline), payload["hardware"], extra={"sweep": self.sweep})
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.store.upsert_trial(self.sweep, trial.trial_id, trial_config(trial.config).as_dict(), "error",
+        self.store.upsert_trial(self.sweep, trial.trial_id, stored_config(trial.config), "error",
                                 error=error_message(trial))
-
-    def save_baseline(self, baseline: Mapping[str, Any], hardware: Mapping[str, Any]) -> None:
-        record = dict(baseline)
-        self.store.save_baseline(
-            pair_id=record.pop("pair_id"), prompt_set_hash=record.pop("prompt_set_hash"), hardware=hardware,
-            max_new_tokens=record.pop("max_new_tokens"), temperature=record.pop("temperature"),
-            ar_tokens_per_s=record.pop("ar_tokens_per_s"), target_path=record.pop("target_path"),
-            drafter_path=record.pop("drafter_path"), extra={**record, "sweep": self.sweep},
-        )
 
 
 class ProgressCallback(Callback):
@@ -125,17 +127,17 @@ class ProgressCallback(Callback):
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR"):
                 self.finished.add(trial.trial_id)
-                self._consider(trial.last_result or {}, trial_config(trial.config).label)
+                self._consider(trial.last_result or {}, trial_config(trial.config).label())
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: Mapping[str, Any], **info: Any) -> None:
-        label = trial_config(trial.config).label
+        label = trial_config(trial.config).label()
         self.finished.add(trial.trial_id)
         value = self._consider(result, label)
         self._line(f"{label}: {self.objective} {value:.3g}" if value is not None else f"{label}: done")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.finished.add(trial.trial_id)
-        self._line(f"{trial_config(trial.config).label}: [red]error[/] {error_message(trial)}")
+        self._line(f"{trial_config(trial.config).label()}: [red]error[/] {error_message(trial)}")
 
     def _consider(self, result: Mapping[str, Any], label: str) -> float | None:
         value = result.get(self.objective)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import socket
 import time
 from collections.abc import Iterator
@@ -21,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from spectune.pair_ref import PairError, PairRef
 from spectune.paths import cache_dir
 from spectune.prompts import Prompt, load_prompts
-from spectune.sweeps.spec import PairSpec, SweepSpec
+from spectune.sweeps.spec import SweepSpec
 
 if TYPE_CHECKING:
     from spectune.store import Store
@@ -87,15 +87,12 @@ def _prompts(spec: SweepSpec) -> tuple[Prompt, ...]:
         raise SweepFailed(f"prompts.set: {err}") from None
 
 
-def check_local_pair(pair: PairSpec) -> None:
+def check_local_pair(pair: PairRef) -> None:
     """Local model folders must exist here (hub ids, "org/name", are left to `from_pretrained`)."""
-    for role in ("target", "drafter"):
-        value = getattr(pair, role)
-        local = value and (value.startswith(("/", ".")) or value.count("/") > 1 or Path(value).exists())
-        if local and not (Path(value) / "config.json").is_file():
-            built = re.search(r"pairs/([a-z]+)-seed(\d+)/", value)
-            hint = f" (build it with `spectune models build --preset {built[1]} --seed {built[2]}`)" if built else ""
-            raise SweepFailed(f"pair.{role}: {value} is not a model folder (no config.json){hint}")
+    try:
+        pair.check_local()
+    except PairError as err:
+        raise SweepFailed(str(err)) from None
 
 
 def _check_new_or_resumable(store: Store, spec: SweepSpec, options: SweepOptions) -> None:
@@ -200,7 +197,7 @@ def workers_that_fit(spec: SweepSpec) -> int:
 def _run(store: Store, spec: SweepSpec, prompts: tuple[Prompt, ...], options: SweepOptions, console: Console) -> SweepOutcome:
     import ray
 
-    from spectune.workers.trials.pair_worker import PairSource, pool_stats, start_pool, wait_ready
+    from spectune.workers.trials.pair_worker import pool_stats, start_pool, wait_ready
 
     started_ray = _start_ray(options.address)
     pool, created = None, False
@@ -208,10 +205,9 @@ def _run(store: Store, spec: SweepSpec, prompts: tuple[Prompt, ...], options: Sw
     try:
         slots = workers_that_fit(spec)
         pair = spec.pair
-        source = PairSource(pair.pair_id, pair.target, pair.drafter, pair.device, pair.dtype)
         console.print(f"sweep {spec.name}: {spec.trials} trials, {spec.search} search, {slots} worker(s) "
                       f"loading {pair.target}", highlight=False, soft_wrap=True)
-        pool = start_pool(source, slots, spec.resources.cpus, spec.resources.gpus)
+        pool = start_pool(pair, slots, spec.resources.cpus, spec.resources.gpus)
         for ready in wait_ready(pool):
             if ready.error:
                 raise SweepFailed(f"worker {ready.worker_id} cannot load the pair: {ready.error}")

@@ -10,52 +10,34 @@ Tune's three ways of searching a conditional space (a tree shape only for tree m
          then that method's knobs, under NSGA-II (multi-objective, seeded).
 
 Whatever the search, `trial_config` turns the config Tune hands a trial into one
-`TrialConfig` (method, knobs, temperature).
+`spectune.config.DecodeConfig` (method, knobs, temperature).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 
+from spectune.config import DecodeConfig
 from spectune.sweeps.spec import Range, SweepSpec, grid_configs
 
 OPTUNA_PRIMITIVES = (type(None), bool, int, float, str)  # what optuna's categorical choices may hold
 
 
-@dataclass(frozen=True)
-class TrialConfig:
-    """One trial: a registered method, its knobs, the sampling temperature."""
-
-    method: str
-    knobs: dict[str, Any] = field(default_factory=dict)
-    temperature: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """The flat config the store keeps: {method, knob: value, ..., temperature}."""
-        return {"method": self.method, **self.knobs, "temperature": self.temperature}
-
-    @property
-    def label(self) -> str:
-        args = ",".join(f"{k}={v}" for k, v in self.knobs.items())
-        text = f"{self.method}({args})" if args else self.method
-        return f"{text}@T={self.temperature:g}" if self.temperature else text
-
-
-def trial_config(tune_config: Mapping[str, Any]) -> TrialConfig:
+def trial_config(tune_config: Mapping[str, Any]) -> DecodeConfig:
     """Grid and random configs hold {"trial": {method, ...knobs}}; Optuna's hold {method, <method>: {knobs}}."""
     temperature = float(tune_config.get("temperature", 0.0))
     if "trial" in tune_config:
         knobs = dict(tune_config["trial"])
         method = knobs.pop("method")
-        return TrialConfig(method, knobs, temperature)
+        return DecodeConfig(method, knobs, temperature)
     method = tune_config["method"]
-    return TrialConfig(method, dict(tune_config.get(method) or {}), temperature)
+    return DecodeConfig(method, dict(tune_config.get(method) or {}), temperature)
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:

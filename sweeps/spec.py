@@ -1,7 +1,7 @@
 """The YAML sweep spec: what to sweep, on which pair and prompts, toward which objectives.
 
     name: quick
-    pair: {dir: ~/.cache/spectune/pairs/tiny-seed0}      # or target: ..., drafter: ...
+    pair: {dir: ~/.cache/spectune/pairs/tiny-seed0}      # or tiny, {preset, seed}, {target, drafter} (spectune.pair_ref)
     prompts: {set: default, limit: 12}
     max_new_tokens: 64
     temperatures: [0.0]
@@ -28,10 +28,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from spectune.pair_ref import PairRef
+
 SEARCHES = ("grid", "random", "optuna-nsga2")
 MAX_GRID = 10_000  # beyond this a grid is a mistake: use random or optuna-nsga2
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
 class SpecError(ValueError):
@@ -61,51 +62,6 @@ class Range(BaseModel):
 
 
 KnobValues = list[Any] | Range  # a list of choices, or a numeric range
-
-
-class PairSpec(BaseModel):
-    """The target/drafter pair: a folder from `spectune models build`, or paths / hub ids."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    dir: str | None = Field(None, description="pair folder holding target/ and drafter/")
-    target: str | None = Field(None, description="target model path or hub id")
-    drafter: str | None = Field(None, description="drafter model path or hub id (methods without one need none)")
-    device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-    @model_validator(mode="before")
-    @classmethod
-    def from_dir(cls, data: Any) -> Any:
-        if not isinstance(data, Mapping) or data.get("dir") is None:
-            return data
-        if data.get("target") or data.get("drafter"):
-            raise ValueError("give either dir or target/drafter, not both")
-        folder = str(data["dir"]).rstrip("/")
-        return {**data, "target": f"{folder}/target", "drafter": f"{folder}/drafter"}
-
-    @field_validator("dir", "target", "drafter")
-    @classmethod
-    def expand_home(cls, value: str | None) -> str | None:
-        return str(Path(value).expanduser()) if value and value.startswith("~") else value
-
-    @field_validator("device")
-    @classmethod
-    def known_device(cls, value: str) -> str:
-        if not DEVICE_PATTERN.match(value):
-            raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {value!r}")
-        return value
-
-    @model_validator(mode="after")
-    def has_target(self) -> PairSpec:
-        if not self.target:
-            raise ValueError("give dir (a pair folder) or target (a model path or hub id)")
-        return self
-
-    @property
-    def pair_id(self) -> str:
-        """Names the pair in the store and routes trials to workers holding it."""
-        return f"{self.target}|{self.drafter or '-'}|{self.device}|{self.dtype}"
 
 
 class PromptsSpec(BaseModel):
@@ -149,7 +105,7 @@ class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(description="names the sweep in the store and its Tune folder")
-    pair: PairSpec
+    pair: PairRef
     prompts: PromptsSpec = PromptsSpec()
     max_new_tokens: int = Field(64, ge=1)
     temperatures: list[float] = Field([0.0], min_length=1)
@@ -223,7 +179,7 @@ def _knob_values(where: str, values: Any) -> KnobValues:
     raise ValueError(f"{where}: give a list of choices (e.g. [{values!r}]) or a range {{low, high[, log]}}")
 
 
-def check_method(method: str, knobs: Mapping[str, KnobValues], pair: PairSpec, search: str) -> None:
+def check_method(method: str, knobs: Mapping[str, KnobValues], pair: PairRef, search: str) -> None:
     from spectune.methods import METHODS  # imported here: trial processes read specs' types but need no torch
 
     try:

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray import tune
 
+from spectune.config import Settings
 from spectune.prompts import Prompt
-from spectune.sweeps.space import TrialConfig, trial_config
+from spectune.sweeps.space import trial_config
 from spectune.workers.trials.pair_worker import TrialOutcome, TrialRequest, WorkerPool
 
 if TYPE_CHECKING:  # the spec imports the method registry (torch): trial processes never need it
@@ -45,32 +46,30 @@ class SweepContext:
         return cls(pools, spec.pair.pair_id, prompts, spec.max_new_tokens, spec.top_p, spec.seed, spec.repeats,
                    spec.warmup, tuple(o.metric for o in spec.objectives))
 
-    def settings(self, temperature: float) -> dict[str, Any]:
-        """`spectune.bench.Settings` fields (the worker validates them)."""
-        return {"max_new_tokens": self.max_new_tokens, "temperature": temperature, "top_p": self.top_p,
-                "seed": self.seed, "repeats": self.repeats, "warmup": self.warmup}
+    def settings(self, temperature: float) -> Settings:
+        return Settings(max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=self.top_p,
+                        seed=self.seed, repeats=self.repeats, warmup=self.warmup)
 
 
 def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     trial = trial_config(config)
-    request = TrialRequest(trial.method, trial.knobs, context.settings(trial.temperature), context.prompts)
+    request = TrialRequest(trial, context.settings(trial.temperature), context.prompts)
     started = time.perf_counter()
     with context.pools[context.pair_id].lease() as worker:
         outcome: TrialOutcome = ray.get(worker.run.remote(request))
     if outcome.error is not None:
         raise TrialFailed(outcome.error)
-    tune.report(trial_report(trial, outcome, context.objectives, time.perf_counter() - started))
+    tune.report(trial_report(outcome, context.objectives, time.perf_counter() - started))
 
 
-def trial_report(trial: TrialConfig, outcome: TrialOutcome, objectives: tuple[str, ...], wall_s: float) -> dict[str, Any]:
-    """Objectives at the top level (searchers read them there); everything for the store under PAYLOAD."""
-    metrics = {**outcome.metrics, "config": trial.as_dict(), "label": trial.label, "decode_s": outcome.decode_s,
-               "trial_wall_s": wall_s, "worker": outcome.worker}
+def trial_report(outcome: TrialOutcome, objectives: tuple[str, ...], wall_s: float) -> dict[str, Any]:
+    """Objectives at the top level (searchers read them there); everything for the store under PAYLOAD.
+
+    Tune keeps reports as JSON (result.json), so the typed result travels as its `as_dict()` row.
+    """
+    result = outcome.result.with_extra(decode_s=outcome.decode_s, trial_wall_s=wall_s, worker=outcome.worker)
+    row = result.as_dict()
     return {
-        **{name: metrics.get(name) for name in objectives},
-        PAYLOAD: {
-            "metrics": metrics,
-            "hardware": outcome.hardware,
-            "baselines": [asdict(b) for b in outcome.baselines],
-        },
+        **{name: row.get(name) for name in objectives},
+        PAYLOAD: {"result": row, "hardware": outcome.hardware, "baselines": [asdict(b) for b in outcome.baselines]},
     }

@@ -9,9 +9,12 @@ sweep also holds an errored trial, a pending one and a lossy-by-design one.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
+from spectune.config import DecodeConfig, KnobColumns
+from spectune.results import DecodeResult
 from spectune.store import Store, connect
 
 CPU = {"device": "cpu", "cpu_model": "AMD EPYC 7B13", "gpu_model": None, "n_cpus": 2,
@@ -60,13 +63,20 @@ def _tree_nodes(shape: list[int]) -> int:
     return nodes
 
 
-def _label(config: dict[str, Any]) -> str:
-    """As `DecodeConfig.label` names a configuration in `spectune bench --json`."""
-    knobs = ",".join(f"{k}={v}" for k, v in config.items() if k != "method")
-    return f"{config['method']}({knobs})"
+def typed(config: dict[str, Any]) -> DecodeConfig:
+    """The seed's configuration as a trial carries it, with the knob columns filled as a method would."""
+    shape = config.get("tree_shape")
+    columns = KnobColumns(draft_len=config.get("draft_len"), node_budget=config.get("node_budget"),
+                          tree_shape=json.dumps(shape, separators=(",", ":")) if shape else None)
+    return DecodeConfig.from_dict(config, columns)
 
 
-def metrics(config: dict[str, Any], hw: Hardware) -> dict[str, Any]:
+def metrics(config: dict[str, Any], hw: Hardware) -> DecodeResult:
+    """What `spectune bench` would measure for ``config`` on ``hw``."""
+    return DecodeResult.from_dict(bench_row(config, hw), typed(config))
+
+
+def bench_row(config: dict[str, Any], hw: Hardware) -> dict[str, Any]:
     """A `spectune bench --json` row for ``config`` on ``hw``."""
     method = config["method"]
     a = ACCEPTANCE[method]
@@ -90,7 +100,7 @@ def metrics(config: dict[str, Any], hw: Hardware) -> dict[str, Any]:
     lossy = method == "typical"
     target_calls = round(NEW_TOKENS * N_PROMPTS / tau)
     return {
-        "method": method, "label": _label(config), "config": config, "n_prompts": N_PROMPTS,
+        "method": method, "config": config, "n_prompts": N_PROMPTS,
         "new_tokens": NEW_TOKENS * N_PROMPTS, "target_calls": target_calls,
         "draft_calls": int(draft_passes * target_calls),
         "mean_accepted_tokens": round(tau, 4),
@@ -119,13 +129,12 @@ def seed_sweep(store: Store, name: str, hw: Hardware, running: bool) -> None:
     store.create_sweep(name, {**SPEC, "name": name}, who="tester", where=hw.spec["hostname"])
     store.set_sweep_status(name, "running")
     for key, config in CONFIGS:
-        store.upsert_trial(name, key, config, "running")
+        store.upsert_trial(name, key, typed(config), "running")
         store.record_result(name, key, metrics(config, hw), hw.spec)
-    store.upsert_trial(name, "tree-8-8-8", {"method": "tree", "tree_shape": [8, 8, 8],
-                                            "node_budget": 64}, "running")
+    store.upsert_trial(name, "tree-8-8-8", typed({"method": "tree", "tree_shape": [8, 8, 8], "node_budget": 64}),
+                       "running")
     store.record_error(name, "tree-8-8-8", ERROR_MESSAGE)
-    store.upsert_trial(name, "sps-k8", {"method": "sps", "draft_len": 8},
-                       "running" if running else "pending")
+    store.upsert_trial(name, "sps-k8", typed({"method": "sps", "draft_len": 8}), "running" if running else "pending")
     if not running:
         store.set_sweep_status(name, "done")
 

@@ -10,72 +10,52 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from spectune.config import DecodeConfig, Settings
+from spectune.engine.budget import ContextOverflow, check_fits
+from spectune.engine.drafter import Drafter
 from spectune.engine.loop import Decoder, Generation
 from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
-from spectune.methods.base import draft_modules
 from spectune.metrics import step_metrics
 from spectune.pair import Pair
 from spectune.profiling import ForwardClock, peak_memory_mb
 from spectune.prompts import Prompt
+from spectune.results import DecodeResult, PromptStats, StepCounts
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_new_tokens: int = Field(128, ge=1, description="new tokens per prompt")
-    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = 0
-    repeats: int = Field(3, ge=1, description="timed passes over the prompt set")
-    warmup: int = Field(2, ge=0, description="untimed prompts each configuration decodes first")
-
-    @property
-    def sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.top_p)
-
-
-class DecodeConfig(BaseModel):
-    """One configuration: a registered method and its knobs (given inline)."""
+class ConfigEntry(BaseModel):
+    """One configuration of a YAML config file: a registered method and its knobs, given inline."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     method: str
     name: str | None = None
 
-    @property
-    def knobs(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-    @property
-    def label(self) -> str:
-        if self.name:
-            return self.name
-        args = ",".join(f"{k}={v}" for k, v in self.knobs.items())
-        return f"{self.method}({args})" if args else self.method
-
     @model_validator(mode="after")
-    def knobs_valid(self) -> "DecodeConfig":
-        METHODS.knobs(self.method, self.knobs)  # raises naming the method and field
+    def knobs_valid(self) -> "ConfigEntry":
+        self.config()  # raises naming the method and field
         return self
+
+    def config(self) -> DecodeConfig:
+        return METHODS.config(self.method, dict(self.model_extra or {}), name=self.name)
 
 
 class ConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    configs: list[DecodeConfig] = Field(min_length=1)
+    configs: list[ConfigEntry] = Field(min_length=1)
 
 
 def load_config_file(path: str) -> list[DecodeConfig]:
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
-        return ConfigFile.model_validate(data).configs
+        return [entry.config() for entry in ConfigFile.model_validate(data).configs]
     except FileNotFoundError:
         raise ValueError(f"config file {path} does not exist") from None
     except yaml.YAMLError as err:
@@ -91,13 +71,16 @@ class Runner(Protocol):
 
 @dataclass(frozen=True)
 class Contender:
-    """Something timed against AR: a spectune configuration or a peer implementation."""
+    """Something timed against AR: a spectune configuration (with its drafter) or a peer implementation."""
 
-    label: str
-    method: str
-    config: dict[str, Any]
+    config: DecodeConfig
     runner: Runner
+    drafter: Drafter | None = None  # None for peers: nothing to report, no draft tree of ours
     lossy_method: bool = False
+
+    @property
+    def tree_size(self) -> int:
+        return self.drafter.max_tree_size if self.drafter is not None else 0
 
 
 @dataclass(frozen=True)
@@ -119,36 +102,38 @@ class Pass:
         return sum(len(g.tokens) for g in self.generations) / self.wall_s
 
 
-def contender(pair: Pair, config: DecodeConfig) -> Contender:
-    method = METHODS.get(config.method)
-    drafter = METHODS.build(config.method, config.knobs, pair.runners())
-    decoder = Decoder(pair.runners().target, drafter, pair.eos_token_id)
-    return Contender(config.label, config.method, config.knobs, decoder, not method.lossless)
+def contender(pair: Pair, config: DecodeConfig, settings: Settings) -> Contender:
+    """A configuration ready to decode on `pair`, at the settings' temperature."""
+    config = config.with_temperature(settings.temperature)
+    models = pair.runners()
+    drafter = METHODS.build(config.method, config.knobs, models)
+    decoder = Decoder(models.target, drafter, pair.eos_token_id)
+    return Contender(config, decoder, drafter, not METHODS.get(config.method).lossless)
 
 
-def encode_prompts(pair: Pair, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
+def encode_prompts(pair: Pair, prompts: Sequence[Prompt], max_new_tokens: int, tree_size: int = 0) -> list[list[int]]:
+    """Token ids of every prompt; each must fit the context with max_new_tokens and the largest draft tree."""
     encoded = []
     for prompt in prompts:
         tokens = pair.encode(prompt.prompt)
         if not tokens:
             raise ValueError(f"prompt {prompt.id!r} encodes to no tokens")
-        if len(tokens) + max_new_tokens > pair.max_positions:
-            raise ValueError(
-                f"prompt {prompt.id!r} is {len(tokens)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-                f"the target's context of {pair.max_positions}"
-            )
+        try:
+            check_fits(len(tokens), max_new_tokens, tree_size, pair.max_positions)
+        except ContextOverflow as err:
+            raise ValueError(f"prompt {prompt.id!r} is {len(tokens)} tokens: {err}") from None
         encoded.append(tokens)
     return encoded
 
 
-def timed_prompt(pair: Pair, runner: Runner, tokens: list[int], index: int, settings: Settings) -> Pass:
+def timed_prompt(pair: Pair, who: Contender, tokens: list[int], index: int, settings: Settings) -> Pass:
     """One prompt decoded once, timed by the wall clock and by forward hooks on the models."""
     target_clock, draft_clock = ForwardClock(), ForwardClock()
     # the drafter model, and what a drafter drafts with besides (the target's exit views: layerskip, del)
-    drafting = (pair.drafter, *draft_modules(getattr(runner, "drafter", None)))
+    drafting = (pair.drafter, *(who.drafter.draft_modules() if who.drafter is not None else ()))
     with target_clock.attached(pair.target), draft_clock.attached(*drafting):
         started = time.perf_counter()
-        generation = runner.generate(tokens, settings.max_new_tokens, settings.sampling, settings.seed + index)
+        generation = who.runner.generate(tokens, settings.max_new_tokens, settings.sampling, settings.seed + index)
         seconds = time.perf_counter() - started
     return Pass([generation], [seconds], target_clock.seconds, draft_clock.seconds, target_clock.calls)
 
@@ -164,8 +149,8 @@ def joined(parts: Sequence[Pass]) -> Pass:
     )
 
 
-def timed_pass(pair: Pair, runner: Runner, encoded: Sequence[list[int]], settings: Settings) -> Pass:
-    return joined([timed_prompt(pair, runner, tokens, i, settings) for i, tokens in enumerate(encoded)])
+def timed_pass(pair: Pair, who: Contender, encoded: Sequence[list[int]], settings: Settings) -> Pass:
+    return joined([timed_prompt(pair, who, tokens, i, settings) for i, tokens in enumerate(encoded)])
 
 
 @dataclass(frozen=True)
@@ -184,27 +169,30 @@ class Baseline:
         return statistics.median(p.tokens_per_s for p in self.passes)
 
 
-def warm_up(pair: Pair, who: Contender, encoded: Sequence[list[int]], settings: Settings) -> None:
+def warm_up(who: Contender, encoded: Sequence[list[int]], settings: Settings) -> None:
     """Untimed decoding first: allocator, kernels and caches settle."""
     for tokens in encoded[: settings.warmup]:
         who.runner.generate(tokens, min(settings.max_new_tokens, 16), settings.sampling, settings.seed)
 
 
-def measure_baseline(pair: Pair, prompts: Sequence[Prompt], settings: Settings) -> Baseline:
+def ar_contender(pair: Pair, settings: Settings) -> Contender:
+    return contender(pair, METHODS.config("ar", {}), settings)
+
+
+def measure_baseline(pair: Pair, prompts: Sequence[Prompt], settings: Settings, tree_size: int = 0) -> Baseline:
     """AR alone, `repeats` times (a sweep worker measures this once and reuses it for every trial)."""
-    encoded = encode_prompts(pair, prompts, settings.max_new_tokens)
-    ar = contender(pair, DecodeConfig(method="ar"))
-    warm_up(pair, ar, encoded, settings)
-    return Baseline([timed_pass(pair, ar.runner, encoded, settings) for _ in range(settings.repeats)], encoded)
+    encoded = encode_prompts(pair, prompts, settings.max_new_tokens, tree_size)
+    ar = ar_contender(pair, settings)
+    warm_up(ar, encoded, settings)
+    return Baseline([timed_pass(pair, ar, encoded, settings) for _ in range(settings.repeats)], encoded)
 
 
-def measure(
-    pair: Pair, who: Contender, baseline: Baseline, prompts: Sequence[Prompt], settings: Settings
-) -> dict[str, Any]:
-    """One contender against a stored baseline: the result row `spectune bench --json` prints."""
-    warm_up(pair, who, baseline.encoded, settings)
-    runs = [timed_pass(pair, who.runner, baseline.encoded, settings) for _ in range(settings.repeats)]
-    return summarise(who, runs, baseline.passes, baseline.reference, prompts, settings, pair)
+def measure(pair: Pair, who: Contender, baseline: Baseline, prompts: Sequence[Prompt], settings: Settings) -> DecodeResult:
+    """One contender against a stored baseline."""
+    encode_prompts(pair, prompts, settings.max_new_tokens, who.tree_size)  # its tree must fit beside every prompt
+    warm_up(who, baseline.encoded, settings)
+    runs = [timed_pass(pair, who, baseline.encoded, settings) for _ in range(settings.repeats)]
+    return summarise(who, runs, baseline.passes, prompts, settings, pair)
 
 
 def run_bench(
@@ -213,109 +201,93 @@ def run_bench(
     prompts: Sequence[Prompt],
     settings: Settings,
     on_prompt: Callable[[int, int], None] = lambda repeat, prompt: None,
-) -> list[dict[str, Any]]:
+) -> list[DecodeResult]:
     """AR and every contender, interleaved prompt by prompt within each repeat.
 
     Each prompt is decoded by AR and then by every contender back to back, so the machine's
     speed drifting over minutes (shared or virtual CPUs do) hits AR and each contender alike,
     however many contenders there are.
     """
-    encoded = encode_prompts(pair, prompts, settings.max_new_tokens)
-    ar = contender(pair, DecodeConfig(method="ar"))
-    everyone = [ar, *[c for c in contenders if c.label != "ar"]]
+    everyone = [ar_contender(pair, settings), *[c for c in contenders if c.config.method != "ar"]]
+    encoded = encode_prompts(pair, prompts, settings.max_new_tokens, max(c.tree_size for c in everyone))
     for each in everyone:
-        warm_up(pair, each, encoded, settings)
-    passes: dict[str, list[Pass]] = {c.label: [] for c in everyone}
+        warm_up(each, encoded, settings)
+    passes: list[list[Pass]] = [[] for _ in everyone]
     for repeat in range(settings.repeats):
-        parts: dict[str, list[Pass]] = {c.label: [] for c in everyone}
+        parts: list[list[Pass]] = [[] for _ in everyone]
         for i, tokens in enumerate(encoded):
-            for each in everyone:
-                parts[each.label].append(timed_prompt(pair, each.runner, tokens, i, settings))
+            for who, done in zip(everyone, parts):
+                done.append(timed_prompt(pair, who, tokens, i, settings))
             on_prompt(repeat, i)
-        for each in everyone:
-            passes[each.label].append(joined(parts[each.label]))
-    reference = passes["ar"][0].generations
-    return [summarise(c, passes[c.label], passes["ar"], reference, prompts, settings, pair) for c in everyone]
+        for who_passes, done in zip(passes, parts):
+            who_passes.append(joined(done))
+    return [summarise(who, runs, passes[0], prompts, settings, pair) for who, runs in zip(everyone, passes)]
 
 
-def summarise(
-    who: Contender,
-    runs: list[Pass],
-    ar_runs: list[Pass],
-    reference: list[Generation],
-    prompts: Sequence[Prompt],
-    settings: Settings,
-    pair: Pair,
-) -> dict[str, Any]:
+def summarise(who: Contender, runs: list[Pass], ar_runs: list[Pass], prompts: Sequence[Prompt],
+              settings: Settings, pair: Pair) -> DecodeResult:
     speedups = [run.tokens_per_s / ar.tokens_per_s for run, ar in zip(runs, ar_runs)]  # same-repeat ratios
-    first = runs[0]
-    matches = [g.tokens == r.tokens for g, r in zip(first.generations, reference)]
+    first, reference = runs[0], ar_runs[0].generations
     greedy = settings.sampling.greedy
-    wall = statistics.median(r.wall_s for r in runs)
+    matches = [g.tokens == r.tokens for g, r in zip(first.generations, reference)]
+    tokens_per_s = statistics.median(r.tokens_per_s for r in runs)
+    return DecodeResult(
+        config=who.config,
+        n_prompts=len(prompts),
+        counts=_counts(first, len(prompts)),
+        wall_s=statistics.median(r.wall_s for r in runs),
+        wall_s_std=_std([r.wall_s for r in runs]),
+        tokens_per_s=tokens_per_s,
+        ar_tokens_per_s=statistics.median(r.tokens_per_s for r in ar_runs),
+        speedup=statistics.median(speedups),
+        speedup_std=_std(speedups),
+        speedups=tuple(speedups),
+        lossless=all(matches) if greedy else None,
+        lossy_method=who.lossy_method,
+        mismatches=matches.count(False) if greedy else None,
+        draft_share=statistics.median(r.draft_s / r.wall_s for r in runs),
+        engine_overhead_share=statistics.median((r.wall_s - r.target_s - r.draft_s) / r.wall_s for r in runs),
+        ms_per_token=1000.0 / tokens_per_s,
+        peak_mem_mb=peak_memory_mb(pair.target.device),
+        acceptance_by_exit_layer=exit_layer_acceptance(who.drafter),
+        exit_choices=exit_choices(who.drafter),
+        max_new_tokens=settings.max_new_tokens,
+        per_prompt=tuple(_per_prompt(p, g, s, m if greedy else None)
+                         for p, g, s, m in zip(prompts, first.generations, first.seconds, matches)),
+    )
+
+
+def _counts(first: Pass, n_prompts: int) -> StepCounts:
     counts = step_metrics(first.generations)
-    if not counts["target_calls"]:  # a peer: count its verification forwards from the hooks
-        counts["target_calls"] = first.target_forwards - len(prompts)
-        counts["mean_accepted_tokens"] = counts["new_tokens"] / max(counts["target_calls"], 1)
-    return {
-        "method": who.method,
-        "label": who.label,
-        "config": who.config,
-        "n_prompts": len(prompts),
-        **counts,
-        "wall_s": wall,
-        "wall_s_std": _std([r.wall_s for r in runs]),
-        "tokens_per_s": statistics.median(r.tokens_per_s for r in runs),
-        "ar_tokens_per_s": statistics.median(r.tokens_per_s for r in ar_runs),
-        "speedup": statistics.median(speedups),
-        "speedup_std": _std(speedups),
-        "speedups": speedups,
-        "lossless": all(matches) if greedy else None,
-        "lossy_method": who.lossy_method,
-        "mismatches": matches.count(False) if greedy else None,
-        "draft_share": statistics.median(r.draft_s / r.wall_s for r in runs),
-        "engine_overhead_share": statistics.median((r.wall_s - r.target_s - r.draft_s) / r.wall_s for r in runs),
-        "ms_per_token": 1000.0 / statistics.median(r.tokens_per_s for r in runs),
-        "peak_mem_mb": peak_memory_mb(pair.target.device),
-        "acceptance_by_exit_layer": exit_layer_acceptance(who.runner),
-        "exit_choices": exit_choices(who.runner),
-        "temperature": settings.temperature,
-        "max_new_tokens": settings.max_new_tokens,
-        "per_prompt": [_per_prompt(p, g, s, m if greedy else None) for p, g, s, m in zip(prompts, first.generations, first.seconds, matches)],
-    }
+    if counts.target_calls:
+        return counts
+    # a peer reports no steps: count its verification forwards from the hooks (prefills excluded)
+    target_calls = first.target_forwards - n_prompts
+    return StepCounts(new_tokens=counts.new_tokens, target_calls=target_calls,
+                      mean_accepted_tokens=counts.new_tokens / max(target_calls, 1))
 
 
-def exit_layer_acceptance(runner: Runner) -> dict[str, float] | None:
-    """Self-speculative drafters (layerskip, del) report per-token acceptance per exit layer; others None.
-
-    A drafter opts in with an `exit_layer_acceptance() -> {layer: rate}` method; keys become
-    strings so the row survives JSON and the store unchanged.
-    """
-    report = getattr(getattr(runner, "drafter", None), "exit_layer_acceptance", None)
-    if report is None:
-        return None
-    return {str(layer): rate for layer, rate in sorted(report().items())} or None
+def exit_layer_acceptance(drafter: Drafter | None) -> dict[str, float] | None:
+    """Per-token acceptance per exit layer (layerskip, del); keys as strings so the row survives JSON."""
+    report = drafter.exit_layer_acceptance() if drafter is not None else {}
+    return {str(layer): rate for layer, rate in sorted(report.items())} or None
 
 
-def exit_choices(runner: Runner) -> dict[str, int] | None:
-    """How often a dynamic-exit drafter (del) picked each (exit layer, draft length), as {"l,d": rounds}; else None."""
-    report = getattr(getattr(runner, "drafter", None), "exit_choices", None)
-    if report is None:
-        return None
-    return {f"{layer},{length}": rounds for (layer, length), rounds in sorted(report().items())} or None
+def exit_choices(drafter: Drafter | None) -> dict[str, int] | None:
+    """How often a dynamic-exit drafter (del) picked each (exit layer, draft length), as {"l,d": rounds}."""
+    report = drafter.exit_choices() if drafter is not None else {}
+    return {f"{layer},{length}": rounds for (layer, length), rounds in sorted(report.items())} or None
 
 
-def _per_prompt(prompt: Prompt, generation: Generation, seconds: float, matches_ar: bool | None) -> dict[str, Any]:
+def _per_prompt(prompt: Prompt, generation: Generation, seconds: float, matches_ar: bool | None) -> PromptStats:
     calls = generation.target_calls
-    return {
-        "prompt_id": prompt.id,
-        "category": prompt.category,
-        "new_tokens": len(generation.tokens),
-        "target_calls": calls,
-        "mean_accepted_tokens": len(generation.tokens) / calls if calls else None,
-        "wall_s": seconds,
-        "matches_ar": matches_ar,
-    }
+    return PromptStats(prompt.id, prompt.category, len(generation.tokens), calls,
+                       len(generation.tokens) / calls if calls else None, seconds, matches_ar)
 
 
 def _std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+__all__ = ["Baseline", "ConfigEntry", "Contender", "Pass", "Settings", "contender", "encode_prompts", "load_config_file",
+           "measure", "measure_baseline", "run_bench", "summarise", "timed_pass"]

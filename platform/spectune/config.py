@@ -10,7 +10,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from spectune.engine.sampling import Sampling
 
 CONFIG_KEYS = ("method", "temperature", "name")  # the flat form's keys that are not knobs
 
@@ -83,3 +88,22 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+class Settings(BaseModel):
+    """How a configuration is measured: tokens per prompt, sampling, repeats (CLI flags and sweep specs)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(128, ge=1, description="new tokens per prompt")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    repeats: int = Field(3, ge=1, description="timed passes over the prompt set")
+    warmup: int = Field(2, ge=0, description="untimed prompts each configuration decodes first")
+
+    @property
+    def sampling(self) -> Sampling:
+        from spectune.engine.sampling import Sampling  # the engine (torch) only where decoding happens
+
+        return Sampling(self.temperature, self.top_p)

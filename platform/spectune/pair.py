@@ -6,23 +6,19 @@ The same call takes the project's own small pairs here and a hub pair on a GPU c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from spectune.engine.budget import context_length
 from spectune.engine.runner import CausalLM
 from spectune.methods.base import Models
-
-
-class PairError(ValueError):
-    """A model pair that cannot be used, with the reason in words."""
+from spectune.pair_ref import PairError, PairRef
 
 
 @dataclass(frozen=True)
 class Pair:
-    target_id: str
-    drafter_id: str | None
+    ref: PairRef  # what was loaded (device resolved)
     tokenizer: PreTrainedTokenizerBase
     target: PreTrainedModel
     drafter: PreTrainedModel | None
@@ -33,7 +29,8 @@ class Pair:
 
     @property
     def max_positions(self) -> int:
-        return int(self.target.config.max_position_embeddings)
+        """The pair's context: both models must hold the sequence and the draft tree."""
+        return min(context_length(m.config) for m in (self.target, self.drafter) if m is not None)
 
     def runners(self) -> Models:
         """Fresh cache owners over the loaded weights (cheap: weights are shared)."""
@@ -46,8 +43,10 @@ class Pair:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def load_pair(target: str, drafter: str | None = None, device: str = "cpu", dtype: str = "float32") -> Pair:
-    torch_dtype = _dtype(dtype)
+def load_pair(ref: PairRef) -> Pair:
+    ref.check_local()
+    ref = ref.model_copy(update={"device": _device(ref.device)})
+    target, drafter, device, torch_dtype = ref.target, ref.drafter, ref.device, _DTYPES[ref.dtype]
     tokenizer = _load_tokenizer(target)
     target_model = _load_model(target, device, torch_dtype)
     drafter_model = None
@@ -59,7 +58,7 @@ def load_pair(target: str, drafter: str | None = None, device: str = "cpu", dtyp
                 f"drafter {drafter} has {drafter_model.config.vocab_size} output logits but target {target} "
                 f"has {target_model.config.vocab_size}: speculative decoding needs one vocabulary"
             )
-    return Pair(target, drafter, tokenizer, target_model, drafter_model)
+    return Pair(ref, tokenizer, target_model, drafter_model)
 
 
 def check_same_vocabulary(
@@ -75,26 +74,17 @@ def check_same_vocabulary(
         )
 
 
-def _dtype(name: str) -> torch.dtype:
-    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in allowed:
-        raise PairError(f"dtype must be one of {', '.join(allowed)}, got {name!r}")
-    return allowed[name]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _check_exists(path_or_id: str) -> None:
-    """A local-looking path that is missing gets a clear error instead of a hub lookup."""
-    path = Path(path_or_id).expanduser()
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise PairError(f"model folder {path} has no config.json (build one with `spectune models build`)")
-        return
-    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1:  # not a hub id "org/name"
-        raise PairError(f"model path {path_or_id} does not exist (build one with `spectune models build`)")
+def _device(device: str) -> str:
+    """`auto`: the GPU when there is one (a Serve replica placed on a GPU node), else the CPU."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _load_tokenizer(path_or_id: str) -> PreTrainedTokenizerBase:
-    _check_exists(path_or_id)
     try:
         return AutoTokenizer.from_pretrained(path_or_id)
     except OSError as err:

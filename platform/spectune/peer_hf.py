@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from spectune.bench import Contender
+from spectune.config import DecodeConfig
 from spectune.engine.loop import Generation
 from spectune.engine.sampling import Sampling
 from spectune.pair import Pair
@@ -39,17 +40,13 @@ class HfGenerate:
         return Generation(tuple(prompt), out[0, len(prompt) :].tolist())
 
 
-def hf_peers(pair: Pair, prompt_lookup_tokens: int = 10) -> list[Contender]:
+def hf_peers(pair: Pair, temperature: float = 0.0, prompt_lookup_tokens: int = 10) -> list[Contender]:
     """HF's AR generate, its assisted generation with our drafter, and its prompt lookup."""
-    peers = [Contender("hf-ar", "hf-ar", {}, HfGenerate(pair))]
+    peers = [Contender(DecodeConfig("hf-ar", temperature=temperature), HfGenerate(pair))]
     if pair.drafter is not None:
-        peers.append(Contender("hf-assisted", "hf-assisted", {}, HfGenerate(pair, assistant_model=pair.drafter)))
-    peers.append(
-        Contender(
-            f"hf-pld(n={prompt_lookup_tokens})",
-            "hf-pld",
-            {"prompt_lookup_num_tokens": prompt_lookup_tokens},
-            HfGenerate(pair, prompt_lookup_num_tokens=prompt_lookup_tokens),
-        )
-    )
+        peers.append(Contender(DecodeConfig("hf-assisted", temperature=temperature),
+                               HfGenerate(pair, assistant_model=pair.drafter)))
+    lookup = {"prompt_lookup_num_tokens": prompt_lookup_tokens}
+    peers.append(Contender(DecodeConfig("hf-pld", lookup, temperature, name=f"hf-pld(n={prompt_lookup_tokens})"),
+                           HfGenerate(pair, **lookup)))
     return peers

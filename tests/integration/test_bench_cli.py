@@ -29,7 +29,7 @@ def test_bench_json_reports_every_field(micro_pair):
         assert row["n_prompts"] == 3 and row["new_tokens"] > 0
         assert len(row["speedups"]) == 2
     sps = rows[1]
-    assert sps["config"] == {"draft_len": 3}
+    assert sps["config"] == {"method": "sps", "draft_len": 3, "temperature": 0.0}
     assert sps["target_calls"] < sps["new_tokens"]  # some drafts were accepted
     assert len(sps["acceptance_by_position"]) == 3
     assert rows[0]["speedup"] == pytest.approx(1.0)

@@ -27,6 +27,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from dashboard_seed import CONFIGS, ERROR_MESSAGE, GPU_HW, metrics, seed_store
+from spectune.config import DecodeConfig
 from spectune.pareto import front_step_line, pareto_front
 from spectune.store import Store, connect, resolve_url
 
@@ -356,7 +357,7 @@ def test_sweep_without_finished_trials(tmp_path: Path, monkeypatch: pytest.Monke
     with connect(url) as store:
         store.create_sweep("just-started", {"name": "quick"})
         store.set_sweep_status("just-started", "running")
-        store.upsert_trial("just-started", "sps-k2", {"method": "sps", "draft_len": 2}, "running")
+        store.upsert_trial("just-started", "sps-k2", DecodeConfig("sps", {"draft_len": 2}), "running")
         store.record_error("just-started", "sps-k9", "RuntimeError: worker died")
     at = app_on(url, monkeypatch)
     assert any("No finished trials yet" in i.value and "just-started" in i.value for i in at.info)
@@ -414,7 +415,8 @@ def live_endpoint(micro_pair: Path) -> Iterator[str]:
 
     from spectune.workers.serve.completion import CompletionService
     from spectune.workers.serve.app import build_app
-    from spectune.workers.serve.served_config import PairRef, ServedConfig, ServedSource
+    from spectune.pair_ref import PairRef
+    from spectune.workers.serve.served_config import ServedConfig, ServedSource
 
     served = ServedConfig(
         pair=PairRef(target=str(micro_pair / "target"), drafter=str(micro_pair / "drafter"),

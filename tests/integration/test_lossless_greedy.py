@@ -6,6 +6,7 @@ from spectune.engine.loop import Decoder
 from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
 from spectune.pair import load_pair
+from spectune.pair_ref import PairRef
 from spectune.prompts import load_prompts
 
 MAX_NEW = 40
@@ -22,7 +23,7 @@ CONFIGS = [(name, {}) for name in METHODS.names() if name != "ar"] + EXTRA_CONFI
 
 @pytest.fixture(scope="module")
 def pair(micro_pair):
-    return load_pair(str(micro_pair / "target"), str(micro_pair / "drafter"))
+    return load_pair(PairRef.model_validate({"dir": micro_pair}))
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,16 @@ from typer.testing import CliRunner
 from spectune.engine.loop import Decoder
 from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
+from spectune.config import DecodeConfig
 from spectune.pair import Pair, load_pair
+from spectune.pair_ref import PairRef
+from spectune.results import DecodeResult
 from spectune.workers.serve.client import Delta, EndpointError, Finished, complete
 from spectune.workers.serve.completion import CompletionService, TextDeltas
 from spectune.workers.serve.openai_schema import CompletionRequest
 from spectune.workers.serve.app import build_app
 from spectune.workers.serve.served_config import (
-    Limits, ServeArgs, ServeConfigError, choose, from_config_file, resolve_pair,
+    Limits, ServeArgs, ServeConfigError, choose, from_config_file,
 )
 
 PROMPTS = [
@@ -80,7 +83,7 @@ def streamed_text(events: list[Any]) -> str:
 
 @pytest.fixture(scope="module")
 def pair(micro_pair: Path) -> Pair:
-    return load_pair(str(micro_pair / "target"), str(micro_pair / "drafter"))
+    return load_pair(PairRef.model_validate({"dir": micro_pair}))
 
 
 @pytest.fixture(scope="module")
@@ -314,10 +317,11 @@ def test_pair_forms_resolve_to_absolute_model_paths(micro_pair: Path) -> None:
                   "device": "cpu", "dtype": "float32"},
                  {"dir": str(micro_pair), "target": f"{micro_pair}/target", "drafter": f"{micro_pair}/drafter",
                   "device": "cpu", "dtype": "float32"}):
-        ref = resolve_pair(form)
+        ref = PairRef.model_validate(form).absolute()
         assert (ref.target, ref.drafter) == expected
-    assert resolve_pair({"dir": str(micro_pair), "device": "cpu"}).device == "cpu"
-    assert resolve_pair({"target": "Qwen/Qwen2.5-7B-Instruct", "drafter": "Qwen/Qwen2.5-0.5B-Instruct"}).target \
+    assert PairRef.model_validate({"dir": str(micro_pair), "device": "cpu"}).device == "cpu"
+    assert PairRef.model_validate({"target": "Qwen/Qwen2.5-7B-Instruct",
+                                   "drafter": "Qwen/Qwen2.5-0.5B-Instruct"}).absolute().target \
         == "Qwen/Qwen2.5-7B-Instruct"  # hub ids stay as they are
 
 
@@ -338,8 +342,10 @@ def sweep_store(tmp_path: Path, micro_pair: Path) -> Iterator[tuple[str, dict[st
             ("c", {"method": "pld", "max_ngram": 3}, 1.9, 5.0, False),
             ("d", {"method": "sps", "knobs": {"draft_len": 3}}, 1.1, 2.0, True),
         ):
-            store.upsert_trial("quick", key, config, "running")
-            ids[key] = store.record_result("quick", key, _metrics(config, speedup, cost, lossless), _HARDWARE)
+            typed = DecodeConfig.from_dict(config)
+            store.upsert_trial("quick", key, typed, "running")
+            ids[key] = store.record_result("quick", key, DecodeResult.from_dict(_metrics(config, speedup, cost, lossless),
+                                                                                typed), _HARDWARE)
         yield url, ids
 
 

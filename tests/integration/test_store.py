@@ -28,11 +28,14 @@ from alembic.script import ScriptDirectory
 from typer.testing import CliRunner
 
 from spectune.cli import store_cmd
+from spectune.config import DecodeConfig, KnobColumns
+from spectune.results import BaselineResult, DecodeResult
 from spectune.store import (
     FRAME_COLUMNS, Store, StoreUnavailable, SweepExists, UnknownSweep, UnknownTrial, alembic_config,
     connect, resolve_url,
 )
 from spectune.store.schema import Base
+from spectune.store.writer import result_row
 
 PG_URL = os.environ.get("SPECTUNE_TEST_PG_URL")
 TABLES = {"sweeps", "trials", "trial_metrics", "prompt_results", "hardware", "ar_baselines",
@@ -76,8 +79,23 @@ def store(db_url: str) -> Iterator[Store]:
     s.close()
 
 
-def metrics(speedup: float = 1.5, *, lossless: bool | None = True, lossy: bool = False,
-            cost: float = 4.0, n_prompts: int = 2, **over: Any) -> dict[str, Any]:
+def metrics(speedup: float = 1.5, **options: Any) -> DecodeResult:
+    """One configuration's result as `spectune bench` measures it (see `bench_row` for its fields)."""
+    return DecodeResult.from_dict(bench_row(speedup, **options))
+
+
+def config(flat: dict[str, Any], **columns: Any) -> DecodeConfig:
+    """A trial's configuration with the knob columns its method would declare."""
+    return DecodeConfig.from_dict(flat, KnobColumns(**columns))
+
+
+def written(result: DecodeResult) -> dict[str, Any]:
+    """The flat row the store keeps for a result: what reading it back must give."""
+    return result_row(result)
+
+
+def bench_row(speedup: float = 1.5, *, lossless: bool | None = True, lossy: bool = False,
+        cost: float = 4.0, n_prompts: int = 2, **over: Any) -> dict[str, Any]:
     """A dict shaped like one configuration of `spectune bench --json`."""
     m = {
         "method": "sps", "config": {"method": "sps", "draft_len": 4}, "n_prompts": n_prompts,
@@ -172,7 +190,7 @@ def test_concurrent_writers_and_readers(store: Store, db_url: str) -> None:
 
     def work(i: int) -> int:
         s = store if i % 2 else other
-        s.upsert_trial("s", f"k{i % 10}", {"method": "sps", "draft_len": i}, "running")
+        s.upsert_trial("s", f"k{i % 10}", config({"method": "sps", "draft_len": i}, draft_len=i), "running")
         tid = s.record_result("s", f"k{i % 10}", metrics(1.0 + i), CPU)
         try:
             s.mark_served(tid)
@@ -278,9 +296,10 @@ def test_sweep_status_transitions(store: Store) -> None:
 def test_upsert_trial_is_idempotent(store: Store) -> None:
     store.create_sweep("s", {})
     cfg = {"method": "tree", "branching": [4, 2, 1], "node_budget": 12, "temperature": 0.0}
-    tid = store.upsert_trial("s", "trial_0001", cfg, "pending")
-    assert store.upsert_trial("s", "trial_0001", cfg, "pending") == tid
-    assert store.upsert_trial("s", "trial_0001", cfg, "running") == tid
+    typed = config(cfg, tree_shape="[4,2,1]", node_budget=12)
+    tid = store.upsert_trial("s", "trial_0001", typed, "pending")
+    assert store.upsert_trial("s", "trial_0001", typed, "pending") == tid
+    assert store.upsert_trial("s", "trial_0001", typed, "running") == tid
     assert count(store, "trials") == 1
     df = store.trials_frame("s")
     row = df.iloc[0]
@@ -288,19 +307,19 @@ def test_upsert_trial_is_idempotent(store: Store) -> None:
         "running", "tree", "[4,2,1]", 12)
     assert row["temperature"] == 0.0 and pd.isna(row["draft_len"]) and row["config"] == cfg
     assert row["started_at"] is not pd.NaT
-    other = store.upsert_trial("s", "trial_0002", {"method": "sps", "params": {"k": 6}}, "error",
+    other = store.upsert_trial("s", "trial_0002", config({"method": "sps", "k": 6}, draft_len=6), "error",
                                error="boom")
     assert other != tid
     assert store.trials_frame("s").set_index("trial_key").loc["trial_0002", "draft_len"] == 6
     with pytest.raises(UnknownSweep):
-        store.upsert_trial("nope", "t", {}, "pending")
+        store.upsert_trial("nope", "t", None, "pending")
     with pytest.raises(ValueError, match="trial status"):
-        store.upsert_trial("s", "t", {}, "interrupted")
+        store.upsert_trial("s", "t", None, "interrupted")
 
 
 def test_record_result_replaces_never_duplicates(store: Store) -> None:
     store.create_sweep("s", {})
-    tid = store.upsert_trial("s", "k1", {"method": "sps", "draft_len": 4, "seed": 1}, "running")
+    tid = store.upsert_trial("s", "k1", config({"method": "sps", "draft_len": 4, "seed": 1}, draft_len=4), "running")
     first = metrics(1.4, n_prompts=3)
     assert store.record_result("s", "k1", first, CPU) == tid
     second = metrics(1.6, n_prompts=2)
@@ -310,17 +329,17 @@ def test_record_result_replaces_never_duplicates(store: Store) -> None:
     assert (count(store, "prompt_results"), count(store, "hardware")) == (2, 1)
     detail = store.trial_detail(tid)
     assert detail["status"] == "done" and detail["error"] is None
-    assert detail["config"] == {"method": "sps", "draft_len": 4, "seed": 1}  # the trial's own
-    assert detail["metrics"] == without_prompts(second)
-    assert detail["per_prompt"] == second["per_prompt"]
+    assert detail["config"] == {"method": "sps", "draft_len": 4, "seed": 1, "temperature": 0.0}  # the trial's own
+    assert detail["metrics"] == without_prompts(written(second))
+    assert detail["per_prompt"] == written(second)["per_prompt"]
     assert detail["hardware"] == CPU
     assert detail["finished_at"] >= detail["started_at"]
 
 
 def test_result_for_unknown_trial_creates_it_and_hardware_dedupes(store: Store) -> None:
     store.create_sweep("s", {})
-    cfg = {"method": "pld", "draft_len": 10}
-    a = store.record_result("s", "a", metrics(1.3, config=cfg, method="pld", temperature=0.7), CPU)
+    cfg = {"method": "pld", "draft_len": 10, "temperature": 0.7}
+    a = store.record_result("s", "a", DecodeResult.from_dict(bench_row(1.3), config(cfg, draft_len=10)), CPU)
     b = store.record_result("s", "b", metrics(1.2), dict(CPU))
     c = store.record_result("s", "c", metrics(2.0), {**GPU, "cuda_version": "12.8"})
     assert count(store, "hardware") == 2
@@ -337,30 +356,30 @@ def test_result_for_unknown_trial_creates_it_and_hardware_dedupes(store: Store) 
 
 def test_numpy_and_nan_values_are_stored_as_plain_values(store: Store) -> None:
     store.create_sweep("s", {})
-    m = metrics(1.5)
+    m = bench_row(1.5)
     m.update(speedup=np.float32(1.5), new_tokens=np.int64(192), acceptance_rate=float("nan"),
              acceptance_by_position=np.array([0.5, 0.25]), lossless=np.bool_(True),
              speedups=[1.0, float("inf")])
-    tid = store.record_result("s", "k", m, CPU)
+    tid = store.record_result("s", "k", DecodeResult.from_dict(m), CPU)
     got = store.trial_detail(tid)["metrics"]
     assert got["speedup"] == 1.5 and got["new_tokens"] == 192 and got["lossless"] is True
     assert got["acceptance_rate"] is None and got["acceptance_by_position"] == [0.5, 0.25]
     assert got["speedups"] == [1.0, None]
     with pytest.raises(ValueError, match="speedup"):
-        store.record_result("s", "k", {**metrics(), "speedup": "fast"}, CPU)
+        store.record_result("s", "k", DecodeResult.from_dict({**bench_row(), "speedup": "fast"}), CPU)
 
 
 def test_record_error_then_retry(store: Store) -> None:
     store.create_sweep("s", {})
-    tid = store.upsert_trial("s", "k", {"method": "sps", "draft_len": 2}, "running")
+    tid = store.upsert_trial("s", "k", config({"method": "sps", "draft_len": 2}, draft_len=2), "running")
     assert store.record_error("s", "k", "CUDA out of memory\ntraceback...") == tid
     assert store.record_error("s", "k", "CUDA out of memory\ntraceback...") == tid
     row = store.trials_frame("s").iloc[0]
     assert row["status"] == "error" and row["error"].startswith("CUDA out of memory")
-    assert row["config"] == {"method": "sps", "draft_len": 2} and pd.isna(row["speedup"])
+    assert row["config"] == {"method": "sps", "draft_len": 2, "temperature": 0.0} and pd.isna(row["speedup"])
     new = store.record_error("s", "never-started", "actor died")
     assert store.trial_detail(new)["config"] == {} and store.trial_detail(new)["metrics"] is None
-    store.record_result("s", "never-started", metrics(1.1), CPU)  # a retry succeeded
+    store.record_result("s", "never-started", DecodeResult.from_dict(bench_row(1.1), config({"method": "sps", "draft_len": 4}, draft_len=4)), CPU)  # a retry succeeded
     detail = store.trial_detail(new)
     assert detail["status"] == "done" and detail["error"] is None
     assert detail["knobs"]["method"] == "sps" and detail["knobs"]["draft_len"] == 4  # filled in
@@ -372,22 +391,22 @@ def test_record_error_then_retry(store: Store) -> None:
 def test_trials_frame_equals_what_was_written(store: Store) -> None:
     store.create_sweep("a", {})
     store.create_sweep("b", {})
-    written = {
+    given = {
         ("a", "t1"): metrics(1.5, cost=4.0),
         ("a", "t2"): metrics(2.0, cost=8.0, lossless=False),
         ("b", "t1"): metrics(1.1, cost=2.0, lossless=None, peak_mem_mb=812.5),
     }
-    ids = {key: store.record_result(*key, m, CPU) for key, m in written.items()}
-    store.upsert_trial("a", "t3", {"method": "sps", "draft_len": 8}, "running")
+    ids = {key: store.record_result(*key, m, CPU) for key, m in given.items()}
+    store.upsert_trial("a", "t3", config({"method": "sps", "draft_len": 8}, draft_len=8), "running")
     df = store.trials_frame("a")
     assert list(df.columns) == list(FRAME_COLUMNS)
     assert df["trial_key"].tolist() == ["t1", "t2", "t3"]
     assert df["status"].tolist() == ["done", "done", "running"]
     for _, row in df[df["status"] == "done"].iterrows():
-        m = written[(row["sweep"], row["trial_key"])]
+        m = written(given[(row["sweep"], row["trial_key"])])
         assert row["trial_id"] == ids[(row["sweep"], row["trial_key"])]
         for field, value in without_prompts(m).items():
-            if field in ("method", "config", "label", "speedups"):
+            if field in ("method", "config", "label", "speedups", "temperature"):
                 continue
             got = row[field]
             if value is None:
@@ -396,7 +415,7 @@ def test_trials_frame_equals_what_was_written(store: Store) -> None:
                 assert math.isclose(got, value), field
             else:
                 assert got == value, field
-        assert row["extra"] == {"label": m["label"], "speedups": m["speedups"]}
+        assert row["extra"] == {"label": m["label"], "speedups": m["speedups"], "temperature": 0.0}
     assert df["lossless"].dtype == "boolean" and df["speedup"].dtype == "float64"
     assert pd.isna(df.iloc[2]["speedup"]) and df.iloc[2]["draft_len"] == 8
     assert len(store.trials_frame(["a", "b"])) == 4 and len(store.trials_frame()) == 4
@@ -412,7 +431,7 @@ def test_best_trial_respects_lossless_only(store: Store) -> None:
     unchecked = store.record_result("s", "sampled", metrics(1.2, lossless=None, cost=2.0), CPU)
     broken = store.record_result("s", "broken", metrics(3.0, lossless=False), CPU)
     lossy = store.record_result("s", "typical", metrics(2.5, lossy=True), CPU)
-    store.upsert_trial("s", "running", {}, "running")
+    store.upsert_trial("s", "running", None, "running")
     assert store.best_trial("s", "speedup") == ok
     assert store.best_trial("s", "speedup", lossless_only=False) == broken
     assert store.best_trial("s", "tree_tokens_per_step", "min") == unchecked
@@ -433,7 +452,7 @@ def test_served_trial(store: Store) -> None:
     assert store.served_trial() is None
     a = store.record_result("s", "a", metrics(1.5), CPU)
     b = store.record_result("s", "b", metrics(1.7), CPU)
-    running = store.upsert_trial("s", "c", {}, "running")
+    running = store.upsert_trial("s", "c", None, "running")
     store.mark_served(a)
     assert store.served_trial() == a
     store.mark_served(b)
@@ -457,9 +476,9 @@ def test_list_sweeps_counts(store: Store) -> None:
     store.record_result("new", "1", metrics(), CPU)
     store.record_result("new", "2", metrics(), GPU)
     store.record_error("new", "3", "x")
-    store.upsert_trial("new", "4", {}, "running")
-    store.upsert_trial("new", "5", {}, "pending")
-    store.upsert_trial("new", "6", {}, "pending")
+    store.upsert_trial("new", "4", None, "running")
+    store.upsert_trial("new", "5", None, "pending")
+    store.upsert_trial("new", "6", None, "pending")
     new, old = store.list_sweeps()
     assert (new.name, new.status, old.name, old.status) == ("new", "running", "old", "pending")
     assert new.n_trials == {"pending": 2, "running": 1, "done": 2, "error": 1} and new.total == 6
@@ -471,24 +490,26 @@ def test_list_sweeps_counts(store: Store) -> None:
 def test_baseline_round_trip(store: Store) -> None:
     key = {"pair_id": "tiny-seed0", "prompt_set_hash": "sha256:abc", "max_new_tokens": 96,
            "temperature": 0.0}
+
+    def baseline(speed: float, target: str = "/pairs/tiny/target", drafter: str | None = "/pairs/tiny/drafter"):
+        return BaselineResult(**key, ar_tokens_per_s=speed, target_path=target, drafter_path=drafter, measured_s=2.5)
+
     assert store.get_baseline(**key, hardware=CPU) is None
-    bid = store.save_baseline(**key, hardware=CPU, ar_tokens_per_s=159.0,
-                              target_path="/pairs/tiny/target", drafter_path="/pairs/tiny/drafter",
-                              extra={"repeats": 3})
+    bid = store.save_baseline(baseline(159.0), CPU, extra={"repeats": 3})
     got = store.get_baseline(**key, hardware=CPU)
     assert got is not None and got.id == bid
     assert (got.ar_tokens_per_s, got.target_path, got.drafter_path) == (
         159.0, "/pairs/tiny/target", "/pairs/tiny/drafter")
-    assert got.hardware == CPU and got.extra == {"repeats": 3} and got.measured_at.tzinfo
-    assert store.save_baseline(**key, hardware=CPU, ar_tokens_per_s=161.5) == bid  # re-measured
+    assert got.hardware == CPU and got.extra == {"measured_s": 2.5, "repeats": 3} and got.measured_at.tzinfo
+    assert store.save_baseline(baseline(161.5), CPU) == bid  # re-measured
     assert store.get_baseline(**key, hardware=CPU).ar_tokens_per_s == 161.5  # type: ignore[union-attr]
     assert count(store, "ar_baselines") == 1
     assert store.get_baseline(**key, hardware=GPU) is None
-    gpu = store.save_baseline(**key, hardware=GPU, ar_tokens_per_s=900.0)
+    gpu = store.save_baseline(baseline(900.0), GPU)
     assert store.get_baseline(**key).id == gpu  # type: ignore[union-attr]  # latest, any hardware
     assert store.get_baseline(**{**key, "temperature": 0.7}, hardware=CPU) is None
     with pytest.raises(ValueError):
-        store.save_baseline(**key, hardware=CPU, ar_tokens_per_s=float("nan"))
+        store.save_baseline(baseline(float("nan")), CPU)
 
 
 # --- the CLI ------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def test_a_missing_pair_folder_fails_before_ray_starts_and_says_how_to_build_it(
     spec = write_spec(tmp_path, sweep_spec("nopair", missing, {"pld": {}}))
     result = CliRunner().invoke(app, ["sweep", str(spec), "--db", f"sqlite:///{tmp_path / 'x.db'}"])
     assert result.exit_code == 2
-    assert f"pair.target: {missing}/target is not a model folder (no config.json)" in result.output
+    assert f"pair.target: model path {missing}/target does not exist" in result.output
     assert "spectune models build --preset tiny --seed 3" in result.output
     assert not any(ray_tmp.iterdir())
 

@@ -9,6 +9,7 @@ from spectune.cli import app
 from spectune.engine.loop import Decoder
 from spectune.methods import METHODS
 from spectune.pair import load_pair
+from spectune.pair_ref import PairRef
 
 runner = CliRunner()
 
@@ -55,7 +56,7 @@ def test_optimized_tree_loads_in_the_tree_method_and_stays_lossless(measured, mi
     assert 1 <= tree["size"] <= 8 and tree["depth"] <= 4 and len(tree["paths"]) == tree["size"]
     assert tree["expected_tokens_per_step"] == pytest.approx(tree["expected_accepted"] + 1)
     assert (tree["step_ms"] is not None) == hardware_aware
-    pair = load_pair(str(micro_pair / "target"), str(micro_pair / "drafter"))
+    pair = load_pair(PairRef.model_validate({"dir": micro_pair}))
     models = pair.runners()
     drafter = METHODS.build("tree", {"paths_file": str(out)}, models)
     assert drafter.shape.size == tree["size"]
@@ -75,7 +76,7 @@ def test_optimized_tree_loads_in_the_tree_method_and_stays_lossless(measured, mi
          "--max-tokens 21"),
         (["measure", "--pair", "{pair}", "--width", 0], "--width must be in 1..64"),
         (["profile", "--pair", "{pair}", "--max-tokens", 100000], "allowed --max-tokens 1.."),
-        (["profile", "--pair", "{folder}", "--max-tokens", 4], "does not exist"),
+        (["profile", "--pair", "{folder}", "--max-tokens", 4], "has no target/"),
         (["profile", "--pair", "{pair}", "--threads", 0], "--threads must be >= 1"),
     ],
 )

@@ -4,8 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from spectune.bench import DecodeConfig, Settings, contender, timed_pass
+from spectune.bench import Settings, contender, timed_pass
+from spectune.methods import METHODS
 from spectune.pair import load_pair
+from spectune.pair_ref import PairRef
 from spectune.profiling import ForwardClock
 
 
@@ -55,23 +57,23 @@ def test_a_forward_that_raises_does_not_stop_the_clock_counting():
 
 
 def test_only_self_speculative_drafters_name_modules_of_their_own(micro_pair):
-    pair = load_pair(str(micro_pair / "target"), str(micro_pair / "drafter"))
+    pair = load_pair(PairRef.model_validate({"dir": micro_pair}))
     configs = {"ar": {}, "sps": {}, "layerskip": {}, "del": {"cost": "layers"}}
     expected = {"ar": 0, "sps": 0, "layerskip": 1, "del": 3}  # del: a view per exit layer 1..L-1
     for method, knobs in configs.items():
-        modules = contender(pair, DecodeConfig(method=method, **knobs)).runner.drafter.draft_modules()
+        modules = contender(pair, METHODS.config(method, knobs), Settings()).drafter.draft_modules()
         assert len(modules) == expected[method], method
         assert all(m is not pair.target and m is not pair.drafter for m in modules)
 
 
 @pytest.mark.parametrize("config", [{"method": "layerskip"}, {"method": "del", "cost": "layers", "max_draft_len": 3}])
 def test_self_speculative_draft_time_is_drafting_not_engine_overhead(micro_pair, config):
-    pair = load_pair(str(micro_pair / "target"), str(micro_pair / "drafter"))
+    pair = load_pair(PairRef.model_validate({"dir": micro_pair}))
     settings = Settings(max_new_tokens=24, repeats=1, warmup=0)
     encoded = [pair.encode(text) for text in ("The capital of France is", "def fibonacci(n):")]
-    who = contender(pair, DecodeConfig(**config))
-    timed_pass(pair, who.runner, encoded[:1], settings)  # warm up
-    run = timed_pass(pair, who.runner, encoded, settings)
+    who = contender(pair, METHODS.config(config["method"], {k: v for k, v in config.items() if k != "method"}), settings)
+    timed_pass(pair, who, encoded[:1], settings)  # warm up
+    run = timed_pass(pair, who, encoded, settings)
     # the target's clock sees exactly the prefills and verifications: no draft pass through the view
     assert run.target_forwards == len(encoded) + sum(g.target_calls for g in run.generations)
     draft_share = run.draft_s / run.wall_s

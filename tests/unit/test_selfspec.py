@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from spectune.bench import DecodeConfig, Settings, contender, run_bench
+from spectune.bench import Settings, contender, run_bench
 from spectune.engine.drafter import StepOutcome
 from spectune.engine.loop import Decoder
 from spectune.engine.runner import CausalLM
@@ -26,6 +26,7 @@ from spectune.methods.selfspec import (
     tokens_per_cost,
 )
 from spectune.pair import load_pair
+from spectune.pair_ref import PairRef
 from spectune.prompts import load_prompts
 from support import random_llama
 
@@ -366,15 +367,16 @@ def test_bad_exit_layers_name_the_field_and_range(target):
 
 
 def test_bench_reports_acceptance_by_exit_layer(micro_pair):
-    pair = load_pair(str(micro_pair / "target"), str(micro_pair / "drafter"))
+    pair = load_pair(PairRef.model_validate({"dir": micro_pair}))
     prompts = load_prompts("default", limit=3)
     settings = Settings(max_new_tokens=16, repeats=1, warmup=0)
     configs = [
-        DecodeConfig(method="layerskip", exit_layer=2, draft_len=3),
-        DecodeConfig(method="del", max_draft_len=4),
-        DecodeConfig(method="sps"),
+        METHODS.config("layerskip", {"exit_layer": 2, "draft_len": 3}),
+        METHODS.config("del", {"max_draft_len": 4}),
+        METHODS.config("sps", {}),
     ]
-    rows = {row["method"]: row for row in run_bench(pair, [contender(pair, c) for c in configs], prompts, settings)}
+    results = run_bench(pair, [contender(pair, c, settings) for c in configs], prompts, settings)
+    rows = {result.method: result.as_dict() for result in results}
     assert rows["layerskip"]["lossless"] and rows["del"]["lossless"]
     assert list(rows["layerskip"]["acceptance_by_exit_layer"]) == ["2"]
     assert 0 < rows["layerskip"]["acceptance_by_exit_layer"]["2"] <= 1  # the early-exit loss makes layer 2 useful

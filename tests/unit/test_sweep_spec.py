@@ -10,7 +10,8 @@ import yaml
 from ray.tune.search.variant_generator import generate_variants
 
 from spectune.methods import METHODS
-from spectune.sweeps.space import TrialConfig, optuna_searcher, param_space, trial_config
+from spectune.config import DecodeConfig
+from spectune.sweeps.space import optuna_searcher, param_space, trial_config
 from spectune.sweeps.spec import SpecError, grid_configs, load_spec, parse_spec
 
 SPECS = sorted((Path(__file__).resolve().parents[2] / "sweeps" / "specs").glob("*.yaml"))
@@ -75,7 +76,7 @@ def test_gpu_cluster_asks_for_gpus_and_a_hub_pair():
         ({"space": {}}, "space: Dictionary should have at least 1 item"),
         ({"pair": {"target": "org/model"}}, "space.sps: method sps drafts with a drafter model; set pair.drafter"),
         ({"pair": {"dir": "x", "target": "y"}}, "pair: give either dir or target/drafter, not both"),
-        ({"pair": {"dir": "x", "device": "gpu"}}, "pair.device: device must be cpu, cuda, cuda:N or mps"),
+        ({"pair": {"dir": "x", "device": "gpu"}}, "pair.device: device must be cpu, cuda, cuda:N, mps or auto"),
         ({"pair": {"dir": "x", "device": "cuda"}}, "resources.gpus: pair.device is cuda, so each trial needs gpus > 0"),
         ({"pair": {"dir": "x", "device": "cuda:1"}, "resources": {"gpus": 1}}, "pair.device: use cuda, not cuda:1"),
         ({"pair": {"dir": "x", "dtype": "int8"}}, "pair.dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
@@ -123,8 +124,8 @@ def test_the_grid_is_every_combination_of_each_method_and_temperature():
     assert spec.trials == 10
     variants = [trial_config(config) for _, config in generate_variants(param_space(spec))]
     assert len(variants) == 10
-    assert TrialConfig("sps", {"draft_len": 4, "schedule": "heuristic"}, 0.5) in variants
-    assert TrialConfig("pld", {}, 0.0) in variants
+    assert DecodeConfig("sps", {"draft_len": 4, "schedule": "heuristic"}, 0.5) in variants
+    assert DecodeConfig("pld", {}, 0.0) in variants
 
 
 def test_random_search_draws_only_the_chosen_methods_knobs_within_their_ranges():
@@ -165,6 +166,6 @@ def test_optuna_nsga2_suggests_a_method_then_only_its_knobs_decoding_list_choice
 def test_trial_config_reads_grid_and_optuna_shapes_alike():
     grid = {"trial": {"method": "sps", "draft_len": 4}, "temperature": 0.0}
     optuna_shaped = {"method": "sps", "sps": {"draft_len": 4}, "temperature": 0.0}
-    assert trial_config(grid) == trial_config(optuna_shaped) == TrialConfig("sps", {"draft_len": 4}, 0.0)
+    assert trial_config(grid) == trial_config(optuna_shaped) == DecodeConfig("sps", {"draft_len": 4}, 0.0)
     assert trial_config(grid).as_dict() == {"method": "sps", "draft_len": 4, "temperature": 0.0}
-    assert TrialConfig("tree", {"branching": [2, 1]}, 0.7).label == "tree(branching=[2, 1])@T=0.7"
+    assert DecodeConfig("tree", {"branching": [2, 1]}, 0.7).label() == "tree(branching=[2,1])@T=0.7"

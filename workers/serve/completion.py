@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from spectune.config import DecodeConfig
+from spectune.engine.budget import ContextOverflow, check_fits
 from spectune.engine.loop import Decoder, Generation, StepRecord
 from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
@@ -109,15 +111,15 @@ class CompletionService:
         self.served = served
         self.limits = limits
         self.created = int(time.time())
-        self.max_tree_size = self._decoder(served.method, served.knobs).drafter.max_tree_size  # also checks it builds
+        self.decode_config = served.config()
+        self.max_tree_size = self._decoder(self.decode_config).drafter.max_tree_size  # also checks it builds
         self._executor = ThreadPoolExecutor(max_workers=limits.decode_threads, thread_name_prefix="spectune-decode")
         self._counts = Counts()
         self._counts_lock = threading.Lock()
 
     @classmethod
     def load(cls, served: ServedConfig, limits: Limits = Limits()) -> CompletionService:
-        pair_ref = served.pair
-        return cls(load_pair(pair_ref.target, pair_ref.drafter, _device(pair_ref.device), pair_ref.dtype), served, limits)
+        return cls(load_pair(served.pair), served, limits)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -137,11 +139,12 @@ class CompletionService:
                 "completed_requests": counts.completed, "cancelled_requests": counts.cancelled}
 
     def config(self) -> dict[str, Any]:
-        method = METHODS.get(self.served.method)
+        method = METHODS.get(self.decode_config.method)
         return {
             "model": self.model_id,
-            "method": self.served.method,
-            "knobs": self.served.knobs,
+            "method": self.decode_config.method,
+            "label": self.decode_config.label(),
+            "knobs": dict(self.decode_config.knobs),
             "lossless": method.lossless,
             "summary": method.summary,
             "pair": self.served.pair.model_dump(),
@@ -173,19 +176,22 @@ class CompletionService:
         return DecodeJob(tuple(prompt_ids), request.max_tokens, Sampling(request.temperature, request.top_p), seed)
 
     def _check_context(self, prompt_tokens: int, max_tokens: int) -> None:
-        context, tree = self.pair.max_positions, self.max_tree_size
-        room = context - tree - prompt_tokens  # new tokens that still fit
-        if room < 1:
-            raise RequestRejected(f"the prompt is {prompt_tokens} tokens, longer than the model's context of "
-                                  f"{context} tokens allows (the draft tree needs {tree} more)", param="prompt")
-        if max_tokens > room:
+        try:
+            check_fits(prompt_tokens, max_tokens, self.max_tree_size, self.pair.max_positions)
+        except ContextOverflow as err:
+            if err.room < 1:
+                raise RequestRejected(f"the prompt is {prompt_tokens} tokens, longer than the model's context of "
+                                      f"{err.context} tokens allows (the draft tree needs {err.tree_nodes} more)",
+                                      param="prompt") from None
             raise RequestRejected(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) + draft tree "
-                                  f"({tree}) exceeds the model's context of {context} tokens; "
-                                  f"max_tokens can be at most {room} for this prompt", param="max_tokens")
+                                  f"({err.tree_nodes} nodes) exceeds the model's context of {err.context} tokens; "
+                                  f"max_tokens can be at most {err.room} for this prompt", param="max_tokens") from None
+        except ValueError as err:  # an empty prompt
+            raise RequestRejected(str(err), param="prompt") from None
 
     async def complete(self, request: CompletionRequest) -> CompletionResponse:
         job = self.prepare(request)
-        outcome = await self._run(self.served.method, self.served.knobs, job)
+        outcome = await self._run(self.decode_config, job)
         comparison = await self._compare(job, outcome) if request.compare_ar else None
         return CompletionResponse(
             id=_completion_id(), created=int(time.time()), model=self.model_id,
@@ -216,8 +222,7 @@ class CompletionService:
         def push(tokens: list[int] | None) -> None:
             loop.call_soon_threadsafe(arrived.put_nowait, tokens)
 
-        future = loop.run_in_executor(self._executor, self._decode_then_close, self.served.method,
-                                      self.served.knobs, job, cancel, push)
+        future = loop.run_in_executor(self._executor, self._decode_then_close, self.decode_config, job, cancel, push)
         future.add_done_callback(_consume_exception)  # a stream abandoned mid-way never awaits it
         deltas = TextDeltas(self.pair.decode)
         try:
@@ -238,27 +243,27 @@ class CompletionService:
 
     # --- decoding ----------------------------------------------------------------------
 
-    def _decoder(self, method: str, knobs: dict[str, Any]) -> Decoder:
-        drafter = METHODS.build(method, knobs, self.pair.runners())
-        return Decoder(self.pair.runners().target, drafter, self.pair.eos_token_id)
+    def _decoder(self, config: DecodeConfig) -> Decoder:
+        models = self.pair.runners()
+        return Decoder(models.target, METHODS.build(config.method, config.knobs, models), self.pair.eos_token_id)
 
-    async def _run(self, method: str, knobs: dict[str, Any], job: DecodeJob) -> DecodeOutcome:
+    async def _run(self, config: DecodeConfig, job: DecodeJob) -> DecodeOutcome:
         cancel = threading.Event()
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._decode, method, knobs, job, cancel)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._decode, config, job, cancel)
         future.add_done_callback(_consume_exception)
         try:
             return await future
         finally:
             cancel.set()  # a cancelled request (client gone) stops after the current step
 
-    def _decode_then_close(self, method: str, knobs: dict[str, Any], job: DecodeJob, cancel: threading.Event,
+    def _decode_then_close(self, config: DecodeConfig, job: DecodeJob, cancel: threading.Event,
                            push: Callable[[list[int] | None], None]) -> DecodeOutcome:
         try:
-            return self._decode(method, knobs, job, cancel, push)
+            return self._decode(config, job, cancel, push)
         finally:
             push(None)
 
-    def _decode(self, method: str, knobs: dict[str, Any], job: DecodeJob, cancel: threading.Event,
+    def _decode(self, config: DecodeConfig, job: DecodeJob, cancel: threading.Event,
                 on_tokens: Callable[[list[int]], None] | None = None) -> DecodeOutcome:
         """Runs on a worker thread: decode step by step until done or cancelled."""
         if cancel.is_set():  # the client left while the request queued
@@ -268,7 +273,7 @@ class CompletionService:
         tokens: list[int] = []
         steps: list[StepRecord] = []
         started = time.perf_counter()
-        stream = self._decoder(method, knobs).stream(job.prompt_ids, job.max_tokens, job.sampling, job.seed)
+        stream = self._decoder(config).stream(job.prompt_ids, job.max_tokens, job.sampling, job.seed)
         try:
             for emitted in stream:
                 tokens.extend(emitted.tokens)
@@ -284,7 +289,7 @@ class CompletionService:
         return DecodeOutcome(tokens, steps, time.perf_counter() - started, cancelled=stopped_early)
 
     async def _compare(self, job: DecodeJob, speculative: DecodeOutcome) -> ArComparison:
-        plain = await self._run(AR_METHOD, {}, job)
+        plain = await self._run(METHODS.config(AR_METHOD, {}), job)
         return ArComparison(
             ar_wall_s=plain.wall_s, ar_tokens_per_s=plain.tokens_per_s,
             speculative_tokens_per_s=speculative.tokens_per_s,
@@ -306,9 +311,9 @@ class CompletionService:
     def _stats(self, job: DecodeJob, outcome: DecodeOutcome) -> SpeculativeStats:
         counted = step_metrics([Generation(job.prompt_ids, outcome.tokens, outcome.steps)])
         return SpeculativeStats(
-            method=self.served.method, config=self.served.knobs, trial_id=self.served.source.trial_id,
-            target_calls=counted["target_calls"], draft_calls=counted["draft_calls"],
-            mean_accepted_tokens=counted["mean_accepted_tokens"], acceptance_rate=counted["acceptance_rate"],
+            method=self.decode_config.method, label=self.decode_config.label(), config=dict(self.decode_config.knobs),
+            trial_id=self.served.source.trial_id, target_calls=counted.target_calls, draft_calls=counted.draft_calls,
+            mean_accepted_tokens=counted.mean_accepted_tokens, acceptance_rate=counted.acceptance_rate,
             tokens_per_s=outcome.tokens_per_s, wall_s=outcome.wall_s, seed=job.seed,
         )
 
@@ -320,14 +325,6 @@ def _usage(job: DecodeJob, outcome: DecodeOutcome) -> Usage:
 
 def _completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
-
-
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:

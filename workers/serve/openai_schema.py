@@ -62,7 +62,8 @@ class SpeculativeStats(BaseModel):
     """How the speculative decoder did on this request (metric names as in `spectune bench`)."""
 
     method: str
-    config: dict[str, Any]
+    label: str  # the configuration's one name, as bench, the store and the dashboard show it
+    config: dict[str, Any]  # the method's knobs
     trial_id: int | None
     target_calls: int
     draft_calls: int

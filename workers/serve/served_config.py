@@ -21,30 +21,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from spectune.config import DecodeConfig
 from spectune.methods import METHODS
+from spectune.pair_ref import PairRef
 
 ENV_API_KEY = "SPECTUNE_API_KEY"
 
 
 class ServeConfigError(ValueError):
     """The configuration to serve cannot be chosen or is invalid; the message says why."""
-
-
-class PairRef(BaseModel):
-    """The models to load: local folders or hub ids, as `load_pair` takes them."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    target: str
-    drafter: str | None = None
-    device: str = Field("auto", description="auto = cuda when the replica has a GPU, else cpu")
-    dtype: str = "float32"
-
-    @property
-    def name(self) -> str:
-        """A short name: the pair folder (…/micro-seed0/target -> micro-seed0) or the target id."""
-        target = Path(self.target)
-        return target.parent.name if target.name == "target" and target.parent.name else self.target
 
 
 class ServedSource(BaseModel):
@@ -73,15 +58,14 @@ class ServedConfig(BaseModel):
 
     @model_validator(mode="after")
     def method_fits_pair(self) -> ServedConfig:
-        METHODS.knobs(self.method, self.knobs)  # ValueError naming the method and the field
+        self.config()  # ValueError naming the method and the field
         if METHODS.get(self.method).needs_drafter and not self.pair.drafter:
             raise ValueError(f"method {self.method!r} needs a drafter model, but the pair names none")
         return self
 
-    @property
-    def label(self) -> str:
-        args = ",".join(f"{key}={value}" for key, value in self.knobs.items())
-        return f"{self.method}({args})" if args else self.method
+    def config(self) -> DecodeConfig:
+        """The served configuration (requests choose their own temperature)."""
+        return METHODS.config(self.method, self.knobs)
 
 
 class Limits(BaseModel):
@@ -143,7 +127,7 @@ class ConfigFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    pair: str | dict[str, Any]
+    pair: str | dict[str, Any]  # any form `spectune.pair_ref.PairRef` reads
     method: str
     knobs: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(None, description="the model id clients see; default: pair/method(knobs)")
@@ -160,7 +144,11 @@ def from_config_file(path: str) -> ServedConfig:
     try:
         parsed = ConfigFile.model_validate(data)
         source = ServedSource(kind="config_file", path=str(file.resolve()))
-        return _served(resolve_pair(parsed.pair), parsed.method, parsed.knobs, source, name=parsed.name)
+        pair = PairRef.model_validate(parsed.pair)
+        if "device" not in pair.model_fields_set:
+            pair = pair.model_copy(update={"device": "auto"})  # a replica uses its GPU when it has one
+        config = METHODS.config(parsed.method, parsed.knobs)
+        return _served(pair.absolute(), config, source, name=parsed.name)
     except (ValidationError, ValueError) as err:
         raise ServeConfigError(f"config file {path}: {_reason(err)}") from None
 
@@ -177,13 +165,14 @@ def from_store(args: ServeArgs) -> ServedConfig:
             trial_id, source = _pick_trial(store, args)
             detail = store.trial_detail(trial_id)
             sweep = store.get_sweep(detail["sweep"])
+            stored = store.trial_config(trial_id)
     except StoreError as err:
         raise ServeConfigError(str(err)) from None
     where = f"trial {trial_id} of sweep {detail['sweep']!r}"
     try:
-        pair = resolve_pair(_pair_of_spec(sweep.spec if sweep else {}))
-        method, knobs = trial_method_and_knobs(detail["config"])
-        return _served(pair, method, knobs, source, trial_metrics=_metric_summary(detail["metrics"]))
+        pair = PairRef.model_validate(_pair_of_spec(sweep.spec if sweep else {}))
+        config = METHODS.config(stored.method, stored.knobs)
+        return _served(pair.absolute(), config, source, trial_metrics=_metric_summary(detail["metrics"]))
     except (ValidationError, ValueError) as err:
         raise ServeConfigError(f"{where}: {_reason(err)}") from None
 
@@ -232,18 +221,6 @@ def _pair_of_spec(spec: Mapping[str, Any]) -> str | Mapping[str, Any]:
     raise ValueError("its sweep spec names no model pair (expected `pair:`)")
 
 
-def trial_method_and_knobs(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A trial's method and the knobs that method takes (the config's other keys, such as the
-    temperature it was measured at, are not decoding knobs). Knobs may sit under `knobs:`."""
-    method = config.get("method")
-    if not isinstance(method, str):
-        raise ValueError(f"its config names no method: {dict(config)}")
-    nested = config.get("knobs")
-    scope = nested if isinstance(nested, Mapping) else config
-    accepted = METHODS.get(method).knobs.model_fields
-    return method, {key: value for key, value in scope.items() if key in accepted}
-
-
 _SUMMARY_METRICS = ("speedup", "tokens_per_s", "ar_tokens_per_s", "mean_accepted_tokens", "acceptance_rate",
                     "lossless", "temperature", "max_new_tokens", "n_prompts")
 
@@ -257,56 +234,10 @@ def _metric_summary(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
 # --- shared -------------------------------------------------------------------------------
 
 
-def resolve_pair(value: str | Mapping[str, Any]) -> PairRef:
-    """A preset name (micro, tiny), a pair folder holding target/ and drafter/, or a mapping:
-    {target, drafter, device, dtype} or {preset, seed} or {dir} (a sweep spec's form). Local
-    paths become absolute."""
-    if isinstance(value, Mapping):
-        if "preset" in value:
-            return _pair_folder(_preset_dir(str(value["preset"]), int(value.get("seed", 0))), value)
-        folder = value.get("dir") or value.get("path")  # a sweep spec's `pair: {dir: ...}`
-        if folder:
-            return _pair_folder(Path(str(folder)).expanduser(), value)
-        # A stored sweep spec carries `dir: null` next to target/drafter: drop what is unset.
-        ref = PairRef.model_validate({key: item for key, item in value.items() if item is not None and key != "dir"})
-        return ref.model_copy(update={"target": _absolute(ref.target),
-                                      "drafter": _absolute(ref.drafter) if ref.drafter else None})
-    from spectune.models.presets import PRESETS
-
-    if value in PRESETS:
-        return _pair_folder(_preset_dir(value, 0), {})
-    return _pair_folder(Path(value).expanduser(), {})
-
-
-def _preset_dir(preset: str, seed: int) -> Path:
-    from spectune.models.presets import default_pair_dir
-
-    folder = default_pair_dir(preset, seed)
-    if not (folder / "target").is_dir():
-        raise ValueError(f"the {preset} pair is not built at {folder}: run `spectune models build --preset {preset}`")
-    return folder
-
-
-def _pair_folder(folder: Path, options: Mapping[str, Any]) -> PairRef:
-    if not (folder / "target").is_dir():
-        raise ValueError(f"pair folder {folder} has no target/ (expected target/ and drafter/ from `spectune models build`)")
-    drafter = folder / "drafter"
-    extra = {key: options[key] for key in ("device", "dtype") if key in options}
-    return PairRef(target=str((folder / "target").resolve()),
-                   drafter=str(drafter.resolve()) if drafter.is_dir() else None, **extra)
-
-
-def _absolute(path_or_id: str) -> str:
-    """Existing local folders become absolute (replicas run elsewhere); hub ids stay as they are."""
-    path = Path(path_or_id).expanduser()
-    return str(path.resolve()) if path.exists() else path_or_id
-
-
-def _served(pair: PairRef, method: str, knobs: Mapping[str, Any], source: ServedSource, *,
+def _served(pair: PairRef, config: DecodeConfig, source: ServedSource, *,
             name: str | None = None, trial_metrics: dict[str, Any] | None = None) -> ServedConfig:
-    label = ServedConfig.model_construct(method=method, knobs=dict(knobs)).label
-    return ServedConfig(pair=pair, method=method, knobs=dict(knobs), model_id=name or f"{pair.name}/{label}",
-                        source=source, trial_metrics=trial_metrics)
+    return ServedConfig(pair=pair, method=config.method, knobs=dict(config.knobs),
+                        model_id=name or f"{pair.name}/{config.label()}", source=source, trial_metrics=trial_metrics)
 
 
 def _reason(err: Exception) -> str:

@@ -26,7 +26,10 @@ import ray
 from pydantic import ValidationError
 from ray.util.queue import Queue
 
+from spectune.config import DecodeConfig
+from spectune.pair_ref import PairRef
 from spectune.prompts import Prompt
+from spectune.results import BaselineResult, DecodeResult
 
 if TYPE_CHECKING:
     from spectune.bench import Baseline, Settings
@@ -38,36 +41,10 @@ TRIAL_CPU_SHARE = 0.001  # what a Tune trial reserves: it only waits on its work
 
 
 @dataclass(frozen=True)
-class PairSource:
-    """Where a worker loads its pair from (`load_pair` arguments)."""
-
-    pair_id: str
-    target: str
-    drafter: str | None
-    device: str = "cpu"
-    dtype: str = "float32"
-
-
-@dataclass(frozen=True)
 class TrialRequest:
-    method: str
-    knobs: dict[str, Any]
-    settings: dict[str, Any]  # `spectune.bench.Settings` fields
+    config: DecodeConfig  # at the trial's temperature
+    settings: Settings
     prompts: tuple[Prompt, ...]
-
-
-@dataclass(frozen=True)
-class BaselineRecord:
-    """An AR baseline as the store keeps it (`Store.save_baseline` arguments)."""
-
-    pair_id: str
-    prompt_set_hash: str
-    max_new_tokens: int
-    temperature: float
-    ar_tokens_per_s: float
-    target_path: str
-    drafter_path: str | None
-    measured_s: float
 
 
 @dataclass(frozen=True)
@@ -76,9 +53,9 @@ class TrialOutcome:
 
     hardware: dict[str, Any]
     worker: dict[str, Any]
-    metrics: dict[str, Any] | None = None
+    result: DecodeResult | None = None
     error: str | None = None
-    baselines: tuple[BaselineRecord, ...] = ()  # measured since the last successful trial: the driver stores them
+    baselines: tuple[BaselineResult, ...] = ()  # measured since the last successful trial: the driver stores them
     decode_s: float = 0.0  # seconds inside decoding (the trial's passes, plus the baseline's if measured)
 
 
@@ -142,7 +119,7 @@ def describe_hardware(device: str, threads: int) -> dict[str, Any]:
 class PairWorker:
     """Loads the pair in __init__ (once), then runs trials; every trial error is returned, never raised."""
 
-    def __init__(self, source: PairSource, threads: int) -> None:
+    def __init__(self, source: PairRef, threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)  # the trial's CPUs, whatever OMP_NUM_THREADS said
@@ -151,13 +128,13 @@ class PairWorker:
         self.counters = WorkerCounters()
         self.hardware = describe_hardware(source.device, threads)
         self.baselines: dict[tuple[str, Settings], Baseline] = {}
-        self.undelivered: list[BaselineRecord] = []  # ride back with the next successful trial
+        self.undelivered: list[BaselineResult] = []  # ride back with the next successful trial
         self.pair, self.load_error, self.load_s = None, None, 0.0
         started = time.perf_counter()
         try:
             from spectune.pair import load_pair
 
-            self.pair = load_pair(source.target, source.drafter, source.device, source.dtype)
+            self.pair = load_pair(source)
             self.counters.pair_loads += 1
         except (ValueError, OSError, RuntimeError) as err:  # PairError is a ValueError; OOM a RuntimeError
             self.load_error = error_text(err)
@@ -170,22 +147,21 @@ class PairWorker:
         return {"worker_id": self.worker_id, "pair_id": self.source.pair_id, **asdict(self.counters)}
 
     def run(self, request: TrialRequest) -> TrialOutcome:
-        from spectune.bench import DecodeConfig, Settings, contender, measure
+        from spectune.bench import contender, measure
 
         self.counters.trials_run += 1
         if self.pair is None:
             return self._failed(f"the worker could not load the pair: {self.load_error}", 0.0)
         started = time.perf_counter()
         try:
-            settings = Settings(**request.settings)
+            settings = request.settings
             baseline = self._baseline(request.prompts, settings)
-            config = DecodeConfig(method=request.method, **request.knobs)
-            metrics = measure(self.pair, contender(self.pair, config), baseline, request.prompts, settings)
+            result = measure(self.pair, contender(self.pair, request.config, settings), baseline, request.prompts, settings)
         except Exception as err:  # noqa: BLE001 - any failure is this trial's result; the sweep goes on
             self._free_gpu_memory()
             return self._failed(error_text(err), time.perf_counter() - started)
         delivered, self.undelivered = tuple(self.undelivered), []
-        return TrialOutcome(self.hardware, self._worker_info(), metrics, None, delivered, time.perf_counter() - started)
+        return TrialOutcome(self.hardware, self._worker_info(), result, None, delivered, time.perf_counter() - started)
 
     def _baseline(self, prompts: tuple[Prompt, ...], settings: Settings) -> Baseline:
         from spectune.bench import measure_baseline
@@ -200,7 +176,7 @@ class PairWorker:
         baseline = measure_baseline(self.pair, prompts, settings)
         self.baselines[key] = baseline
         self.counters.baselines_measured += 1
-        self.undelivered.append(BaselineRecord(
+        self.undelivered.append(BaselineResult(
             pair_id=self.source.pair_id,
             prompt_set_hash=key[0],
             max_new_tokens=settings.max_new_tokens,
@@ -247,7 +223,7 @@ class WorkerPool:
             self.free.put(worker)
 
 
-def start_pool(source: PairSource, size: int, cpus: float, gpus: float) -> WorkerPool:
+def start_pool(source: PairRef, size: int, cpus: float, gpus: float) -> WorkerPool:
     """`size` workers for one pair (they start loading at once); wait with `wait_ready`."""
     options = {"num_cpus": max(cpus - TRIAL_CPU_SHARE, TRIAL_CPU_SHARE), "num_gpus": gpus}
     threads = max(1, round(cpus))

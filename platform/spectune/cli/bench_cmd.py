@@ -40,6 +40,7 @@ def bench(
     """Run configurations over a prompt set; report speedup over AR measured in the same run."""
     from spectune.bench import contender, run_bench
     from spectune.pair import load_pair
+    from spectune.pair_ref import pair_from_options
     from spectune.prompts import load_prompts
 
     if threads is not None:
@@ -49,10 +50,10 @@ def bench(
     try:
         settings = _settings(max_new_tokens, temperature, top_p, seed, repeats, warmup)
         configs = _configs(method, set_, config)
-        target_id, drafter_id = _pair_ids(pair, target, drafter)
+        ref = pair_from_options(pair, target, drafter, device, dtype)
         prompt_set = load_prompts(prompts, limit)
-        loaded = load_pair(target_id, drafter_id, device, dtype)
-        contenders = [contender(loaded, c) for c in configs] + _peers(peer, loaded)
+        loaded = load_pair(ref)
+        contenders = [contender(loaded, c, settings) for c in configs] + _peers(peer, loaded, settings.temperature)
     except ValueError as err:
         fail(str(err))
     progress = _Progress(len(prompt_set), settings.repeats, len(contenders) + 1)
@@ -64,11 +65,11 @@ def bench(
         progress.close()
     if json_out:
         for row in rows:
-            sys.stdout.write(json.dumps(row) + "\n")
+            sys.stdout.write(json.dumps(row.as_dict()) + "\n")
     elif markdown:
         sys.stdout.write(results_markdown(rows))
     else:
-        results_table(rows, title=f"{target_id} + {drafter_id or 'no drafter'}, {len(prompt_set)} prompts")
+        results_table(rows, title=f"{ref.target} + {ref.drafter or 'no drafter'}, {len(prompt_set)} prompts")
 
 
 def _settings(max_new_tokens: int, temperature: float, top_p: float, seed: int, repeats: int, warmup: int):
@@ -85,9 +86,7 @@ def _settings(max_new_tokens: int, temperature: float, top_p: float, seed: int, 
 
 
 def _configs(methods: list[str], sets: list[str], config_file: Path | None):
-    from pydantic import ValidationError
-
-    from spectune.bench import DecodeConfig, load_config_file
+    from spectune.bench import load_config_file
     from spectune.methods import METHODS
 
     configs = load_config_file(str(config_file)) if config_file else []
@@ -102,10 +101,7 @@ def _configs(methods: list[str], sets: list[str], config_file: Path | None):
             raise ValueError(f"--set {item}: no --method given takes the knob {knob!r}")
         for name in owners:
             per_method[name][knob] = value
-    try:
-        return configs + [DecodeConfig(method=m, **knobs) for m, knobs in per_method.items()]
-    except ValidationError as err:
-        raise ValueError("; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in err.errors())) from None
+    return configs + [METHODS.config(m, knobs) for m, knobs in per_method.items()]
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
@@ -118,25 +114,13 @@ def _parse_set(item: str) -> tuple[str, Any]:
         raise ValueError(f"--set {item!r}: the value is not valid YAML") from None
 
 
-def _pair_ids(pair: Path | None, target: str | None, drafter: str | None) -> tuple[str, str | None]:
-    if pair is None and target is None:
-        from spectune.models.presets import default_pair_dir
-
-        pair = default_pair_dir("tiny")
-        if not pair.exists():
-            raise ValueError(f"no --pair or --target given and no tiny pair at {pair}: run `spectune models build --preset tiny`")
-    target_id = target or str(pair / "target")
-    drafter_id = drafter or (str(pair / "drafter") if pair is not None else None)
-    return target_id, drafter_id
-
-
-def _peers(names: list[str], loaded) -> list:
+def _peers(names: list[str], loaded, temperature: float) -> list:
     from spectune.peer_hf import hf_peers
 
     unknown = set(names) - {"hf"}
     if unknown:
         raise ValueError(f"--peer: unknown peer(s) {sorted(unknown)}; known: hf")
-    return hf_peers(loaded) if names else []
+    return hf_peers(loaded, temperature) if names else []
 
 
 class _Progress:

@@ -35,8 +35,9 @@ def _write(out: Path, data: dict[str, Any]) -> None:
 
 def _load(pair: Path, device: str, dtype: str):
     from spectune.pair import load_pair
+    from spectune.pair_ref import parse_pair
 
-    return load_pair(str(pair / "target"), str(pair / "drafter"), device, dtype)
+    return load_pair(parse_pair({"dir": pair, "device": device, "dtype": dtype}))
 
 
 @app.command("measure")
@@ -79,8 +80,8 @@ def measure(
         "max_new_tokens": max_new_tokens,
         "prompts": prompts,
         "n_prompts": len(prompt_set),
-        "target": loaded.target_id,
-        "drafter": loaded.drafter_id,
+        "target": loaded.ref.target,
+        "drafter": loaded.ref.drafter,
     }
     _write(out, data)
     shown = ", ".join(f"{p:.3f}" for p in recorder.acceptance)
@@ -127,8 +128,8 @@ def profile(
         "device": device,
         "dtype": dtype,
         "torch_threads": torch.get_num_threads(),
-        "target": loaded.target_id,
-        "drafter": loaded.drafter_id,
+        "target": loaded.ref.target,
+        "drafter": loaded.ref.drafter,
     }
     _write(out, data)
     _say(f"target: {target_ms[0]:.2f} ms for 1 token, {target_ms[-1]:.2f} ms for {max_tokens} -> {out}")

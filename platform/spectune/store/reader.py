@@ -11,6 +11,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from spectune.config import DecodeConfig, KnobColumns
 from spectune.store._sql import hardware_dict, hardware_summary, hardware_values, sweep_id
 from spectune.store.errors import UnknownTrial
 from spectune.store.schema import (
@@ -190,6 +191,15 @@ class StoreReader:
                 "per_prompt": [_prompt_dict(p) for p in prompts],
                 "hardware": hardware_dict(s.get(Hardware, t.hardware_id) if t.hardware_id else None),
             }
+
+    def trial_config(self, trial_id: int) -> DecodeConfig:
+        """The configuration a trial ran, with its knob columns (ValueError when it names no method)."""
+        with self.sessions() as s:
+            t = s.get(Trial, trial_id)
+            if t is None:
+                raise UnknownTrial(f"no trial with id {trial_id}")
+            columns = KnobColumns(t.draft_len, t.tree_shape, t.node_budget, t.exit_layer)
+            return DecodeConfig.from_dict({"method": t.method, **(t.config or {})}, columns)
 
     def best_trial(self, sweep_name: str, objective: str, mode: str = "max",
                    lossless_only: bool = True) -> int | None:

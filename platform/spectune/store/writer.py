@@ -8,7 +8,6 @@ results replace, never duplicate.
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import socket
 from collections.abc import Mapping
@@ -19,26 +18,17 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from spectune.config import DecodeConfig
+from spectune.results import BaselineResult, DecodeResult
 from spectune.store._sql import (
     as_bool, as_float, as_int, hardware_id, hardware_values, jsonable, sweep_id, upsert,
 )
 from spectune.store.errors import SweepExists, UnknownSweep, UnknownTrial
 from spectune.store.schema import (
-    METRIC_BOOL_FIELDS, METRIC_FLOAT_FIELDS, METRIC_INT_FIELDS, METRIC_JSON_FIELDS,
+    KNOB_FIELDS, METRIC_BOOL_FIELDS, METRIC_FIELDS, METRIC_FLOAT_FIELDS, METRIC_INT_FIELDS, METRIC_JSON_FIELDS,
     SWEEP_STATUSES, TRIAL_STATUSES, ArBaseline, PromptResult, Serving, Sweep, Trial,
     TrialMetrics, UTCDateTime, utcnow,
 )
-
-# Config keys that fill the knob columns sweeps filter on (first match wins).
-KNOB_ALIASES: dict[str, tuple[str, ...]] = {
-    "method": ("method",),
-    "draft_len": ("draft_len", "k", "gamma", "num_draft_tokens"),
-    "tree_shape": ("tree_shape", "tree", "branching", "paths", "paths_file"),
-    "node_budget": ("node_budget", "budget"),
-    "exit_layer": ("exit_layer",),
-    "temperature": ("temperature",),
-}
-
 
 def _check_status(status: str, allowed: tuple[str, ...], what: str) -> str:
     if status not in allowed:
@@ -46,32 +36,18 @@ def _check_status(status: str, allowed: tuple[str, ...], what: str) -> str:
     return status
 
 
-def _find(config: Mapping[str, Any], aliases: tuple[str, ...]) -> Any:
-    scopes = [config] + [v for v in config.values() if isinstance(v, Mapping)]
-    for scope in scopes:
-        for key in aliases:
-            if scope.get(key) is not None:
-                return scope[key]
-    return None
+def knob_columns(config: DecodeConfig | None) -> dict[str, Any]:
+    """The knob columns of a trial: method and temperature, and the knobs its method declared as columns."""
+    if config is None:
+        return {name: None for name in KNOB_FIELDS}
+    return {"method": config.method, "temperature": as_float("temperature", config.temperature),
+            **{name: getattr(config.columns, name) for name in KNOB_FIELDS if name not in ("method", "temperature")}}
 
 
-def extract_knobs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The knob columns of a trial config (top level, or one level down), None when absent."""
-    raw = {name: _find(config, aliases) for name, aliases in KNOB_ALIASES.items()}
-    knobs: dict[str, Any] = {"method": None if raw["method"] is None else str(raw["method"])}
-    for name in ("draft_len", "node_budget", "exit_layer"):
-        try:
-            knobs[name] = as_int(name, raw[name])
-        except ValueError:  # e.g. draft_len "auto": only the config keeps it
-            knobs[name] = None
-    try:
-        knobs["temperature"] = as_float("temperature", raw["temperature"])
-    except ValueError:
-        knobs["temperature"] = None
-    shape = raw["tree_shape"]
-    knobs["tree_shape"] = (shape if isinstance(shape, str) or shape is None
-                           else json.dumps(jsonable(shape), separators=(",", ":")))
-    return knobs
+def result_row(result: DecodeResult) -> dict[str, Any]:
+    """The typed result as the store's flat row; extra keys that are None are left out."""
+    return {key: value for key, value in result.as_dict().items()
+            if value is not None or key in METRIC_FIELDS or key == "per_prompt"}
 
 
 def split_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -175,12 +151,14 @@ class StoreWriter:
             if done.rowcount == 0:
                 raise UnknownSweep(f"no sweep named {name!r}")
 
-    def upsert_trial(self, sweep_name: str, trial_key: str, config: Mapping[str, Any],
+    def upsert_trial(self, sweep_name: str, trial_key: str, config: DecodeConfig | None,
                      status: str = "pending", *, error: str | None = None) -> int:
-        """Insert or update the trial ``(sweep, trial_key)``; its id. Safe to call again."""
+        """Insert or update the trial ``(sweep, trial_key)``; its id. Safe to call again.
+
+        ``config`` None: a trial known only by its key (nothing else recorded yet)."""
         _check_status(status, TRIAL_STATUSES, "trial")
-        cfg = jsonable(dict(config))
-        values = {"config": cfg, **extract_knobs(cfg), "status": status, "error": error}
+        cfg = jsonable(config.as_dict()) if config is not None else {}
+        values = {"config": cfg, **knob_columns(config), "status": status, "error": error}
         values.update(self._stamps(status))
         with self.writes.begin() as s:
             sid = sweep_id(s, sweep_name)
@@ -197,28 +175,24 @@ class StoreWriter:
         return {}
 
     def _trial_row(self, s: Session, sweep_name: str, trial_key: str,
-                   new_config: Mapping[str, Any], update: dict[str, Any],
-                   temperature: Any = None) -> int:
+                   new_config: DecodeConfig | None, update: dict[str, Any]) -> int:
         """Upsert a trial keeping an existing config (a new trial gets ``new_config``);
         knob columns still NULL are filled from ``new_config``."""
         sid = sweep_id(s, sweep_name)
-        cfg = jsonable(dict(new_config))
-        knobs = extract_knobs(cfg)
-        if knobs["temperature"] is None:
-            knobs["temperature"] = extract_knobs({"temperature": temperature})["temperature"]
+        cfg = jsonable(new_config.as_dict()) if new_config is not None else {}
+        knobs = knob_columns(new_config)
         values = {"sweep_id": sid, "trial_key": trial_key, "config": cfg, **knobs, **update}
         return upsert(s, Trial.__table__, values, ["sweep_id", "trial_key"], update,
                       fill=tuple(knobs))
 
-    def record_result(self, sweep_name: str, trial_key: str, metrics: Mapping[str, Any],
+    def record_result(self, sweep_name: str, trial_key: str, result: DecodeResult,
                       hardware: Mapping[str, Any] | None) -> int:
-        """Store a trial's metrics (replacing earlier ones) and mark it done; its id."""
-        cols, per_prompt = split_metrics(metrics)
+        """Store a trial's result (replacing earlier ones) and mark it done; its id."""
+        cols, per_prompt = split_metrics(result_row(result))
         with self.writes.begin() as s:
             hw = hardware_id(s, hardware) if hardware else None
             update = {"status": "done", "error": None, "hardware_id": hw, **self._stamps("done")}
-            tid = self._trial_row(s, sweep_name, trial_key, metrics.get("config") or {}, update,
-                                  metrics.get("temperature"))
+            tid = self._trial_row(s, sweep_name, trial_key, result.config, update)
             row = {**cols, "recorded_at": utcnow()}
             upsert(s, TrialMetrics.__table__, {"trial_id": tid, **row}, ["trial_id"], row,
                    returning="trial_id")
@@ -231,24 +205,21 @@ class StoreWriter:
         """Mark a trial failed with ``message`` (created if unknown); its id."""
         with self.writes.begin() as s:
             update = {"status": "error", "error": str(message), **self._stamps("error")}
-            return self._trial_row(s, sweep_name, trial_key, {}, update)
+            return self._trial_row(s, sweep_name, trial_key, None, update)
 
-    def save_baseline(self, *, pair_id: str, prompt_set_hash: str, hardware: Mapping[str, Any],
-                      max_new_tokens: int, temperature: float, ar_tokens_per_s: float,
-                      target_path: str | None = None, drafter_path: str | None = None,
-                      measured_at: datetime | None = None,
-                      extra: Mapping[str, Any] | None = None) -> int:
+    def save_baseline(self, baseline: BaselineResult, hardware: Mapping[str, Any], *,
+                      measured_at: datetime | None = None, extra: Mapping[str, Any] | None = None) -> int:
         """Store a worker's AR speed (one row per pair/prompts/hardware/length/temperature)."""
-        speed = as_float("ar_tokens_per_s", ar_tokens_per_s)
+        speed = as_float("ar_tokens_per_s", baseline.ar_tokens_per_s)
         if speed is None:
             raise ValueError("ar_tokens_per_s must be a finite number")
-        update = {"ar_tokens_per_s": speed, "target_path": target_path,
-                  "drafter_path": drafter_path, "measured_at": measured_at or utcnow(),
-                  "extra": jsonable(dict(extra or {}))}
+        update = {"ar_tokens_per_s": speed, "target_path": baseline.target_path,
+                  "drafter_path": baseline.drafter_path, "measured_at": measured_at or utcnow(),
+                  "extra": jsonable({"measured_s": baseline.measured_s, **(extra or {})})}
         with self.writes.begin() as s:
-            key = {"pair_id": pair_id, "prompt_set_hash": prompt_set_hash,
-                   "hardware_id": hardware_id(s, hardware), "max_new_tokens": int(max_new_tokens),
-                   "temperature": float(temperature)}
+            key = {"pair_id": baseline.pair_id, "prompt_set_hash": baseline.prompt_set_hash,
+                   "hardware_id": hardware_id(s, hardware), "max_new_tokens": int(baseline.max_new_tokens),
+                   "temperature": float(baseline.temperature)}
             return upsert(s, ArBaseline.__table__, {**key, **update}, list(key), update)
 
     def mark_served(self, trial_id: int, slot: str = "default") -> None:
@@ -263,4 +234,4 @@ class StoreWriter:
             upsert(s, Serving.__table__, {"slot": slot, **row}, ["slot"], row, returning="slot")
 
 
-__all__ = ["KNOB_ALIASES", "StoreWriter", "extract_knobs", "hardware_values", "split_metrics"]
+__all__ = ["StoreWriter", "hardware_values", "knob_columns", "result_row", "split_metrics"]

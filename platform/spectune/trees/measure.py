@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from spectune.engine.budget import context_length
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.loop import Decoder
 from spectune.engine.runner import CausalLM
@@ -139,9 +138,7 @@ def check_profile_fits(pair: Pair, past: int, max_tokens: int) -> None:
         raise ValueError(f"--max-tokens must be >= 1, got {max_tokens}")
     if past < 0:
         raise ValueError(f"--past must be >= 0, got {past}")
-    context = context_length(pair.target.config)
-    if pair.drafter is not None:
-        context = min(context, context_length(pair.drafter.config))
+    context = pair.max_positions  # both models' (the pair's one context rule)
     if past + max_tokens > context:
         raise ValueError(
             f"--past {past} + --max-tokens {max_tokens} exceeds the models' context of {context}; "

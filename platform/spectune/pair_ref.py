@@ -1,0 +1,155 @@
+"""The one reference to a target/drafter pair: what the CLI, sweep specs, workers, serve and bench name.
+
+Forms it reads (YAML, CLI flags, a stored sweep spec, a serve config file):
+
+    tiny                                  a preset built by `spectune models build` (seed 0)
+    {preset: micro, seed: 1}              a preset and seed
+    ~/pairs/mine  |  {dir: ~/pairs/mine}  a pair folder holding target/ (and drafter/)
+    {target: Qwen/Qwen2.5-7B-Instruct, drafter: Qwen/Qwen2.5-0.5B-Instruct}   paths or hub ids
+
+plus `device` and `dtype`. Torch-free: a Tune trial process and the store read it without the
+engine; `spectune.pair.load_pair(ref)` loads it. A new kind of pair is a new form here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+BUILT_PAIR = re.compile(r"pairs/([a-z]+)-seed(\d+)(/|$)")
+
+
+class PairError(ValueError):
+    """A model pair that cannot be used, with the reason in words."""
+
+
+class PairRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str = Field(description="target model: a local folder or a hub id")
+    drafter: str | None = Field(None, description="drafter model: a local folder or a hub id (methods without one need none)")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N, mps, or auto (cuda when there is a GPU)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def from_forms(cls, data: Any) -> Any:
+        if isinstance(data, (str, Path)):
+            return _folder_form(_named_folder(str(data)), {})
+        if not isinstance(data, Mapping):
+            return data
+        options = {key: value for key, value in data.items() if value is not None}
+        if "preset" in options:
+            preset, seed = str(options.pop("preset")), int(options.pop("seed", 0))
+            return _folder_form(_preset_folder(preset, seed), options)
+        folder = options.pop("dir", None) or options.pop("path", None)
+        if folder is not None:
+            return _folder_form(Path(str(folder)).expanduser(), options)
+        return options
+
+    @field_validator("target", "drafter")
+    @classmethod
+    def expand_home(cls, value: str | None) -> str | None:
+        return str(Path(value).expanduser()) if value and value.startswith("~") else value
+
+    @field_validator("device")
+    @classmethod
+    def known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"device must be cpu, cuda, cuda:N, mps or auto, got {value!r}")
+        return value
+
+    @property
+    def pair_id(self) -> str:
+        """Names the pair in the store and routes trials to the workers holding it."""
+        return f"{self.target}|{self.drafter or '-'}|{self.device}|{self.dtype}"
+
+    @property
+    def name(self) -> str:
+        """A short name: the pair folder (…/micro-seed0/target -> micro-seed0) or the target id."""
+        target = Path(self.target)
+        return target.parent.name if target.name == "target" and target.parent.name else self.target
+
+    def absolute(self) -> PairRef:
+        """Existing local folders as absolute paths (a replica or worker may run elsewhere); hub ids unchanged."""
+        return self.model_copy(update={"target": _absolute(self.target),
+                                       "drafter": _absolute(self.drafter) if self.drafter else None})
+
+    def check_local(self) -> None:
+        """Every local-looking model path must be a model folder here; hub ids ("org/name") are left to the hub."""
+        for role, value in (("target", self.target), ("drafter", self.drafter)):
+            if not value or not is_local(value) or (Path(value) / "config.json").is_file():
+                continue
+            built = BUILT_PAIR.search(value)
+            hint = f" (build it with `spectune models build --preset {built[1]} --seed {built[2]}`)" if built else ""
+            if not Path(value).exists():
+                raise PairError(f"pair.{role}: model path {value} does not exist{hint}")
+            raise PairError(f"pair.{role}: {value} is not a model folder (no config.json){hint}")
+
+
+def parse_pair(value: Any) -> PairRef:
+    """Any form above as a PairRef; a bad one is a PairError in one line naming what is wrong."""
+    try:
+        return PairRef.model_validate(value)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: " * bool(e["loc"]) + e["msg"].removeprefix("Value error, ")
+                             for e in err.errors())
+        raise PairError(f"pair: {problems}") from None
+
+
+def pair_from_options(folder: str | Path | None, target: str | None, drafter: str | None,
+                      device: str = "cpu", dtype: str = "float32") -> PairRef:
+    """The CLI's --pair / --target / --drafter: --target and --drafter override the folder's; nothing = tiny."""
+    options = {"drafter": drafter, "device": device, "dtype": dtype}
+    if target is None:
+        return parse_pair({"dir": folder, **options} if folder is not None else {"preset": "tiny", **options})
+    if drafter is None and folder is not None:
+        options["drafter"] = str(Path(folder).expanduser() / "drafter")
+    return parse_pair({"target": target, **options})
+
+
+def is_local(path_or_id: str) -> bool:
+    """A path on this machine rather than a hub id "org/name"."""
+    return path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") > 1 or Path(path_or_id).exists()
+
+
+def _folder_form(folder: Path, options: Mapping[str, Any]) -> dict[str, Any]:
+    """A pair folder: its target/, and its drafter/ unless another drafter is named or the folder here has none."""
+    target = str(folder / "target")
+    given = options.get("target")
+    if given is not None and str(given).rstrip("/") != target:
+        raise ValueError("give either dir or target/drafter, not both")
+    if folder.exists() and not (folder / "target").is_dir():
+        raise ValueError(f"pair folder {folder} has no target/ (expected target/ and drafter/ from "
+                         "`spectune models build`)")
+    drafter = options.get("drafter")
+    if drafter is None and not (folder.exists() and not (folder / "drafter").is_dir()):
+        drafter = str(folder / "drafter")  # a folder not on this machine (a cluster path): assume both
+    return {**options, "target": target, "drafter": drafter}
+
+
+def _named_folder(value: str) -> Path:
+    """A preset name (micro, tiny) or a folder path."""
+    from spectune.models.presets import PRESETS
+
+    return _preset_folder(value, 0) if value in PRESETS else Path(value).expanduser()
+
+
+def _preset_folder(preset: str, seed: int) -> Path:
+    from spectune.models.presets import default_pair_dir
+
+    folder = default_pair_dir(preset, seed)
+    if not (folder / "target").is_dir():
+        raise ValueError(f"the {preset} pair is not built at {folder}: run `spectune models build --preset {preset}`"
+                         + (f" --seed {seed}" if seed else ""))
+    return folder
+
+
+def _absolute(path_or_id: str) -> str:
+    path = Path(path_or_id).expanduser()
+    return str(path.resolve()) if path.exists() else path_or_id
