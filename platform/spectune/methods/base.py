@@ -20,6 +20,12 @@ class Knobs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def at_most_one_of(self, *names: str) -> None:
+        """Knobs that are alternatives to each other (tree shapes, say): giving two is an error naming both."""
+        given = [name for name in names if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of {', '.join(names)} (got {', '.join(given)})")
+
 
 @dataclass(frozen=True)
 class Models:

@@ -102,9 +102,7 @@ class TreeKnobs(Knobs):
 
     @model_validator(mode="after")
     def exactly_one_shape(self) -> "TreeKnobs":
-        given = [k for k in ("branching", "paths", "paths_file") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one of branching, paths, paths_file (got {', '.join(given)})")
+        self.at_most_one_of("branching", "paths", "paths_file")
         self.shape()  # surface a malformed shape at validation time
         return self
 

@@ -40,9 +40,7 @@ class TemplateKnobs(Knobs):
 
     @model_validator(mode="after")
     def one_template(self) -> "TemplateKnobs":
-        given = [k for k in ("tree_size", "branching", "paths") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one of tree_size, branching, paths (got {', '.join(given)})")
+        self.at_most_one_of("tree_size", "branching", "paths")
         self.shape()  # surface a malformed template at validation time
         return self
 
