@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     from spectune.engine.sampling import Sampling
 
-CONFIG_KEYS = ("method", "temperature", "name")  # the flat form's keys that are not knobs
+CONFIG_KEYS = ("method", "temperature", "name", "backend", "concurrency")  # the flat form's keys that are not knobs
+DEFAULT_BACKEND = "spectune"  # spectune's own engine; "vllm": the engine users deploy
 
 
 @dataclass(frozen=True)
@@ -36,29 +37,42 @@ class KnobColumns:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """A registered method, its knobs, and the temperature it decodes at."""
+    """A method of a backend, its knobs, the temperature it decodes at and the load it is measured under."""
 
     method: str
     knobs: Mapping[str, Any] = field(default_factory=dict)
     temperature: float = 0.0
     name: str | None = None  # a label chosen by the user (bench config files); else one is made
     columns: KnobColumns = field(default=KnobColumns(), compare=False)
+    backend: str = DEFAULT_BACKEND  # whose engine decodes: spectune's, or vllm (method = its speculative method)
+    concurrency: int = 1  # requests in flight at once while measured (spectune's engine: 1)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "knobs", dict(self.knobs))  # a copy: nobody else's dict changes it (picklable, for Ray)
         object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "concurrency", int(self.concurrency))
 
     def label(self) -> str:
-        """The one short name of a configuration: `sps(draft_len=4)`, `tree(branching=[4,2,1])@T=0.7`."""
+        """The one short name of a configuration: `sps(draft_len=4)`, `tree(branching=[4,2,1])@T=0.7`,
+        `vllm:ngram(num_speculative_tokens=5)@c=4`."""
         if self.name:
             return self.name
         args = ",".join(f"{key}={compact(value)}" for key, value in self.knobs.items())
         text = f"{self.method}({args})" if args else self.method
-        return f"{text}@T={self.temperature:g}" if self.temperature else text
+        if self.backend != DEFAULT_BACKEND:
+            text = f"{self.backend}:{text}"
+        if self.temperature:
+            text = f"{text}@T={self.temperature:g}"
+        return f"{text}@c={self.concurrency}" if self.concurrency != 1 else text
 
     def as_dict(self) -> dict[str, Any]:
-        """The flat form the store and JSON rows keep: {method, knob: value, ..., temperature}."""
+        """The flat form the store and JSON rows keep: {method, knob: value, ..., temperature}
+        (+ backend and concurrency when not spectune's engine at 1, + name when chosen)."""
         flat = {"method": self.method, **self.knobs, "temperature": self.temperature}
+        if self.backend != DEFAULT_BACKEND:
+            flat["backend"] = self.backend
+        if self.concurrency != 1:
+            flat["concurrency"] = self.concurrency
         return {**flat, "name": self.name} if self.name else flat
 
     @classmethod
@@ -69,10 +83,11 @@ class DecodeConfig:
             raise ValueError(f"a configuration needs a method name, got {dict(flat)}")
         nested = flat.get("knobs")
         knobs = dict(nested) if isinstance(nested, Mapping) else {k: v for k, v in flat.items() if k not in CONFIG_KEYS}
-        return cls(method, knobs, float(flat.get("temperature") or 0.0), flat.get("name"), columns)
+        return cls(method, knobs, float(flat.get("temperature") or 0.0), flat.get("name"), columns,
+                   str(flat.get("backend") or DEFAULT_BACKEND), int(flat.get("concurrency") or 1))
 
     def with_temperature(self, temperature: float) -> DecodeConfig:
-        return DecodeConfig(self.method, self.knobs, temperature, self.name, self.columns)
+        return replace(self, temperature=float(temperature))
 
 
 def compact(value: Any) -> str:

@@ -14,6 +14,10 @@ from typing import Any
 from spectune.config import DecodeConfig
 
 
+LOSSLESS_STATUSES = ("exact", "within_tolerance", "lossy", "unchecked")
+CERTIFIED = ("exact", "within_tolerance")  # the statuses that count as lossless
+
+
 @dataclass(frozen=True)
 class StepCounts:
     """Counts over every step of a pass (metric names as vLLM and Spec-Bench use them)."""
@@ -53,7 +57,12 @@ class DecodeResult:
     speedup: float | None = None  # median of same-repeat ratios to AR
     speedup_std: float | None = None
     speedups: tuple[float, ...] = ()  # every repeat's ratio
-    lossless: bool | None = None  # greedy outputs equal AR's on every prompt; None when unchecked
+    speedup_ci_low: float | None = None  # confidence interval of the speedup (bootstrap over prompts)
+    speedup_ci_high: float | None = None
+    lossless: bool | None = None  # greedy: every prompt certified (exact or within tolerance); None when unchecked
+    lossless_status: str | None = None  # exact | within_tolerance | lossy | unchecked (LOSSLESS_STATUSES)
+    exact_match_rate: float | None = None  # share of prompts whose output is identical to the reference's
+    worst_margin: float | None = None  # greedy certificate: the largest (argmax logit - emitted token's logit)
     lossy_method: bool = False  # the method does not claim to be lossless
     mismatches: int | None = None
     draft_share: float | None = None
@@ -63,6 +72,11 @@ class DecodeResult:
     acceptance_by_exit_layer: Mapping[str, float] | None = None  # self-speculative drafters
     exit_choices: Mapping[str, int] | None = None  # del: rounds per "layer,length"
     max_new_tokens: int | None = None
+    by_category: Mapping[str, Mapping[str, Any]] | None = None  # {category: {n_prompts, speedup, ...}}
+    ttft_s: float | None = None  # served engines (vLLM): time to first token, mean over requests
+    tpot_s: float | None = None  # time per output token after the first, mean over requests
+    p50_latency_s: float | None = None  # request latency percentiles
+    p95_latency_s: float | None = None
     per_prompt: tuple[PromptStats, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)  # what the run adds (a trial: decode_s, worker, ...)
 

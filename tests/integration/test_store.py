@@ -346,7 +346,8 @@ def test_result_for_unknown_trial_creates_it_and_hardware_dedupes(store: Store) 
     detail = store.trial_detail(a)
     assert detail["config"] == cfg
     assert detail["knobs"] == {"method": "pld", "draft_len": 10, "tree_shape": None,
-                               "node_budget": None, "exit_layer": None, "temperature": 0.7}
+                               "node_budget": None, "exit_layer": None, "temperature": 0.7,
+                               "backend": "spectune", "concurrency": 1}
     assert store.trial_detail(c)["hardware"] == {**GPU, "cuda_version": "12.8"}
     df = store.trials_frame("s").set_index("trial_id")
     assert df.loc[a, "hardware"] == "cpu · Test CPU 9000 · 2 CPUs"

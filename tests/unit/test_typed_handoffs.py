@@ -57,6 +57,11 @@ def test_context_length_reads_the_config_or_says_what_is_missing():
 
 def test_one_label_for_every_configuration():
     assert DecodeConfig("ar").label() == "ar"
+    vllm = DecodeConfig("ngram", {"num_speculative_tokens": 5}, backend="vllm", concurrency=4)
+    assert vllm.label() == "vllm:ngram(num_speculative_tokens=5)@c=4"
+    assert vllm.as_dict() == {"method": "ngram", "num_speculative_tokens": 5, "temperature": 0.0, "backend": "vllm",
+                              "concurrency": 4}
+    assert DecodeConfig.from_dict(vllm.as_dict()) == vllm
     assert DecodeConfig("sps", {"draft_len": 4}).label() == "sps(draft_len=4)"
     assert DecodeConfig("tree", {"branching": [4, 2, 1]}, 0.7).label() == "tree(branching=[4,2,1])@T=0.7"
     assert DecodeConfig("pld", {"draft_len": 5}, 0.7, name="my pld").label() == "my pld"  # a chosen name wins
@@ -88,9 +93,11 @@ def test_a_config_is_a_copy_and_travels_by_pickle():
 BENCH_ROW_KEYS = [  # the row `spectune bench --json` prints, in order
     "method", "label", "config", "n_prompts", "new_tokens", "target_calls", "draft_calls", "mean_accepted_tokens",
     "acceptance_rate", "acceptance_by_position", "tree_tokens_per_step", "draft_calls_per_step", "wall_s",
-    "wall_s_std", "tokens_per_s", "ar_tokens_per_s", "speedup", "speedup_std", "speedups", "lossless",
-    "lossy_method", "mismatches", "draft_share", "engine_overhead_share", "ms_per_token", "peak_mem_mb",
-    "acceptance_by_exit_layer", "exit_choices", "max_new_tokens", "temperature", "per_prompt",
+    "wall_s_std", "tokens_per_s", "ar_tokens_per_s", "speedup", "speedup_std", "speedups", "speedup_ci_low",
+    "speedup_ci_high", "lossless", "lossless_status", "exact_match_rate", "worst_margin", "lossy_method",
+    "mismatches", "draft_share", "engine_overhead_share", "ms_per_token", "peak_mem_mb", "acceptance_by_exit_layer",
+    "exit_choices", "max_new_tokens", "by_category", "ttft_s", "tpot_s", "p50_latency_s", "p95_latency_s",
+    "temperature", "per_prompt",
 ]
 
 

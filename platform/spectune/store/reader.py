@@ -109,7 +109,7 @@ def _frame_row(t: Trial, sweep: str, m: TrialMetrics | None, hw: Hardware | None
 
 def _typed_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
-    for col in ("draft_len", "node_budget", "exit_layer") + METRIC_INT_FIELDS:
+    for col in ("draft_len", "node_budget", "exit_layer", "concurrency") + METRIC_INT_FIELDS:
         df[col] = pd.array(df[col].tolist(), dtype="Int64")
     for col in ("temperature",) + METRIC_FLOAT_FIELDS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
@@ -199,7 +199,8 @@ class StoreReader:
             if t is None:
                 raise UnknownTrial(f"no trial with id {trial_id}")
             columns = KnobColumns(t.draft_len, t.tree_shape, t.node_budget, t.exit_layer)
-            return DecodeConfig.from_dict({"method": t.method, **(t.config or {})}, columns)
+            stored = {"method": t.method, "backend": t.backend, "concurrency": t.concurrency}
+            return DecodeConfig.from_dict({**stored, **(t.config or {})}, columns)
 
     def best_trial(self, sweep_name: str, objective: str, mode: str = "max",
                    lossless_only: bool = True) -> int | None:

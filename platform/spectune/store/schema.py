@@ -20,23 +20,29 @@ METRIC_FLOAT_FIELDS = (
     "mean_accepted_tokens", "acceptance_rate", "wall_s", "wall_s_std", "tokens_per_s",
     "ar_tokens_per_s", "speedup", "speedup_std", "tree_tokens_per_step",
     "draft_calls_per_step", "draft_share", "ms_per_token", "peak_mem_mb",
+    "speedup_ci_low", "speedup_ci_high", "exact_match_rate", "worst_margin",
+    "ttft_s", "tpot_s", "p50_latency_s", "p95_latency_s",
 )
 METRIC_INT_FIELDS = ("n_prompts", "new_tokens", "target_calls", "draft_calls", "mismatches")
 METRIC_BOOL_FIELDS = ("lossless", "lossy_method")
-METRIC_JSON_FIELDS = ("config", "acceptance_by_position", "acceptance_by_exit_layer")
+METRIC_TEXT_FIELDS = ("lossless_status",)
+METRIC_JSON_FIELDS = ("config", "acceptance_by_position", "acceptance_by_exit_layer", "by_category")
 # All of them, in the order `spectune bench --json` prints them (`per_prompt` has its own table).
 METRIC_FIELDS = (
     "method", "config", "n_prompts", "new_tokens", "target_calls", "draft_calls",
     "mean_accepted_tokens", "acceptance_rate", "acceptance_by_position", "wall_s", "wall_s_std",
-    "tokens_per_s", "ar_tokens_per_s", "speedup", "speedup_std", "lossless", "lossy_method",
+    "tokens_per_s", "ar_tokens_per_s", "speedup", "speedup_std", "speedup_ci_low", "speedup_ci_high",
+    "lossless", "lossless_status", "exact_match_rate", "worst_margin", "lossy_method",
     "mismatches", "tree_tokens_per_step", "draft_calls_per_step", "draft_share", "ms_per_token",
-    "peak_mem_mb", "acceptance_by_exit_layer",
+    "peak_mem_mb", "acceptance_by_exit_layer", "by_category", "ttft_s", "tpot_s", "p50_latency_s",
+    "p95_latency_s",
 )
 PROMPT_FIELDS = ("prompt_id", "new_tokens", "target_calls", "mean_accepted_tokens", "wall_s",
                  "matches_ar", "text")
 HARDWARE_FIELDS = ("device", "cpu_model", "gpu_model", "n_cpus", "torch_version",
                    "transformers_version", "hostname")
-KNOB_FIELDS = ("method", "draft_len", "tree_shape", "node_budget", "exit_layer", "temperature")
+KNOB_FIELDS = ("method", "draft_len", "tree_shape", "node_budget", "exit_layer", "temperature", "backend",
+               "concurrency")
 
 
 def utcnow() -> datetime:
@@ -125,6 +131,8 @@ class Trial(Base):
     node_budget: Mapped[int | None]
     exit_layer: Mapped[int | None]
     temperature: Mapped[float | None]
+    backend: Mapped[str | None] = mapped_column(sa.String(32))  # None: spectune's engine (rows before 0002)
+    concurrency: Mapped[int | None]
     status: Mapped[str] = mapped_column(sa.String(16), default="pending")
     error: Mapped[str | None] = mapped_column(sa.Text)
     started_at: Mapped[datetime | None]
@@ -153,7 +161,12 @@ class TrialMetrics(Base):
     ar_tokens_per_s: Mapped[float | None]
     speedup: Mapped[float | None]
     speedup_std: Mapped[float | None]
+    speedup_ci_low: Mapped[float | None]
+    speedup_ci_high: Mapped[float | None]
     lossless: Mapped[bool | None]
+    lossless_status: Mapped[str | None] = mapped_column(sa.String(32))
+    exact_match_rate: Mapped[float | None]
+    worst_margin: Mapped[float | None]
     lossy_method: Mapped[bool] = mapped_column(default=False)
     mismatches: Mapped[int | None]
     tree_tokens_per_step: Mapped[float | None]
@@ -162,6 +175,11 @@ class TrialMetrics(Base):
     ms_per_token: Mapped[float | None]
     peak_mem_mb: Mapped[float | None]
     acceptance_by_exit_layer: Mapped[dict[str, Any] | None]
+    by_category: Mapped[dict[str, Any] | None]
+    ttft_s: Mapped[float | None]
+    tpot_s: Mapped[float | None]
+    p50_latency_s: Mapped[float | None]
+    p95_latency_s: Mapped[float | None]
     extra: Mapped[dict[str, Any]] = mapped_column(default=dict)
     recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -26,6 +26,7 @@ from spectune.store._sql import (
 from spectune.store.errors import SweepExists, UnknownSweep, UnknownTrial
 from spectune.store.schema import (
     KNOB_FIELDS, METRIC_BOOL_FIELDS, METRIC_FIELDS, METRIC_FLOAT_FIELDS, METRIC_INT_FIELDS, METRIC_JSON_FIELDS,
+    METRIC_TEXT_FIELDS,
     SWEEP_STATUSES, TRIAL_STATUSES, ArBaseline, PromptResult, Serving, Sweep, Trial,
     TrialMetrics, UTCDateTime, utcnow,
 )
@@ -40,8 +41,9 @@ def knob_columns(config: DecodeConfig | None) -> dict[str, Any]:
     """The knob columns of a trial: method and temperature, and the knobs its method declared as columns."""
     if config is None:
         return {name: None for name in KNOB_FIELDS}
-    return {"method": config.method, "temperature": as_float("temperature", config.temperature),
-            **{name: getattr(config.columns, name) for name in KNOB_FIELDS if name not in ("method", "temperature")}}
+    own = {"method": config.method, "temperature": as_float("temperature", config.temperature),
+           "backend": config.backend, "concurrency": config.concurrency}
+    return {name: own[name] if name in own else getattr(config.columns, name) for name in KNOB_FIELDS}
 
 
 def result_row(result: DecodeResult) -> dict[str, Any]:
@@ -61,6 +63,9 @@ def split_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict
         cols[f] = as_float(f, rest.pop(f, None))
     for f in METRIC_BOOL_FIELDS:
         cols[f] = as_bool(f, rest.pop(f, None))
+    for f in METRIC_TEXT_FIELDS:
+        value = rest.pop(f, None)
+        cols[f] = None if value is None else str(value)
     cols["lossy_method"] = bool(cols["lossy_method"])
     for f in METRIC_JSON_FIELDS:
         cols[f] = jsonable(rest.pop(f, None))
