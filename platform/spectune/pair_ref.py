@@ -3,6 +3,7 @@
 Forms it reads (YAML, CLI flags, a stored sweep spec, a serve config file):
 
     tiny                                  a preset built by `spectune models build` (seed 0)
+    smollm2                               a pretrained model imported by `spectune models import smollm2`
     {preset: micro, seed: 1}              a preset and seed
     ~/pairs/mine  |  {dir: ~/pairs/mine}  a pair folder holding target/ (and drafter/)
     {target: Qwen/Qwen2.5-7B-Instruct, drafter: Qwen/Qwen2.5-0.5B-Instruct}   paths or hub ids
@@ -134,10 +135,23 @@ def _folder_form(folder: Path, options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _named_folder(value: str) -> Path:
-    """A preset name (micro, tiny) or a folder path."""
+    """A preset name (micro, tiny), an imported model's name (smollm2), or a folder path."""
+    from spectune.models.imported import PACKAGED
     from spectune.models.presets import PRESETS
 
-    return _preset_folder(value, 0) if value in PRESETS else Path(value).expanduser()
+    if value in PRESETS:
+        return _preset_folder(value, 0)
+    return _imported_folder(value) if value in PACKAGED else Path(value).expanduser()
+
+
+def _imported_folder(name: str) -> Path:
+    from spectune.models.imported import imported_pair_dir
+
+    folder = imported_pair_dir(name)
+    if not (folder / "target").is_dir():
+        raise ValueError(f"the {name} pair is not imported at {folder}: run `spectune models import {name}` "
+                         f"(then `spectune models distill --pair {name}` for its drafter)")
+    return folder
 
 
 def _preset_folder(preset: str, seed: int) -> Path:

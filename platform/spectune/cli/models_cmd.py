@@ -25,3 +25,21 @@ def build(
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--preset") from None
     typer.echo(f"pair ready: {path}")
+
+
+@app.command("import")
+def import_(
+    name: str | None = typer.Argument(None, help="A model a package ships: smollm2 (SmolLM2-135M-Instruct)."),
+    gguf: Path | None = typer.Option(None, "--gguf", help="Any GGUF file transformers can load as a causal LM."),
+    out: Path | None = typer.Option(None, help="Pair folder (default: ~/.cache/spectune/pairs/NAME)."),
+    force: bool = typer.Option(False, help="Import again even if the folder holds this import."),
+) -> None:
+    """De-quantise a GGUF model into a cached pair folder (target/ with tokenizer and chat template, card.json)."""
+    from spectune.cli.output import fail
+    from spectune.models.imported import ImportFailed, import_model
+
+    try:
+        path = import_model(name, gguf, out, force=force)
+    except ImportFailed as err:
+        fail(str(err))
+    typer.echo(f"pair ready: {path}")
