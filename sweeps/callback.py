@@ -25,11 +25,10 @@ from spectune.sweeps.trainable import PAYLOAD, TrialFailed
 
 
 def stored_config(tune_config: Mapping[str, Any]) -> DecodeConfig:
-    """The trial's configuration with the store columns its method declares (the driver has the registry)."""
-    from spectune.methods import METHODS
+    """The trial's configuration with the store columns its method declares (the driver has the registries)."""
+    from spectune.backends import BACKENDS
 
-    config = trial_config(tune_config)
-    return METHODS.config(config.method, config.knobs, config.temperature)
+    return BACKENDS.config(trial_config(tune_config))
 
 
 def error_message(trial: Any) -> str:

@@ -10,7 +10,9 @@ Tune's three ways of searching a conditional space (a tree shape only for tree m
          then that method's knobs, under NSGA-II (multi-objective, seeded).
 
 Whatever the search, `trial_config` turns the config Tune hands a trial into one
-`spectune.config.DecodeConfig` (method, knobs, temperature).
+`spectune.config.DecodeConfig` (method, knobs, temperature; backend and concurrency for
+serving backends, whose grid runs every configuration's loads one after another so a worker
+keeps that configuration's server up across them).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 from ray import tune
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 
-from spectune.config import DecodeConfig
+from spectune.config import DEFAULT_BACKEND, DecodeConfig
 from spectune.sweeps.spec import Range, SweepSpec, grid_configs
 
 OPTUNA_PRIMITIVES = (type(None), bool, int, float, str)  # what optuna's categorical choices may hold
@@ -35,17 +37,32 @@ def trial_config(tune_config: Mapping[str, Any]) -> DecodeConfig:
     if "trial" in tune_config:
         knobs = dict(tune_config["trial"])
         method = knobs.pop("method")
-        return DecodeConfig(method, knobs, temperature)
+        backend = knobs.pop("backend", DEFAULT_BACKEND)
+        concurrency = knobs.pop("concurrency", tune_config.get("concurrency", 1))
+        return DecodeConfig(method, knobs, temperature, backend=backend, concurrency=concurrency)
     method = tune_config["method"]
-    return DecodeConfig(method, dict(tune_config.get(method) or {}), temperature)
+    return DecodeConfig(method, dict(tune_config.get(method) or {}), temperature,
+                        backend=tune_config.get("backend", DEFAULT_BACKEND), concurrency=tune_config.get("concurrency", 1))
+
+
+def _served_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The grid of a serving backend: each configuration at every load, loads of one configuration adjacent."""
+    return [{**config, "backend": spec.backend, "concurrency": load}
+            for config in grid_configs(spec.space) for load in spec.load.concurrency]
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
     """Tune's param_space for grid and random search (Optuna defines its space by run instead)."""
+    serving = spec.backend != DEFAULT_BACKEND
     if spec.search == "grid":
-        return {"trial": tune.grid_search(grid_configs(spec.space)), "temperature": tune.grid_search(spec.temperatures)}
+        points = _served_points(spec) if serving else grid_configs(spec.space)
+        return {"trial": tune.grid_search(points), "temperature": tune.grid_search(spec.temperatures)}
     if spec.search == "random":
         methods = [{"method": m, **{k: _domain(v) for k, v in knobs.items()}} for m, knobs in spec.space.items()]
+        if serving:
+            methods = [{**m, "backend": spec.backend} for m in methods]
+            return {"trial": tune.choice(methods), "temperature": tune.choice(spec.temperatures),
+                    "concurrency": tune.choice(spec.load.concurrency)}
         return {"trial": tune.choice(methods), "temperature": tune.choice(spec.temperatures)}
     return {}
 
@@ -110,6 +127,13 @@ class DefineByRun:
                 trial.suggest_categorical(name, values)
             else:
                 decoded[name] = json.loads(trial.suggest_categorical(name, [json.dumps(v) for v in values]))
+        if self.spec.backend != DEFAULT_BACKEND:
+            loads = self.spec.load.concurrency
+            decoded["backend"] = self.spec.backend
+            if len(loads) > 1:
+                trial.suggest_categorical("concurrency", loads)
+            else:
+                decoded["concurrency"] = loads[0]
         temperatures = self.spec.temperatures
         if len(temperatures) > 1:
             trial.suggest_categorical("temperature", temperatures)

@@ -13,6 +13,17 @@
     search: grid                                           # grid | random | optuna-nsga2
     resources: {cpus: 1, gpus: 0}
 
+A vLLM sweep (`backend: vllm`) keys its space by vLLM's speculative methods (`ar` = none) and
+measures every configuration at each load of `load.concurrency` (one trial per point);
+`vllm:` says how its servers run (spectune.backends.vllm.VllmServerSettings):
+
+    backend: vllm
+    space:
+      ar:    {}
+      ngram: {num_speculative_tokens: [3, 5], prompt_lookup_max: [3], max_num_seqs: [16]}
+    load: {concurrency: [1, 4, 16]}
+    vllm: {max_model_len: 1024, kv_cache_gb: 1}
+
 Every knob name and value is checked against the method registry before anything
 starts, and every error names the field and what is allowed.
 """
@@ -28,6 +39,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from spectune.backends import BACKENDS
+from spectune.backends.vllm import VllmServerSettings
+from spectune.config import DEFAULT_BACKEND
 from spectune.pair_ref import PairRef
 
 SEARCHES = ("grid", "random", "optuna-nsga2")
@@ -101,6 +115,21 @@ class Resources(BaseModel):
     gpus: float = Field(0.0, ge=0.0, description="GPUs per trial, fractions allowed; 0 on CPU machines")
 
 
+class LoadSpec(BaseModel):
+    """The load a serving backend is measured under: requests in flight at once, one trial per value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    concurrency: list[int] = Field([1], min_length=1, description="requests in flight at once, e.g. [1, 4, 16]")
+
+    @field_validator("concurrency")
+    @classmethod
+    def positive_distinct(cls, values: list[int]) -> list[int]:
+        if any(v < 1 for v in values) or len(set(values)) != len(values):
+            raise ValueError(f"give distinct request counts >= 1, got {values}")
+        return values
+
+
 class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -120,6 +149,15 @@ class SweepSpec(BaseModel):
     warmup: int = Field(1, ge=0, description="untimed warm-up prompts per configuration")
     concurrency: int = Field(1, ge=1, description="trials at once (one worker per trial slot)")
     resources: Resources = Resources()
+    backend: str = Field(DEFAULT_BACKEND, description="whose engine decodes: spectune (its own) or vllm")
+    load: LoadSpec = Field(LoadSpec(), description="serving backends: the load axis (concurrency: [1, 4, 16])")
+    vllm: VllmServerSettings = Field(VllmServerSettings(), description="backend vllm: how its servers run")
+
+    @field_validator("backend")
+    @classmethod
+    def known_backend(cls, value: str) -> str:
+        BACKENDS.get(value)  # ValueError naming the known ones
+        return value
 
     @field_validator("name")
     @classmethod
@@ -146,12 +184,13 @@ class SweepSpec(BaseModel):
 
     @model_validator(mode="after")
     def consistent(self) -> SweepSpec:
+        self._check_backend_sections()
         for method, knobs in self.space.items():
-            check_method(method, knobs, self.pair, self.search)
+            check_method(method, knobs, self.pair, self.search, self.backend)
         if self.search == "grid":
             if self.num_samples not in (None, 1):
                 raise ValueError("num_samples: grid runs every combination once; num_samples is for random and optuna-nsga2")
-            count = len(grid_configs(self.space)) * len(self.temperatures)
+            count = self.trials
             if count > MAX_GRID:
                 raise ValueError(f"space: the grid has {count} configurations (limit {MAX_GRID}); use search: random or optuna-nsga2")
         if self.pair.device.startswith("cuda") and self.resources.gpus <= 0:
@@ -160,11 +199,20 @@ class SweepSpec(BaseModel):
             raise ValueError(f"pair.device: use cuda, not {self.pair.device}: Ray gives each worker its own GPU(s)")
         return self
 
+    def _check_backend_sections(self) -> None:
+        backend = BACKENDS.get(self.backend)
+        most = backend.max_concurrency
+        if most is not None and max(self.load.concurrency) > most:
+            raise ValueError(f"load.concurrency: backend {self.backend} decodes {most} request(s) at a time; "
+                             "a load axis needs backend: vllm")
+        if "vllm" in self.model_fields_set and self.backend != "vllm":
+            raise ValueError(f"vllm: settings for vLLM servers, but backend is {self.backend} (set backend: vllm)")
+
     @property
     def trials(self) -> int:
-        """How many trials the sweep runs."""
+        """How many trials the sweep runs (a grid: every configuration at every temperature and load)."""
         if self.search == "grid":
-            return len(grid_configs(self.space)) * len(self.temperatures)
+            return len(grid_configs(self.space)) * len(self.temperatures) * len(self.load.concurrency)
         return self.num_samples or 10
 
 
@@ -179,11 +227,11 @@ def _knob_values(where: str, values: Any) -> KnobValues:
     raise ValueError(f"{where}: give a list of choices (e.g. [{values!r}]) or a range {{low, high[, log]}}")
 
 
-def check_method(method: str, knobs: Mapping[str, KnobValues], pair: PairRef, search: str) -> None:
-    from spectune.methods import METHODS  # imported here: trial processes read specs' types but need no torch
-
+def check_method(method: str, knobs: Mapping[str, KnobValues], pair: PairRef, search: str,
+                 backend: str = DEFAULT_BACKEND) -> None:
+    engine = BACKENDS.get(backend)  # spectune's methods import torch only when asked: trial processes need none
     try:
-        registered = METHODS.get(method)
+        registered = engine.method(method)
     except ValueError as err:
         raise ValueError(f"space.{method}: {err}") from None
     if registered.needs_drafter and not pair.drafter:
@@ -197,23 +245,28 @@ def check_method(method: str, knobs: Mapping[str, KnobValues], pair: PairRef, se
             if search == "grid":
                 raise ValueError(f"{where}: a range {{low, high}} needs search random or optuna-nsga2; grid takes a list of choices")
             for bound in (values.low, values.high):
-                _check_choice(method, knob, bound, where)
+                _check_choice(registered, knob, bound, where)
         elif not values:
             raise ValueError(f"{where}: give at least one choice")
         else:
             for choice in values:
-                _check_choice(method, knob, choice, where)
+                _check_choice(registered, knob, choice, where)
     if search == "grid":  # every combination must hold together too (e.g. min_ngram <= max_ngram)
         for config in grid_configs({method: dict(knobs)}):
-            _check_combination(method, {k: v for k, v in config.items() if k != "method"})
+            _check_combination(registered, {k: v for k, v in config.items() if k != "method"})
+    if engine.check_pair is not None:  # what the pair must offer (a drafter, trained heads)
+        combos = grid_configs({method: dict(knobs)}) if search == "grid" else [{}]
+        try:
+            for config in combos:
+                engine.check_pair(method, {k: v for k, v in config.items() if k != "method"}, pair)
+        except ValueError as err:
+            raise ValueError(f"space.{method}: {err}") from None
 
 
-def _check_choice(method: str, knob: str, value: Any, where: str) -> None:
+def _check_choice(registered: Any, knob: str, value: Any, where: str) -> None:
     """The value alone; rules across knobs are checked on whole combinations."""
-    from spectune.methods import METHODS
-
     try:
-        METHODS.get(method).knobs.model_validate({knob: value})
+        registered.knobs.model_validate({knob: value})
     except ValidationError as err:
         own = [e for e in err.errors() if tuple(e["loc"][:1]) == (knob,)]
         if own:
@@ -223,13 +276,11 @@ def _check_choice(method: str, knob: str, value: Any, where: str) -> None:
             raise ValueError(f"{where}: {value!r} is not allowed: {_messages(own)}{hint}") from None
 
 
-def _check_combination(method: str, values: dict[str, Any]) -> None:
-    from spectune.methods import METHODS
-
+def _check_combination(registered: Any, values: dict[str, Any]) -> None:
     try:
-        METHODS.get(method).knobs.model_validate(values)
+        registered.knobs.model_validate(values)
     except ValidationError as err:
-        raise ValueError(f"space.{method}: the combination {values} is not allowed: {_messages(err.errors())}") from None
+        raise ValueError(f"space.{registered.name}: the combination {values} is not allowed: {_messages(err.errors())}") from None
 
 
 def _messages(errors: list[Any]) -> str:
