@@ -10,7 +10,7 @@ import streamlit as st
 
 from spectune.dashboard import data
 from spectune.dashboard.figures import (
-    config_label, exit_layer_figure, lossless_text, position_acceptance_figure,
+    ci_text, config_label, exit_layer_figure, lossless_text, position_acceptance_figure,
 )
 from spectune.store import StoreError
 
@@ -26,7 +26,11 @@ def _metric_tiles(metrics: dict[str, Any]) -> None:
     columns = st.columns(3) + st.columns(3)
     for column, (key, label, fmt) in zip(columns, tiles):
         value = metrics.get(key)
-        column.metric(label, "–" if value is None else fmt.format(value))
+        ci = ci_text(metrics) if key == "speedup" else ""
+        column.metric(label, "–" if value is None else fmt.format(value),
+                      help=f"95% bootstrap interval over prompts: {ci}" if ci else None)
+        if ci:
+            column.caption(f"95% CI {ci}")
 
 
 def _lossless_line(metrics: dict[str, Any], n_prompts: int) -> None:

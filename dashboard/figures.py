@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from spectune.config import DecodeConfig
-from spectune.pareto import front_step_line, lossy_rows, pareto_front
+from spectune.pareto import front_step_line, lossy_rows, pareto_front, within_noise
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ LOG_X_SPREAD = 8.0  # x values spanning more than this factor get a log axis
 FRONT_OPACITY = 1.0
 FRONT_LINE_COLOR = "#222222"
 LOSSY_SYMBOL = "x-thin-open"
+NOISE_SYMBOL = "circle-dot"  # within noise of a front point no more costly (the speedup's intervals overlap)
+CI_COLUMNS = ("speedup_ci_low", "speedup_ci_high")
 FONT = {"family": "Inter, 'Source Sans Pro', 'DejaVu Sans', sans-serif", "size": 13}
 
 
@@ -113,6 +115,12 @@ def lossless_text(row: Mapping[str, Any]) -> str:
     return "NO" if _missing(mismatches) else f"NO ({int(mismatches)} prompts differ)"
 
 
+def ci_text(row: Mapping[str, Any]) -> str:
+    """The speedup's bootstrap interval as "1.02-1.10x", or "" when the trial has none."""
+    low, high = row.get("speedup_ci_low"), row.get("speedup_ci_high")
+    return "" if _missing(low) or _missing(high) else f"{float(low):.2f}-{float(high):.2f}x"
+
+
 def finished(df: pd.DataFrame) -> pd.DataFrame:
     """Done trials (the only ones with metrics)."""
     return df[df["status"] == "done"]
@@ -142,6 +150,10 @@ def _customdata(df: pd.DataFrame, on_front: pd.Series) -> list[list[Any]]:
     for idx, row in df.iterrows():
         where = "on the front" if on_front[idx] else ("lossy: off the front" if row["_lossy"]
                                                       else "dominated")
+        if row.get("_noise", False):
+            where += " (within noise of a front point no more costly)"
+        if ci := ci_text(row):
+            where += f" · speedup 95% CI {ci}"
         rows.append([int(row["trial_id"]), config_label(row["config"], row["method"], row["extra"]),
                      where, lossless_text(row), config_lines(row["config"])])
     return rows
@@ -176,6 +188,9 @@ def pareto_figure(df: pd.DataFrame, x: str, y: str, colors: Mapping[str, str] | 
     points = plottable(df, x, y).copy()
     points["_lossy"] = lossy_rows(points)
     on_front = front_of(points, x, y) if len(points) else pd.Series(dtype=bool)
+    with_ci = y == "speedup" and all(c in points.columns for c in CI_COLUMNS)
+    points["_noise"] = (within_noise(points, on_front, x, x_mode=x_axis.mode) & ~points["_lossy"]
+                        if with_ci and len(points) else False)
     colors = dict(colors or method_colors(df["method"]))
     fig = go.Figure()
     for method, group in points.groupby(points["method"].fillna("?").astype(str), sort=True):
@@ -183,12 +198,14 @@ def pareto_figure(df: pd.DataFrame, x: str, y: str, colors: Mapping[str, str] | 
         fig.add_trace(go.Scatter(
             x=group[x].astype(float), y=group[y].astype(float), mode="markers", name=method,
             customdata=_customdata(group, on_front), hovertemplate=_hover_template(x_axis, y_axis),
+            error_y=_ci_bars(group, y) if with_ci else None,
             marker={
                 "color": colors.get(method, PALETTE[-1]),
                 "size": [15 if f else 12 if lossy else 10 for f, lossy in zip(front, group["_lossy"])],
                 "opacity": [FRONT_OPACITY if f else LOSSY_OPACITY if lossy else DOMINATED_OPACITY
                             for f, lossy in zip(front, group["_lossy"])],
-                "symbol": [LOSSY_SYMBOL if lossy else "circle" for lossy in group["_lossy"]],
+                "symbol": [LOSSY_SYMBOL if lossy else NOISE_SYMBOL if noise else "circle"
+                           for lossy, noise in zip(group["_lossy"], group["_noise"])],
                 "line": {"width": [2 if f else 0 for f in front], "color": FRONT_LINE_COLOR},
             },
         ))
@@ -201,6 +218,9 @@ def pareto_figure(df: pd.DataFrame, x: str, y: str, colors: Mapping[str, str] | 
     if points["_lossy"].any():
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="lossy (off the front)",
                                  marker={"symbol": LOSSY_SYMBOL, "color": "#555555", "size": 10}))
+    if points["_noise"].any():
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="within noise of the front",
+                                 marker={"symbol": NOISE_SYMBOL, "color": "#555555", "size": 10}))
     if y == "speedup" and len(points):
         fig.add_hline(y=1.0, line={"dash": "dot", "color": "#999999", "width": 1},
                       annotation_text="AR (1.0x)", annotation_position="bottom right")
@@ -210,6 +230,15 @@ def pareto_figure(df: pd.DataFrame, x: str, y: str, colors: Mapping[str, str] | 
     if _wide_spread(points[x]):
         fig.update_xaxes(type="log", tickvals=_log_ticks(points[x]))
     return fig
+
+
+def _ci_bars(group: pd.DataFrame, y: str) -> dict[str, Any]:
+    """Asymmetric error bars from the speedup's bootstrap interval (none where a trial has none)."""
+    value = group[y].astype(float)
+    low, high = (pd.to_numeric(group[c], errors="coerce").astype(float) for c in CI_COLUMNS)
+    return {"type": "data", "symmetric": False, "array": (high - value).clip(lower=0).tolist(),
+            "arrayminus": (value - low).clip(lower=0).tolist(), "thickness": 1, "width": 3,
+            "color": "#888888"}
 
 
 def _log_ticks(values: pd.Series) -> list[float]:
@@ -370,6 +399,6 @@ def compare_fronts_figure(df: pd.DataFrame, x: str, y: str, sweeps: Sequence[str
 __all__ = [
     "AXES", "Axis", "NUMERIC_KNOBS", "X_AXES", "Y_AXES", "compare_fronts_figure", "config_label",
     "config_lines", "exit_layer_figure", "finished", "front_of", "lossless_text",
-    "method_colors", "method_speedup_figure", "parallel_figure", "pareto_figure", "plottable",
+    "ci_text", "method_colors", "method_speedup_figure", "parallel_figure", "pareto_figure", "plottable",
     "position_acceptance_figure",
 ]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from spectune.dashboard.figures import (
-    NUMERIC_KNOBS, Axis, config_label, front_of, lossless_text, plottable,
+    NUMERIC_KNOBS, Axis, ci_text, config_label, front_of, lossless_text, plottable,
 )
 from spectune.pareto import lossy_rows
 
@@ -53,6 +53,7 @@ def knob_bounds(df: pd.DataFrame) -> dict[str, tuple[float, float]]:
 
 TABLE_COLUMNS = {  # display order: what users compare first, then the cost details
     "trial_id": "trial", "label": "configuration", "status": "status", "speedup": "speedup",
+    "speedup_ci": "speedup 95% CI",
     "mean_accepted_tokens": "tau", "acceptance_rate": "acceptance", "lossless_text": "lossless",
     "on_front": "on front", "tree_tokens_per_step": "tree tok/step",
     "draft_calls_per_step": "draft passes/step", "draft_share": "draft share",
@@ -72,6 +73,7 @@ def trial_table(df: pd.DataFrame, x: str, y: str, sort_by: str = "speedup",
                       zip(table["config"], table["method"], table["extra"])]
     table["lossless_text"] = [lossless_text(row) if row["status"] == "done" else ""
                               for _, row in table.iterrows()]
+    table["speedup_ci"] = [ci_text(row) for _, row in table.iterrows()]
     table["on_front"] = False
     points = plottable(table, x, y)
     if len(points):

@@ -4,8 +4,8 @@
 
 Per-trial overhead = the trial's wall time as the driver saw it (Tune started it ->
 its result was stored) minus the seconds the worker spent decoding for it. A worker's
-first trial also starts Tune's trial process and measures the AR baseline, so the
-median is over warm trials (each worker's second trial on). Prints a markdown block for
+first trial also starts Tune's trial process and decodes the prompt set once untimed
+(every trial then times AR beside its configuration), so the median is over warm trials (each worker's second trial on). Prints a markdown block for
 docs/benchmarks.md.
 """
 
@@ -29,7 +29,7 @@ class SweepCost:
     failed: int
     sweep_wall_s: float  # connect + Ray start + workers loading the pair + every trial + shutdown
     tune_wall_s: float  # first trial started -> last trial stored
-    decode_s: float  # inside decoding, every trial and the AR baselines
+    decode_s: float  # inside decoding: every trial's AR and configuration passes, the first settling pass
     warm_overheads_s: list[float]
 
     def markdown(self, command: str) -> str:
@@ -44,7 +44,7 @@ class SweepCost:
             f"| trials (failed) | {self.trials} ({self.failed}) |",
             f"| sweep wall time (store connect, Ray start, pair load, trials, shutdown) | {self.sweep_wall_s:.0f} s |",
             f"| first trial start -> last result stored | {self.tune_wall_s:.0f} s |",
-            f"| inside decoding (trials + AR baseline) | {self.decode_s:.0f} s ({self.decode_s / self.tune_wall_s:.0%}) |",
+            f"| inside decoding (every trial's AR + configuration) | {self.decode_s:.0f} s ({self.decode_s / self.tune_wall_s:.0%}) |",
             f"| per-trial overhead, warm worker: median / p90 / max | {median:.2f} / {p90:.2f} / {max(warm, default=float('nan')):.2f} s "
             f"(n={len(warm)}) |",
         ])

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -153,22 +154,6 @@ def timed_pass(pair: Pair, who: Contender, encoded: Sequence[list[int]], setting
     return joined([timed_prompt(pair, who, tokens, i, settings) for i, tokens in enumerate(encoded)])
 
 
-@dataclass(frozen=True)
-class Baseline:
-    """AR passes over a prompt set: the denominator of every speedup, and the greedy reference outputs."""
-
-    passes: list[Pass]
-    encoded: list[list[int]]
-
-    @property
-    def reference(self) -> list[Generation]:
-        return self.passes[0].generations
-
-    @property
-    def tokens_per_s(self) -> float:
-        return statistics.median(p.tokens_per_s for p in self.passes)
-
-
 def warm_up(who: Contender, encoded: Sequence[list[int]], settings: Settings) -> None:
     """Untimed decoding first: allocator, kernels and caches settle."""
     for tokens in encoded[: settings.warmup]:
@@ -179,20 +164,17 @@ def ar_contender(pair: Pair, settings: Settings) -> Contender:
     return contender(pair, METHODS.config("ar", {}), settings)
 
 
-def measure_baseline(pair: Pair, prompts: Sequence[Prompt], settings: Settings, tree_size: int = 0) -> Baseline:
-    """AR alone, `repeats` times (a sweep worker measures this once and reuses it for every trial)."""
-    encoded = encode_prompts(pair, prompts, settings.max_new_tokens, tree_size)
-    ar = ar_contender(pair, settings)
-    warm_up(ar, encoded, settings)
-    return Baseline([timed_pass(pair, ar, encoded, settings) for _ in range(settings.repeats)], encoded)
+def settle(pair: Pair, prompts: Sequence[Prompt], settings: Settings) -> None:
+    """One untimed AR pass over every prompt at full length: a fresh process decodes its first pass
+    measurably slower (allocator, kernel caches for every new cache length), and in an interleaved
+    pass AR would pay for that alone (a sweep worker calls this once per prompt set)."""
+    encoded = encode_prompts(pair, prompts, settings.max_new_tokens)
+    timed_pass(pair, ar_contender(pair, settings), encoded, settings.model_copy(update={"warmup": 0}))
 
 
-def measure(pair: Pair, who: Contender, baseline: Baseline, prompts: Sequence[Prompt], settings: Settings) -> DecodeResult:
-    """One contender against a stored baseline."""
-    encode_prompts(pair, prompts, settings.max_new_tokens, who.tree_size)  # its tree must fit beside every prompt
-    warm_up(who, baseline.encoded, settings)
-    runs = [timed_pass(pair, who, baseline.encoded, settings) for _ in range(settings.repeats)]
-    return summarise(who, runs, baseline.passes, prompts, settings, pair)
+def measure(pair: Pair, who: Contender, prompts: Sequence[Prompt], settings: Settings) -> DecodeResult:
+    """One contender paired with AR prompt by prompt within each repeat (what a sweep trial runs)."""
+    return run_bench(pair, [who], prompts, settings)[-1]  # [AR, who]; just [AR] when who is AR
 
 
 def run_bench(
@@ -229,7 +211,10 @@ def summarise(who: Contender, runs: list[Pass], ar_runs: list[Pass], prompts: Se
     speedups = [run.tokens_per_s / ar.tokens_per_s for run, ar in zip(runs, ar_runs)]  # same-repeat ratios
     first, reference = runs[0], ar_runs[0].generations
     greedy = settings.sampling.greedy
-    matches = [g.tokens == r.tokens for g, r in zip(first.generations, reference)]
+    # every repeat, not just the first: stateful drafters (recycling's hot start, ngram's kept table,
+    # del's window) decode later repeats from what earlier ones left behind
+    matches = [all(run.generations[i].tokens == r.tokens for run in runs) for i, r in enumerate(reference)]
+    ci_low, ci_high = speedup_interval(runs, ar_runs)
     tokens_per_s = statistics.median(r.tokens_per_s for r in runs)
     return DecodeResult(
         config=who.config,
@@ -242,7 +227,10 @@ def summarise(who: Contender, runs: list[Pass], ar_runs: list[Pass], prompts: Se
         speedup=statistics.median(speedups),
         speedup_std=_std(speedups),
         speedups=tuple(speedups),
+        speedup_ci_low=ci_low,
+        speedup_ci_high=ci_high,
         lossless=all(matches) if greedy else None,
+        lossless_status=("exact" if all(matches) else "lossy") if greedy else "unchecked",
         lossy_method=who.lossy_method,
         mismatches=matches.count(False) if greedy else None,
         draft_share=statistics.median(r.draft_s / r.wall_s for r in runs),
@@ -255,6 +243,36 @@ def summarise(who: Contender, runs: list[Pass], ar_runs: list[Pass], prompts: Se
         per_prompt=tuple(_per_prompt(p, g, s, m if greedy else None)
                          for p, g, s, m in zip(prompts, first.generations, first.seconds, matches)),
     )
+
+
+BOOTSTRAP_SAMPLES = 2000
+CI_LEVEL = 0.95
+
+
+def speedup_interval(runs: Sequence[Pass], ar_runs: Sequence[Pass], samples: int = BOOTSTRAP_SAMPLES,
+                     level: float = CI_LEVEL, seed: int = 0) -> tuple[float | None, float | None]:
+    """A bootstrap confidence interval of the speedup over prompts (None, None below two prompts).
+
+    Each resample draws the prompt set with replacement and computes the speedup as the summary
+    does: per repeat, tokens/s of the contender over tokens/s of AR on the same prompts, then the
+    median over repeats. Seeded, so a row's interval is reproducible from its timings.
+    """
+    if len(runs[0].seconds) < 2:
+        return None, None
+    tokens, seconds = _per_prompt_arrays(runs)  # [R, P] each
+    ar_tokens, ar_seconds = _per_prompt_arrays(ar_runs)
+    picks = np.random.default_rng(seed).integers(0, tokens.shape[1], size=(samples, tokens.shape[1]))  # [B, P]
+    rate = tokens[:, picks].sum(axis=2) / seconds[:, picks].sum(axis=2)  # [R, B]
+    ar_rate = ar_tokens[:, picks].sum(axis=2) / ar_seconds[:, picks].sum(axis=2)  # [R, B]
+    speedups = np.median(rate / ar_rate, axis=0)  # [B]
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(speedups, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _per_prompt_arrays(runs: Sequence[Pass]) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.array([[len(g.tokens) for g in run.generations] for run in runs], dtype=float)  # [R, P]
+    return tokens, np.array([run.seconds for run in runs], dtype=float)
 
 
 def _counts(first: Pass, n_prompts: int) -> StepCounts:
@@ -289,5 +307,5 @@ def _std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-__all__ = ["Baseline", "ConfigEntry", "Contender", "Pass", "Settings", "contender", "encode_prompts", "load_config_file",
-           "measure", "measure_baseline", "run_bench", "summarise", "timed_pass"]
+__all__ = ["ConfigEntry", "Contender", "Pass", "Settings", "contender", "encode_prompts", "load_config_file",
+           "measure", "run_bench", "settle", "speedup_interval", "summarise", "timed_pass"]

@@ -85,4 +85,29 @@ def front_step_line(df: pd.DataFrame, x: str, y: str, x_mode: str = "min", y_mod
     return pts[x].tolist(), pts[y].tolist()
 
 
-__all__ = ["front_step_line", "lossy_rows", "pareto_front", "pareto_mask"]
+def within_noise(df: pd.DataFrame, on_front: pd.Series, x: str, low: str = "speedup_ci_low",
+                 high: str = "speedup_ci_high", x_mode: str = "min") -> pd.Series:
+    """Rows whose difference from a front point at most as costly (in ``x``) is within noise.
+
+    A row is marked when some *other* front row no worse in ``x`` has a confidence interval
+    (``low``..``high``, e.g. the speedup's bootstrap interval) overlapping its own: a dominated
+    row that may be as good as the front, or a front row whose gain over a cheaper front row
+    the measurement cannot tell from noise. Rows without an interval are never marked.
+    """
+    if x_mode not in _MODES:
+        raise ValueError(f"x mode must be 'max' or 'min', got {x_mode!r}")
+    marked = pd.Series(False, index=df.index)
+    if low not in df.columns or high not in df.columns or not on_front.any():
+        return marked
+    lo, hi = (pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float, na_value=np.nan) for c in (low, high))
+    cost = pd.to_numeric(df[x], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    cost = cost if x_mode == "min" else -cost
+    front = np.flatnonzero(on_front.reindex(df.index, fill_value=False).to_numpy(dtype=bool))
+    for i in range(len(df)):
+        others = front[front != i]
+        overlaps = (lo[others] <= hi[i]) & (lo[i] <= hi[others]) & (cost[others] <= cost[i])  # NaN compares False
+        marked.iloc[i] = bool(overlaps.any())
+    return marked
+
+
+__all__ = ["front_step_line", "lossy_rows", "pareto_front", "pareto_mask", "within_noise"]

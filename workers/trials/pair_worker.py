@@ -1,9 +1,11 @@
 """The Ray actor that holds one loaded target/drafter pair and runs trial after trial on it.
 
 Loading a pair per trial would dominate a sweep (minutes for a 7B target), so the sweep
-driver starts a few of these per pair and trials lease them (`WorkerPool`). A worker
-measures the AR baseline once per (prompt set, settings) and reuses it for every
-trial's speedup; the next successful trial carries it back so the driver stores it.
+driver starts a few of these per pair and trials lease them (`WorkerPool`). Every trial
+measures AR and its configuration interleaved prompt by prompt within each repeat
+(`spectune.bench.measure`), so its speedup is a ratio of times taken seconds apart: the
+machine's speed drifting over minutes cancels out. The trial's AR speed rides back with
+it and the driver keeps the latest per (pair, prompts, hardware, settings).
 
 Resources: a trial slot is the worker (cpus - TRIAL_CPU_SHARE CPUs, all of the slot's
 GPUs) plus the Tune trial that leases it (TRIAL_CPU_SHARE CPUs); the trial only waits.
@@ -32,7 +34,7 @@ from spectune.prompts import Prompt
 from spectune.results import BaselineResult, DecodeResult
 
 if TYPE_CHECKING:
-    from spectune.bench import Baseline, Settings
+    from spectune.bench import Settings
 
 # Trials import this module too, and a trial process only waits: torch, transformers and the
 # engine are imported inside the worker's methods, so a trial process starts in a second or two.
@@ -55,8 +57,8 @@ class TrialOutcome:
     worker: dict[str, Any]
     result: DecodeResult | None = None
     error: str | None = None
-    baselines: tuple[BaselineResult, ...] = ()  # measured since the last successful trial: the driver stores them
-    decode_s: float = 0.0  # seconds inside decoding (the trial's passes, plus the baseline's if measured)
+    baselines: tuple[BaselineResult, ...] = ()  # the trial's paired AR speed: the driver stores it
+    decode_s: float = 0.0  # seconds inside decoding (AR's and the configuration's passes, plus a first settling pass)
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class WorkerReady:
 @dataclass
 class WorkerCounters:
     pair_loads: int = 0
-    baselines_measured: int = 0
+    baselines_measured: int = 0  # paired AR measurements: one per successful trial
     trials_run: int = 0
     trials_failed: int = 0
 
@@ -127,8 +129,7 @@ class PairWorker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.counters = WorkerCounters()
         self.hardware = describe_hardware(source.device, threads)
-        self.baselines: dict[tuple[str, Settings], Baseline] = {}
-        self.undelivered: list[BaselineResult] = []  # ride back with the next successful trial
+        self.settled: set[tuple[str, Settings]] = set()  # prompt sets this process has decoded once, untimed
         self.pair, self.load_error, self.load_s = None, None, 0.0
         started = time.perf_counter()
         try:
@@ -155,38 +156,37 @@ class PairWorker:
         started = time.perf_counter()
         try:
             settings = request.settings
-            baseline = self._baseline(request.prompts, settings)
-            result = measure(self.pair, contender(self.pair, request.config, settings), baseline, request.prompts, settings)
+            self._settle(request.prompts, settings)
+            result = measure(self.pair, contender(self.pair, request.config, settings), request.prompts, settings)
         except Exception as err:  # noqa: BLE001 - any failure is this trial's result; the sweep goes on
             self._free_gpu_memory()
             return self._failed(error_text(err), time.perf_counter() - started)
-        delivered, self.undelivered = tuple(self.undelivered), []
-        return TrialOutcome(self.hardware, self._worker_info(), result, None, delivered, time.perf_counter() - started)
+        self.counters.baselines_measured += 1
+        decode_s = time.perf_counter() - started
+        baseline = self._baseline(request.prompts, settings, result, decode_s)
+        return TrialOutcome(self.hardware, self._worker_info(), result, None, (baseline,), decode_s)
 
-    def _baseline(self, prompts: tuple[Prompt, ...], settings: Settings) -> Baseline:
-        from spectune.bench import measure_baseline
+    def _settle(self, prompts: tuple[Prompt, ...], settings: Settings) -> None:
+        """The first time this process meets a prompt set: one untimed AR pass (see `bench.settle`)."""
+        from spectune.bench import settle
 
         key = (prompt_set_hash(prompts), settings)
-        if key in self.baselines:
-            return self.baselines[key]
-        started = time.perf_counter()
-        # a fresh process decodes its first pass measurably slower (allocator, kernel caches for every
-        # new cache length): an untimed AR pass first, so the speedup of every trial is not inflated
-        measure_baseline(self.pair, prompts, settings.model_copy(update={"repeats": 1, "warmup": 0}))
-        baseline = measure_baseline(self.pair, prompts, settings)
-        self.baselines[key] = baseline
-        self.counters.baselines_measured += 1
-        self.undelivered.append(BaselineResult(
+        if key not in self.settled:
+            settle(self.pair, prompts, settings)
+            self.settled.add(key)
+
+    def _baseline(self, prompts: tuple[Prompt, ...], settings: Settings, result: DecodeResult,
+                  measured_s: float) -> BaselineResult:
+        return BaselineResult(
             pair_id=self.source.pair_id,
-            prompt_set_hash=key[0],
+            prompt_set_hash=prompt_set_hash(prompts),
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,
-            ar_tokens_per_s=baseline.tokens_per_s,
+            ar_tokens_per_s=result.ar_tokens_per_s,
             target_path=self.source.target,
             drafter_path=self.source.drafter,
-            measured_s=time.perf_counter() - started,
-        ))
-        return baseline
+            measured_s=measured_s,
+        )
 
     def _failed(self, message: str, decode_s: float) -> TrialOutcome:
         self.counters.trials_failed += 1
