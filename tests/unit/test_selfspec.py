@@ -139,10 +139,10 @@ def test_verify_hands_back_exactly_the_block_outputs_a_forward_hook_sees(target)
     assert hook_count(target) == before
 
 
-@pytest.mark.parametrize("layer", [0, 4])
-def test_verify_hands_back_only_block_outputs_below_the_last(target, layer):
-    lm = CausalLM(target)
-    with pytest.raises(ValueError, match=r"hidden layers must be in 1\.\.3 \(the model has 4\)"):
+@pytest.mark.parametrize("layer", [0, 5])
+def test_verify_hands_back_only_block_outputs_of_the_model(target, layer):
+    lm = CausalLM(target)  # 1..L-1: block outputs; L: the final norm's output (tests/unit/test_heads_engine.py)
+    with pytest.raises(ValueError, match=r"hidden layers must be in 1\.\.4 \(the model has 4\)"):
         lm.verify([1, 2], torch.tensor([[0, 1]]), None, hidden_layers=(layer,))
     assert len(lm.cache) == 0
 

@@ -8,9 +8,10 @@ The loop calls, each step,
     commit(sequence)                       # phase 5, drafter side
     observe(outcome)                       # what the step showed: verdict, target logits, those layer outputs
 
-and `reset()` before every sequence. Every ability beyond `draft` has a documented default on
-the base class, so the loop and the tools around it (bench's timing, reports) call them on any
-drafter without probing.
+and `reset()` before every sequence, then `prefilled(hidden)` once the target holds the prompt
+(all but the root; `hidden` holds the layers `hidden_layers()` named right after the reset).
+Every ability beyond `draft` has a documented default on the base class, so the loop and the
+tools around it (bench's timing, reports) call them on any drafter without probing.
 """
 
 from __future__ import annotations
@@ -66,12 +67,20 @@ class Drafter(ABC):
     # --- around verification --------------------------------------------------------------------
 
     def hidden_layers(self) -> tuple[int, ...]:
-        """Decoder layers (1..L-1) whose outputs the coming verification must hand back.
+        """Decoder layers (1..L) whose outputs the coming target forward must hand back.
 
-        Called by the loop after `draft()`; the outputs arrive in `observe(outcome)` as
-        `outcome.hidden`. Default: none (the verification computes logits only).
+        Called by the loop after `draft()`, and once after `reset()` for the prompt's prefill; the
+        outputs arrive in `observe(outcome)` as `outcome.hidden` (in `prefilled(hidden)` for the
+        prompt). Layers 1..L-1 are block outputs before any norm; L is the final norm's output, the
+        feature the LM head reads (`CausalLM.verify`). Default: none (logits only).
         """
         return ()
+
+    def prefilled(self, hidden: Mapping[int, torch.Tensor]) -> None:
+        """The target now holds the prompt but its last token (the first root): {layer: [p, d]} outputs of
+        the layers `hidden_layers()` named after `reset()`, at every prompt token. Not called for a
+        one-token prompt. Default: nothing to read (drafters that draft from the target's features,
+        EAGLE and Medusa, build their state from it)."""
 
     def verifying(self, tree: DraftTree) -> contextlib.AbstractContextManager[None]:
         """Entered right before the target's verification forward of `tree`, exited right after, even on error.

@@ -101,8 +101,9 @@ class Decoder:
     def _start(self, sequence: list[int]) -> None:
         self.target.reset()
         self.drafter.reset()
-        if len(sequence) > 1:
-            self.target.forward(sequence[:-1], last_only=True)  # prefill all but the root
+        if len(sequence) > 1:  # prefill all but the root; a drafter reading the target's features gets the prompt's
+            prefill = self.target.prefill(sequence[:-1], self.drafter.hidden_layers())
+            self.drafter.prefilled(prefill.hidden)  # {layer: [p, d]}, or {} when it asked for none
 
     def _commit(self, tree: DraftTree, verdict: Verdict, past: int, sequence: list[int]) -> list[int]:
         self.target.cache.keep(past, verdict.path)  # root + accepted nodes stay; the bonus is the next root

@@ -17,7 +17,8 @@ class Verification:
     """What the target's verification forward hands back."""
 
     logits: torch.Tensor  # [n, V] float, at every verified token
-    hidden: Mapping[int, torch.Tensor]  # layer l -> [n, d] output of decoder block l (1-based), as asked
+    hidden: Mapping[int, torch.Tensor]  # layer l -> [n, d] output of decoder block l (1-based), as asked;
+    # l = L (the last block) is the final norm's output, what the LM head reads (transformers' last hidden state)
 
 
 class CausalLM:
@@ -62,17 +63,30 @@ class CausalLM:
         hidden_layers: Sequence[int] = (),
     ) -> Verification:
         """Append `tokens` (a draft tree: positions [1, n], mask [1, 1, n, past+n] or None for a chain);
-        return their logits and the outputs of decoder blocks `hidden_layers` (each in 1..L-1).
+        return their logits and the outputs of decoder blocks `hidden_layers` (each in 1..L).
+
+        Layers 1..L-1 hand back a block's output before any norm (the residual stream: what vLLM's
+        EAGLE-3 auxiliary layers read); layer L hands back the final norm's output, the feature the
+        LM head reads (what vLLM hands EAGLE and Medusa heads, and what EAGLE's drafter predicts).
 
         The layer outputs come from transformers' own output capture, which collects through a
         ContextVar: nothing is hooked for this call alone, and concurrent forwards of the same
         model in other threads neither see nor disturb what this one collects.
         """
+        return self._run(tokens, positions, mask, False, self._layers(hidden_layers))
+
+    def prefill(self, tokens: Sequence[int], hidden_layers: Sequence[int] = ()) -> Verification:
+        """Append `tokens` after the cache (a chain); logits after the last one only ([1, V]) and, at every
+        token, the outputs of `hidden_layers` as `verify` hands them back (drafters that read the target's
+        features need the prompt's too)."""
+        return self._run(tokens, None, None, True, self._layers(hidden_layers))
+
+    def _layers(self, hidden_layers: Sequence[int]) -> tuple[int, ...]:
         layers = tuple(sorted(set(hidden_layers)))
-        bad = [layer for layer in layers if not 1 <= layer < self.n_layers]
+        bad = [layer for layer in layers if not 1 <= layer <= self.n_layers]
         if bad:
-            raise ValueError(f"hidden layers must be in 1..{self.n_layers - 1} (the model has {self.n_layers}), got {bad}")
-        return self._run(tokens, positions, mask, False, layers)
+            raise ValueError(f"hidden layers must be in 1..{self.n_layers} (the model has {self.n_layers}), got {bad}")
+        return layers
 
     @torch.inference_mode()
     def _run(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ class RankRecorder(Drafter):
 
     def hidden_layers(self) -> tuple[int, ...]:
         return self.inner.hidden_layers()
+
+    def prefilled(self, hidden: Mapping[int, torch.Tensor]) -> None:
+        self.inner.prefilled(hidden)
 
     def verifying(self, tree: DraftTree) -> contextlib.AbstractContextManager[None]:
         return self.inner.verifying(tree)
