@@ -45,7 +45,8 @@ def _lossless_line(metrics: dict[str, Any], n_prompts: int) -> None:
         st.error(f"Not lossless: {verdict.removeprefix('NO ').strip('()') or 'outputs differ'} "
                  "from plain decoding; kept off the front.", icon=":material/error:")
     else:
-        st.info("Lossless check not applicable (sampling at temperature > 0).")
+        st.info("Unchecked: sampling at temperature > 0 is lossless by the method's rule, but its outputs "
+                "are not compared with AR; kept off the front unless 'Count unchecked' is on.")
 
 
 def _hardware_line(hardware: dict[str, Any] | None) -> str:

@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from spectune.config import DecodeConfig
-from spectune.pareto import front_step_line, lossy_rows, pareto_front, within_noise
+from spectune.pareto import front_step_line, lossy_rows, pareto_front, unchecked_rows, within_noise
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ LOG_X_SPREAD = 8.0  # x values spanning more than this factor get a log axis
 FRONT_OPACITY = 1.0
 FRONT_LINE_COLOR = "#222222"
 LOSSY_SYMBOL = "x-thin-open"
+UNCHECKED_SYMBOL = "circle-open"  # sampling: lossless by rule, outputs unchecked (off the front unless counted)
 NOISE_SYMBOL = "circle-dot"  # within noise of a front point no more costly (the speedup's intervals overlap)
 CI_COLUMNS = ("speedup_ci_low", "speedup_ci_high")
 FONT = {"family": "Inter, 'Source Sans Pro', 'DejaVu Sans', sans-serif", "size": 13}
@@ -108,7 +109,7 @@ def lossless_text(row: Mapping[str, Any]) -> str:
         return "lossy method"
     lossless = row.get("lossless")
     if _missing(lossless):
-        return "n/a (sampling)"
+        return "unchecked (sampling)"
     if bool(lossless):
         return "yes"
     mismatches = row.get("mismatches")
@@ -133,9 +134,11 @@ def plottable(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     return done[values.notna().all(axis=1).to_numpy()]
 
 
-def front_of(df: pd.DataFrame, x: str, y: str) -> pd.Series:
-    """Front membership (index of ``df``) of the (x, y) objectives, lossless trials only."""
-    return pareto_front(df, {x: AXES[x].mode, y: AXES[y].mode}, lossless_only=True)
+def front_of(df: pd.DataFrame, x: str, y: str, include_unchecked: bool = False) -> pd.Series:
+    """Front membership (index of ``df``) of the (x, y) objectives, certified lossless trials only
+    (and unchecked sampling trials when ``include_unchecked``)."""
+    return pareto_front(df, {x: AXES[x].mode, y: AXES[y].mode}, lossless_only=True,
+                        include_unchecked=include_unchecked)
 
 
 def _hover_template(x: Axis, y: Axis) -> str:
@@ -149,7 +152,8 @@ def _customdata(df: pd.DataFrame, on_front: pd.Series) -> list[list[Any]]:
     rows = []
     for idx, row in df.iterrows():
         where = "on the front" if on_front[idx] else ("lossy: off the front" if row["_lossy"]
-                                                      else "dominated")
+                                                      else "unchecked (sampling): off the front"
+                                                      if row.get("_unchecked", False) else "dominated")
         if row.get("_noise", False):
             where += " (within noise of a front point no more costly)"
         if ci := ci_text(row):
@@ -177,8 +181,8 @@ def _step_shape(x: Axis, y: Axis) -> str:
     return "hv" if (x.mode == "min") == (y.mode == "max") else "vh"
 
 
-def pareto_figure(df: pd.DataFrame, x: str, y: str, colors: Mapping[str, str] | None = None
-                  ) -> go.Figure:
+def pareto_figure(df: pd.DataFrame, x: str, y: str, colors: Mapping[str, str] | None = None,
+                  include_unchecked: bool = False) -> go.Figure:
     """Every done trial as a point coloured by method; the lossless front bold and joined by a
     step line, dominated trials dimmed, lossy trials drawn as crosses and kept off the front.
 
@@ -186,8 +190,9 @@ def pareto_figure(df: pd.DataFrame, x: str, y: str, colors: Mapping[str, str] | 
     """
     x_axis, y_axis = AXES[x], AXES[y]
     points = plottable(df, x, y).copy()
-    points["_lossy"] = lossy_rows(points)
-    on_front = front_of(points, x, y) if len(points) else pd.Series(dtype=bool)
+    points["_lossy"] = lossy_rows(points, include_unchecked=True)
+    points["_unchecked"] = unchecked_rows(points) & (not include_unchecked)
+    on_front = front_of(points, x, y, include_unchecked) if len(points) else pd.Series(dtype=bool)
     with_ci = y == "speedup" and all(c in points.columns for c in CI_COLUMNS)
     points["_noise"] = (within_noise(points, on_front, x, x_mode=x_axis.mode) & ~points["_lossy"]
                         if with_ci and len(points) else False)
@@ -204,12 +209,14 @@ def pareto_figure(df: pd.DataFrame, x: str, y: str, colors: Mapping[str, str] | 
                 "size": [15 if f else 12 if lossy else 10 for f, lossy in zip(front, group["_lossy"])],
                 "opacity": [FRONT_OPACITY if f else LOSSY_OPACITY if lossy else DOMINATED_OPACITY
                             for f, lossy in zip(front, group["_lossy"])],
-                "symbol": [LOSSY_SYMBOL if lossy else NOISE_SYMBOL if noise else "circle"
-                           for lossy, noise in zip(group["_lossy"], group["_noise"])],
+                "symbol": [LOSSY_SYMBOL if lossy else UNCHECKED_SYMBOL if unchecked else NOISE_SYMBOL if noise
+                           else "circle" for lossy, unchecked, noise in
+                           zip(group["_lossy"], group["_unchecked"], group["_noise"])],
                 "line": {"width": [2 if f else 0 for f in front], "color": FRONT_LINE_COLOR},
             },
         ))
-    xs, ys = front_step_line(points, x, y, x_axis.mode, y_axis.mode) if len(points) else ([], [])
+    xs, ys = (front_step_line(points, x, y, x_axis.mode, y_axis.mode, include_unchecked=include_unchecked)
+              if len(points) else ([], []))
     fig.add_trace(go.Scatter(
         x=xs, y=ys, mode="lines", name="Pareto front (lossless)", hoverinfo="skip",
         line={"shape": _step_shape(x_axis, y_axis), "color": FRONT_LINE_COLOR, "width": 2,
@@ -218,6 +225,9 @@ def pareto_figure(df: pd.DataFrame, x: str, y: str, colors: Mapping[str, str] | 
     if points["_lossy"].any():
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="lossy (off the front)",
                                  marker={"symbol": LOSSY_SYMBOL, "color": "#555555", "size": 10}))
+    if points["_unchecked"].any():
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="unchecked sampling (off the front)",
+                                 marker={"symbol": UNCHECKED_SYMBOL, "color": "#555555", "size": 10}))
     if points["_noise"].any():
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="within noise of the front",
                                  marker={"symbol": NOISE_SYMBOL, "color": "#555555", "size": 10}))
@@ -370,7 +380,8 @@ def compare_fronts_figure(df: pd.DataFrame, x: str, y: str, sweeps: Sequence[str
     for i, sweep in enumerate(sweeps):
         color = SWEEP_PALETTE[i % len(SWEEP_PALETTE)]
         points = plottable(df[df["sweep"] == sweep], x, y).copy()
-        points["_lossy"] = lossy_rows(points)
+        points["_lossy"] = lossy_rows(points, include_unchecked=True)
+        points["_unchecked"] = unchecked_rows(points)
         on_front = front_of(points, x, y) if len(points) else pd.Series(dtype=bool)
         fig.add_trace(go.Scatter(
             x=points[x].astype(float), y=points[y].astype(float), mode="markers", name=sweep,
@@ -380,7 +391,8 @@ def compare_fronts_figure(df: pd.DataFrame, x: str, y: str, sweeps: Sequence[str
                     "opacity": [FRONT_OPACITY if f else LOSSY_OPACITY if lossy
                                 else DOMINATED_OPACITY
                                 for f, lossy in zip(on_front, points["_lossy"])],
-                    "symbol": [LOSSY_SYMBOL if lossy else "circle" for lossy in points["_lossy"]]},
+                    "symbol": [LOSSY_SYMBOL if lossy else UNCHECKED_SYMBOL if unchecked else "circle"
+                               for lossy, unchecked in zip(points["_lossy"], points["_unchecked"])]},
         ))
         xs, ys = (front_step_line(points, x, y, x_axis.mode, y_axis.mode) if len(points)
                   else ([], []))

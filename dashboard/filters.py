@@ -24,6 +24,7 @@ class TrialFilter:
     methods: tuple[str, ...] = ()
     statuses: tuple[str, ...] = ()
     lossless_only: bool = False
+    include_unchecked: bool = False  # sampling trials (lossless by rule, unchecked) count as lossless
     knob_ranges: tuple[tuple[str, float, float], ...] = ()
 
 
@@ -34,7 +35,7 @@ def apply_filter(df: pd.DataFrame, f: TrialFilter) -> pd.DataFrame:
     if f.statuses:
         keep &= df["status"].isin(f.statuses)
     if f.lossless_only:
-        keep &= ~lossy_rows(df)
+        keep &= ~lossy_rows(df, f.include_unchecked)
     for knob, low, high in f.knob_ranges:
         values = pd.to_numeric(df[knob], errors="coerce").astype(float)
         keep &= values.between(low, high).fillna(False).astype(bool)
@@ -65,7 +66,7 @@ SORTABLE = ("speedup", "mean_accepted_tokens", "acceptance_rate", "tree_tokens_p
 
 
 def trial_table(df: pd.DataFrame, x: str, y: str, sort_by: str = "speedup",
-                descending: bool = True) -> pd.DataFrame:
+                descending: bool = True, include_unchecked: bool = False) -> pd.DataFrame:
     """One display row per trial: label, status, the metrics users compare, lossless,
     front membership on (x, y), served, error. Sorted by ``sort_by`` (missing last)."""
     table = df.copy()
@@ -77,7 +78,7 @@ def trial_table(df: pd.DataFrame, x: str, y: str, sort_by: str = "speedup",
     table["on_front"] = False
     points = plottable(table, x, y)
     if len(points):
-        table.loc[points.index, "on_front"] = front_of(points, x, y)
+        table.loc[points.index, "on_front"] = front_of(points, x, y, include_unchecked)
     table = table.sort_values(sort_by, ascending=not descending, na_position="last", kind="stable")
     return table[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS).reset_index(drop=True)
 

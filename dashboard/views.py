@@ -112,7 +112,11 @@ def _filter_widgets(frame: pd.DataFrame, sweep: str) -> TrialFilter:
     statuses = cols[1].multiselect("Status", ["done", "running", "pending", "error"],
                                    key=f"f_status_{sweep}", placeholder="any status")
     lossless = cols[2].toggle("Lossless only", key=f"f_lossless_{sweep}",
-                              help="Hide lossy methods and trials whose outputs differed from AR")
+                              help="Hide lossy methods, trials whose outputs differed from AR and "
+                              "unchecked sampling trials (unless counted below)")
+    unchecked = cols[2].toggle("Count unchecked", key=f"f_unchecked_{sweep}",
+                               help="Sampling trials are lossless by the method's rule but their outputs "
+                               "are not checked: off the front unless counted")
     ranges = []
     bounds = knob_bounds(frame)
     with cols[3].popover("Knob ranges", icon=":material/tune:", width="stretch",
@@ -122,7 +126,7 @@ def _filter_widgets(frame: pd.DataFrame, sweep: str) -> TrialFilter:
             chosen = st.slider(knob, low, high, (low, high), step=step, key=f"f_{knob}_{sweep}")
             if chosen != (low, high):
                 ranges.append((knob, float(chosen[0]), float(chosen[1])))
-    return TrialFilter(tuple(picked), tuple(statuses), lossless, tuple(ranges))
+    return TrialFilter(tuple(picked), tuple(statuses), lossless, unchecked, tuple(ranges))
 
 
 def _axis_pickers(frame: pd.DataFrame, sweep: str, prefix: str = "") -> tuple[str, str]:
@@ -164,44 +168,46 @@ def _trial_picker(frame: pd.DataFrame, sweep: str, default: int | None) -> int |
 
 
 def _front_and_trial(url: str, frame: pd.DataFrame, shown: pd.DataFrame, sweep: str,
-                     colors: dict[str, str]) -> tuple[str, str]:
+                     colors: dict[str, str], unchecked: bool = False) -> tuple[str, str]:
     chart_col, trial_col = st.columns([1.45, 1], gap="large")
     with chart_col:
         st.markdown("#### Pareto front: quality vs cost")
         x, y = _axis_pickers(frame, sweep)
         chart_key = f"front_{sweep}"
-        st.plotly_chart(pareto_figure(shown, x, y, colors), key=chart_key,
+        st.plotly_chart(pareto_figure(shown, x, y, colors, unchecked), key=chart_key,
                         on_select=partial(_open_from_chart, sweep, chart_key),
                         selection_mode="points", config=CHART_CONFIG)
         st.caption("Bold points with a dark ring: the lossless Pareto front (joined by the step "
-                   "line). Faded: dominated. Crosses: lossy, never on the front. "
+                   "line). Faded: dominated. Crosses: lossy, never on the front. Open rings: sampling "
+                   "trials, unchecked (off the front unless counted). A dot inside: within noise (95% "
+                   "intervals, the bars, overlap) of a front point no more costly. "
                    "Click a point to open its trial.")
     with trial_col:
         st.markdown("#### Trial")
-        best = _best_on_front(shown, x, y)
+        best = _best_on_front(shown, x, y, unchecked)
         trial_id = _trial_picker(shown, sweep, best)
         if trial_id is not None:
             render_trial(url, trial_id, colors)
     return x, y
 
 
-def _best_on_front(shown: pd.DataFrame, x: str, y: str) -> int | None:
+def _best_on_front(shown: pd.DataFrame, x: str, y: str, unchecked: bool = False) -> int | None:
     points = plottable(shown, x, y)
     if points.empty:
         return None
-    front = points[front_of(points, x, y).to_numpy()]
+    front = points[front_of(points, x, y, unchecked).to_numpy()]
     if front.empty:
         return None
     return int(front.loc[front[y].astype(float).idxmax(), "trial_id"])
 
 
-def _trial_table(shown: pd.DataFrame, sweep: str, x: str, y: str) -> None:
+def _trial_table(shown: pd.DataFrame, sweep: str, x: str, y: str, unchecked: bool = False) -> None:
     head, sort_col, desc_col = st.columns([3, 1.4, 0.8], vertical_alignment="bottom")
     head.markdown(f"#### Trials ({len(shown)})")
     sort_by = sort_col.selectbox("Sort by", SORTABLE, key=f"sort_{sweep}",
                                  format_func=lambda c: TABLE_COLUMNS.get(c, c))
     descending = desc_col.toggle("descending", value=True, key=f"sort_desc_{sweep}")
-    table = trial_table(shown, x, y, sort_by, descending)
+    table = trial_table(shown, x, y, sort_by, descending, unchecked)
     table_key = f"table_{sweep}"
     st.dataframe(
         table, key=table_key, hide_index=True, width="stretch", height=TRIAL_TABLE_HEIGHT,
@@ -232,7 +238,7 @@ def _trial_table(shown: pd.DataFrame, sweep: str, x: str, y: str) -> None:
 
 
 def _knobs_and_methods(shown: pd.DataFrame, x: str, y: str, colors: dict[str, str],
-                       sweep: str) -> None:
+                       sweep: str, unchecked: bool = False) -> None:
     st.markdown("#### Knobs and objectives")
     st.plotly_chart(parallel_figure(shown, x, y), key=f"parallel_{sweep}",
                     config=CHART_CONFIG)
@@ -244,7 +250,7 @@ def _knobs_and_methods(shown: pd.DataFrame, x: str, y: str, colors: dict[str, st
     with right:
         st.markdown("#### Per-position acceptance along the front")
         points = plottable(shown, x, y)
-        front = points[front_of(points, x, y).to_numpy()] if len(points) else points
+        front = points[front_of(points, x, y, unchecked).to_numpy()] if len(points) else points
         st.plotly_chart(position_acceptance_figure(front), key=f"positions_{sweep}",
                         config=CHART_CONFIG)
 
@@ -273,10 +279,11 @@ def sweep_view(url: str, sweep: str) -> None:
             _trial_table(frame, sweep, "tree_tokens_per_step", "speedup")
         return
     colors = method_colors(frame["method"])
-    shown = apply_filter(frame, _filter_widgets(frame, sweep))
-    x, y = _front_and_trial(url, frame, shown, sweep, colors)
-    _trial_table(shown, sweep, x, y)
-    _knobs_and_methods(shown, x, y, colors, sweep)
+    chosen = _filter_widgets(frame, sweep)
+    shown = apply_filter(frame, chosen)
+    x, y = _front_and_trial(url, frame, shown, sweep, colors, chosen.include_unchecked)
+    _trial_table(shown, sweep, x, y, chosen.include_unchecked)
+    _knobs_and_methods(shown, x, y, colors, sweep, chosen.include_unchecked)
 
 
 # --- two sweeps -----------------------------------------------------------------------------

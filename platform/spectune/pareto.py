@@ -46,23 +46,50 @@ def _check_objectives(df: pd.DataFrame, objectives: Mapping[str, str]) -> None:
             raise KeyError(f"objective {col!r} is not a column (have: {', '.join(map(str, df.columns))})")
 
 
-def lossy_rows(df: pd.DataFrame) -> pd.Series:
-    """Rows whose outputs differed from AR (``lossless`` False) or whose method is lossy."""
+def unchecked_rows(df: pd.DataFrame) -> pd.Series:
+    """Finished rows of a lossless method whose outputs were never checked (``lossless`` null):
+    sampling trials, lossless by the method's rule but not certified. Rows that have not
+    finished (a ``status`` other than done) are not counted: they have no results yet."""
+    out = pd.Series(False, index=df.index)
+    if "lossless" not in df.columns:
+        return out
+    out |= df["lossless"].astype("boolean").isna().fillna(False).astype(bool)
+    if "lossy_method" in df.columns:
+        out &= ~df["lossy_method"].astype("boolean").eq(True).fillna(False).astype(bool)
+    if "status" in df.columns:
+        out &= df["status"].eq("done").fillna(False).astype(bool)
+    return out
+
+
+def lossy_rows(df: pd.DataFrame, include_unchecked: bool = False) -> pd.Series:
+    """Rows that do not count as lossless: outputs that differed from AR (``lossless`` False, or a
+    ``lossless_status`` outside `spectune.results.CERTIFIED`), a lossy method, and, unless
+    ``include_unchecked``, unchecked rows (see `unchecked_rows`): an unchecked result never counts
+    as lossless by default."""
+    from spectune.results import CERTIFIED, LOSSLESS_STATUSES
+
     out = pd.Series(False, index=df.index)
     if "lossless" in df.columns:
         out |= df["lossless"].astype("boolean").eq(False).fillna(False).astype(bool)
+    if "lossless_status" in df.columns:  # the certificate's verdict (exact | within_tolerance count)
+        status = df["lossless_status"].astype("string")
+        uncertified = status.isin([s for s in LOSSLESS_STATUSES if s not in CERTIFIED and s != "unchecked"])
+        out |= uncertified.fillna(False).astype(bool)
     if "lossy_method" in df.columns:
         out |= df["lossy_method"].astype("boolean").eq(True).fillna(False).astype(bool)
+    if not include_unchecked:
+        out |= unchecked_rows(df)
     return out
 
 
 def pareto_front(df: pd.DataFrame, objectives: Mapping[str, str],
-                 lossless_only: bool = True) -> pd.Series:
+                 lossless_only: bool = True, include_unchecked: bool = False) -> pd.Series:
     """Boolean Series (index of ``df``): the rows on the front of ``objectives``
     (``{"speedup": "max", "tree_tokens_per_step": "min"}``). With ``lossless_only``
-    lossy rows (see `lossy_rows`) are neither on the front nor dominate anything."""
+    rows that do not count as lossless (see `lossy_rows`; unchecked sampling rows only with
+    ``include_unchecked``) are neither on the front nor dominate anything."""
     _check_objectives(df, objectives)
-    eligible = ~lossy_rows(df) if lossless_only else pd.Series(True, index=df.index)
+    eligible = ~lossy_rows(df, include_unchecked) if lossless_only else pd.Series(True, index=df.index)
     cols = list(objectives)
     values = df.loc[eligible.to_numpy(), cols].apply(pd.to_numeric, errors="coerce")
     mask = pareto_mask(values.to_numpy(dtype=float, na_value=np.nan),
@@ -73,13 +100,14 @@ def pareto_front(df: pd.DataFrame, objectives: Mapping[str, str],
 
 
 def front_step_line(df: pd.DataFrame, x: str, y: str, x_mode: str = "min", y_mode: str = "max",
-                    lossless_only: bool = True) -> tuple[list[float], list[float]]:
+                    lossless_only: bool = True, include_unchecked: bool = False) -> tuple[list[float], list[float]]:
     """The 2-D front of (x, y) as points sorted by x (duplicates dropped), for a step line.
 
     With x minimised and y maximised (cost versus speed) y rises with x: draw it with
     plotly's ``line_shape="hv"``; with both maximised y falls with x: use ``"vh"``.
     """
-    on_front = pareto_front(df, {x: x_mode, y: y_mode}, lossless_only=lossless_only)
+    on_front = pareto_front(df, {x: x_mode, y: y_mode}, lossless_only=lossless_only,
+                            include_unchecked=include_unchecked)
     pts = df.loc[on_front.to_numpy(), [x, y]].apply(pd.to_numeric).astype(float)
     pts = pts.drop_duplicates().sort_values([x, y])
     return pts[x].tolist(), pts[y].tolist()
@@ -110,4 +138,4 @@ def within_noise(df: pd.DataFrame, on_front: pd.Series, x: str, low: str = "spee
     return marked
 
 
-__all__ = ["front_step_line", "lossy_rows", "pareto_front", "pareto_mask", "within_noise"]
+__all__ = ["front_step_line", "lossy_rows", "pareto_front", "pareto_mask", "unchecked_rows", "within_noise"]

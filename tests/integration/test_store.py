@@ -13,6 +13,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -435,10 +436,15 @@ def test_best_trial_respects_lossless_only(store: Store) -> None:
     store.upsert_trial("s", "running", None, "running")
     assert store.best_trial("s", "speedup") == ok
     assert store.best_trial("s", "speedup", lossless_only=False) == broken
-    assert store.best_trial("s", "tree_tokens_per_step", "min") == unchecked
+    # an unchecked (sampled) trial never counts as lossless unless asked for explicitly
+    assert store.best_trial("s", "tree_tokens_per_step", "min") == ok
+    assert store.best_trial("s", "tree_tokens_per_step", "min", include_unchecked=True) == unchecked
     assert store.best_trial("s", "speedup", "min", lossless_only=False) == unchecked
+    failed_certificate = store.record_result("s", "uncertified", replace(metrics(9.0), lossless_status="lossy"), CPU)
+    assert store.best_trial("s", "speedup") == ok and failed_certificate != ok
     store.record_error("s", "ok", "re-run failed")  # errored trials never win
-    assert store.best_trial("s", "speedup") == unchecked
+    assert store.best_trial("s", "speedup") is None
+    assert store.best_trial("s", "speedup", include_unchecked=True) == unchecked
     assert lossy != broken
     with pytest.raises(ValueError, match="unknown objective"):
         store.best_trial("s", "label")
@@ -546,6 +552,20 @@ def test_cli_results_json_and_table(store: Store, db_url: str) -> None:
     assert bad.exit_code == 2
     missing = runner.invoke(cli(), ["results", "nope", "--db", db_url])
     assert missing.exit_code == 1 and "no sweep named 'nope'" in missing.stderr
+
+
+def test_cli_results_keeps_unchecked_trials_off_the_front_unless_asked(store: Store, db_url: str) -> None:
+    store.create_sweep("s", {})
+    a = store.record_result("s", "a", replace(metrics(1.5, cost=4.0), speedup_ci_low=1.4, speedup_ci_high=1.6), CPU)
+    sampled = store.record_result("s", "t", metrics(1.9, cost=4.0, lossless=None), CPU)
+    runner = CliRunner()
+    plain = runner.invoke(cli(), ["results", "s", "--json", "--db", db_url])
+    assert json.loads(plain.stdout)["front"] == [a]
+    counted = runner.invoke(cli(), ["results", "s", "--json", "--db", db_url, "--include-unchecked"])
+    assert json.loads(counted.stdout)["front"] == [sampled]
+    table = runner.invoke(cli(), ["results", "s", "--db", db_url])
+    assert "1 sampling trial(s) unchecked, kept off the front" in table.stdout
+    assert "1.40-1.60" in table.stdout  # the speedup's interval
 
 
 def test_cli_default_objectives_and_sweeps_list(store: Store, db_url: str) -> None:

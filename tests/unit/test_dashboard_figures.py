@@ -241,7 +241,7 @@ def test_labels_and_lossless_text() -> None:
     assert lossless_text({"lossless": True, "lossy_method": False}) == "yes"
     assert lossless_text({"lossless": False, "lossy_method": False, "mismatches": 2}) == \
         "NO (2 prompts differ)"
-    assert lossless_text({"lossless": None, "lossy_method": False}) == "n/a (sampling)"
+    assert lossless_text({"lossless": None, "lossy_method": False}) == "unchecked (sampling)"
 
 
 def test_axis_choices_skip_empty_metrics(cpu: pd.DataFrame) -> None:
@@ -264,3 +264,43 @@ def test_dashboard_command_runs_the_installed_app_headless() -> None:
     flags = dict(zip(command[5::2], command[6::2]))
     assert flags["--server.headless"] == "true"
     assert flags["--server.port"] == "8765" and flags["--server.address"] == "127.0.0.1"
+
+
+def test_an_unchecked_sampling_trial_is_off_the_front_unless_counted(cpu: pd.DataFrame) -> None:
+    from spectune.dashboard.figures import UNCHECKED_SYMBOL
+
+    frame = cpu.copy()
+    done = frame[(frame["status"] == "done") & ~frame["lossy_method"].fillna(False).astype(bool)]
+    sampled = done.index[0]
+    frame.loc[sampled, "lossless"] = pd.NA  # as a trial at T > 0 stores it
+    frame.loc[sampled, "speedup"] = float(cpu["speedup"].max()) + 1.0
+    trial_id = int(frame.loc[sampled, "trial_id"])
+    point = plotted(pareto_figure(frame, X, Y))[trial_id]
+    assert point["symbol"] == UNCHECKED_SYMBOL and point["opacity"] != FRONT_OPACITY
+    counted = plotted(pareto_figure(frame, X, Y, include_unchecked=True))[trial_id]
+    assert counted["opacity"] == FRONT_OPACITY
+    table = trial_table(frame, X, Y).set_index("trial")
+    assert table.loc[trial_id, "lossless"] == "unchecked (sampling)" and not table.loc[trial_id, "on front"]
+    assert trial_table(frame, X, Y, include_unchecked=True).set_index("trial").loc[trial_id, "on front"]
+
+
+def test_speedup_intervals_are_error_bars_and_overlaps_are_marked(cpu: pd.DataFrame) -> None:
+    from spectune.dashboard.figures import NOISE_SYMBOL
+    from spectune.pareto import within_noise
+
+    frame = cpu.copy()
+    frame["speedup_ci_low"] = frame["speedup"] - 0.3  # wide enough that some points are within noise
+    frame["speedup_ci_high"] = frame["speedup"] + 0.1
+    fig = pareto_figure(frame, X, Y)
+    points = plotted(fig)
+    for trace in method_traces(fig):
+        assert list(trace.error_y.array) == pytest.approx([0.1] * len(trace.x))
+        assert list(trace.error_y.arrayminus) == pytest.approx([0.3] * len(trace.x))
+    done = store_points(frame).reset_index()
+    noisy = within_noise(done, pareto_front(done, {X: "min", Y: "max"}), X) & ~done["lossy_method"].astype(bool)
+    assert noisy.any()
+    assert {t for t, p in points.items() if p["symbol"] == NOISE_SYMBOL} == set(done.loc[noisy, "trial_id"])
+    table = trial_table(frame, X, Y).set_index("trial")
+    some = int(done["trial_id"].iloc[0])
+    row = done.iloc[0]
+    assert table.loc[some, "speedup 95% CI"] == f"{row['speedup'] - 0.3:.2f}-{row['speedup'] + 0.1:.2f}x"

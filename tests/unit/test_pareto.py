@@ -104,8 +104,11 @@ def test_front_excludes_lossy_rows_and_keeps_index() -> None:
     df = _trials()
     front = pareto_front(df, OBJ)
     assert list(front.index) == list(df.index)
-    # 4 (lossless False) and 5 (lossy method) would dominate but are out; 3 (unchecked) counts.
-    assert df.loc[front, "trial_id"].tolist() == [1, 2, 3]
+    # 4 (lossless False) and 5 (lossy method) would dominate but are out; 3 (unchecked) too,
+    # unless asked for explicitly: an unchecked result never counts as lossless by default
+    assert df.loc[front, "trial_id"].tolist() == [1, 2]
+    with_unchecked = pareto_front(df, OBJ, include_unchecked=True)
+    assert df.loc[with_unchecked, "trial_id"].tolist() == [1, 2, 3]
     everything = pareto_front(df, OBJ, lossless_only=False)
     assert df.loc[everything, "trial_id"].tolist() == [3, 4, 5]
 
@@ -113,7 +116,8 @@ def test_front_excludes_lossy_rows_and_keeps_index() -> None:
 def test_front_with_object_columns_and_missing_flags() -> None:
     df = _trials().drop(columns=["lossy_method"])
     df["lossless"] = [True, True, None, False, True, True]  # plain object column
-    assert df.loc[pareto_front(df, OBJ), "trial_id"].tolist() == [1, 2, 3, 5]
+    assert df.loc[pareto_front(df, OBJ), "trial_id"].tolist() == [1, 2, 5]
+    assert df.loc[pareto_front(df, OBJ, include_unchecked=True), "trial_id"].tolist() == [1, 2, 3, 5]
     plain = _trials()[["trial_id", "speedup", "tree_tokens_per_step"]]
     assert plain.loc[pareto_front(plain, OBJ), "trial_id"].tolist() == [3, 4, 5]
 
@@ -126,7 +130,23 @@ def test_front_rejects_bad_objectives() -> None:
 
 
 def test_front_step_line_sorted_points() -> None:
-    xs, ys = front_step_line(_trials(), "tree_tokens_per_step", "speedup", "min", "max")
+    xs, ys = front_step_line(_trials(), "tree_tokens_per_step", "speedup", "min", "max", include_unchecked=True)
     assert xs == [2.0, 4.0, 8.0] and ys == [1.2, 1.5, 2.0]
     df = pd.DataFrame({"a": [1.0, 1.0, 2.0, 0.0], "b": [1.0, 1.0, 0.0, 0.0]})
     assert front_step_line(df, "a", "b", "max", "max") == ([1.0, 2.0], [1.0, 0.0])
+
+
+def test_a_certificate_verdict_outside_certified_is_lossy_and_unfinished_rows_are_not_unchecked() -> None:
+    from spectune.pareto import lossy_rows, unchecked_rows
+
+    df = pd.DataFrame({
+        "status": ["done", "done", "done", "running", "done"],
+        "lossless": pd.array([True, True, None, None, None], dtype="boolean"),
+        "lossless_status": ["exact", "within_tolerance", "unchecked", None, "unchecked"],
+        "lossy_method": [False, False, False, False, True],
+    })
+    assert unchecked_rows(df).tolist() == [False, False, True, False, False]
+    assert lossy_rows(df).tolist() == [False, False, True, False, True]
+    assert lossy_rows(df, include_unchecked=True).tolist() == [False, False, False, False, True]
+    df.loc[1, "lossless_status"] = "lossy"  # a True flag with a failed certificate never counts
+    assert lossy_rows(df).tolist()[1] is True

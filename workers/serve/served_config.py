@@ -85,6 +85,7 @@ class ServeArgs(BaseModel):
     sweep: str | None = None
     objective: str = "speedup"
     mode: Literal["max", "min"] | None = None
+    include_unchecked: bool = False  # with sweep: sampling trials (lossless by rule, unchecked) may win too
     db: str | None = None
     device: str | None = None
     max_tokens_limit: int = Field(512, ge=1)
@@ -187,12 +188,17 @@ def _pick_trial(store: Any, args: ServeArgs) -> tuple[int, ServedSource]:
             raise ServeConfigError(f"no sweep named {args.sweep!r} in {db} (see `spectune sweeps list`)")
         mode = args.mode or _objective_mode(sweep.spec, args.objective)
         try:
-            best = store.best_trial(args.sweep, args.objective, mode=mode, lossless_only=True)
+            best = store.best_trial(args.sweep, args.objective, mode=mode, lossless_only=True,
+                                    include_unchecked=args.include_unchecked)
+            unchecked = None if best is not None or args.include_unchecked else store.best_trial(
+                args.sweep, args.objective, mode=mode, include_unchecked=True)
         except ValueError as err:
             raise ServeConfigError(str(err)) from None
         if best is None:
+            hint = (" (its sampling trials are lossless by rule but unchecked: --include-unchecked serves them)"
+                    if unchecked is not None else "")
             raise ServeConfigError(
-                f"sweep {args.sweep!r} has no finished lossless trial with a {args.objective} value to serve"
+                f"sweep {args.sweep!r} has no finished lossless trial with a {args.objective} value to serve{hint}"
             )
         return best, ServedSource(kind="best_of_sweep", db=db, trial_id=best, sweep=args.sweep,
                                   objective=args.objective, mode=mode)

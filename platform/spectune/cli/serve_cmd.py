@@ -29,6 +29,8 @@ def serve(
     sweep: str | None = typer.Option(None, help="Serve the best lossless finished trial of this sweep."),
     objective: str = typer.Option("speedup", help="With --sweep: the metric that picks the best trial."),
     mode: str | None = typer.Option(None, help="With --sweep: max or min (default: the spec's mode, else max)."),
+    include_unchecked: bool = typer.Option(False, "--include-unchecked", help="With --sweep: sampling trials "
+                                           "(lossless by the method's rule, outputs unchecked) may win too."),
     trial: int | None = typer.Option(None, help="Serve this trial (id from `spectune results`)."),
     config: Path | None = typer.Option(None, help="YAML file: pair (micro | PAIR_DIR | {target, drafter}), method, knobs."),
     db: str | None = typer.Option(None, help="Store URL or SQLite path (default: $SPECTUNE_DB or ~/.cache/spectune/spectune.db)."),
@@ -55,7 +57,7 @@ def serve(
 
     try:
         args = ServeArgs(config=str(config) if config else None, trial=trial, sweep=sweep, objective=objective,
-                         mode=mode, db=db, device=device, max_tokens_limit=max_tokens_limit,
+                         mode=mode, include_unchecked=include_unchecked, db=db, device=device, max_tokens_limit=max_tokens_limit,
                          decode_threads=decode_threads, api_key=api_key)
         served = choose(args)
     except ValidationError as err:

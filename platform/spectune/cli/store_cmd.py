@@ -17,7 +17,7 @@ _TABLE_COLUMNS = ("method", "draft_len", "tree_shape", "node_budget", "exit_laye
 _SHOWN_METRICS = ("mean_accepted_tokens", "speedup", "tree_tokens_per_step", "lossless")
 _LABELS = {"draft_len": "k", "tree_shape": "shape", "node_budget": "budget", "exit_layer": "exit",
            "temperature": "temp", "mean_accepted_tokens": "tau",
-           "tree_tokens_per_step": "tree tok", "draft_calls_per_step": "drafts/step"}
+           "tree_tokens_per_step": "tree tok", "draft_calls_per_step": "drafts/step", "speedup_ci": "95% CI"}
 
 sweeps_app = typer.Typer(help="Sweeps recorded in the results store.", no_args_is_help=True)
 
@@ -89,9 +89,12 @@ def results(
     objective: list[str] | None = typer.Option(
         None, "--objective", help="METRIC:max|min, repeatable (default: the sweep spec's "
         "objectives, else speedup:max and tree_tokens_per_step:min)."),
+    include_unchecked: bool = typer.Option(False, "--include-unchecked", help="Let sampling trials (lossless by "
+                                           "the method's rule, outputs unchecked) on the front."),
 ) -> None:
-    """Trials of a sweep with its Pareto front (lossless trials only) marked ★."""
-    from spectune.pareto import pareto_front
+    """Trials of a sweep with its Pareto front (certified lossless trials only) marked ★; ≈ marks a
+    speedup within noise (95% intervals overlap) of a front point no more costly."""
+    from spectune.pareto import pareto_front, unchecked_rows
 
     sweep = sweep_opt or sweep_arg
     if sweep is None:
@@ -108,7 +111,7 @@ def results(
     if missing:
         typer.echo(f"error: objective(s) {', '.join(missing)} are not stored metrics", err=True)
         raise typer.Exit(1)
-    front = pareto_front(df, objectives)
+    front = pareto_front(df, objectives, include_unchecked=include_unchecked)
     front_ids = [int(i) for i in df.loc[front.to_numpy(), "trial_id"]]
     if json_out:
         trials = [{k: _plain(v) for k, v in rec.items()} for rec in df.to_dict("records")]
@@ -119,6 +122,9 @@ def results(
             "trials": trials, "front": front_ids}, default=str))
         return
     _print_results(sweep, row.status, df, front, objectives)
+    if not include_unchecked and unchecked_rows(df).any():
+        typer.echo(f"{int(unchecked_rows(df).sum())} sampling trial(s) unchecked, kept off the front "
+                   "(--include-unchecked lets them on)")
 
 
 def _print_results(sweep: str, status: str, df: Any, front: Any, objectives: dict[str, str]) -> None:
@@ -127,21 +133,48 @@ def _print_results(sweep: str, status: str, df: Any, front: Any, objectives: dic
     from rich.table import Table
 
     metrics = list(objectives) + [m for m in _SHOWN_METRICS if m not in objectives]
+    if "speedup" in metrics and df["speedup_ci_low"].notna().any():
+        metrics.insert(metrics.index("speedup") + 1, "speedup_ci")
     knobs = [c for c in _TABLE_COLUMNS if df[c].notna().any()]  # only knobs this sweep turns
     table = Table(title=f"{sweep} ({status}): " + ", ".join(f"{m} {v}" for m, v in objectives.items()),
                   box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for col in ("", "id", "status", *knobs, *metrics):
         label = _LABELS.get(col, col.replace("_", " "))
-        table.add_column(label, overflow="fold", min_width=None if col == "tree_shape" else len(label),
+        width = None if col == "tree_shape" else len("0.00-0.00") if col == "speedup_ci" else len(label)
+        table.add_column(label, overflow="fold", min_width=width,
                          justify="right" if col in metrics or col == "id" else "left")
-    for (_, rec), on in zip(df.iterrows(), front.to_numpy(), strict=True):
-        cells = ["★" if on else "", str(rec["trial_id"]), str(rec["status"])]
-        cells += [_fmt(rec[c]) for c in (*knobs, *metrics)]
+    noise = _within_noise(df, front, objectives)
+    for (_, rec), on, tied in zip(df.iterrows(), front.to_numpy(), noise, strict=True):
+        cells = [("★" if on else "") + ("≈" if tied else ""), str(rec["trial_id"]), str(rec["status"])]
+        cells += [_cell(rec, c) for c in (*knobs, *metrics)]
         table.add_row(*cells, style="bold" if on else None)
     Console().print(table)
     n_err = int((df["status"] == "error").sum())
     typer.echo(f"{len(df)} trials, {int(front.sum())} on the front"
                + (f", {n_err} failed" if n_err else ""))
+
+
+def _cell(rec: Any, column: str) -> str:
+    if column == "speedup_ci":
+        return _ci(rec)
+    if column == "lossless" and rec["status"] == "done" and _plain(rec["lossless"]) is None:
+        return "unchecked"
+    return _fmt(rec[column])
+
+
+def _ci(rec: Any) -> str:
+    low, high = _plain(rec["speedup_ci_low"]), _plain(rec["speedup_ci_high"])
+    return "-" if low is None or high is None else f"{low:.2f}-{high:.2f}"
+
+
+def _within_noise(df: Any, front: Any, objectives: dict[str, str]) -> list[bool]:
+    """≈ marks: the speedup's interval overlaps a front point no more costly (one cost objective besides speedup)."""
+    from spectune.pareto import within_noise
+
+    costs = [m for m in objectives if m != "speedup"]
+    if "speedup" not in objectives or len(costs) != 1:
+        return [False] * len(df)
+    return within_noise(df, front, costs[0], x_mode=objectives[costs[0]]).tolist()
 
 
 @sweeps_app.command("list")

@@ -27,7 +27,7 @@ from spectune.trees.draft import DraftTree, tree_inputs, tree_layout
 class StepRecord:
     drafted: int  # draft nodes in the tree (root excluded)
     depth: int  # deepest draft position offered
-    accepted: int  # draft tokens accepted
+    accepted: int  # draft tokens accepted and emitted (none cut after eos counts)
     draft_calls: int
 
 
@@ -94,7 +94,7 @@ class Decoder:
             self.drafter.observe(StepOutcome(tree, verdict, logits, verified.hidden))
             emitted, stop = self._cut(emitted, max_new_tokens - produced)
             produced += len(emitted)
-            yield Emitted(emitted, _record(tree, verdict))
+            yield Emitted(emitted, _record(tree, verdict, kept=len(emitted)))
             if stop:
                 return
 
@@ -123,6 +123,8 @@ class Decoder:
         check_fits(prompt_len, max_new_tokens, self.drafter.max_tree_size, self.target.max_positions)
 
 
-def _record(tree: DraftTree, verdict: Verdict) -> StepRecord:
+def _record(tree: DraftTree, verdict: Verdict, kept: int) -> StepRecord:
+    """The step's counts; of its accepted draft tokens only the `kept` first emitted ones count
+    (the rest fell after an eos: the output never holds them)."""
     depth = tree_layout(tree.parents).depth
-    return StepRecord(tree.size, depth, verdict.accepted, tree.draft_calls)
+    return StepRecord(tree.size, depth, min(verdict.accepted, kept), tree.draft_calls)

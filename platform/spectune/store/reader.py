@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from spectune.config import DecodeConfig, KnobColumns
+from spectune.results import CERTIFIED
 from spectune.store._sql import hardware_dict, hardware_summary, hardware_values, sweep_id
 from spectune.store.errors import UnknownTrial
 from spectune.store.schema import (
@@ -121,6 +122,16 @@ def _typed_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
+def _counts_as_lossless(include_unchecked: bool) -> sa.ColumnElement[bool]:
+    """Certified (lossless true, its status, if any, certified); or unchecked when asked for."""
+    status = TrialMetrics.lossless_status
+    certified = sa.and_(TrialMetrics.lossless.is_(True), sa.or_(status.is_(None), status.in_(CERTIFIED)))
+    if not include_unchecked:
+        return certified
+    unchecked = sa.and_(TrialMetrics.lossless.is_(None), sa.or_(status.is_(None), status == "unchecked"))
+    return sa.or_(certified, unchecked)
+
+
 class StoreReader:
     """Read methods of `Store` (see `spectune.store.db.Store`)."""
 
@@ -203,11 +214,14 @@ class StoreReader:
             return DecodeConfig.from_dict({**stored, **(t.config or {})}, columns)
 
     def best_trial(self, sweep_name: str, objective: str, mode: str = "max",
-                   lossless_only: bool = True) -> int | None:
+                   lossless_only: bool = True, include_unchecked: bool = False) -> int | None:
         """The finished trial with the best ``objective`` (ties: lowest id), or None.
 
-        ``lossless_only`` skips trials whose outputs differed from AR (``lossless`` false)
-        and lossy-by-design methods (unchecked, ``lossless`` null, trials count as lossless).
+        ``lossless_only`` keeps certified trials only: ``lossless`` true (greedy outputs equal
+        AR's, or within the certificate's tolerance: a ``lossless_status`` in
+        `spectune.results.CERTIFIED`), never a lossy-by-design method. An unchecked trial
+        (``lossless`` null: sampling, lossless by the method's rule but not checked) counts only
+        with ``include_unchecked``.
         """
         if objective not in NUMERIC_METRICS:
             raise ValueError(f"unknown objective {objective!r}; one of {', '.join(NUMERIC_METRICS)}")
@@ -220,8 +234,7 @@ class StoreReader:
                         col.is_not(None))
                  .order_by(col.desc() if mode == "max" else col.asc(), Trial.id).limit(1))
             if lossless_only:
-                q = q.where(sa.or_(TrialMetrics.lossless.is_(None), TrialMetrics.lossless.is_(True)),
-                            TrialMetrics.lossy_method.is_(False))
+                q = q.where(_counts_as_lossless(include_unchecked), TrialMetrics.lossy_method.is_(False))
             return s.scalar(q)
 
     def served_trial(self, slot: str = "default") -> int | None:
