@@ -16,10 +16,12 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from spectune.certificate import Certificate, certify
 from spectune.config import DecodeConfig, Settings
 from spectune.engine.budget import ContextOverflow, check_fits
 from spectune.engine.drafter import Drafter
 from spectune.engine.loop import Decoder, Generation
+from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
 from spectune.metrics import step_metrics
@@ -116,7 +118,7 @@ def encode_prompts(pair: Pair, prompts: Sequence[Prompt], max_new_tokens: int, t
     """Token ids of every prompt; each must fit the context with max_new_tokens and the largest draft tree."""
     encoded = []
     for prompt in prompts:
-        tokens = pair.encode(prompt.prompt)
+        tokens = pair.encode_prompt(prompt)
         if not tokens:
             raise ValueError(f"prompt {prompt.id!r} encodes to no tokens")
         try:
@@ -216,6 +218,7 @@ def summarise(who: Contender, runs: list[Pass], ar_runs: list[Pass], prompts: Se
     matches = [all(run.generations[i].tokens == r.tokens for run in runs) for i, r in enumerate(reference)]
     ci_low, ci_high = speedup_interval(runs, ar_runs)
     tokens_per_s = statistics.median(r.tokens_per_s for r in runs)
+    checked = certify_runs(pair, runs, reference, settings) if greedy else None
     return DecodeResult(
         config=who.config,
         n_prompts=len(prompts),
@@ -229,8 +232,10 @@ def summarise(who: Contender, runs: list[Pass], ar_runs: list[Pass], prompts: Se
         speedups=tuple(speedups),
         speedup_ci_low=ci_low,
         speedup_ci_high=ci_high,
-        lossless=all(matches) if greedy else None,
-        lossless_status=("exact" if all(matches) else "lossy") if greedy else "unchecked",
+        lossless=checked.lossless if checked else None,
+        lossless_status=checked.status if checked else "unchecked",
+        exact_match_rate=checked.exact_match_rate if checked else None,
+        worst_margin=checked.worst_margin if checked else None,
         lossy_method=who.lossy_method,
         mismatches=matches.count(False) if greedy else None,
         draft_share=statistics.median(r.draft_s / r.wall_s for r in runs),
@@ -240,6 +245,7 @@ def summarise(who: Contender, runs: list[Pass], ar_runs: list[Pass], prompts: Se
         acceptance_by_exit_layer=exit_layer_acceptance(who.drafter),
         exit_choices=exit_choices(who.drafter),
         max_new_tokens=settings.max_new_tokens,
+        by_category=by_category(prompts, runs, ar_runs),
         per_prompt=tuple(_per_prompt(p, g, s, m if greedy else None)
                          for p, g, s, m in zip(prompts, first.generations, first.seconds, matches)),
     )
@@ -273,6 +279,34 @@ def speedup_interval(runs: Sequence[Pass], ar_runs: Sequence[Pass], samples: int
 def _per_prompt_arrays(runs: Sequence[Pass]) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.array([[len(g.tokens) for g in run.generations] for run in runs], dtype=float)  # [R, P]
     return tokens, np.array([run.seconds for run in runs], dtype=float)
+
+
+def certify_runs(pair: Pair, runs: Sequence[Pass], reference: Sequence[Generation], settings: Settings) -> Certificate:
+    """The greedy certificate over every repeat: exact (identical to AR), within the dtype's tolerance, or lossy."""
+    outputs = [[run.generations[i].tokens for run in runs] for i in range(len(reference))]
+    return certify(CausalLM(pair.target), [r.prompt for r in reference], outputs, [r.tokens for r in reference],
+                   settings.tolerance_ulps)
+
+
+def by_category(prompts: Sequence[Prompt], runs: Sequence[Pass], ar_runs: Sequence[Pass]) -> dict[str, dict] | None:
+    """{category: {n_prompts, speedup, mean_accepted_tokens, acceptance_rate}}, each from that category's prompts
+    alone: speedup the median over repeats of its same-repeat tokens/s ratio to AR, counts from the first pass."""
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt.category, []).append(i)
+    if len(groups) < 2:
+        return None  # one category: the row itself
+    return {category: _category_row(members, runs, ar_runs) for category, members in sorted(groups.items())}
+
+
+def _category_row(members: list[int], runs: Sequence[Pass], ar_runs: Sequence[Pass]) -> dict:
+    def rate(run: Pass) -> float:
+        return sum(len(run.generations[i].tokens) for i in members) / sum(run.seconds[i] for i in members)
+
+    counts = step_metrics([runs[0].generations[i] for i in members])
+    return {"n_prompts": len(members),
+            "speedup": statistics.median(rate(run) / rate(ar) for run, ar in zip(runs, ar_runs)),
+            "mean_accepted_tokens": counts.mean_accepted_tokens, "acceptance_rate": counts.acceptance_rate}
 
 
 def _counts(first: Pass, n_prompts: int) -> StepCounts:

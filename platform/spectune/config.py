@@ -116,6 +116,8 @@ class Settings(BaseModel):
     seed: int = 0
     repeats: int = Field(3, ge=1, description="timed passes over the prompt set")
     warmup: int = Field(2, ge=0, description="untimed prompts each configuration decodes first")
+    tolerance_ulps: float = Field(2.0, ge=0.0, description="greedy certificate: how far below the argmax an emitted "
+                                  "token's logit may be, in units of the dtype's rounding of that logit (spectune.certificate)")
 
     @property
     def sampling(self) -> Sampling:

@@ -14,6 +14,7 @@ from spectune.engine.budget import context_length
 from spectune.engine.runner import CausalLM
 from spectune.methods.base import Models
 from spectune.pair_ref import PairError, PairRef
+from spectune.prompts import Prompt, prompt_text
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class Pair:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """A prompt's token ids: chat prompts through the target's chat template (an error if it has none)."""
+        return self.encode(prompt_text(prompt, self.tokenizer, self.ref.target))
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

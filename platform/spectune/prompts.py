@@ -1,14 +1,23 @@
-"""Prompt sets: JSONL, one {"id": ..., "prompt": ..., "category": ...} per line."""
+"""Prompt sets: JSONL, one {"id": ..., "prompt": ..., "category": ..., "chat": false} per line.
+
+A prompt with `"chat": true` is a user's request to a chat model: it is sent through the model's
+chat template (a user turn, then the start of the assistant's) rather than as raw text, and a
+model without a template cannot take it. Shipped sets: `default` (code completion, raw text)
+and `chat` (63 requests in 7 Spec-Bench-style categories, all chat).
+"""
 
 from __future__ import annotations
 
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_PROMPTS = "default"
+CHAT_PROMPTS = "chat"
+SHIPPED = {DEFAULT_PROMPTS: "prompts.jsonl", CHAT_PROMPTS: "chat.jsonl"}  # name -> file in spectune.data
 
 
 class Prompt(BaseModel):
@@ -17,6 +26,7 @@ class Prompt(BaseModel):
     id: str = Field(min_length=1)
     prompt: str
     category: str = "uncategorised"
+    chat: bool = False  # send through the model's chat template as a user turn
 
     @field_validator("id", mode="before")
     @classmethod
@@ -36,7 +46,7 @@ class PromptFileError(ValueError):
 
 
 def load_prompts(path: str | Path = DEFAULT_PROMPTS, limit: int | None = None) -> list[Prompt]:
-    """Read a JSONL prompt set; `default` is the set shipped with spectune."""
+    """Read a JSONL prompt set; `default` and `chat` are the sets shipped with spectune."""
     name, text = _read(path)
     prompts: list[Prompt] = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -51,8 +61,8 @@ def load_prompts(path: str | Path = DEFAULT_PROMPTS, limit: int | None = None) -
 
 
 def _read(path: str | Path) -> tuple[str, str]:
-    if str(path) == DEFAULT_PROMPTS:
-        return "default prompts", resources.files("spectune.data").joinpath("prompts.jsonl").read_text()
+    if str(path) in SHIPPED:
+        return f"{path} prompts", resources.files("spectune.data").joinpath(SHIPPED[str(path)]).read_text()
     file = Path(path)
     if not file.is_file():
         raise PromptFileError(f"prompts file {file} does not exist")
@@ -67,3 +77,18 @@ def _parse_line(name: str, number: int, line: str) -> Prompt:
     except ValidationError as err:
         problem = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in err.errors())
         raise PromptFileError(f"{name} line {number}: {problem}") from None
+
+
+class ChatTemplateMissing(ValueError):
+    """A chat prompt given to a model that has no chat template."""
+
+
+def prompt_text(prompt: Prompt, tokenizer: Any, model: str = "the model") -> str:
+    """The text the model is given: the prompt itself, or a chat prompt rendered by the tokenizer's chat template."""
+    if not prompt.chat:
+        return prompt.prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateMissing(f"prompt {prompt.id!r} is a chat prompt but {model} has no chat template: "
+                                  "use a chat model (e.g. --pair smollm2) or a prompt set without \"chat\": true")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt.prompt}], tokenize=False,
+                                         add_generation_prompt=True)

@@ -26,6 +26,8 @@ COLUMNS = ("configuration", "speedup", "± std", "tok/s", "tau", "accept", "tree
 
 def _cells(row: DecodeResult) -> list[str]:
     lossless = {True: "yes", False: f"NO ({row.mismatches})", None: "n/a (sampling)"}[row.lossless]
+    if row.lossless_status == "within_tolerance":  # certified numerically: differs from AR within rounding
+        lossless = f"yes (±{row.worst_margin:.2g}, {row.exact_match_rate:.0%} = AR)"
     if row.lossy_method:
         lossless += " [lossy method]"
     return [

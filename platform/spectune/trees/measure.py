@@ -130,7 +130,7 @@ def profile_forwards(
 
 def filler_tokens(pair: Pair, prompts: Sequence[Prompt], length: int) -> list[int]:
     """Real text for the past and the tree tokens: the prompt set's tokens, repeated to `length`."""
-    tokens = [t for p in prompts for t in pair.encode(p.prompt)]
+    tokens = [t for p in prompts for t in pair.encode_prompt(p)]
     if not tokens:
         raise ValueError("the prompt set encodes to no tokens")
     return (tokens * (length // len(tokens) + 1))[:length]

@@ -1,0 +1,96 @@
+"""The greedy certificate: every emitted token is the target's argmax within the dtype's rounding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from spectune.certificate import certify, margins, tolerance
+from spectune.config import Settings
+from spectune.engine.runner import CausalLM
+from spectune.methods import METHODS
+from spectune.pair import load_pair
+from spectune.pair_ref import PairRef
+from spectune.prompts import load_prompts
+
+
+def _ar_outputs(pair, n: int = 6, new: int = 24) -> tuple[list[list[int]], list[list[int]]]:
+    from spectune.engine.loop import Decoder
+
+    models = pair.runners()
+    decoder = Decoder(models.target, METHODS.build("ar", {}, models), pair.eos_token_id)
+    prompts = [pair.encode_prompt(p) for p in load_prompts("default", n)]
+    return prompts, [decoder.generate(p, new).tokens for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(micro_pair: Path):
+    return load_pair(PairRef(target=str(micro_pair / "target"), dtype="bfloat16"))
+
+
+@pytest.fixture(scope="module")
+def fp32_pair(micro_pair: Path):
+    return load_pair(PairRef(target=str(micro_pair / "target")))
+
+
+def test_bf16_ar_passes_its_own_certificate(bf16_pair) -> None:
+    prompts, outputs = _ar_outputs(bf16_pair)
+    checked = certify(CausalLM(bf16_pair.target), prompts, [[o] for o in outputs], outputs)
+    assert checked.status == "exact" and checked.exact_match_rate == 1.0 and not checked.failures
+    assert checked.dtype == "bfloat16" and 0.0 <= checked.worst_margin
+
+
+def test_a_replaced_token_fails_with_its_position(bf16_pair) -> None:
+    prompts, outputs = _ar_outputs(bf16_pair)
+    target = CausalLM(bf16_pair.target)
+    position = 5
+    logits = target.forward([*prompts[2], *outputs[2][:position]])[-1]  # [V]: what predicts output[position]
+    target.reset()
+    worst_token = int(logits.argmin())  # far below the argmax: no rounding explains it
+    broken = [list(o) for o in outputs]
+    broken[2][position] = worst_token
+    checked = certify(target, prompts, [[o] for o in broken], outputs)
+    assert checked.status == "lossy" and not checked.lossless
+    (failure,) = checked.failures
+    assert (failure.prompt_index, failure.position, failure.token) == (2, position, worst_token)
+    assert failure.margin > failure.tolerance > 0
+
+
+def test_fp32_exact_outputs_are_exact(fp32_pair) -> None:
+    prompts, outputs = _ar_outputs(fp32_pair)
+    checked = certify(CausalLM(fp32_pair.target), prompts, [[o, o] for o in outputs], outputs)
+    assert checked.status == "exact" and checked.worst_margin < 1e-3
+
+
+def test_argmax_outputs_that_differ_from_the_reference_are_within_tolerance(fp32_pair) -> None:
+    prompts, outputs = _ar_outputs(fp32_pair)
+    other = [list(o) for o in outputs]
+    other[0][-1] = (other[0][-1] + 1) % fp32_pair.target.config.vocab_size  # the reference, not the output, differs
+    checked = certify(CausalLM(fp32_pair.target), prompts, [[o] for o in outputs], other)
+    assert checked.status == "within_tolerance" and checked.exact_match_rate == pytest.approx(5 / 6)
+
+
+def test_the_tolerance_follows_the_dtype() -> None:
+    top = torch.tensor([20.0, 0.5])
+    assert tolerance(top, torch.bfloat16).tolist() == pytest.approx([2 * 2**-7 * 20, 2 * 2**-7])
+    assert tolerance(top, torch.float32)[0] == pytest.approx(2 * 2**-23 * 20)
+    assert tolerance(top, torch.bfloat16, 0.0).tolist() == [0.0, 0.0]
+
+
+def test_a_negative_tolerance_is_an_error(fp32_pair) -> None:
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        tolerance(torch.tensor([1.0]), torch.float32, -1.0)
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        certify(CausalLM(fp32_pair.target), [[1]], [[[2]]], [[2]], ulps=-0.5)
+    with pytest.raises(ValidationError, match="tolerance_ulps"):
+        Settings(tolerance_ulps=-1)
+
+
+def test_margins_line_up_with_the_emitted_tokens(fp32_pair) -> None:
+    prompts, outputs = _ar_outputs(fp32_pair, n=1)
+    top, emitted, argmax = margins(CausalLM(fp32_pair.target), prompts[0], outputs[0])
+    assert argmax.tolist() == outputs[0]  # greedy AR emits the argmax everywhere
+    assert torch.equal(top, emitted)
