@@ -43,3 +43,23 @@ def import_(
     except ImportFailed as err:
         fail(str(err))
     typer.echo(f"pair ready: {path}")
+
+
+@app.command("distill")
+def distill(
+    pair: str = typer.Option("smollm2", "--pair", help="A pair folder holding target/ (or an imported name: smollm2)."),
+    seed: int = typer.Option(0, help="Training seed; the same seed gives the same drafter on this machine."),
+    steps: int | None = typer.Option(None, min=1, help="Training steps (default: the spec's)."),
+    force: bool = typer.Option(False, help="Distil again even if a cached drafter matches."),
+) -> None:
+    """Train a small drafter for the pair's target by distillation (its logits over code and its own answers)."""
+    from spectune.cli.output import fail
+    from spectune.models.distill import distill_drafter
+    from spectune.models.imported import PACKAGED, imported_pair_dir
+
+    folder = imported_pair_dir(pair) if pair in PACKAGED else Path(pair).expanduser()
+    try:
+        path = distill_drafter(folder, seed=seed, steps=steps, force=force)
+    except ValueError as err:
+        fail(str(err))
+    typer.echo(f"pair ready: {path}")
