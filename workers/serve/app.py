@@ -5,7 +5,8 @@
     app_builder(args)             for Serve config files (`serve run/deploy workers/serve/serve_config.yaml`)
     deploy(served, ...)           what `spectune serve` calls
 
-Endpoints: POST /v1/completions (plain or SSE streaming), GET /v1/models, GET /healthz,
+Endpoints: POST /v1/completions (plain or SSE streaming), POST /v1/chat/completions (the same
+through the model's chat template, `spectune.workers.serve.chat`), GET /v1/models, GET /healthz,
 GET /config. Every bad request gets a 4xx whose body is OpenAI's error shape
 `{"error": {"message", "type", "param", "code"}}`, so client libraries show the reason.
 """
@@ -24,6 +25,7 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from spectune.workers.serve.chat import ChatCompletionRequest, chat_complete, chat_request, chat_stream
 from spectune.workers.serve.completion import CompletionService, RequestRejected
 from spectune.workers.serve.openai_schema import CompletionRequest, ErrorBody, ErrorResponse
 from spectune.workers.serve.served_config import Limits, ServeArgs, ServedConfig, choose
@@ -66,6 +68,17 @@ def build_app(service: CompletionService, api_key: str | None = None) -> FastAPI
             return (await service.complete(body)).model_dump(mode="json")
         job = service.prepare(body)  # errors get their status before the stream starts
         return StreamingResponse(_sse(service.stream(body, job, request.is_disconnected)),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions", dependencies=[authorized], openapi_extra=_body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Any:
+        body = ChatCompletionRequest.model_validate_json(await request.body())
+        plain = chat_request(service, body)  # the conversation through the model's chat template
+        if not body.stream:
+            return (await chat_complete(service, plain)).model_dump(mode="json")
+        job = await service.admit(plain)
+        return StreamingResponse(_sse(chat_stream(service, plain, job, request.is_disconnected)),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -125,7 +138,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         message = str(err.detail)
         if err.status_code in (404, 405):
-            message = (f"no endpoint {request.method} {request.url.path}; this server has POST /v1/completions, "
+            message = (f"no endpoint {request.method} {request.url.path}; this server has POST /v1/completions, POST /v1/chat/completions, "
                        "GET /v1/models, GET /config, GET /healthz")
         return _error_response(err.status_code, "invalid_request_error", message)
 
@@ -168,8 +181,8 @@ def _error_response(status: int, kind: str, message: str, param: str | None = No
     return JSONResponse(_error(kind, message, param, code).model_dump(), status_code=status)
 
 
-def _body_schema() -> dict[str, Any]:
-    schema = CompletionRequest.model_json_schema()
+def _body_schema(model: type[Any] = CompletionRequest) -> dict[str, Any]:
+    schema = model.model_json_schema()
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
