@@ -3,7 +3,8 @@
 A prompt with `"chat": true` is a user's request to a chat model: it is sent through the model's
 chat template (a user turn, then the start of the assistant's) rather than as raw text, and a
 model without a template cannot take it. Shipped sets: `default` (code completion, raw text)
-and `chat` (63 requests in 7 Spec-Bench-style categories, all chat).
+and `chat` (63 requests in 7 Spec-Bench-style categories, all chat, the categories interleaved so
+that the first N prompts, `--limit N`, span them).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ def test_the_shipped_chat_set_has_60_prompts_in_6_categories() -> None:
     assert len(prompts) >= 60 and all(p.chat for p in prompts)
     by_category = {p.category for p in prompts}
     assert len(by_category) >= 6 and min(sum(p.category == c for p in prompts) for c in by_category) >= 8
+    assert len({p.category for p in prompts[:7]}) == 7  # interleaved: --limit N spans the categories
 
 
 def test_chat_prompts_go_through_the_template(chat_pair) -> None:
@@ -56,7 +57,7 @@ def test_a_chat_set_on_a_model_without_a_template_is_a_clear_error(micro_pair: P
 
 
 def test_by_category_equals_the_per_prompt_rows(chat_pair, tmp_path: Path) -> None:
-    prompts = load_prompts("chat")[::9]  # one of each category
+    prompts = load_prompts("chat", 7)  # the set interleaves its categories: one of each
     settings = Settings(max_new_tokens=12, repeats=2, warmup=0)
     sps = contender(chat_pair, METHODS.config("sps", {"draft_len": 3}), settings)
     ar_row, sps_row = run_bench(chat_pair, [sps], prompts, settings)
