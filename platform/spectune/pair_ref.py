@@ -88,6 +88,7 @@ class PairRef(BaseModel):
                 continue
             built = BUILT_PAIR.search(value)
             hint = f" (build it with `spectune models build --preset {built[1]} --seed {built[2]}`)" if built else ""
+            hint = hint or _imported_hint(value, role)
             if not Path(value).exists():
                 raise PairError(f"pair.{role}: model path {value} does not exist{hint}")
             raise PairError(f"pair.{role}: {value} is not a model folder (no config.json){hint}")
@@ -152,6 +153,18 @@ def _imported_folder(name: str) -> Path:
         raise ValueError(f"the {name} pair is not imported at {folder}: run `spectune models import {name}` "
                          f"(then `spectune models distill --pair {name}` for its drafter)")
     return folder
+
+
+def _imported_hint(path: str, role: str) -> str:
+    """What makes a missing part of an imported pair (…/pairs/smollm2/target or /drafter)."""
+    from spectune.models.imported import PACKAGED
+
+    name = Path(path).parent.name
+    if Path(path).name != role or name not in PACKAGED:
+        return ""
+    if role == "target":
+        return f" (import it with `spectune models import {name}`)"
+    return f" (distil it with `spectune models distill --pair {name}`, ~11 min on 2 cores)"
 
 
 def _preset_folder(preset: str, seed: int) -> Path:

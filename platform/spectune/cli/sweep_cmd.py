@@ -66,37 +66,85 @@ def _run(spec: Any, store: Any, db: str | None, address: str | None, resume: boo
 
 
 def demo(
-    pair: Path | None = typer.Option(None, "--pair", help="Tiny pair folder (built if missing; "
-                                     "default ~/.cache/spectune/pairs/tiny-seed0)."),
+    pair: str = typer.Option("smollm2", "--pair", help="smollm2: the real SmolLM2-135M-Instruct (imported in seconds; "
+                             "its distilled drafter joins when built); or a tiny pair's folder (built if missing, minutes)."),
+    distill: bool = typer.Option(False, "--distill", help="smollm2: distil its drafter first (~11 min on 2 cores, "
+                                 "once), so the drafter methods (sps, tree) join the sweep."),
     db: str | None = typer.Option(None, "--db", help=_DB_HELP),
 ) -> None:
-    """Build the tiny pair if needed, sweep quick.yaml on it, print the Pareto front and what to open next."""
+    """Sweep a small space on the real SmolLM2 model (or the tiny pair), print the Pareto front and what to open next."""
+    if pair == "smollm2":
+        outcome, note = _demo_smollm2(distill, db)
+    else:
+        outcome, note = _demo_tiny(Path(pair), db), None
     from spectune.cli.store_cmd import results
+    from spectune.store import resolve_url
+
+    url = resolve_url(db)
+    results(sweep_arg=outcome.name, sweep_opt=None, json_out=False, db=db, objective=None)
+    typer.echo(f"\ndashboard: spectune dashboard --db {url}")
+    typer.echo(f"endpoint:  spectune serve --sweep {outcome.name} --objective speedup --db {url}")
+    if note:
+        typer.echo(f"\n{note}")
+
+
+def _demo_smollm2(distill: bool, db: str | None) -> tuple[Any, str | None]:
+    """Import SmolLM2 (cached), distil its drafter if asked, sweep smollm2_demo.yaml; without a drafter,
+    only the methods that need none, and a note saying how to add the rest."""
+    from spectune.methods import METHODS
+    from spectune.models.imported import ImportFailed, import_model
+
+    with _store(db) as store:  # fail fast, before the import
+        try:
+            folder = import_model("smollm2")
+        except ImportFailed as err:
+            fail(str(err))
+        if distill:
+            from spectune.models.distill import distill_drafter
+
+            distill_drafter(folder)
+        data = _shipped_spec("smollm2_demo.yaml")
+        note = None
+        if not (folder / "drafter" / "model.safetensors").is_file():
+            skipped = [m for m in data["space"] if METHODS.get(m).needs_drafter]
+            data["space"] = {m: k for m, k in data["space"].items() if m not in skipped}
+            data["pair"] = {k: v for k, v in data["pair"].items() if k != "drafter"}
+            note = (f"not swept: {', '.join(skipped)} (they draft with SmolLM2's distilled drafter, not built yet). "
+                    "Add them: `spectune demo --distill` (or `spectune models distill --pair smollm2`, ~11 min "
+                    "once on 2 cores), then run the demo again.")
+        return _run_demo(store, data, db), note
+
+
+def _demo_tiny(pair: Path, db: str | None) -> Any:
+    """Build the tiny pair if needed and sweep quick.yaml on it."""
     from spectune.models.build import build_pair
     from spectune.models.card import read_card
-    from spectune.models.presets import default_pair_dir
-    from spectune.store import resolve_url
-    from spectune.sweeps.spec import SpecError, parse_spec
 
-    folder = (pair or default_pair_dir("tiny")).expanduser().resolve()
+    folder = pair.expanduser().resolve()
     card = read_card(folder)
     if card is not None and card.get("preset") != "tiny":  # building would overwrite that pair
         fail(f"--pair {folder} holds a {card.get('preset')} pair; give a tiny pair's folder or a new one")
     with _store(db) as store:  # fail fast, before a minutes-long build
         build_pair("tiny", folder, progress=True)
-        data = yaml.safe_load(resources.files("spectune.sweeps").joinpath("specs/quick.yaml").read_text())
+        data = _shipped_spec("quick.yaml")
         kept = {k: v for k, v in data["pair"].items() if k not in ("dir", "target", "drafter")}  # device, dtype
         data["pair"] = {**kept, "dir": str(folder)}
-        try:
-            spec = parse_spec(data, "quick.yaml")
-        except SpecError as err:
-            fail(str(err))
-        spec = spec.model_copy(update={"name": _free_name(spec, {s.name for s in store.list_sweeps()})})
-        outcome = _run(spec, store, db, None, False, None)
-    url = resolve_url(db)
-    results(sweep_arg=outcome.name, sweep_opt=None, json_out=False, db=db, objective=None)
-    typer.echo(f"\ndashboard: spectune dashboard --db {url}")
-    typer.echo(f"endpoint:  spectune serve --sweep {outcome.name} --objective speedup --db {url}")
+        return _run_demo(store, data, db)
+
+
+def _shipped_spec(name: str) -> dict[str, Any]:
+    return yaml.safe_load(resources.files("spectune.sweeps").joinpath(f"specs/{name}").read_text())
+
+
+def _run_demo(store: Any, data: dict[str, Any], db: str | None) -> Any:
+    from spectune.sweeps.spec import SpecError, parse_spec
+
+    try:
+        spec = parse_spec(data, f"{data['name']}.yaml")
+    except SpecError as err:
+        fail(str(err))
+    spec = spec.model_copy(update={"name": _free_name(spec, {s.name for s in store.list_sweeps()})})
+    return _run(spec, store, db, None, False, None)
 
 
 def _free_name(spec: Any, taken: set[str]) -> str:
