@@ -40,6 +40,8 @@ X_AXES: dict[str, Axis] = {a.column: a for a in (
     Axis("draft_calls_per_step", "drafter passes per step", "min", ".1f", "draft passes/step"),
     Axis("draft_share", "draft share of wall time", "min", ".0%", "draft share"),
     Axis("ms_per_token", "ms per token", "min", ".2f", "ms/token"),
+    Axis("p95_latency_s", "p95 request latency (s)", "min", ".2f", "p95 latency"),  # served engines (vLLM)
+    Axis("ttft_s", "time to first token (s)", "min", ".3f", "TTFT"),
 )}
 AXES: dict[str, Axis] = {**Y_AXES, **X_AXES}
 

@@ -20,6 +20,7 @@ from spectune.dashboard.figures import (
 from spectune.dashboard.filters import (
     SORTABLE, TABLE_COLUMNS, TrialFilter, apply_filter, axis_choices, knob_bounds, trial_table,
 )
+from spectune.dashboard.load_view import render_load
 from spectune.dashboard.live import (
     EndpointDown, EndpointRejected, LiveAnswer, stream_completion,
 )
@@ -283,6 +284,7 @@ def sweep_view(url: str, sweep: str) -> None:
     shown = apply_filter(frame, chosen)
     x, y = _front_and_trial(url, frame, shown, sweep, colors, chosen.include_unchecked)
     _trial_table(shown, sweep, x, y, chosen.include_unchecked)
+    render_load(shown, sweep, CHART_CONFIG)  # trials measured under load (vLLM): speedup vs concurrency
     _knobs_and_methods(shown, x, y, colors, sweep, chosen.include_unchecked)
 
 

@@ -197,7 +197,7 @@ def workers_that_fit(spec: SweepSpec) -> int:
 def _run(store: Store, spec: SweepSpec, prompts: tuple[Prompt, ...], options: SweepOptions, console: Console) -> SweepOutcome:
     import ray
 
-    from spectune.workers.trials.pair_worker import pool_stats, start_pool, wait_ready
+    from spectune.workers.trials.pair_worker import pool_stats, wait_ready
 
     started_ray = _start_ray(options.address)
     pool, created = None, False
@@ -207,7 +207,7 @@ def _run(store: Store, spec: SweepSpec, prompts: tuple[Prompt, ...], options: Sw
         pair = spec.pair
         console.print(f"sweep {spec.name}: {spec.trials} trials, {spec.search} search, {slots} worker(s) "
                       f"loading {pair.target}", highlight=False, soft_wrap=True)
-        pool = start_pool(pair, slots, spec.resources.cpus, spec.resources.gpus)
+        pool = _start_workers(spec, slots)
         for ready in wait_ready(pool):
             if ready.error:
                 raise SweepFailed(f"worker {ready.worker_id} cannot load the pair: {ready.error}")
@@ -281,13 +281,37 @@ def _reattach_callbacks(tuner: Any, store: Store, console: Console) -> None:
             callback.attach(console)
 
 
+def _start_workers(spec: SweepSpec, slots: int) -> WorkerPool:
+    """One worker per slot: a pair worker (spectune's engine) or a vLLM worker (backend vllm)."""
+    from spectune.workers.trials.pair_worker import start_pool
+
+    need = spec.resources
+    if spec.backend == "vllm":
+        from spectune.workers.vllm.worker import start_vllm_pool
+
+        return start_vllm_pool(spec.pair, slots, need.cpus, need.gpus, spec.vllm)
+    return start_pool(spec.pair, slots, need.cpus, need.gpus)
+
+
 def _stop_pool(pool: WorkerPool) -> None:
     """Workers hold CPUs/GPUs: release them even when the driver's Ray outlives the sweep."""
     import ray
 
+    # vLLM workers stop the servers they started first (a killed actor leaves them a SIGTERM only)
+    stopping = [w.shutdown.remote() for w in pool.workers if _has_method(w, "shutdown")]
+    if stopping:
+        ray.wait(stopping, num_returns=len(stopping), timeout=60)
     for worker in pool.workers:
         ray.kill(worker)
     pool.free.shutdown(force=True)
+
+
+def _has_method(actor: Any, name: str) -> bool:
+    try:
+        getattr(actor, name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _finish(store: Store, spec: SweepSpec, options: SweepOptions, wall_s: float, workers: list[dict[str, Any]]) -> SweepOutcome:

@@ -231,7 +231,12 @@ def bind(served: ServedConfig, limits: Limits, api_key: str | None, *, replicas:
     actor_options = {key: value for key, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if value is not None}
     if actor_options:
         options["ray_actor_options"] = {"num_cpus": 1, **actor_options}
-    deployment = CompletionDeployment.options(**options) if options else CompletionDeployment
+    chosen = CompletionDeployment
+    if served.backend == "vllm":  # a vLLM server per replica, behind the same app
+        from spectune.workers.serve.vllm_completion import VllmCompletionDeployment
+
+        chosen = VllmCompletionDeployment
+    deployment = chosen.options(**options) if options else chosen
     return deployment.bind(served.model_dump(mode="json"), limits.model_dump(), api_key)
 
 

@@ -21,8 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from spectune.config import DecodeConfig
-from spectune.methods import METHODS
+from spectune.backends import BACKENDS
+from spectune.config import DEFAULT_BACKEND, DecodeConfig
 from spectune.pair_ref import PairRef
 
 ENV_API_KEY = "SPECTUNE_API_KEY"
@@ -44,6 +44,7 @@ class ServedSource(BaseModel):
     sweep: str | None = None
     objective: str | None = None
     mode: Literal["max", "min"] | None = None
+    concurrency: int | None = None  # the load the best trial was picked at
 
 
 class ServedConfig(BaseModel):
@@ -55,17 +56,20 @@ class ServedConfig(BaseModel):
     model_id: str
     source: ServedSource
     trial_metrics: dict[str, Any] | None = None  # what the sweep measured for this trial
+    backend: str = DEFAULT_BACKEND  # whose engine serves: spectune's, or vllm (a vLLM server per replica)
+    concurrency: int = 1  # the load the configuration was chosen for
+    server: dict[str, Any] = Field(default_factory=dict)  # vllm: the sweep's server settings (VllmServerSettings)
 
     @model_validator(mode="after")
     def method_fits_pair(self) -> ServedConfig:
         self.config()  # ValueError naming the method and the field
-        if METHODS.get(self.method).needs_drafter and not self.pair.drafter:
+        if BACKENDS.get(self.backend).method(self.method).needs_drafter and not self.pair.drafter:
             raise ValueError(f"method {self.method!r} needs a drafter model, but the pair names none")
         return self
 
     def config(self) -> DecodeConfig:
         """The served configuration (requests choose their own temperature)."""
-        return METHODS.config(self.method, self.knobs)
+        return BACKENDS.get(self.backend).config(self.method, self.knobs, concurrency=self.concurrency)
 
 
 class Limits(BaseModel):
@@ -86,6 +90,7 @@ class ServeArgs(BaseModel):
     objective: str = "speedup"
     mode: Literal["max", "min"] | None = None
     include_unchecked: bool = False  # with sweep: sampling trials (lossless by rule, unchecked) may win too
+    concurrency: int | None = Field(None, ge=1, description="with sweep: the best trial measured at this load")
     db: str | None = None
     device: str | None = None
     max_tokens_limit: int = Field(512, ge=1)
@@ -98,6 +103,8 @@ class ServeArgs(BaseModel):
                  if value is not None]
         if len(given) > 1:
             raise ValueError(f"choose one of config, trial or sweep, not {' and '.join(given)}")
+        if self.concurrency is not None and self.sweep is None:
+            raise ValueError("concurrency picks the best of a sweep's trials at that load: give it with sweep")
         return self
 
     @property
@@ -129,8 +136,10 @@ class ConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pair: str | dict[str, Any]  # any form `spectune.pair_ref.PairRef` reads
+    backend: str = DEFAULT_BACKEND  # vllm: method is vLLM's speculative method (ar = none)
     method: str
     knobs: dict[str, Any] = Field(default_factory=dict)
+    vllm: dict[str, Any] = Field(default_factory=dict, description="backend vllm: server settings")
     name: str | None = Field(None, description="the model id clients see; default: pair/method(knobs)")
 
 
@@ -148,8 +157,8 @@ def from_config_file(path: str) -> ServedConfig:
         pair = PairRef.model_validate(parsed.pair)
         if "device" not in pair.model_fields_set:
             pair = pair.model_copy(update={"device": "auto"})  # a replica uses its GPU when it has one
-        config = METHODS.config(parsed.method, parsed.knobs)
-        return _served(pair.absolute(), config, source, name=parsed.name)
+        config = BACKENDS.get(parsed.backend).config(parsed.method, parsed.knobs)
+        return _served(pair.absolute(), config, source, name=parsed.name, server=parsed.vllm)
     except (ValidationError, ValueError) as err:
         raise ServeConfigError(f"config file {path}: {_reason(err)}") from None
 
@@ -172,8 +181,9 @@ def from_store(args: ServeArgs) -> ServedConfig:
     where = f"trial {trial_id} of sweep {detail['sweep']!r}"
     try:
         pair = PairRef.model_validate(_pair_of_spec(sweep.spec if sweep else {}))
-        config = METHODS.config(stored.method, stored.knobs)
-        return _served(pair.absolute(), config, source, trial_metrics=_metric_summary(detail["metrics"]))
+        config = BACKENDS.config(stored.with_temperature(0.0))
+        server = dict((sweep.spec or {}).get("vllm") or {}) if sweep else {}
+        return _served(pair.absolute(), config, source, trial_metrics=_metric_summary(detail["metrics"]), server=server)
     except (ValidationError, ValueError) as err:
         raise ServeConfigError(f"{where}: {_reason(err)}") from None
 
@@ -189,19 +199,20 @@ def _pick_trial(store: Any, args: ServeArgs) -> tuple[int, ServedSource]:
         mode = args.mode or _objective_mode(sweep.spec, args.objective)
         try:
             best = store.best_trial(args.sweep, args.objective, mode=mode, lossless_only=True,
-                                    include_unchecked=args.include_unchecked)
+                                    include_unchecked=args.include_unchecked, concurrency=args.concurrency)
             unchecked = None if best is not None or args.include_unchecked else store.best_trial(
-                args.sweep, args.objective, mode=mode, include_unchecked=True)
+                args.sweep, args.objective, mode=mode, include_unchecked=True, concurrency=args.concurrency)
         except ValueError as err:
             raise ServeConfigError(str(err)) from None
         if best is None:
             hint = (" (its sampling trials are lossless by rule but unchecked: --include-unchecked serves them)"
                     if unchecked is not None else "")
+            load = f" at concurrency {args.concurrency}" if args.concurrency is not None else ""
             raise ServeConfigError(
-                f"sweep {args.sweep!r} has no finished lossless trial with a {args.objective} value to serve{hint}"
+                f"sweep {args.sweep!r} has no finished lossless trial{load} with a {args.objective} value to serve{hint}"
             )
         return best, ServedSource(kind="best_of_sweep", db=db, trial_id=best, sweep=args.sweep,
-                                  objective=args.objective, mode=mode)
+                                  objective=args.objective, mode=mode, concurrency=args.concurrency)
     marked = store.served_trial()
     if marked is None:
         raise ServeConfigError(
@@ -228,7 +239,8 @@ def _pair_of_spec(spec: Mapping[str, Any]) -> str | Mapping[str, Any]:
 
 
 _SUMMARY_METRICS = ("speedup", "tokens_per_s", "ar_tokens_per_s", "mean_accepted_tokens", "acceptance_rate",
-                    "lossless", "temperature", "max_new_tokens", "n_prompts")
+                    "lossless", "temperature", "max_new_tokens", "n_prompts", "p95_latency_s", "ttft_s",
+                    "exact_match_rate")
 
 
 def _metric_summary(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -240,10 +252,11 @@ def _metric_summary(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
 # --- shared -------------------------------------------------------------------------------
 
 
-def _served(pair: PairRef, config: DecodeConfig, source: ServedSource, *,
-            name: str | None = None, trial_metrics: dict[str, Any] | None = None) -> ServedConfig:
+def _served(pair: PairRef, config: DecodeConfig, source: ServedSource, *, name: str | None = None,
+            trial_metrics: dict[str, Any] | None = None, server: Mapping[str, Any] | None = None) -> ServedConfig:
     return ServedConfig(pair=pair, method=config.method, knobs=dict(config.knobs),
-                        model_id=name or f"{pair.name}/{config.label()}", source=source, trial_metrics=trial_metrics)
+                        model_id=name or f"{pair.name}/{config.label()}", source=source, trial_metrics=trial_metrics,
+                        backend=config.backend, concurrency=config.concurrency, server=dict(server or {}))
 
 
 def _reason(err: Exception) -> str:

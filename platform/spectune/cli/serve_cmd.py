@@ -31,6 +31,8 @@ def serve(
     mode: str | None = typer.Option(None, help="With --sweep: max or min (default: the spec's mode, else max)."),
     include_unchecked: bool = typer.Option(False, "--include-unchecked", help="With --sweep: sampling trials "
                                            "(lossless by the method's rule, outputs unchecked) may win too."),
+    concurrency: int | None = typer.Option(None, min=1, help="With --sweep: the best trial measured at this many "
+                                           "requests in flight (a vLLM sweep's load axis)."),
     trial: int | None = typer.Option(None, help="Serve this trial (id from `spectune results`)."),
     config: Path | None = typer.Option(None, help="YAML file: pair (micro | PAIR_DIR | {target, drafter}), method, knobs."),
     db: str | None = typer.Option(None, help="Store URL or SQLite path (default: $SPECTUNE_DB or ~/.cache/spectune/spectune.db)."),
@@ -57,7 +59,7 @@ def serve(
 
     try:
         args = ServeArgs(config=str(config) if config else None, trial=trial, sweep=sweep, objective=objective,
-                         mode=mode, include_unchecked=include_unchecked, db=db, device=device, max_tokens_limit=max_tokens_limit,
+                         mode=mode, include_unchecked=include_unchecked, concurrency=concurrency, db=db, device=device, max_tokens_limit=max_tokens_limit,
                          decode_threads=decode_threads, api_key=api_key)
         served = choose(args)
     except ValidationError as err:

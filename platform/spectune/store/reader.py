@@ -214,8 +214,11 @@ class StoreReader:
             return DecodeConfig.from_dict({**stored, **(t.config or {})}, columns)
 
     def best_trial(self, sweep_name: str, objective: str, mode: str = "max",
-                   lossless_only: bool = True, include_unchecked: bool = False) -> int | None:
+                   lossless_only: bool = True, include_unchecked: bool = False,
+                   concurrency: int | None = None) -> int | None:
         """The finished trial with the best ``objective`` (ties: lowest id), or None.
+
+        ``concurrency``: only trials measured at that many requests in flight (serving backends).
 
         ``lossless_only`` keeps certified trials only: ``lossless`` true (greedy outputs equal
         AR's, or within the certificate's tolerance: a ``lossless_status`` in
@@ -235,6 +238,8 @@ class StoreReader:
                  .order_by(col.desc() if mode == "max" else col.asc(), Trial.id).limit(1))
             if lossless_only:
                 q = q.where(_counts_as_lossless(include_unchecked), TrialMetrics.lossy_method.is_(False))
+            if concurrency is not None:
+                q = q.where(sa.func.coalesce(Trial.concurrency, 1) == int(concurrency))
             return s.scalar(q)
 
     def served_trial(self, slot: str = "default") -> int | None:

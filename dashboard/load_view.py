@@ -1,0 +1,124 @@
+"""Speculation under load (serving backends such as vLLM): where does speculation stop paying?
+
+Pure figures of the store's trials frame, one trial per (configuration, concurrency) point:
+
+    speedup_vs_concurrency_figure   one line per configuration: speedup at each load (1.0 = no speculation)
+    latency_front_figure            throughput vs p95 request latency, a front per load
+    best_per_load                   the fastest configuration at each load (a table)
+
+and `render_load`, the dashboard section that shows them when a sweep has such trials.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from spectune.config import DecodeConfig
+from spectune.pareto import front_step_line, pareto_front
+
+PALETTE = ("#3969AC", "#E68310", "#11A579", "#CF1C90", "#7F3C8D", "#F2B701", "#E73F74",
+           "#008695", "#80BA5A", "#F97B72", "#A5AA99")
+FONT = {"family": "Inter, 'Source Sans Pro', 'DejaVu Sans', sans-serif", "size": 13}
+LATENCY_FRONT = {"tokens_per_s": "max", "p95_latency_s": "min"}
+
+
+def served_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Finished trials measured under load (a backend other than spectune's engine)."""
+    if "backend" not in df.columns:
+        return df.iloc[0:0]
+    done = df[(df["status"] == "done") & df["backend"].notna() & (df["backend"] != "spectune")]
+    return done.assign(configuration=[configuration_label(c, m, b) for c, m, b in
+                                      zip(done["config"], done["method"], done["backend"])])
+
+
+def configuration_label(config: Any, method: Any, backend: Any) -> str:
+    """The configuration's one label without its load (`vllm:ngram(num_speculative_tokens=3)`)."""
+    flat = dict(config) if isinstance(config, dict) else {}
+    flat.setdefault("method", method or "?")
+    flat.setdefault("backend", backend)
+    return replace(DecodeConfig.from_dict(flat), concurrency=1).label()
+
+
+def speedup_vs_concurrency_figure(df: pd.DataFrame) -> go.Figure:
+    """Speedup against concurrency, one line per configuration (the curve that shows where it stops paying)."""
+    rows = served_rows(df)
+    fig = go.Figure()
+    for i, (label, group) in enumerate(rows.groupby("configuration", sort=True)):
+        group = group.sort_values("concurrency")
+        fig.add_trace(go.Scatter(
+            x=group["concurrency"].astype(int).tolist(), y=group["speedup"].astype(float).tolist(),
+            mode="lines+markers", name=label, line={"color": PALETTE[i % len(PALETTE)]},
+            customdata=group["trial_id"].tolist(),
+            hovertemplate=f"{label}<br>concurrency %{{x}}: %{{y:.2f}}x<br>trial %{{customdata}}<extra></extra>",
+        ))
+    fig.add_hline(y=1.0, line={"dash": "dot", "color": "#999999", "width": 1},
+                  annotation_text="no speculation", annotation_position="bottom right")
+    fig.update_layout(template="plotly_white", font=FONT, height=420,
+                      margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0})
+    fig.update_xaxes(title="requests in flight (concurrency)", type="log", dtick=0.30103,
+                     tickvals=sorted(set(rows["concurrency"].dropna().astype(int))) or None)
+    fig.update_yaxes(title="speedup over no speculation (x)", tickformat=".2f")
+    return fig
+
+
+def latency_front_figure(df: pd.DataFrame) -> go.Figure:
+    """Output tokens/s against p95 request latency; each load its colour and its own front (step line)."""
+    rows = served_rows(df).dropna(subset=["tokens_per_s", "p95_latency_s"])
+    fig = go.Figure()
+    for i, (load, group) in enumerate(rows.groupby("concurrency", sort=True)):
+        color = PALETTE[i % len(PALETTE)]
+        fig.add_trace(go.Scatter(
+            x=group["p95_latency_s"].astype(float).tolist(), y=group["tokens_per_s"].astype(float).tolist(),
+            mode="markers", name=f"c={int(load)}", marker={"color": color, "size": 9},
+            text=group["configuration"].tolist(), customdata=group["trial_id"].tolist(),
+            hovertemplate="%{text}<br>p95 %{x:.2f} s, %{y:.0f} tok/s<br>trial %{customdata}<extra></extra>",
+        ))
+        xs, ys = front_step_line(group, "p95_latency_s", "tokens_per_s", include_unchecked=True)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": color, "shape": "hv", "width": 1.5},
+                                 showlegend=False, hoverinfo="skip"))
+    fig.update_layout(template="plotly_white", font=FONT, height=420,
+                      margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend={"title": {"text": "load"}})
+    fig.update_xaxes(title="p95 request latency (s)")
+    fig.update_yaxes(title="output tokens/s")
+    return fig
+
+
+def on_latency_front(df: pd.DataFrame) -> pd.Series:
+    """Per load: trials no other trial at that load beats on both throughput and p95 latency."""
+    rows = served_rows(df).dropna(subset=["tokens_per_s", "p95_latency_s"])
+    marks = [pareto_front(group, LATENCY_FRONT, include_unchecked=True) for _, group in rows.groupby("concurrency")]
+    return pd.concat(marks) if marks else pd.Series(dtype=bool)
+
+
+def best_per_load(df: pd.DataFrame) -> pd.DataFrame:
+    """The configuration with the highest speedup at each load, beside no speculation's tokens/s."""
+    rows = served_rows(df).dropna(subset=["speedup"])
+    if rows.empty:
+        return pd.DataFrame(columns=["concurrency", "best configuration", "speedup", "tok/s", "p95 latency (s)"])
+    best = rows.sort_values(["concurrency", "speedup", "trial_id"], ascending=[True, False, True])
+    best = best.groupby("concurrency", as_index=False).first()
+    return pd.DataFrame({"concurrency": best["concurrency"].astype(int), "best configuration": best["configuration"],
+                         "speedup": best["speedup"].round(3), "tok/s": best["tokens_per_s"].round(1),
+                         "p95 latency (s)": best["p95_latency_s"].round(3), "trial": best["trial_id"]})
+
+
+def render_load(shown: pd.DataFrame, sweep: str, chart_config: dict[str, Any]) -> None:
+    """The dashboard section for trials measured under load (nothing when the sweep has none)."""
+    import streamlit as st
+
+    if served_rows(shown).empty:
+        return
+    st.markdown("#### Speculation under load")
+    st.caption("One trial per (configuration, concurrency). The speedup's denominator is the no-speculation "
+               "server at the same load, measured pass for pass beside it.")
+    left, right = st.columns(2, gap="large")
+    with left:
+        st.plotly_chart(speedup_vs_concurrency_figure(shown), key=f"load_speedup_{sweep}", config=chart_config)
+    with right:
+        st.plotly_chart(latency_front_figure(shown), key=f"load_front_{sweep}", config=chart_config)
+    st.dataframe(best_per_load(shown), hide_index=True, width="stretch")

