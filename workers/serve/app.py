@@ -8,7 +8,9 @@
 Endpoints: POST /v1/completions (plain or SSE streaming), POST /v1/chat/completions (the same
 through the model's chat template, `spectune.workers.serve.chat`), GET /v1/models, GET /healthz,
 GET /config. Every bad request gets a 4xx whose body is OpenAI's error shape
-`{"error": {"message", "type", "param", "code"}}`, so client libraries show the reason.
+`{"error": {"message", "type", "param", "code"}}`, so client libraries show the reason: a body
+over 1 MiB gets 413 before anything parses it. A stream that fails once started (its 200 is
+sent) ends with an error event and `[DONE]`, whatever the exception.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ logger = logging.getLogger("spectune.serve")
 APP_NAME = "spectune"
 DEPLOYMENT_NAME = "SpectuneCompletions"
 SSE_DONE = "data: [DONE]\n\n"
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt the context holds
 _REQUEST_FIELDS = ", ".join(CompletionRequest.model_fields)
 
 
@@ -42,8 +45,46 @@ class AuthFailed(Exception):
     """No or a wrong bearer token while an API key is configured."""
 
 
+class BodyTooLarge(Exception):
+    """The request body passed `MAX_BODY_BYTES` while being read."""
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes gets 413 before anything parses it; at once when
+    Content-Length says so, else as soon as the streamed (chunked) body passes the limit."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await _too_large(self.limit)(scope, receive, send)
+        received = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge()
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return _error_response(413, "invalid_request_error",
+                           f"the request body is over {limit // 1024} KiB; send a shorter prompt")
+
+
 def build_app(service: CompletionService, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="spectune endpoint", summary=f"serving {service.model_id}", version="1")
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     _add_error_handlers(app)
     authorized = Depends(_key_checker(api_key))
 
@@ -66,7 +107,7 @@ def build_app(service: CompletionService, api_key: str | None = None) -> FastAPI
         body = CompletionRequest.model_validate_json(await request.body())
         if not body.stream:
             return (await service.complete(body)).model_dump(mode="json")
-        job = service.prepare(body)  # errors get their status before the stream starts
+        job = await service.admit(body)  # errors get their status before the stream starts
         return StreamingResponse(_sse(service.stream(body, job, request.is_disconnected)),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -89,9 +130,10 @@ async def _sse(chunks: AsyncIterator[Any]) -> AsyncIterator[str]:
     try:
         async for chunk in chunks:
             yield f"data: {chunk.model_dump_json()}\n\n"
-    except (RuntimeError, ValueError) as err:  # the status line is already sent: report in-band
+    except Exception as err:  # noqa: BLE001 - the status line is already sent: whatever failed, report in-band
         logger.exception("stream failed")
-        yield f"data: {_error('server_error', f'decoding failed: {err}').model_dump_json()}\n\n"
+        message = f"decoding failed: {type(err).__name__}: {' '.join(str(err).split())}"
+        yield f"data: {_error('server_error', message).model_dump_json()}\n\n"
     yield SSE_DONE
 
 
@@ -121,6 +163,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def rejected(_: Request, err: RequestRejected) -> JSONResponse:
         kind = "not_found_error" if err.status == 404 else "invalid_request_error"
         return _error_response(err.status, kind, str(err), err.param, err.code)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_: Request, __: BodyTooLarge) -> JSONResponse:
+        return _too_large(MAX_BODY_BYTES)
 
     @app.exception_handler(AuthFailed)
     async def unauthorized(_: Request, __: AuthFailed) -> JSONResponse:

@@ -3,20 +3,25 @@
 `CompletionService` validates a request against the served model (max_tokens limit,
 context), decodes it with the served speculative configuration (and, on request, with
 plain AR to compare) and returns OpenAI-shaped objects. Decoding runs on a small thread
-pool so the event loop stays free; each request gets its own `Decoder` (fresh KV caches
-over the shared weights) and a cancel flag the loop checks between steps, so a client
-that goes away stops costing compute after the current step.
+pool so the event loop stays free, and so does tokenising. Built decoders wait in a pool
+(`DecoderPool`): a request leases one for itself (its own KV caches and drafter state over
+the shared weights; nothing a request changes is seen by another running at the same time),
+so a method's set-up (DEL's timings, PEARL's threads) is paid once per replica, not per
+request. Each request has a cancel flag the loop checks between steps, so a client that goes
+away stops costing compute after the current step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +41,9 @@ from spectune.workers.serve.served_config import Limits, ServedConfig
 # than a few dozen characters, so anything longer cannot fit the context anyway.
 CHARS_PER_POSITION_BOUND = 64
 AR_METHOD = "ar"
+# Temperatures below this decode greedily (as vLLM does below its 1e-5): dividing logits by less
+# overflows float32 into inf/nan probabilities, and the distribution is one-hot long before.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 class RequestRejected(ValueError):
@@ -103,6 +111,40 @@ class TextDeltas:
         return delta
 
 
+class DecoderPool:
+    """Built decoders of one configuration; a request leases one and has it to itself.
+
+    At most as many are ever built as requests decode at once (the service's decode threads): a
+    lease takes a free one, or builds one when all are busy. A decoder whose decode raised is
+    dropped, not reused (its drafter may hold half a step).
+    """
+
+    def __init__(self, build: Callable[[], Decoder]) -> None:
+        self._build = build
+        self._free: queue.SimpleQueue[Decoder] = queue.SimpleQueue()
+        self.built = 0
+        self._free.put(self._new())  # built now: a configuration that cannot build fails at start-up
+
+    def _new(self) -> Decoder:
+        decoder = self._build()
+        self.built += 1
+        return decoder
+
+    def peek(self) -> Decoder:
+        """A built decoder, to read what it declares (max_tree_size); not for decoding."""
+        with self.lease() as decoder:
+            return decoder
+
+    @contextmanager
+    def lease(self) -> Iterator[Decoder]:
+        try:
+            decoder = self._free.get_nowait()
+        except queue.Empty:
+            decoder = self._new()
+        yield decoder  # an exception skips the put: the decoder is dropped
+        self._free.put(decoder)
+
+
 class CompletionService:
     """One served configuration over one loaded pair."""
 
@@ -112,8 +154,11 @@ class CompletionService:
         self.limits = limits
         self.created = int(time.time())
         self.decode_config = served.config()
-        self.max_tree_size = self._decoder(self.decode_config).drafter.max_tree_size  # also checks it builds
+        self._pools: dict[str, DecoderPool] = {}
+        self._pools_lock = threading.Lock()
+        self.max_tree_size = self._pool(self.decode_config).peek().drafter.max_tree_size  # also checks it builds
         self._executor = ThreadPoolExecutor(max_workers=limits.decode_threads, thread_name_prefix="spectune-decode")
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectune-tokenize")
         self._counts = Counts()
         self._counts_lock = threading.Lock()
 
@@ -123,6 +168,7 @@ class CompletionService:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
 
     # --- what is served ----------------------------------------------------------------
 
@@ -173,7 +219,13 @@ class CompletionService:
         prompt_ids = self.pair.encode(request.prompt)
         self._check_context(len(prompt_ids), request.max_tokens)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-        return DecodeJob(tuple(prompt_ids), request.max_tokens, Sampling(request.temperature, request.top_p), seed)
+        temperature = request.temperature if request.temperature >= GREEDY_BELOW_TEMPERATURE else 0.0
+        return DecodeJob(tuple(prompt_ids), request.max_tokens, Sampling(temperature, request.top_p), seed)
+
+    async def admit(self, request: CompletionRequest) -> DecodeJob:
+        """`prepare` off the event loop: tokenising a long prompt takes milliseconds the loop
+        owes to every other connection."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer, self.prepare, request)
 
     def _check_context(self, prompt_tokens: int, max_tokens: int) -> None:
         try:
@@ -190,7 +242,7 @@ class CompletionService:
             raise RequestRejected(str(err), param="prompt") from None
 
     async def complete(self, request: CompletionRequest) -> CompletionResponse:
-        job = self.prepare(request)
+        job = await self.admit(request)
         outcome = await self._run(self.decode_config, job)
         comparison = await self._compare(job, outcome) if request.compare_ar else None
         return CompletionResponse(
@@ -206,8 +258,8 @@ class CompletionService:
         with finish_reason, the speculative stats (and the AR comparison when asked), then a
         usage-only chunk when `stream_options.include_usage`.
 
-        `job` comes from `prepare(request)`, called first so that a bad request gets its error
-        status before the stream starts.
+        `job` comes from `admit(request)` (or `prepare`), called first so that a bad request gets
+        its error status before the stream starts.
         """
         completion_id, created = _completion_id(), int(time.time())
 
@@ -243,7 +295,15 @@ class CompletionService:
 
     # --- decoding ----------------------------------------------------------------------
 
-    def _decoder(self, config: DecodeConfig) -> Decoder:
+    def _pool(self, config: DecodeConfig) -> DecoderPool:
+        """The decoders of `config` (the served one, and AR for compare_ar), built on first use."""
+        key = config.label()
+        with self._pools_lock:
+            if key not in self._pools:
+                self._pools[key] = DecoderPool(lambda: self._build_decoder(config))
+            return self._pools[key]
+
+    def _build_decoder(self, config: DecodeConfig) -> Decoder:
         models = self.pair.runners()
         return Decoder(models.target, METHODS.build(config.method, config.knobs, models), self.pair.eos_token_id)
 
@@ -273,17 +333,20 @@ class CompletionService:
         tokens: list[int] = []
         steps: list[StepRecord] = []
         started = time.perf_counter()
-        stream = self._decoder(config).stream(job.prompt_ids, job.max_tokens, job.sampling, job.seed)
         try:
-            for emitted in stream:
-                tokens.extend(emitted.tokens)
-                steps.append(emitted.record)
-                if on_tokens is not None:
-                    on_tokens(emitted.tokens)
-                if cancel.is_set():
-                    break
+            with self._pool(config).lease() as decoder:
+                stream = decoder.stream(job.prompt_ids, job.max_tokens, job.sampling, job.seed)
+                try:
+                    for emitted in stream:
+                        tokens.extend(emitted.tokens)
+                        steps.append(emitted.record)
+                        if on_tokens is not None:
+                            on_tokens(emitted.tokens)
+                        if cancel.is_set():
+                            break
+                finally:
+                    stream.close()
         finally:
-            stream.close()
             stopped_early = cancel.is_set() and len(tokens) < job.max_tokens and not self._ended(tokens)
             self._count(active=-1, cancelled=int(stopped_early), completed=int(not stopped_early))
         return DecodeOutcome(tokens, steps, time.perf_counter() - started, cancelled=stopped_early)

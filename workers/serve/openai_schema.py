@@ -28,9 +28,10 @@ class CompletionRequest(BaseModel):
     prompt: str = Field(description="the text to continue")
     model: str | None = Field(None, description="the served model id (see GET /v1/models); optional")
     max_tokens: int = Field(16, ge=1, description="new tokens at most (OpenAI's default: 16)")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy (output equals plain decoding)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy (output equals plain decoding); "
+                               "below 1e-5 also greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, description="sampling seed; random when absent")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="sampling seed (0 <= seed < 2**63); random when absent")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = Field(1, description="one completion per request")

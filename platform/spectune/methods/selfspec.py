@@ -8,8 +8,8 @@
   a sliding window, and each round drafts with the (l, d) that maximises the expected tokens
   per layer computed, (1 + a_l + ... + a_l^d) / (d·l + L). With `cost: measured` (the default)
   the same rule divides by seconds instead of layers: a draft pass per exit layer and the
-  verification, timed on the worker when the method is built (small models pay a fixed cost
-  per forward pass that layer counting ignores).
+  verification, timed once per worker or replica, when it first builds the method (small models
+  pay a fixed cost per forward pass that layer counting ignores).
 
 Shadow tokens need the target's own layer outputs at the verified nodes: DEL names its exit
 layers from `hidden_layers()` on shadow rounds and reads them in `observe` (`outcome.hidden`),
@@ -26,7 +26,9 @@ last draft token, when all were accepted, and the bonus).
 from __future__ import annotations
 
 import math
+import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -155,6 +157,24 @@ def measured_costs(target: CausalLM, exit_layers: Iterable[int], max_draft_len: 
     return RoundCosts(draft, verify_one, max(verify_full - verify_one, 0.0) / max_draft_len)
 
 
+_COSTS: weakref.WeakKeyDictionary[PreTrainedModel, dict[tuple[tuple[int, ...], int], RoundCosts]] = (
+    weakref.WeakKeyDictionary())
+_COSTS_LOCK = threading.Lock()
+
+
+def worker_costs(target: CausalLM, exit_layers: Iterable[int], max_draft_len: int) -> RoundCosts:
+    """`measured_costs` once per loaded target model: a sweep worker or a Serve replica times them
+    when it first builds `del` with these exit layers and that length, and every later build reuses
+    the timings (re-timing per request cost more than the decode on small models). The lock also
+    keeps two threads building at once from timing beside each other."""
+    key = (tuple(exit_layers), max_draft_len)
+    with _COSTS_LOCK:
+        known = _COSTS.setdefault(target.model, {})
+        if key not in known:
+            known[key] = measured_costs(target, key[0], max_draft_len)
+        return known[key]
+
+
 def forward_seconds(model: PreTrainedModel, n_tokens: int, context: int = 32, repeats: int = 5) -> float:
     """Fastest of `repeats` forwards of n_tokens after a `context`-token cache (noise only ever adds time)."""
     lm = CausalLM(model)
@@ -244,7 +264,7 @@ class DelKnobs(Knobs):
     cost: Literal["layers", "measured"] = Field(
         "measured",
         description="what a round costs: layers = DEL's d·l + L layer passes; measured = seconds of a draft pass "
-        "per exit layer and of verification, timed on this worker when the method is built",
+        "per exit layer and of verification, timed once per worker (the first time it builds del)",
     )
 
     @model_validator(mode="after")
@@ -350,7 +370,8 @@ class DynamicExitDrafter(Drafter):
     summary="self-speculation choosing exit layer l and length d each round from shadow-token acceptance",
     paper="Zarch et al. 2025, DEL: context-aware dynamic exit layer",
     cost="d passes of l target layers (+ head), (l, d) chosen per round; d+1 tokens verified; "
-    "head on each candidate layer at the accepted positions; build times one pass per candidate layer",
+    "head on each candidate layer at the accepted positions; the first build on a worker times one pass per "
+    "candidate layer",
     rule="greedy match; rejection sampling min(1, p/q), residual norm(max(p-q, 0))",
 )
 def build_del(knobs: DelKnobs, models: Models) -> DynamicExitDrafter:
@@ -365,5 +386,5 @@ def build_del(knobs: DelKnobs, models: Models) -> DynamicExitDrafter:
     if knobs.cost == "layers":
         costs = layer_costs(exit_layers, total)
     else:
-        costs = measured_costs(models.target, exit_layers, knobs.max_draft_len)
+        costs = worker_costs(models.target, exit_layers, knobs.max_draft_len)
     return DynamicExitDrafter(models.target, exit_layers, knobs, costs)
