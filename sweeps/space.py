@@ -10,7 +10,7 @@ Tune's three ways of searching a conditional space (a tree shape only for tree m
          then that method's knobs, under NSGA-II (multi-objective, seeded).
 
 Whatever the search, `trial_config` turns the config Tune hands a trial into one
-`spectune.config.DecodeConfig` (method, knobs, temperature; backend and concurrency for
+`spectune.config.DecodeConfig` (method, knobs, temperature, the dtype of a `dtypes` axis; backend and concurrency for
 serving backends, whose grid runs every configuration's loads one after another so a worker
 keeps that configuration's server up across them).
 """
@@ -39,10 +39,12 @@ def trial_config(tune_config: Mapping[str, Any]) -> DecodeConfig:
         method = knobs.pop("method")
         backend = knobs.pop("backend", DEFAULT_BACKEND)
         concurrency = knobs.pop("concurrency", tune_config.get("concurrency", 1))
-        return DecodeConfig(method, knobs, temperature, backend=backend, concurrency=concurrency)
+        return DecodeConfig(method, knobs, temperature, backend=backend, concurrency=concurrency,
+                            dtype=tune_config.get("dtype"))
     method = tune_config["method"]
     return DecodeConfig(method, dict(tune_config.get(method) or {}), temperature,
-                        backend=tune_config.get("backend", DEFAULT_BACKEND), concurrency=tune_config.get("concurrency", 1))
+                        backend=tune_config.get("backend", DEFAULT_BACKEND), concurrency=tune_config.get("concurrency", 1),
+                        dtype=tune_config.get("dtype"))
 
 
 def _served_points(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -53,6 +55,13 @@ def _served_points(spec: SweepSpec) -> list[dict[str, Any]]:
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
     """Tune's param_space for grid and random search (Optuna defines its space by run instead)."""
+    space = _param_space(spec)
+    if spec.dtypes and space:  # the dtype axis: every configuration in each dtype
+        space["dtype"] = tune.grid_search(spec.dtypes) if spec.search == "grid" else tune.choice(spec.dtypes)
+    return space
+
+
+def _param_space(spec: SweepSpec) -> dict[str, Any]:
     serving = spec.backend != DEFAULT_BACKEND
     if spec.search == "grid":
         points = _served_points(spec) if serving else grid_configs(spec.space)
@@ -134,6 +143,10 @@ class DefineByRun:
                 trial.suggest_categorical("concurrency", loads)
             else:
                 decoded["concurrency"] = loads[0]
+        if self.spec.dtypes and len(self.spec.dtypes) > 1:
+            trial.suggest_categorical("dtype", self.spec.dtypes)
+        elif self.spec.dtypes:
+            decoded["dtype"] = self.spec.dtypes[0]
         temperatures = self.spec.temperatures
         if len(temperatures) > 1:
             trial.suggest_categorical("temperature", temperatures)

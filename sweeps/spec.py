@@ -5,6 +5,7 @@
     prompts: {set: default, limit: 12}
     max_new_tokens: 64
     temperatures: [0.0]
+    dtypes: [float32, bfloat16]                            # optional: a dtype axis (default: pair.dtype)
     space:                                                 # method -> knob -> choices or range
       sps:  {draft_len: [2, 4, 6], schedule: [fixed, heuristic]}
       tree: {branching: [[2, 2, 1], [4, 2, 1]]}
@@ -138,6 +139,8 @@ class SweepSpec(BaseModel):
     prompts: PromptsSpec = PromptsSpec()
     max_new_tokens: int = Field(64, ge=1)
     temperatures: list[float] = Field([0.0], min_length=1)
+    dtypes: list[Literal["float32", "bfloat16", "float16"]] | None = Field(
+        None, min_length=1, description="a dtype axis: every configuration in each of these (default: pair.dtype only)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
     space: dict[str, dict[str, Any]] = Field(min_length=1, description="method -> knob -> choices or range")
@@ -176,6 +179,13 @@ class SweepSpec(BaseModel):
             raise ValueError(f"temperatures repeat a value: {values}")
         return values
 
+    @field_validator("dtypes")
+    @classmethod
+    def dtypes_once(cls, values: list[str] | None) -> list[str] | None:
+        if values is not None and len(set(values)) != len(values):
+            raise ValueError(f"dtypes repeat a value: {values}")
+        return values
+
     @field_validator("space")
     @classmethod
     def knob_values(cls, space: dict[str, dict[str, Any]]) -> dict[str, dict[str, KnobValues]]:
@@ -197,6 +207,8 @@ class SweepSpec(BaseModel):
             raise ValueError(f"resources.gpus: pair.device is {self.pair.device}, so each trial needs gpus > 0")
         if self.pair.device.startswith("cuda:"):
             raise ValueError(f"pair.device: use cuda, not {self.pair.device}: Ray gives each worker its own GPU(s)")
+        if self.dtypes and self.backend != DEFAULT_BACKEND:
+            raise ValueError(f"dtypes: a dtype axis runs on spectune's engine; backend {self.backend} takes pair.dtype")
         return self
 
     def _check_backend_sections(self) -> None:
@@ -212,7 +224,7 @@ class SweepSpec(BaseModel):
     def trials(self) -> int:
         """How many trials the sweep runs (a grid: every configuration at every temperature and load)."""
         if self.search == "grid":
-            return len(grid_configs(self.space)) * len(self.temperatures) * len(self.load.concurrency)
+            return len(grid_configs(self.space)) * len(self.temperatures) * len(self.load.concurrency) * len(self.dtypes or [0])
         return self.num_samples or 10
 
 

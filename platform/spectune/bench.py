@@ -108,6 +108,8 @@ class Pass:
 def contender(pair: Pair, config: DecodeConfig, settings: Settings) -> Contender:
     """A configuration ready to decode on `pair`, at the settings' temperature."""
     config = config.with_temperature(settings.temperature)
+    if config.dtype not in (None, pair.ref.dtype):  # a dtype axis loads the pair in each dtype (pair_worker)
+        raise ValueError(f"{config.label()} decodes in {config.dtype}, but the pair is loaded in {pair.ref.dtype}")
     models = pair.runners()
     drafter = METHODS.build(config.method, config.knobs, models)
     decoder = Decoder(models.target, drafter, pair.eos_token_id)

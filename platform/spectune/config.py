@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:
     from spectune.engine.sampling import Sampling
 
-CONFIG_KEYS = ("method", "temperature", "name", "backend", "concurrency")  # the flat form's keys that are not knobs
+CONFIG_KEYS = ("method", "temperature", "name", "backend", "concurrency", "dtype")  # the flat form's keys that are not knobs
+DTYPE_TAGS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # how a dtype reads in a label
 DEFAULT_BACKEND = "spectune"  # spectune's own engine; "vllm": the engine users deploy
 
 
@@ -46,6 +47,7 @@ class DecodeConfig:
     columns: KnobColumns = field(default=KnobColumns(), compare=False)
     backend: str = DEFAULT_BACKEND  # whose engine decodes: spectune's, or vllm (method = its speculative method)
     concurrency: int = 1  # requests in flight at once while measured (spectune's engine: 1)
+    dtype: str | None = None  # the weights' dtype it decodes in (a sweep's dtype axis); None: the pair's own
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "knobs", dict(self.knobs))  # a copy: nobody else's dict changes it (picklable, for Ray)
@@ -54,13 +56,15 @@ class DecodeConfig:
 
     def label(self) -> str:
         """The one short name of a configuration: `sps(draft_len=4)`, `tree(branching=[4,2,1])@T=0.7`,
-        `vllm:ngram(num_speculative_tokens=5)@c=4`."""
+        `pld@bf16` (a dtype other than the pair's), `vllm:ngram(num_speculative_tokens=5)@c=4`."""
         if self.name:
             return self.name
         args = ",".join(f"{key}={compact(value)}" for key, value in self.knobs.items())
         text = f"{self.method}({args})" if args else self.method
         if self.backend != DEFAULT_BACKEND:
             text = f"{self.backend}:{text}"
+        if self.dtype:
+            text = f"{text}@{DTYPE_TAGS.get(self.dtype, self.dtype)}"
         if self.temperature:
             text = f"{text}@T={self.temperature:g}"
         return f"{text}@c={self.concurrency}" if self.concurrency != 1 else text
@@ -73,6 +77,8 @@ class DecodeConfig:
             flat["backend"] = self.backend
         if self.concurrency != 1:
             flat["concurrency"] = self.concurrency
+        if self.dtype:
+            flat["dtype"] = self.dtype
         return {**flat, "name": self.name} if self.name else flat
 
     @classmethod
@@ -84,7 +90,8 @@ class DecodeConfig:
         nested = flat.get("knobs")
         knobs = dict(nested) if isinstance(nested, Mapping) else {k: v for k, v in flat.items() if k not in CONFIG_KEYS}
         return cls(method, knobs, float(flat.get("temperature") or 0.0), flat.get("name"), columns,
-                   str(flat.get("backend") or DEFAULT_BACKEND), int(flat.get("concurrency") or 1))
+                   str(flat.get("backend") or DEFAULT_BACKEND), int(flat.get("concurrency") or 1),
+                   flat.get("dtype") or None)
 
     def with_temperature(self, temperature: float) -> DecodeConfig:
         return replace(self, temperature=float(temperature))

@@ -182,6 +182,8 @@ def from_store(args: ServeArgs) -> ServedConfig:
     try:
         pair = PairRef.model_validate(_pair_of_spec(sweep.spec if sweep else {}))
         config = BACKENDS.config(stored.with_temperature(0.0))
+        if config.dtype:  # a trial of a dtype axis: serve it in the dtype it was measured in
+            pair = pair.model_copy(update={"dtype": config.dtype})
         server = dict((sweep.spec or {}).get("vllm") or {}) if sweep else {}
         return _served(pair.absolute(), config, source, trial_metrics=_metric_summary(detail["metrics"]), server=server)
     except (ValidationError, ValueError) as err:

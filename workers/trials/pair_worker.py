@@ -129,8 +129,9 @@ class PairWorker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.counters = WorkerCounters()
         self.hardware = describe_hardware(source.device, threads)
-        self.settled: set[tuple[str, Settings]] = set()  # prompt sets this process has decoded once, untimed
+        self.settled: set[tuple[str, Settings, str]] = set()  # prompt sets this process has decoded once, untimed
         self.pair, self.load_error, self.load_s = None, None, 0.0
+        self.in_dtype: dict[str, Any] = {}  # the pair in other dtypes (a sweep's dtype axis), loaded when asked
         started = time.perf_counter()
         try:
             from spectune.pair import load_pair
@@ -156,29 +157,41 @@ class PairWorker:
         started = time.perf_counter()
         try:
             settings = request.settings
-            self._settle(request.prompts, settings)
-            result = measure(self.pair, contender(self.pair, request.config, settings), request.prompts, settings)
+            pair = self._pair_in(request.config.dtype)
+            self._settle(pair, request.prompts, settings)
+            result = measure(pair, contender(pair, request.config, settings), request.prompts, settings)
         except Exception as err:  # noqa: BLE001 - any failure is this trial's result; the sweep goes on
             self._free_gpu_memory()
             return self._failed(error_text(err), time.perf_counter() - started)
         self.counters.baselines_measured += 1
         decode_s = time.perf_counter() - started
-        baseline = self._baseline(request.prompts, settings, result, decode_s)
+        baseline = self._baseline(request.prompts, settings, result, decode_s, pair.ref.dtype)
         return TrialOutcome(self.hardware, self._worker_info(), result, None, (baseline,), decode_s)
 
-    def _settle(self, prompts: tuple[Prompt, ...], settings: Settings) -> None:
+    def _pair_in(self, dtype: str | None) -> Any:
+        """The pair in a trial's dtype (a sweep's `dtypes` axis): the source's, or loaded once beside it."""
+        if dtype is None or dtype == self.source.dtype:
+            return self.pair
+        if dtype not in self.in_dtype:
+            from spectune.pair import load_pair
+
+            self.in_dtype[dtype] = load_pair(self.source.model_copy(update={"dtype": dtype}))
+            self.counters.pair_loads += 1
+        return self.in_dtype[dtype]
+
+    def _settle(self, pair: Any, prompts: tuple[Prompt, ...], settings: Settings) -> None:
         """The first time this process meets a prompt set: one untimed AR pass (see `bench.settle`)."""
         from spectune.bench import settle
 
-        key = (prompt_set_hash(prompts), settings)
+        key = (prompt_set_hash(prompts), settings, pair.ref.dtype)
         if key not in self.settled:
-            settle(self.pair, prompts, settings)
+            settle(pair, prompts, settings)
             self.settled.add(key)
 
     def _baseline(self, prompts: tuple[Prompt, ...], settings: Settings, result: DecodeResult,
-                  measured_s: float) -> BaselineResult:
+                  measured_s: float, dtype: str) -> BaselineResult:
         return BaselineResult(
-            pair_id=self.source.pair_id,
+            pair_id=self.source.model_copy(update={"dtype": dtype}).pair_id,
             prompt_set_hash=prompt_set_hash(prompts),
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,

@@ -14,7 +14,7 @@ Torch-free: spectune's own methods (which import the engine) are reached lazily.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from pydantic import BaseModel
@@ -83,7 +83,8 @@ class BackendRegistry:
 
     def config(self, config: DecodeConfig) -> DecodeConfig:
         """`config` validated by its backend, with the store's knob columns."""
-        return self.get(config.backend).config(config.method, config.knobs, config.temperature, config.concurrency)
+        made = self.get(config.backend).config(config.method, config.knobs, config.temperature, config.concurrency)
+        return replace(made, dtype=config.dtype)  # the dtype axis is the sweep's, not the backend's
 
 
 BACKENDS = BackendRegistry()
