@@ -23,6 +23,8 @@ def _metric_tiles(metrics: dict[str, Any]) -> None:
              ("acceptance_rate", "acceptance", "{:.0%}"),
              ("tree_tokens_per_step", "tree tok/step", "{:.1f}"),
              ("draft_share", "draft share", "{:.0%}"), ("tokens_per_s", "tok/s", "{:.0f}"))
+    if metrics.get("p95_latency_s") is not None:  # a served engine (vLLM): latencies instead of tree costs
+        tiles = tiles[:3] + (("p95_latency_s", "p95 latency", "{:.2f} s"), ("ttft_s", "TTFT", "{:.3f} s"), tiles[5])
     columns = st.columns(3) + st.columns(3)
     for column, (key, label, fmt) in zip(columns, tiles):
         value = metrics.get(key)

@@ -5,6 +5,7 @@ Pure figures of the store's trials frame, one trial per (configuration, concurre
     speedup_vs_concurrency_figure   one line per configuration: speedup at each load (1.0 = no speculation)
     latency_front_figure            throughput vs p95 request latency, a front per load
     best_per_load                   the fastest configuration at each load (a table)
+    speedup_table                   configurations x loads (what `spectune results` prints too)
 
 and `render_load`, the dashboard section that shows them when a sweep has such trials.
 """
@@ -105,6 +106,16 @@ def best_per_load(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"concurrency": best["concurrency"].astype(int), "best configuration": best["configuration"],
                          "speedup": best["speedup"].round(3), "tok/s": best["tokens_per_s"].round(1),
                          "p95 latency (s)": best["p95_latency_s"].round(3), "trial": best["trial_id"]})
+
+
+def speedup_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Speedup of every configuration (rows) at every load (columns): the sweep's answer in one table."""
+    rows = served_rows(df).dropna(subset=["speedup"])
+    if rows.empty:
+        return pd.DataFrame()
+    table = rows.pivot_table(index="configuration", columns="concurrency", values="speedup", aggfunc="first")
+    table.columns = [f"c={int(c)}" for c in table.columns]
+    return table
 
 
 def render_load(shown: pd.DataFrame, sweep: str, chart_config: dict[str, Any]) -> None:

@@ -14,10 +14,16 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 
-from spectune.prompts import Prompt
+
+class PromptTokens(Protocol):
+    """A prompt as token ids (the worker's encoding with the pair's tokenizer)."""
+
+    id: str
+    token_ids: tuple[int, ...]
 
 
 class RequestFailed(RuntimeError):
@@ -68,13 +74,13 @@ class Sampling:
     seed: int = 0
 
 
-def run_pass(url: str, model: str, prompts: Sequence[Prompt], concurrency: int, sampling: Sampling,
+def run_pass(url: str, model: str, prompts: Sequence[PromptTokens], concurrency: int, sampling: Sampling,
              timeout_s: float = 300.0) -> PassRecord:
     """One timed pass at `concurrency` requests in flight (a blocking call: it runs its own event loop)."""
     return asyncio.run(_pass(url, model, prompts, concurrency, sampling, timeout_s))
 
 
-async def _pass(url: str, model: str, prompts: Sequence[Prompt], concurrency: int, sampling: Sampling,
+async def _pass(url: str, model: str, prompts: Sequence[PromptTokens], concurrency: int, sampling: Sampling,
                 timeout_s: float) -> PassRecord:
     total = max(len(prompts), concurrency)
     queue = [prompts[i % len(prompts)] for i in range(total)]
@@ -95,8 +101,8 @@ async def _pass(url: str, model: str, prompts: Sequence[Prompt], concurrency: in
     return PassRecord(concurrency, wall_s, tuple(r for r in records if r is not None))
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: Prompt, sampling: Sampling) -> RequestRecord:
-    body = {"model": model, "prompt": prompt.prompt, "max_tokens": sampling.max_tokens,
+async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: PromptTokens, sampling: Sampling) -> RequestRecord:
+    body = {"model": model, "prompt": list(prompt.token_ids), "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
             "stream": True, "return_token_ids": True}
     tokens: list[int] = []

@@ -7,7 +7,11 @@ the baseline serves every configuration with the same engine knobs. Each repeat 
 the trial's concurrency, back to back and in alternating order, so the VM's drift hits both
 alike; the speedup is the median of those same-repeat ratios.
 
-Greedy outputs are compared with the baseline's at the same load (`exact_match_rate`).
+Prompts go to vLLM as token ids from the pair's tokenizer (chat prompts through its template), as
+spectune's engine encodes them. Greedy outputs are compared with the baseline's at the same load
+(`exact_match_rate`) and, where spectune's engine loads the target, certified with its numerical
+certificate (`spectune.certificate`: every emitted token the target's argmax within the dtype's
+rounding), which decides `lossless_status`.
 Acceptance comes from vLLM's own counters (/metrics). A server that fails to start or dies
 mid-trial makes that trial an error carrying vLLM's last log line; the next trial starts a
 fresh one. The worker speaks the pair worker's protocol (ready, run, stats), so the sweep's
@@ -28,8 +32,9 @@ import ray
 from ray.util.queue import Queue
 
 from spectune.backends.vllm import NO_SPECULATION, VLLM_METHODS, EngineKnobs, VllmServerSettings, vllm_python
-from spectune.config import DecodeConfig
+from spectune.config import DecodeConfig, Settings
 from spectune.pair_ref import PairRef, is_local
+from spectune.prompts import Prompt
 from spectune.results import DecodeResult, PromptStats, StepCounts
 from spectune.workers.trials.pair_worker import (
     TRIAL_CPU_SHARE, TrialOutcome, TrialRequest, WorkerPool, WorkerReady, describe_hardware,
@@ -72,12 +77,31 @@ class VllmWorker:
         self.servers: dict[str, VllmServer] = {}  # "baseline" / "candidate"
         self.warmed: set[int] = set()  # pids of servers that have decoded the whole prompt set once
         self.load_error = self._check_environment()
+        self.reference: Any = None  # spectune's engine on the target: tokenizer, and the certificate's model
+        if self.load_error is None:
+            self.load_error = self._load_reference()
 
     def _check_environment(self) -> str | None:
         if not Path(self.python).exists() and self.python != "python3":
             return f"no vLLM environment at {self.python}: run `make vllm` (or set SPECTUNE_VLLM_PYTHON)"
         if is_local(self.source.target) and not (Path(self.source.target) / "config.json").is_file():
             return f"the target {self.source.target} is not a model folder (no config.json)"
+        return None
+
+    def _load_reference(self) -> str | None:
+        """The target in spectune's engine (certify) or just its tokenizer; an error text, or None."""
+        from spectune.pair import load_pair
+
+        target = PairRef(target=self.source.target, device="cuda" if self.gpu else "cpu", dtype=self.source.dtype)
+        try:
+            if self.settings.certify:
+                self.reference = load_pair(target)
+            else:
+                from transformers import AutoTokenizer
+
+                self.reference = _TokenizerOnly(AutoTokenizer.from_pretrained(self.source.target))
+        except (ValueError, OSError, RuntimeError) as err:
+            return f"cannot load {self.source.target} in spectune's engine: {' '.join(str(err).split())}"
         return None
 
     def ready(self) -> WorkerReady:
@@ -138,7 +162,8 @@ class VllmWorker:
     # --- measuring ----------------------------------------------------------------------
 
     def _measure(self, baseline: VllmServer, candidate: VllmServer, request: TrialRequest) -> DecodeResult:
-        config, settings, prompts = request.config, request.settings, request.prompts
+        config, settings = request.config, request.settings
+        prompts = self._encoded(request.prompts)
         sampling = Sampling(settings.max_new_tokens, config.temperature, settings.top_p, settings.seed)
         load = config.concurrency
         same = candidate is baseline
@@ -159,7 +184,10 @@ class VllmWorker:
                     cand_passes.append(self._pass(candidate, prompts, load, sampling))
                     counted = counted.plus(read_counters(candidate.url).since(before))
         return self._result(config, prompts, base_passes, cand_passes or base_passes, counted, same,
-                            settings.max_new_tokens, {"baseline": baseline, "candidate": candidate})
+                            settings, {"baseline": baseline, "candidate": candidate})
+
+    def _encoded(self, prompts: tuple[Prompt, ...]) -> tuple[EncodedPrompt, ...]:
+        return tuple(EncodedPrompt(p.id, p.category, tuple(self.reference.encode_prompt(p))) for p in prompts)
 
     def _warm_up(self, server: VllmServer, prompts: Any, load: int, sampling: Sampling, warmup: int) -> None:
         """Untimed: a fresh server decodes the whole set once (its first requests at every new prompt length
@@ -180,32 +208,49 @@ class VllmWorker:
         return record
 
     def _result(self, config: DecodeConfig, prompts: Any, base: list[PassRecord], cand: list[PassRecord],
-                counted: SpecCounters, same: bool, max_new_tokens: int, servers: dict[str, VllmServer]) -> DecodeResult:
+                counted: SpecCounters, same: bool, settings: Settings, servers: dict[str, VllmServer]) -> DecodeResult:
         ratios = [1.0] * len(base) if same else [c.tokens_per_s / b.tokens_per_s for b, c in zip(base, cand, strict=True)]
         walls = [p.wall_s for p in cand]
         timing = latencies(cand)
         matches = _matches(base, cand, prompts) if config.temperature == 0 else None
         rate = None if matches is None else sum(matches.values()) / len(matches)
+        verdict = self._certify(prompts, base, cand, settings) if matches is not None else None
         counts = StepCounts(  # vLLM counts no target forwards per request: those stay unknown, not 0
             new_tokens=sum(p.new_tokens for p in cand), target_calls=None, draft_calls=None,  # type: ignore[arg-type]
             mean_accepted_tokens=None if same else counted.mean_acceptance_length,
             acceptance_rate=None if same else counted.acceptance_rate,
             acceptance_by_position=() if same else counted.acceptance_by_position,
         )
-        status, lossless = _lossless(rate, same)
+        status, lossless = _lossless(rate, same) if verdict is None else (verdict.status, verdict.lossless)
         return DecodeResult(
             config=config, n_prompts=len(prompts), counts=counts,
             wall_s=statistics.fmean(walls), wall_s_std=statistics.pstdev(walls) if len(walls) > 1 else None,
             tokens_per_s=statistics.median(p.tokens_per_s for p in cand),
             ar_tokens_per_s=statistics.median(p.tokens_per_s for p in base),
             speedup=statistics.median(ratios), speedup_std=statistics.pstdev(ratios) if len(ratios) > 1 else None,
-            speedups=tuple(ratios), lossless=lossless, lossless_status=status, exact_match_rate=rate,
+            speedups=tuple(ratios), lossless=lossless, lossless_status=status,
+            exact_match_rate=rate if verdict is None else verdict.exact_match_rate,
+            worst_margin=None if verdict is None else verdict.worst_margin,
             mismatches=None if matches is None else sum(not m for m in matches.values()),
-            max_new_tokens=max_new_tokens, ttft_s=timing.ttft_s, tpot_s=timing.tpot_s,
+            max_new_tokens=settings.max_new_tokens, ttft_s=timing.ttft_s, tpot_s=timing.tpot_s,
             p50_latency_s=timing.p50_latency_s, p95_latency_s=timing.p95_latency_s,
             per_prompt=_per_prompt(prompts, cand, matches),
             extra=self._extra(config, base, servers, counted),
         )
+
+    def _certify(self, prompts: Any, base: list[PassRecord], cand: list[PassRecord], settings: Settings) -> Any:
+        """spectune's certificate over every candidate output, against the baseline's first pass (None: no model)."""
+        if not self.settings.certify or not hasattr(self.reference, "target"):
+            return None
+        from spectune.certificate import certify
+        from spectune.engine.runner import CausalLM
+
+        reference = base[0].outputs()
+        outputs = [[list(p.outputs()[q.id]) for p in cand] for q in prompts]
+        ulps = getattr(settings, "tolerance_ulps", None)
+        extra = {} if ulps is None else {"ulps": ulps}
+        return certify(CausalLM(self.reference.target), [list(q.token_ids) for q in prompts], outputs,
+                       [list(reference[q.id]) for q in prompts], **extra)
 
     def _extra(self, config: DecodeConfig, base: list[PassRecord], servers: dict[str, VllmServer],
                counted: SpecCounters) -> dict[str, Any]:
@@ -228,6 +273,27 @@ class VllmWorker:
     def _info(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "server_starts": self.counters.server_starts,
                 "trials_run": self.counters.trials_run}
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt as vLLM receives it: the pair's token ids (what spectune's engine decodes too)."""
+
+    id: str
+    category: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _TokenizerOnly:
+    """The pair's tokenizer when the target is not loaded (certify off): encodes like `Pair.encode_prompt`."""
+
+    tokenizer: Any
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        from spectune.prompts import prompt_text
+
+        return self.tokenizer.encode(prompt_text(prompt, self.tokenizer), add_special_tokens=False)
 
 
 def launch_for(pair: PairRef, method: str, knobs: dict[str, Any], settings: VllmServerSettings, threads: int,

@@ -63,6 +63,31 @@ class NoSpeculationKnobs(EngineKnobs):
 
 class SpeculativeKnobs(EngineKnobs):
     num_speculative_tokens: int = Field(3, ge=1, le=64, description="draft tokens per step")
+    num_speculative_tokens_per_batch_size: list[tuple[int, int, int]] | None = Field(
+        None, description="vLLM's dynamic speculation: [[first, last, k], ...] batch-size ranges (k = 0: none)")
+
+    @model_validator(mode="after")
+    def schedule_rules(self) -> SpeculativeKnobs:
+        """vLLM's rules for the schedule (validate_and_normalize_dynamic_sd_schedule), checked up front."""
+        schedule = self.num_speculative_tokens_per_batch_size
+        if schedule is None:
+            return self
+        if not schedule:
+            raise ValueError("num_speculative_tokens_per_batch_size must not be empty")
+        ordered = sorted(schedule)
+        if ordered[0][0] != 1:
+            raise ValueError("num_speculative_tokens_per_batch_size: the first range must start at batch size 1")
+        previous = 0
+        for first, last, k in ordered:
+            if not 1 <= first <= last or k < 0:
+                raise ValueError(f"num_speculative_tokens_per_batch_size: ({first}, {last}, {k}) needs 1 <= first <= last, k >= 0")
+            if first <= previous:
+                raise ValueError("num_speculative_tokens_per_batch_size: batch-size ranges overlap")
+            if k > self.num_speculative_tokens:
+                raise ValueError(f"num_speculative_tokens_per_batch_size: k = {k} is above num_speculative_tokens "
+                                 f"({self.num_speculative_tokens}), which vLLM would silently cut it to")
+            previous = last
+        return self
 
 
 class NgramKnobs(SpeculativeKnobs):
@@ -291,6 +316,8 @@ class VllmServerSettings(BaseModel):
     request_timeout_s: float = Field(300.0, gt=0, description="one request longer than this fails the trial")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
         None, description="default: the pair's dtype")
+    certify: bool = Field(True, description="certify greedy outputs with spectune's engine (it loads the target "
+                                            "in the worker too: turn off where two copies do not fit)")
 
 
 BACKENDS.register(Backend(

@@ -152,6 +152,30 @@ def _print_results(sweep: str, status: str, df: Any, front: Any, objectives: dic
     n_err = int((df["status"] == "error").sum())
     typer.echo(f"{len(df)} trials, {int(front.sum())} on the front"
                + (f", {n_err} failed" if n_err else ""))
+    _print_by_load(df)
+
+
+def _print_by_load(df: Any) -> None:
+    """Sweeps with a load axis (vLLM): speedup per configuration and concurrency, and the best at each load."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from spectune.dashboard.load_view import best_per_load, speedup_table
+
+    by_load = speedup_table(df)
+    if by_load.empty:
+        return
+    table = Table(title="speedup by load (requests in flight)", box=box.SIMPLE_HEAD, show_edge=False)
+    table.add_column("configuration", overflow="fold")
+    for column in by_load.columns:
+        table.add_column(column, justify="right")
+    best = best_per_load(df).set_index("concurrency")["best configuration"]
+    for label, values in by_load.iterrows():
+        cells = [f"{v:.2f}" + ("★" if best.get(int(c[2:])) == label else "") if v == v else "-"
+                 for c, v in values.items()]
+        table.add_row(label, *cells)
+    Console().print(table)
 
 
 def _cell(rec: Any, column: str) -> str:
