@@ -69,6 +69,10 @@ def test_stored_configs_carry_backend_concurrency_and_the_draft_length_column():
     ({"space": {"suffix": {}}}, "space.suffix: method suffix needs the Python package arctic_inference"),
     ({"space": {"eagle": {"model": ["/heads"], "speculative_token_tree": [[[0], [1]]]}}},
      "has no tree drafts"),
+    ({"space": {"ngram": {"num_speculative_tokens_per_batch_size": [[[2, 8, 2]]]}}},
+     "the first range must start at batch size 1"),
+    ({"space": {"ngram": {"num_speculative_tokens": [2], "num_speculative_tokens_per_batch_size": [[[1, 4, 5]]]}}},
+     "k = 5 is above num_speculative_tokens (2), which vLLM would silently cut it to"),
     ({"backend": "sglang"}, "backend: unknown backend 'sglang'; known backends: spectune, vllm"),
     ({"backend": "spectune", "space": {"sps": {}}}, "load.concurrency: backend spectune decodes 1 request(s) at a time"),
     ({"load": {"concurrency": [4, 4]}}, "load.concurrency: give distinct request counts >= 1"),
@@ -93,6 +97,13 @@ def test_speculative_configs_are_vllms_own():
     drafted = VLLM_METHODS.get("draft_model").speculative_config({"num_speculative_tokens": 2}, pair)
     assert drafted == {"method": "draft_model", "num_speculative_tokens": 2, "model": "/p/drafter"}
     assert VLLM_METHODS.get("ar").speculative_config({"max_num_seqs": 4}, pair) is None
+
+
+def test_a_per_batch_size_schedule_goes_to_vllm_as_given():
+    knobs = {"num_speculative_tokens": 4, "num_speculative_tokens_per_batch_size": [[1, 2, 4], [3, 256, 0]]}
+    spec = parse_spec({**BASE, "space": {"ngram": {k: [v] for k, v in knobs.items()}}})
+    config = VLLM_METHODS.get("ngram").speculative_config(knobs, spec.pair)
+    assert json.loads(json.dumps(config))["num_speculative_tokens_per_batch_size"] == [[1, 2, 4], [3, 256, 0]]
 
 
 def test_heads_come_from_a_registered_locator(tmp_path):
