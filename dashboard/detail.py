@@ -10,7 +10,7 @@ import streamlit as st
 
 from spectune.dashboard import data
 from spectune.dashboard.figures import (
-    ci_text, config_label, exit_layer_figure, lossless_text, position_acceptance_figure,
+    category_table, ci_text, config_label, exit_layer_figure, lossless_text, position_acceptance_figure,
 )
 from spectune.store import StoreError
 
@@ -39,6 +39,12 @@ def _lossless_line(metrics: dict[str, Any], n_prompts: int) -> None:
     verdict = lossless_text(metrics)
     if verdict == "yes":
         st.success(f"Lossless: greedy outputs equal plain decoding on all {n_prompts} prompts.",
+                   icon=":material/verified:")
+    elif verdict.startswith("yes, within tolerance"):
+        share = metrics.get("exact_match_rate")
+        same = "" if share is None else f"{float(share):.0%} of the greedy outputs equal plain decoding; "
+        st.success(f"Lossless within tolerance: {same}every other token is the target's argmax within its "
+                   f"dtype's rounding (certificate {verdict.removeprefix('yes, within tolerance').strip(' ()')}).",
                    icon=":material/verified:")
     elif verdict == "lossy method":
         st.warning("Lossy by design: outputs may differ from plain decoding; kept off the front.",
@@ -111,6 +117,12 @@ def render_trial(url: str, trial_id: int, colors: dict[str, str] | None = None) 
     _metric_tiles(metrics)
     _lossless_line(metrics, metrics.get("n_prompts") or len(detail["per_prompt"]))
     _serve_button(url, detail)
+    if metrics.get("by_category"):
+        st.markdown("**By prompt category**")
+        st.dataframe(category_table(metrics["by_category"]), hide_index=True, width="stretch", column_config={
+            "speedup": st.column_config.NumberColumn(format="%.2fx"),
+            "mean_accepted_tokens": st.column_config.NumberColumn("tau", format="%.2f"),
+            "acceptance_rate": st.column_config.NumberColumn("acceptance", format="%.2f")})
     if metrics.get("acceptance_by_position"):
         st.markdown("**Per-position acceptance**")
         one = pd.DataFrame([{"trial_id": trial_id, "config": detail["config"],

@@ -112,6 +112,9 @@ def lossless_text(row: Mapping[str, Any]) -> str:
     lossless = row.get("lossless")
     if _missing(lossless):
         return "unchecked (sampling)"
+    if bool(lossless) and row.get("lossless_status") == "within_tolerance":  # certified numerically (bf16)
+        worst = row.get("worst_margin")
+        return "yes, within tolerance" + ("" if _missing(worst) else f" (worst margin {float(worst):.2g})")
     if bool(lossless):
         return "yes"
     mismatches = row.get("mismatches")
@@ -333,6 +336,40 @@ def method_speedup_figure(df: pd.DataFrame, metric: str = "speedup",
                       margin={"l": 10, "r": 10, "t": 30, "b": 10})
     fig.update_yaxes(title=axis.label if axis else metric,
                      tickformat=axis.number_format if axis else None)
+    return fig
+
+
+def category_table(by_category: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """A trial's results per prompt category (bench's `by_category`), one row per category."""
+    rows = [{"category": name, **{k: entry.get(k) for k in ("n_prompts", "speedup", "mean_accepted_tokens",
+                                                             "acceptance_rate")}}
+            for name, entry in sorted(by_category.items())]
+    return pd.DataFrame(rows, columns=["category", "n_prompts", "speedup", "mean_accepted_tokens", "acceptance_rate"])
+
+
+def category_figure(df: pd.DataFrame, colors: Mapping[str, str] | None = None) -> go.Figure | None:
+    """Methods compared per prompt category: each method's best certified trial (by overall speedup),
+    its speedup in every category as grouped bars. None when no trial has categories."""
+    done = finished(df)
+    done = done[~lossy_rows(done).to_numpy()]
+    done = done.loc[[isinstance(c, Mapping) and bool(c) for c in done["by_category"]]]
+    done = done[pd.to_numeric(done["speedup"], errors="coerce").notna().to_numpy()]
+    if done.empty:
+        return None
+    colors = dict(colors or method_colors(df["method"]))
+    fig = go.Figure()
+    for method, group in done.groupby(done["method"].fillna("?").astype(str), sort=True):
+        best = group.loc[group["speedup"].astype(float).idxmax()]
+        table = category_table(best["by_category"])
+        label = config_label(best["config"], best["method"], best["extra"])
+        fig.add_trace(go.Bar(x=table["category"], y=table["speedup"].astype(float), name=label,
+                             marker={"color": colors.get(method, PALETTE[-1])},
+                             customdata=[int(best["trial_id"])] * len(table),
+                             hovertemplate=f"{label}<br>trial %{{customdata}}<br>%{{x}}: %{{y:.2f}}x<extra></extra>"))
+    fig.add_hline(y=1.0, line={"dash": "dot", "color": "#999999", "width": 1})
+    fig.update_layout(template="plotly_white", font=FONT, height=380, barmode="group",
+                      margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend={"orientation": "h", "y": -0.25})
+    fig.update_yaxes(title="speedup over AR (same prompts)")
     return fig
 
 

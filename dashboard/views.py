@@ -13,7 +13,7 @@ import streamlit as st
 from spectune.dashboard import data
 from spectune.dashboard.detail import render_trial
 from spectune.dashboard.figures import (
-    AXES, X_AXES, Y_AXES, compare_fronts_figure, config_label, front_of, method_colors,
+    AXES, X_AXES, Y_AXES, category_figure, compare_fronts_figure, config_label, front_of, method_colors,
     method_speedup_figure, parallel_figure, pareto_figure, plottable,
     position_acceptance_figure,
 )
@@ -254,6 +254,11 @@ def _knobs_and_methods(shown: pd.DataFrame, x: str, y: str, colors: dict[str, st
         front = points[front_of(points, x, y, unchecked).to_numpy()] if len(points) else points
         st.plotly_chart(position_acceptance_figure(front), key=f"positions_{sweep}",
                         config=CHART_CONFIG)
+    categories = category_figure(shown, colors)
+    if categories is not None:
+        st.markdown("#### Speedup per prompt category")
+        st.caption("Each method's best certified configuration, its speedup on each category's prompts alone.")
+        st.plotly_chart(categories, key=f"categories_{sweep}", config=CHART_CONFIG)
 
 
 def _no_finished_trials(summary: SweepSummary) -> None:

@@ -88,3 +88,14 @@ def _tensors(model):
             elif gg == "attn_k":
                 array = llama_cpp_permute(array, kv_heads)
             yield f"blk.{layer}.{gg}.weight", np.ascontiguousarray(array)
+
+
+def chat_micro_pair(micro_pair: Path, folder: Path) -> Path:
+    """A pair folder: the micro target through GGUF (so it carries CHAT_TEMPLATE) beside the micro drafter."""
+    from spectune.models.imported import import_model
+
+    out = import_model(gguf=write_gguf(micro_pair / "target", folder / "micro.gguf"), out=folder / "pair",
+                       progress=False)
+    if not (out / "drafter").exists():
+        (out / "drafter").symlink_to(micro_pair / "drafter", target_is_directory=True)
+    return out

@@ -10,10 +10,9 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from gguf_export import write_gguf
+from gguf_export import chat_micro_pair
 from spectune.engine.loop import Decoder
 from spectune.methods import METHODS
-from spectune.models.imported import import_model
 from spectune.pair import Pair, load_pair
 from spectune.pair_ref import PairRef
 from spectune.workers.serve.app import build_app
@@ -26,11 +25,7 @@ MESSAGES = [{"role": "user", "content": "Write a function that adds two numbers.
 @pytest.fixture(scope="module")
 def chat_pair_dir(micro_pair: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The micro target through GGUF (which carries a chat template) beside the micro drafter."""
-    folder = tmp_path_factory.mktemp("chat-serve")
-    out = import_model(gguf=write_gguf(micro_pair / "target", folder / "micro.gguf"), out=folder / "pair",
-                       progress=False)
-    (out / "drafter").symlink_to(micro_pair / "drafter", target_is_directory=True)
-    return out
+    return chat_micro_pair(micro_pair, tmp_path_factory.mktemp("chat-serve"))
 
 
 def _client(pair_dir: Path, folder: Path) -> Iterator[tuple[TestClient, Pair]]:

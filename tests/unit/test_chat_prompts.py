@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gguf_export import write_gguf
+from gguf_export import chat_micro_pair
 from spectune.bench import contender, run_bench
 from spectune.config import Settings
 from spectune.methods import METHODS
-from spectune.models.imported import import_model
 from spectune.pair import load_pair
 from spectune.pair_ref import PairRef
 from spectune.prompts import ChatTemplateMissing, Prompt, load_prompts
@@ -20,10 +19,7 @@ from spectune.prompts import ChatTemplateMissing, Prompt, load_prompts
 @pytest.fixture(scope="module")
 def chat_pair(micro_pair: Path, tmp_path_factory: pytest.TempPathFactory):
     """The micro target through GGUF (which carries a chat template) with the micro drafter."""
-    folder = tmp_path_factory.mktemp("chat")
-    imported = import_model(gguf=write_gguf(micro_pair / "target", folder / "micro.gguf"), out=folder / "pair",
-                            progress=False)
-    return load_pair(PairRef(target=str(imported / "target"), drafter=str(micro_pair / "drafter")))
+    return load_pair(PairRef.model_validate(str(chat_micro_pair(micro_pair, tmp_path_factory.mktemp("chat")))))
 
 
 def test_the_shipped_chat_set_has_60_prompts_in_6_categories() -> None:
