@@ -94,3 +94,12 @@ def test_margins_line_up_with_the_emitted_tokens(fp32_pair) -> None:
     top, emitted, argmax = margins(CausalLM(fp32_pair.target), prompts[0], outputs[0])
     assert argmax.tolist() == outputs[0]  # greedy AR emits the argmax everywhere
     assert torch.equal(top, emitted)
+
+
+def test_serve_says_which_certificate_its_trial_passed() -> None:
+    from spectune.cli.serve_cmd import _certificate
+
+    assert "identical to AR on every prompt" in _certificate({"lossless_status": "exact"})
+    line = _certificate({"lossless_status": "within_tolerance", "exact_match_rate": 0.5, "worst_margin": 0.125})
+    assert "within tolerance: 50% identical to AR" in line and "0.12 logits" in line
+    assert _certificate({"lossless_status": "unchecked"}) is None and _certificate(None) is None

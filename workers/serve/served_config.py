@@ -242,7 +242,7 @@ def _pair_of_spec(spec: Mapping[str, Any]) -> str | Mapping[str, Any]:
 
 _SUMMARY_METRICS = ("speedup", "tokens_per_s", "ar_tokens_per_s", "mean_accepted_tokens", "acceptance_rate",
                     "lossless", "temperature", "max_new_tokens", "n_prompts", "p95_latency_s", "ttft_s",
-                    "exact_match_rate")
+                    "exact_match_rate", "lossless_status", "worst_margin")
 
 
 def _metric_summary(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -90,8 +90,11 @@ def serve(
         _start_ray(None, replicas * num_cpus, replicas * num_gpus)
         _stop_on_signal(stopping)  # again: a local Ray head installs its own SIGTERM handler, which exits at once
         typer.echo(f"loading {served.model_id} ({served.source.kind}) on {replicas} replica(s)...")
+        if certificate := _certificate(served.trial_metrics):
+            typer.echo(certificate)
         _deploy_or_fail(app, host, port)
-        typer.echo(f"serving {served.model_id} at {url}/v1/completions (Ctrl-C or `spectune serve --stop` to stop)")
+        typer.echo(f"serving {served.model_id} at {url}/v1/completions and /v1/chat/completions "
+                   "(Ctrl-C or `spectune serve --stop` to stop)")
         while not stopping.wait(0.5):
             pass
     finally:
@@ -252,3 +255,16 @@ def _state_dir() -> Path:
 
 def _state_file(port: int) -> Path:
     return _state_dir() / f"{port}.json"
+
+
+def _certificate(metrics: dict | None) -> str | None:
+    """Which greedy certificate the served trial passed: identical to AR, or within its dtype's tolerance."""
+    status = (metrics or {}).get("lossless_status")
+    if status == "exact":
+        return "certified lossless: greedy outputs identical to AR on every prompt"
+    if status == "within_tolerance":
+        share, worst = metrics.get("exact_match_rate"), metrics.get("worst_margin")
+        same = f"{share:.0%} identical to AR, " if share is not None else ""
+        margin = f"worst margin {worst:.2g} logits" if worst is not None else "worst margin unknown"
+        return f"certified lossless within tolerance: {same}every token the target's argmax within rounding ({margin})"
+    return None
