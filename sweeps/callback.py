@@ -3,6 +3,12 @@
 Trials are keyed by Tune's trial id, and every store write is an upsert, so a resumed
 sweep that re-runs or re-reports a trial replaces its row instead of adding one.
 
+The store may go away mid-sweep (a database restarted, a network blip): a write that fails is
+retried for a few seconds, then kept in order in a buffer that every later write and every
+Tune step try to flush, so the sweep runs on and nothing is lost while the driver lives. At the
+end the launcher flushes with a longer bound (`flush`) and fails naming the URL if the database
+never came back; Tune's own state keeps every result, and `--resume` writes them (`reconcile`).
+
 Tune pickles callbacks with the experiment (`tuner.pkl`) and restores *those* on
 `Tuner.restore`; a database connection (and its password) must not travel that way, so
 the store is attached at run time (`attach`) and dropped from the pickled state.
@@ -11,9 +17,12 @@ the store is attached at run time (`attach`) and dropped from the pickled state.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import sqlalchemy as sa
 from ray import cloudpickle
 from ray.tune import Callback
 from rich.console import Console
@@ -63,41 +72,121 @@ def _last_error_line(trial: Any) -> str | None:
     return lines[-1] if lines else None
 
 
+# A database that cannot be reached right now (refused, reset, timed out, SQLite locked): retried.
+STORE_UNREACHABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError)
+WRITE_RETRY_S = 5.0  # how long one write keeps retrying before it waits in the buffer
+FLUSH_EVERY_S = 2.0  # while writes wait, a Tune step tries the store again this often
+
+
+def retry_store(call: Callable[[], Any], budget_s: float) -> Any:
+    """`call()`, retried with backoff while the database is unreachable, for up to `budget_s`."""
+    deadline, pause = time.monotonic() + budget_s, 0.25
+    while True:
+        try:
+            return call()
+        except STORE_UNREACHABLE:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
+def unreachable_reason(err: BaseException) -> str:
+    orig = getattr(err, "orig", None) or err
+    return " ".join(str(orig).split()) or type(orig).__name__
+
+
 class StoreCallback(Callback):
-    """Writes every trial's status, metrics, hardware and the workers' AR baselines."""
+    """Writes every trial's status, metrics, hardware and the workers' AR baselines, in order,
+    buffering what the store cannot take right now (see the module's docstring)."""
 
     def __init__(self, sweep: str) -> None:
         self.sweep = sweep
         self.store: Any = None  # spectune.store.Store, attached by the launcher
+        self.console: Any = None
         self.seen: set[str] = set()
+        self.pending: deque[tuple[str, tuple[Any, ...], dict[str, Any]]] = deque()  # writes not yet stored
+        self.outage: str | None = None  # why the store is unreachable, while it is
+        self._last_try = 0.0
 
-    def attach(self, store: Any) -> StoreCallback:
-        self.store = store
+    def attach(self, store: Any, console: Any = None) -> StoreCallback:
+        self.store, self.console = store, console
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"sweep": self.sweep, "store": None, "seen": set()}
+        # pending writes stay with this driver: a resumed sweep rewrites every result from Tune's state
+        return {"sweep": self.sweep, "store": None, "console": None, "seen": set(), "pending": deque(),
+                "outage": None, "_last_try": 0.0}
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def _write(self, method: str, *args: Any, **kwargs: Any) -> None:
+        self.pending.append((method, args, kwargs))
+        self.flush(0.0 if self.outage else WRITE_RETRY_S)
+
+    def flush(self, budget_s: float = 0.0) -> bool:
+        """Store every pending write in order, retrying for up to `budget_s`; True when none is left."""
+        self._last_try = time.monotonic()
+        while self.pending:
+            method, args, kwargs = self.pending[0]
+            try:
+                retry_store(lambda: getattr(self.store, method)(*args, **kwargs), budget_s)
+            except STORE_UNREACHABLE as err:
+                self._down(unreachable_reason(err))
+                return False
+            self.pending.popleft()
+        if self.outage is not None:
+            self.outage = None
+            self._say(f"[green]store {self.store.url} is back[/]: every buffered result is stored")
+        return True
+
+    def _down(self, reason: str) -> None:
+        if self.outage is None:
+            self._say(f"[yellow]store {self.store.url} unreachable[/] ({reason}); results wait in memory "
+                      "and are written when it is back")
+        self.outage = reason
+
+    def _say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, highlight=False, soft_wrap=True)
+
+    def reconcile(self, results: Any) -> int:
+        """Write every finished trial Tune holds a result for (a resumed sweep: results whose write
+        was lost when an earlier driver gave up on the store); returns how many. Upserts: repeats are harmless."""
+        written = 0
+        for result in results:
+            metrics = result.metrics or {}
+            if result.error is None and PAYLOAD in metrics and metrics.get("trial_id"):
+                self._record(str(metrics["trial_id"]), result.config, metrics[PAYLOAD])
+                written += 1
+        return written
+
+    def _record(self, trial_id: str, tune_config: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
+        outcome = DecodeResult.from_dict(payload["result"], config=stored_config(tune_config))
+        self._write("record_result", self.sweep, trial_id, outcome, payload["hardware"])
+        for baseline in payload["baselines"]:
+            self._write("save_baseline", BaselineResult(**baseline), payload["hardware"], extra={"sweep": self.sweep})
+
+    # --- Tune's events --------------------------------------------------------------------------
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if self.pending and time.monotonic() - self._last_try >= FLUSH_EVERY_S:
+            self.flush()
         for trial in trials:  # new trials show up as pending before they start
             if trial.trial_id not in self.seen and trial.status == "PENDING":
                 self.seen.add(trial.trial_id)
-                self.store.upsert_trial(self.sweep, trial.trial_id, stored_config(trial.config), "pending")
+                self._write("upsert_trial", self.sweep, trial.trial_id, stored_config(trial.config), "pending")
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.seen.add(trial.trial_id)
-        self.store.upsert_trial(self.sweep, trial.trial_id, stored_config(trial.config), "running")
+        self._write("upsert_trial", self.sweep, trial.trial_id, stored_config(trial.config), "running")
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: Mapping[str, Any], **info: Any) -> None:
-        payload = result[PAYLOAD]
-        outcome = DecodeResult.from_dict(payload["result"], config=stored_config(trial.config))
-        self.store.record_result(self.sweep, trial.trial_id, outcome, payload["hardware"])
-        for baseline in payload["baselines"]:
-            self.store.save_baseline(BaselineResult(**baseline), payload["hardware"], extra={"sweep": self.sweep})
+        self._record(trial.trial_id, trial.config, result[PAYLOAD])
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.store.upsert_trial(self.sweep, trial.trial_id, stored_config(trial.config), "error",
-                                error=error_message(trial))
+        self._write("upsert_trial", self.sweep, trial.trial_id, stored_config(trial.config), "error",
+                    error=error_message(trial))
 
 
 class ProgressCallback(Callback):

@@ -7,6 +7,7 @@ a bad URL or spec costs seconds, not a cluster.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -41,6 +42,7 @@ class SweepOptions:
     address: str | None = None  # Ray address: None = $RAY_ADDRESS or a new local cluster; "auto"; "ray://..."
     resume: bool = False
     storage: str | None = None  # Tune's results folder (default: ~/.cache/spectune/ray_results)
+    store_retry_s: float = 120.0  # at the end, how long to wait for an unreachable store before failing
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,18 @@ def storage_path(options: SweepOptions) -> str:
     return str(Path(options.storage).expanduser().resolve() if options.storage else default_storage())
 
 
-def experiment_path(spec: SweepSpec, options: SweepOptions) -> str:
-    return f"{storage_path(options).rstrip('/')}/{spec.name}"
+def store_key(store_url: str) -> str:
+    """A folder name for one results store: Tune's state is kept per store and sweep name, so the same
+    spec run into another `--db` starts a sweep of its own. From the URL without its password."""
+    from spectune.store import mask_url
+
+    masked = mask_url(store_url)
+    backend = masked.split(":", 1)[0].split("+", 1)[0]
+    return f"{backend}-{hashlib.sha256(masked.encode()).hexdigest()[:12]}"
+
+
+def experiment_path(spec: SweepSpec, options: SweepOptions, store_url: str) -> str:
+    return f"{storage_path(options).rstrip('/')}/{store_key(store_url)}/{spec.name}"
 
 
 def run_sweep(spec: SweepSpec, store: Store, options: SweepOptions = SweepOptions(),
@@ -78,6 +90,16 @@ def run_sweep(spec: SweepSpec, store: Store, options: SweepOptions = SweepOption
         check_local_pair(spec.pair)  # on a cluster the paths may exist only on the workers
     _check_new_or_resumable(store, spec, options)
     return _run(store, spec, prompts, options, console)
+
+
+def _mark(store: Store, name: str, status: str, cause: BaseException) -> None:
+    """Set the sweep's status on the way out of a failure; if the store fails too, say so on the
+    first error instead of replacing it (the first error is the one to read)."""
+    try:
+        store.set_sweep_status(name, status)
+    except Exception as err:  # noqa: BLE001 - never hide `cause`
+        cause.add_note(f"(the sweep's status could not be set to {status!r} in {store.url} either: "
+                       f"{type(err).__name__}: {' '.join(str(err).split())[:200]})")
 
 
 def _prompts(spec: SweepSpec) -> tuple[Prompt, ...]:
@@ -98,7 +120,7 @@ def check_local_pair(pair: PairRef) -> None:
 def _check_new_or_resumable(store: Store, spec: SweepSpec, options: SweepOptions) -> None:
     from ray.tune import Tuner
 
-    path = experiment_path(spec, options)
+    path = experiment_path(spec, options, store.url)
     stored = store.get_sweep(spec.name)
     if options.resume:
         if not Tuner.can_restore(path):
@@ -197,7 +219,7 @@ def workers_that_fit(spec: SweepSpec) -> int:
 def _run(store: Store, spec: SweepSpec, prompts: tuple[Prompt, ...], options: SweepOptions, console: Console) -> SweepOutcome:
     import ray
 
-    from spectune.workers.trials.pair_worker import pool_stats, wait_ready
+    from spectune.workers.trials.pair_worker import PoolKeeper, pool_stats, wait_ready
 
     started_ray = _start_ray(options.address)
     pool, created = None, False
@@ -215,17 +237,20 @@ def _run(store: Store, spec: SweepSpec, prompts: tuple[Prompt, ...], options: Sw
         store.create_sweep(spec.name, spec.model_dump(mode="json"), resume=options.resume)
         created = True
         store.set_sweep_status(spec.name, "running")
-        with _quiet_tune():
-            tuner = _tuner(store, spec, options, prompts, {pair.pair_id: pool}, slots, console)
-            tuner.fit()
+        with _quiet_tune(), PoolKeeper(pool):
+            tuner, writer = _tuner(store, spec, options, prompts, {pair.pair_id: pool}, slots, console)
+            results = tuner.fit()
+        if options.resume:  # results an earlier driver could not store (it gave up on the database)
+            writer.reconcile(results)
+        _flush(writer, store, options)
         workers = pool_stats(pool)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if created:
-            store.set_sweep_status(spec.name, "interrupted")
+            _mark(store, spec.name, "interrupted", err)
         raise
-    except BaseException:
+    except BaseException as err:
         if created:
-            store.set_sweep_status(spec.name, "error")
+            _mark(store, spec.name, "error", err)
         raise
     finally:
         if pool is not None:
@@ -248,23 +273,23 @@ def _tuner(store: Store, spec: SweepSpec, options: SweepOptions, prompts: tuple[
     context = SweepContext.of(spec, pools, prompts)
     # the trial only waits on its leased worker, which holds the slot's CPUs and GPUs
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU_SHARE})
-    store_callback = StoreCallback(spec.name).attach(store)
+    store_callback = StoreCallback(spec.name).attach(store, console)
     first = spec.objectives[0]
     progress = ProgressCallback(spec.trials, first.metric, first.mode).attach(console)
+    path = experiment_path(spec, options, store.url)
     if options.resume:
-        tuner = tune.Tuner.restore(experiment_path(spec, options), trainable, resume_errored=True)
-        _reattach_callbacks(tuner, store, console)
-        return tuner
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+        return tuner, _reattach_callbacks(tuner, store, console)
     return tune.Tuner(
         trainable,
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(search_alg=searcher(spec, slots), num_samples=num_samples(spec), reuse_actors=True),
-        run_config=tune.RunConfig(name=spec.name, storage_path=storage_path(options), verbose=0,
+        run_config=tune.RunConfig(name=spec.name, storage_path=path.rsplit("/", 1)[0], verbose=0,
                                   callbacks=[store_callback, progress, JsonLoggerCallback()]),
-    )
+    ), store_callback
 
 
-def _reattach_callbacks(tuner: Any, store: Store, console: Console) -> None:
+def _reattach_callbacks(tuner: Any, store: Store, console: Console) -> Any:
     """Tune restores the callbacks it pickled, without their store and console; give them back.
 
     There is no public accessor for a restored Tuner's RunConfig (ray-project/ray#41364).
@@ -274,11 +299,24 @@ def _reattach_callbacks(tuner: Any, store: Store, console: Console) -> None:
     local_tuner = getattr(tuner, "_local_tuner", None)
     if local_tuner is None:
         raise SweepFailed("this Ray version keeps a restored Tuner's callbacks out of reach; cannot resume into the store")
+    writer = None
     for callback in local_tuner.get_run_config().callbacks or []:
         if isinstance(callback, StoreCallback):
-            callback.attach(store)
+            writer = callback.attach(store, console)
         elif isinstance(callback, ProgressCallback):
             callback.attach(console)
+    if writer is None:
+        raise SweepFailed("the restored sweep has no store callback; cannot resume into the store")
+    return writer
+
+
+def _flush(writer: Any, store: Store, options: SweepOptions) -> None:
+    """Every buffered write stored, waiting up to `store_retry_s` for an unreachable database."""
+    if writer.flush(options.store_retry_s):
+        return
+    raise SweepFailed(f"cannot write {len(writer.pending)} result(s) to {store.url} ({writer.outage}) after "
+                      f"retrying {options.store_retry_s:.0f} s; Tune keeps every result: run the same command "
+                      "with --resume once the database is back")
 
 
 def _start_workers(spec: SweepSpec, slots: int) -> WorkerPool:
@@ -304,6 +342,8 @@ def _stop_pool(pool: WorkerPool) -> None:
     for worker in pool.workers:
         ray.kill(worker)
     pool.free.shutdown(force=True)
+    if pool.retired is not None:
+        pool.retired.shutdown(force=True)
 
 
 def _has_method(actor: Any, name: str) -> bool:
@@ -315,9 +355,16 @@ def _has_method(actor: Any, name: str) -> bool:
 
 
 def _finish(store: Store, spec: SweepSpec, options: SweepOptions, wall_s: float, workers: list[dict[str, Any]]) -> SweepOutcome:
-    trials = store.trials_frame(spec.name)
-    unfinished = int(trials["status"].isin(TRIAL_STATES_UNFINISHED).sum())
-    status = "interrupted" if unfinished else "done"  # Tune stops on Ctrl-C and saves its state
-    store.set_sweep_status(spec.name, status)
+    from spectune.sweeps.callback import STORE_UNREACHABLE, retry_store, unreachable_reason
+
+    try:
+        trials = retry_store(lambda: store.trials_frame(spec.name), options.store_retry_s)
+        unfinished = int(trials["status"].isin(TRIAL_STATES_UNFINISHED).sum())
+        status = "interrupted" if unfinished else "done"  # Tune stops on Ctrl-C and saves its state
+        retry_store(lambda: store.set_sweep_status(spec.name, status), options.store_retry_s)
+    except STORE_UNREACHABLE as err:
+        raise SweepFailed(f"cannot reach {store.url} to finish the sweep ({unreachable_reason(err)}); every result "
+                          "is stored: run the same command with --resume once the database is back") from None
     failed = int((trials["status"] == "error").sum())
-    return SweepOutcome(spec.name, status, len(trials), failed, wall_s, experiment_path(spec, options), workers)
+    return SweepOutcome(spec.name, status, len(trials), failed, wall_s, experiment_path(spec, options, store.url),
+                        workers)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray
+from ray.exceptions import RayActorError
 from ray import tune
 
 from spectune.config import Settings
@@ -56,10 +57,19 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     request = TrialRequest(trial, context.settings(trial.temperature), context.prompts)
     started = time.perf_counter()
     with context.pools[context.pair_id].lease() as worker:
-        outcome: TrialOutcome = ray.get(worker.run.remote(request))
+        try:
+            outcome: TrialOutcome = ray.get(worker.run.remote(request))
+        except RayActorError as err:  # the process died mid-trial (OOM-killed, a crash, SIGKILL)
+            raise TrialFailed(f"the worker running this trial died ({_first_line(err)}); "
+                              "Ray restarts it for the next trial") from None
     if outcome.error is not None:
         raise TrialFailed(outcome.error)
     tune.report(trial_report(outcome, context.objectives, time.perf_counter() - started))
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def trial_report(outcome: TrialOutcome, objectives: tuple[str, ...], wall_s: float) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from spectune.workers.serve.app import build_app
 from spectune.workers.serve.served_config import (
     Limits, ServeArgs, ServeConfigError, choose, from_config_file,
 )
+from support import alive, descendants
 
 PROMPTS = [
     "def add(a, b):\n",
@@ -641,13 +642,64 @@ def test_serve_load_16_concurrent_clients_64_requests_all_correct(endpoint: Endp
     assert all(f.result() for f in done)
 
 
+MALFORMED = [  # (body, expected status): every one a 4xx, never a 5xx
+    (b"{oops", 400), (b"", 400), (b"[1, 2]", 400), (b'{"prompt": 5}', 400),
+    (json.dumps({"prompt": "x", "seed": 2**64}).encode(), 400),
+    (json.dumps({"prompt": "x", "max_tokens": -1}).encode(), 400),
+    (json.dumps({"prompt": "x", "temperature": "hot"}).encode(), 400),
+    (json.dumps({"prompt": "x", "best_of": 2}).encode(), 400),
+    (json.dumps({"prompt": "x", "top_p": 0}).encode(), 400),
+    (json.dumps({"prompt": "x", "model": "nope"}).encode(), 404),
+    (json.dumps({"prompt": "x", "max_tokens": 100_000, "stream": True}).encode(), 400),
+    (json.dumps({"prompt": "x" * (1 << 20)}).encode(), 413),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_serve_load_64_clients_a_quarter_malformed_no_5xx_and_every_answer_equal_to_ar(
+        endpoint: Endpoint, references: dict[str, str]) -> None:
+    """64 clients at once; every 4th sends a malformed request. No response is a 5xx, and every good
+    answer (plain, streamed, or at a temperature below the greedy floor) equals AR's."""
+
+    def ask(index: int) -> tuple[int, bool]:
+        with httpx.Client(base_url=endpoint.url, headers=endpoint.headers(), timeout=300) as http:
+            if index % 4 == 0:
+                body, _ = MALFORMED[(index // 4) % len(MALFORMED)]
+                answer = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+                return answer.status_code, answer.status_code == MALFORMED[(index // 4) % len(MALFORMED)][1]
+            prompt = PROMPTS[index % len(PROMPTS)]
+            request = {"prompt": prompt, "max_tokens": 32, "temperature": 1e-40 if index % 3 == 0 else 0}
+            if index % 2:
+                with http.stream("POST", "/v1/completions", json={**request, "stream": True}) as response:
+                    events = sse_events(response.iter_lines())
+                ok = events[-1] == "[DONE]" and not any(isinstance(e, dict) and "error" in e for e in events)
+                return response.status_code, ok and streamed_text(events) == references[prompt]
+            answer = http.post("/v1/completions", json=request)
+            return answer.status_code, answer.json()["choices"][0]["text"] == references[prompt]
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        futures = [pool.submit(ask, i) for i in range(64)]
+        done, pending = wait(futures, timeout=800)
+    assert not pending, f"{len(pending)} of 64 requests unanswered"
+    answers = [f.result() for f in done]
+    assert not [status for status, _ in answers if status >= 500]
+    assert all(ok for _, ok in answers)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_serve_stop_shuts_the_endpoint_down(endpoint: Endpoint) -> None:
-    stopped = endpoint.stop()
+    children = descendants(endpoint.process.pid)  # the local Ray it started: raylet, GCS, Serve's actors, ...
+    assert children
+    stopped = endpoint.stop()  # SIGTERM to `spectune serve`
     assert stopped.returncode == 0, stopped.stderr + stopped.stdout
     assert "stopped the endpoint" in stopped.stdout
     assert endpoint.process.wait(timeout=60) == 0
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if alive(pid)], "a process outlived `spectune serve`"
     assert not (Path(endpoint.env["SPECTUNE_CACHE"]) / "serve" / f"{endpoint.port}.json").exists()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{endpoint.url}/healthz", timeout=5)

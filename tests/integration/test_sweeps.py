@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,25 +29,10 @@ from spectune.cli import app
 from spectune.store import connect
 from spectune.sweeps.launcher import SweepOptions, run_sweep
 from spectune.sweeps.spec import parse_spec
+from support import count, sweep_spec
 
 BIN = Path(sys.executable).parent  # the venv's spectune and ray
 TOO_BIG_TREE = [16, 16, 4]  # 1296 nodes: more than the micro target's 1024 positions, so the trial fails
-
-
-def sweep_spec(name: str, pair: Path, space: dict, **overrides) -> dict:
-    return {
-        "name": name,
-        "pair": {"dir": str(pair)},
-        "prompts": {"set": "default", "limit": 2},
-        "max_new_tokens": 24,
-        "space": space,
-        "search": "grid",
-        "repeats": 1,
-        "warmup": 1,
-        "concurrency": 1,
-        "resources": {"cpus": 1, "gpus": 0},
-        **overrides,
-    }
 
 
 def write_spec(folder: Path, spec: dict) -> Path:
@@ -59,25 +41,9 @@ def write_spec(folder: Path, spec: dict) -> Path:
     return path
 
 
-@pytest.fixture
-def ray_tmp() -> Iterator[Path]:
-    """Ray's session folder: short (unix socket paths are limited to ~107 bytes) and removed after."""
-    folder = Path(tempfile.mkdtemp(prefix="st-", dir="/tmp"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def driver_env(ray_tmp: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "RAY_TMPDIR": str(ray_tmp), "OMP_NUM_THREADS": "1",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
-
-
-def count(db: Path, sql: str) -> int:
-    with sqlite3.connect(db, timeout=30) as conn:
-        try:
-            return conn.execute(sql).fetchone()[0]
-        except sqlite3.OperationalError:  # the driver has not created the tables yet
-            return 0
 
 
 def kill_group(process: subprocess.Popen) -> None:

@@ -18,14 +18,16 @@ import json
 import os
 import platform
 import socket
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ray
 from pydantic import ValidationError
+from ray.exceptions import RayActorError
 from ray.util.queue import Queue
 
 from spectune.config import DecodeConfig
@@ -218,33 +220,107 @@ class PairWorker:
 
 RemotePairWorker = ray.remote(PairWorker)
 
+# A worker process that dies (OOM-killed, a segfault in a kernel, SIGKILL) is restarted by Ray with
+# the same arguments, so it reloads the pair; the trial it was running fails (tasks are not retried:
+# a trial is measured once). After this many restarts a worker is dead for good and the pool
+# replaces it (`PoolKeeper`).
+WORKER_RESTARTS = 3
 
-@dataclass(frozen=True)
+
+@dataclass
 class WorkerPool:
-    """The workers holding one pair; a trial leases one for its duration (a queue of free workers)."""
+    """The workers holding one pair; a trial leases one for its duration (a queue of free workers).
+
+    A lease never hands out a dead worker: it waits while Ray restarts one, and retires one that is
+    dead for good (onto `retired`, where the driver's `PoolKeeper` replaces it with `spawn()`).
+    """
 
     pair_id: str
-    workers: tuple[Any, ...]  # actor handles
+    workers: tuple[Any, ...]  # actor handles (the driver's view: replacements are added here)
     free: Queue = field(compare=False)
+    retired: Queue | None = field(default=None, compare=False)
+    spawn: Callable[[], Any] | None = field(default=None, compare=False, repr=False)  # a new worker, driver side
 
     @contextmanager
     def lease(self) -> Iterator[Any]:
-        worker = self.free.get(block=True)
+        worker = self._live_worker()
         try:
             yield worker
         finally:
-            self.free.put(worker)
+            self.free.put(worker)  # even after it died mid-trial: Ray restarts it; the next lease checks
+
+    def _live_worker(self) -> Any:
+        while True:
+            worker = self.free.get(block=True)
+            if answers(worker):
+                return worker
+            if self.retired is not None:  # dead for good: out of circulation, the keeper replaces it
+                self.retired.put(worker)
+
+
+def answers(worker: Any) -> bool:
+    """True when the worker answers a call (waiting while Ray restarts it), False when it is dead for good."""
+    try:
+        ray.get(worker.ready.remote())
+    except RayActorError:
+        return False
+    return True
+
+
+class PoolKeeper:
+    """Driver side, while a sweep runs: every worker a lease retired is replaced by a fresh one, which
+    loads the pair, so no trial waits on a worker that cannot come back.
+
+        with PoolKeeper(pool):
+            tuner.fit()
+    """
+
+    def __init__(self, pool: WorkerPool, poll_s: float = 0.5) -> None:
+        self.pool = pool
+        self.poll_s = poll_s
+        self.replaced = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spectune-pool-keeper", daemon=True)
+
+    def __enter__(self) -> PoolKeeper:
+        if self.pool.retired is not None and self.pool.spawn is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                dead = self.pool.retired.get(block=True, timeout=self.poll_s)
+            except Empty:
+                continue
+            fresh = self.pool.spawn()
+            self.pool.workers = tuple(w for w in self.pool.workers if w != dead) + (fresh,)
+            ray.kill(dead)
+            self.replaced += 1
+            self.pool.free.put(fresh)
 
 
 def start_pool(source: PairRef, size: int, cpus: float, gpus: float) -> WorkerPool:
     """`size` workers for one pair (they start loading at once); wait with `wait_ready`."""
-    options = {"num_cpus": max(cpus - TRIAL_CPU_SHARE, TRIAL_CPU_SHARE), "num_gpus": gpus}
+    options = {"num_cpus": max(cpus - TRIAL_CPU_SHARE, TRIAL_CPU_SHARE), "num_gpus": gpus,
+               "max_restarts": WORKER_RESTARTS, "max_task_retries": 0}
     threads = max(1, round(cpus))
-    workers = tuple(RemotePairWorker.options(**options).remote(source, threads) for _ in range(size))
+
+    def spawn() -> Any:
+        return RemotePairWorker.options(**options).remote(source, threads)
+
+    workers = tuple(spawn() for _ in range(size))
     free = Queue(maxsize=size, actor_options={"num_cpus": 0})
     for worker in workers:
         free.put(worker)
-    return WorkerPool(source.pair_id, workers, free)
+    return WorkerPool(source.pair_id, workers, free, Queue(actor_options={"num_cpus": 0}), spawn)
 
 
 def wait_ready(pool: WorkerPool) -> list[WorkerReady]:
@@ -252,4 +328,5 @@ def wait_ready(pool: WorkerPool) -> list[WorkerReady]:
 
 
 def pool_stats(pool: WorkerPool) -> list[dict[str, Any]]:
+    """Each worker's counters (a worker Ray restarted counts from its restart)."""
     return ray.get([w.stats.remote() for w in pool.workers])

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import typer
 
 from spectune.cli.output import fail
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_WAIT_S = 15.0  # after passing a signal on, how long the child has before it is killed
 
 
 def app_path() -> Path:
@@ -41,8 +46,32 @@ def dashboard(
     url = resolve_url(db)
     env = {**os.environ, "SPECTUNE_DB": url}  # env, not argv: a password stays out of `ps`
     typer.echo(f"spectune dashboard on http://{host}:{port}  (store: {mask_url(url)})")
+    code = run_passing_signals(streamlit_command(host, port), env)
+    raise typer.Exit(0 if code in (-signal.SIGINT, -signal.SIGTERM) else code)
+
+
+def run_passing_signals(command: list[str], env: dict[str, str]) -> int:
+    """Run `command` until it exits, passing SIGTERM, SIGINT and SIGHUP on to it; its exit code.
+
+    Without this, a SIGTERM ends this process at once and leaves the child (streamlit) running,
+    holding the port. A child that has not exited `STOP_WAIT_S` after a signal is killed.
+    """
+    child = subprocess.Popen(command, env=env)
+    asked: list[float] = []
+
+    def pass_on(signum: int, _frame: object) -> None:
+        asked.append(time.monotonic())
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, pass_on) for signum in FORWARDED}
     try:
-        code = subprocess.call(streamlit_command(host, port), env=env)
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code)
+        while True:
+            try:
+                return child.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if asked and time.monotonic() - asked[0] > STOP_WAIT_S:
+                    child.kill()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -143,18 +143,19 @@ def _run_demo(store: Any, data: dict[str, Any], db: str | None) -> Any:
         spec = parse_spec(data, f"{data['name']}.yaml")
     except SpecError as err:
         fail(str(err))
-    spec = spec.model_copy(update={"name": _free_name(spec, {s.name for s in store.list_sweeps()})})
+    spec = spec.model_copy(update={"name": _free_name(spec, {s.name for s in store.list_sweeps()}, store.url)})
     return _run(spec, store, db, None, False, None)
 
 
-def _free_name(spec: Any, taken: set[str]) -> str:
+def _free_name(spec: Any, taken: set[str], store_url: str) -> str:
     """quick, then quick-2, quick-3, ...: the demo can run again into the same store."""
     from ray.tune import Tuner
 
     from spectune.sweeps.launcher import SweepOptions, experiment_path
 
     name, n = spec.name, 1
-    while name in taken or Tuner.can_restore(experiment_path(spec.model_copy(update={"name": name}), SweepOptions())):
+    while name in taken or Tuner.can_restore(experiment_path(spec.model_copy(update={"name": name}), SweepOptions(),
+                                                             store_url)):
         n += 1
         name = f"{spec.name}-{n}"
     return name
