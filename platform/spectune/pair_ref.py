@@ -49,8 +49,9 @@ class PairRef(BaseModel):
             preset, seed = str(options.pop("preset")), int(options.pop("seed", 0))
             return _folder_form(_preset_folder(preset, seed), options)
         folder = options.pop("dir", None) or options.pop("path", None)
-        if folder is not None:
-            return _folder_form(Path(str(folder)).expanduser(), options)
+        if folder is not None:  # a folder here, else a name (tiny, smollm2: `--pair smollm2`)
+            local = Path(str(folder)).expanduser()
+            return _folder_form(local if local.exists() else _named_folder(str(folder)), options)
         return options
 
     @field_validator("target", "drafter")

@@ -83,3 +83,11 @@ def test_the_real_smollm2_wheel_imports() -> None:
     assert card["target"]["n_layers"] == 30 and card["target"]["vocab_size"] == 49152
     assert card["target"]["eos_token"] == "<|im_end|>" and card["target"]["chat_template"]
     assert PairRef.model_validate("smollm2").target == str(out / "target")
+
+
+def test_the_cli_pair_option_takes_an_imported_name(micro_gguf: Path, tmp_cache: Path) -> None:
+    from spectune.pair_ref import pair_from_options
+
+    import_model(gguf=micro_gguf, out=tmp_cache / "pairs" / "smollm2", progress=False)
+    ref = pair_from_options(Path("smollm2"), None, None, "cpu", "bfloat16")  # bench/trees `--pair smollm2`
+    assert ref.target == str(tmp_cache / "pairs" / "smollm2" / "target") and ref.dtype == "bfloat16"
