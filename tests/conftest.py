@@ -27,6 +27,24 @@ def micro_pair() -> Path:
     return build_pair("micro", default_pair_dir("micro", 0), seed=0, progress=False)
 
 
+@pytest.fixture(scope="session")
+def micro_heads(micro_pair: Path) -> Path:
+    """Medusa, Hydra, EAGLE and EAGLE-3 heads for the micro pair, in ``<pair>/heads/<kind>`` where the methods
+    find them, trained once (a small feature pass and ~100 steps each, seconds) and cached like the pair."""
+    from spectune.heads.build import options_for, train_heads
+    from spectune.heads.features import FeatureSpec
+    from spectune.heads.spec import KINDS
+    from spectune.pair import load_pair
+    from spectune.pair_ref import PairRef
+
+    pair = load_pair(PairRef.model_validate({"dir": micro_pair}))
+    features = FeatureSpec(seq_len=128, train_windows=64, heldout_windows=8)
+    for kind in KINDS:
+        options = options_for(kind, steps=100, batch=4, lr=3e-3)
+        train_heads(pair.target, pair.tokenizer, options, features, progress=False)
+    return micro_pair / "heads"
+
+
 @pytest.fixture
 def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty ``SPECTUNE_CACHE`` for one test (session fixtures such as ``micro_pair``

@@ -17,12 +17,16 @@ EXTRA_CONFIGS = [
     ("tree", {"paths": [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0]]}),
     ("pld", {"max_ngram": 2, "draft_len": 4}),
     ("pld", {"matches": 4, "draft_len": 6}),
+    ("medusa", {"paths": [[0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0]]}),
+    ("hydra", {"branching": [3, 2, 1, 1]}),
+    ("eagle", {"budget": 24, "max_depth": 5, "topk": 2}),
+    ("eagle3", {"budget": 6, "per_pass": 1}),
 ]
 CONFIGS = [(name, {}) for name in METHODS.names() if name != "ar"] + EXTRA_CONFIGS
 
 
 @pytest.fixture(scope="module")
-def pair(micro_pair):
+def pair(micro_pair, micro_heads):  # the heads methods (medusa, hydra, eagle, eagle3) find theirs in the pair
     return load_pair(PairRef.model_validate({"dir": micro_pair}))
 
 
@@ -50,5 +54,5 @@ def test_greedy_output_equals_ar(pair, prompts, reference, method, knobs):
         first_diff = next((i for i, (a, b) in enumerate(zip(generation.tokens, expected)) if a != b), None)
         assert generation.tokens == expected, f"{method} {knobs} prompt {pid}: differs at token {first_diff}, lengths {len(generation.tokens)} vs {len(expected)}"
         accepted += sum(s.accepted for s in generation.steps)
-    if method in ("sps", "tree"):
+    if method in ("sps", "tree") or METHODS.get(method).needs_heads:
         assert accepted > 0, "the drafter never got a token accepted: the pair or the method is broken"

@@ -25,6 +25,10 @@ CASES = {
     "recycling": ({"branching": [4, 2], "k": 4}, KnobColumns(tree_shape="[4,2]")),
     "dytree": ({"budget": 20, "max_depth": 3}, KnobColumns(node_budget=20)),
     "sequoia": ({"budget": 8}, KnobColumns(node_budget=8)),
+    "medusa": ({"paths": [[0], [1], [0, 0]]}, KnobColumns(tree_shape="[[0],[1],[0,0]]")),
+    "hydra": ({"branching": [3, 2], "heads": "/somewhere"}, KnobColumns(tree_shape="[3,2]")),
+    "eagle": ({"budget": 24}, KnobColumns(node_budget=24)),
+    "eagle3": ({"budget": 12, "topk": 3}, KnobColumns(node_budget=12)),
 }
 
 

@@ -10,6 +10,7 @@ from spectune.cli import dashboard_cmd
 from spectune.cli import serve_cmd
 from spectune.cli import trees_cmd
 from spectune.cli import sweep_cmd
+from spectune.cli import heads_cmd
 
 app = typer.Typer(
     name="spectune",
@@ -29,6 +30,7 @@ app.command("serve")(serve_cmd.serve)
 app.add_typer(trees_cmd.app, name="trees")
 app.command("sweep")(sweep_cmd.sweep)
 app.command("demo")(sweep_cmd.demo)
+app.add_typer(heads_cmd.app, name="heads")
 
 
 def main() -> None:

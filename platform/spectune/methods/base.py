@@ -55,3 +55,4 @@ class Method:
     rule: str  # how acceptance keeps it lossless (greedy / sampling)
     # store column (a spectune.config.KnobColumns field) -> the method's knobs that fill it, first non-None wins
     columns: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    needs_heads: str | None = None  # the kind of trained heads it drafts with (medusa, hydra, eagle, eagle3)

@@ -33,11 +33,14 @@ class MethodRegistry:
         rule: str,
         lossless: bool = True,
         columns: Mapping[str, tuple[str, ...]] | None = None,
+        needs_heads: str | None = None,
     ) -> Callable[[Callable[[Knobs, Models], Drafter]], Callable[[Knobs, Models], Drafter]]:
         """Register a method's factory; the texts feed `spectune methods` and docs/methods.md.
 
         `columns` maps a store knob column (a `spectune.config.KnobColumns` field) to the
         method's knobs that fill it, first non-None wins: {"draft_len": ("gamma",)}.
+        `needs_heads` names the kind of heads trained for the target the method drafts with
+        (`spectune heads train --kind KIND`; the factory finds and checks them).
         """
         columns = {column: tuple(names) for column, names in (columns or {}).items()}
         for column, names in columns.items():
@@ -50,7 +53,8 @@ class MethodRegistry:
         def decorate(build: Callable[[Knobs, Models], Drafter]) -> Callable[[Knobs, Models], Drafter]:
             if name in self._methods:
                 raise ValueError(f"method {name!r} is registered twice")
-            self._methods[name] = Method(name, knobs, build, needs_drafter, lossless, summary, paper, cost, rule, columns)
+            self._methods[name] = Method(name, knobs, build, needs_drafter, lossless, summary, paper, cost, rule, columns,
+                                         needs_heads)
             return build
 
         return decorate

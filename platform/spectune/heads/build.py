@@ -1,0 +1,160 @@
+"""`spectune heads train`: heads of one kind for a pair's target, cached beside the pair with a card.
+
+    1. load the target (the pair's tokenizer too) and check the kind can draft for it
+    2. the feature pass, cached under `<pair>/heads/features/<digest>/` (shared by every kind)
+    3. the draft vocabulary: all tokens, or the corpus's most frequent (FR-Spec)
+    4. train from the cache (seeded, deterministic), score agreement on held-out windows
+    5. save heads.safetensors and heads.json, the vLLM export (`<pair>/heads/<kind>-vllm`), the card last
+
+A heads folder whose card has the same request (kind, sizes, training options, feature digest, target
+fingerprint, builder version) is used as it is, unless forced.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spectune.heads import train as training
+from spectune.heads.features import FeatureSpec, cached_features, fused_layers
+from spectune.heads.load import check_supported, new_module, save_weights, target_print
+from spectune.heads.spec import HEADS_VERSION, KINDS, HeadsError, HeadsSpec, default_folder, write_spec
+from spectune.heads.vocab import DraftVocab, frequent_tokens
+from spectune.models.cache import build_lock, prepare_out
+from spectune.models.card import read_card, write_card
+from spectune.models.seeding import derive_seed, seeded_deterministic
+
+AGREEMENT_TOPK = 4  # the card's top-k agreement: the target's argmax among the heads' 4 best
+
+
+@dataclass(frozen=True)
+class HeadsOptions:
+    """One kind's sizes and training schedule (defaults per kind in DEFAULTS)."""
+
+    kind: str
+    n_heads: int  # medusa/hydra: heads (draft depth); eagle/eagle3: unrolled training steps
+    n_layers: int = 1
+    draft_vocab: int = 0  # tokens the heads may propose; 0 = the whole vocabulary
+    steps: int = 600
+    batch: int = 8
+    lr: float = 1e-3
+    seed: int = 0
+
+
+DEFAULTS = {
+    "medusa": HeadsOptions("medusa", n_heads=4, lr=1e-3),
+    "hydra": HeadsOptions("hydra", n_heads=4, lr=1e-3),
+    "eagle": HeadsOptions("eagle", n_heads=3, lr=5e-4),
+    "eagle3": HeadsOptions("eagle3", n_heads=3, lr=5e-4),
+}
+
+
+def options_for(kind: str, **overrides: Any) -> HeadsOptions:
+    if kind not in DEFAULTS:
+        raise HeadsError(f"unknown heads kind {kind!r}; kinds: {', '.join(KINDS)}")
+    return replace(DEFAULTS[kind], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[spectune heads train] {msg}", file=sys.stderr, flush=True)
+
+
+def train_heads(model, tokenizer, options: HeadsOptions, features: FeatureSpec, out: Path | None = None, *,
+                force: bool = False, progress: bool = True) -> Path:
+    """Train `options.kind` heads for `model` (a loaded target) into `out` (default `<pair>/heads/<kind>`)."""
+    check_supported(options.kind, model)
+    out = Path(out) if out is not None else default_folder(str(model.name_or_path), options.kind)
+    if out is None:
+        raise HeadsError(f"target {model.name_or_path} is not a pair folder's target/: give the heads folder (--out)")
+    out = prepare_out(out)
+    printed = target_print(model)
+    request = {"version": HEADS_VERSION, "options": asdict(options), "features": asdict(features),
+               "target": printed.model_dump(), "dtype": str(model.dtype)}
+    with build_lock(out):
+        card = read_card(out)
+        if not force and card and card.get("request") == request and (out / "heads.safetensors").is_file():
+            _log(progress, f"using the cached {options.kind} heads at {out}")
+            return out
+        (out / "card.json").unlink(missing_ok=True)  # a partial build must not look complete
+        started = time.perf_counter()
+        train, heldout, corpus = cached_features(out.parent / "features", model, tokenizer, features, printed.weights, progress)
+        about = {"features": {"path": str(train.path.parent), "seconds": round(time.perf_counter() - started, 2),
+                              **asdict(features), "fused_layers": list(train.fused)},
+                 "corpus": corpus.describe()}
+        train_from_features(model, options, train, heldout, out, {"request": request, **about}, progress)
+    return out
+
+
+def train_from_features(model, options: HeadsOptions, train, heldout, out: Path, about: dict,
+                        progress: bool = True) -> HeadsSpec:
+    """Train, score, save and export one kind from a feature cache (any token source: tests use the
+    target's own samples); the card (with `about`) is written last."""
+    started = time.perf_counter()
+    printed = target_print(model)
+    spec, module, vocab, stats, scores = _train(model, options, train, heldout, printed, progress)
+    save_weights(out, module, vocab)
+    write_spec(out, spec)
+    exported = _export(out, spec, module, vocab, model)
+    card = {**about, "kind": options.kind, "target": printed.model_dump(),
+            "draft_vocab": {"size": vocab.size, "of": vocab.full_size, "heldout_argmax_coverage": _coverage(heldout, vocab)},
+            "training": stats, "agreement": scores, "vllm_export": exported,
+            "total_seconds": round(time.perf_counter() - started + about.get("features", {}).get("seconds", 0), 2),
+            "note": "agreement: per head position (1 = the first draft token after the root), the share of "
+                    "held-out positions where the heads' best / k best include the target's argmax"}
+    write_card(out, card)
+    _log(progress, f"{options.kind}: top-1 agreement by position {scores['top1']}, top-{AGREEMENT_TOPK} "
+                   f"{scores['topk']} ({card['total_seconds']:.0f} s) -> {out}")
+    return spec
+
+
+def _train(model, options: HeadsOptions, train, heldout, printed, progress: bool):
+    config = model.config
+    data = train.load()
+    vocab = (frequent_tokens(data["tokens"], options.draft_vocab, config.vocab_size) if options.draft_vocab
+             else DraftVocab.full(config.vocab_size))
+    layers = (config.num_hidden_layers,) if options.kind != "eagle3" else fused_layers(config.num_hidden_layers)
+    spec = HeadsSpec(kind=options.kind, n_heads=options.n_heads, n_layers=options.n_layers, feature_layers=layers,
+                     draft_vocab_size=vocab.size, target=printed,
+                     train={k: v for k, v in asdict(options).items() if k not in ("kind", "n_heads", "n_layers")})
+    frozen = training.Frozen(vocab.rows(model.get_output_embeddings().weight).detach().float().cpu(),
+                             model.get_input_embeddings().weight.detach().float().cpu(), vocab)
+    with seeded_deterministic(derive_seed(options.seed, f"heads:{options.kind}:init")):
+        module = new_module(spec, config)
+    if options.kind == "eagle3":
+        with torch.no_grad():
+            module.lm_head.weight.copy_(frozen.readout)  # the target's rows: EAGLE-3's own head starts as (and stays) them
+    predict = _predictor(options, module, frozen)
+    role = f"heads:{options.kind}"
+    stats = training.fit(module, lambda w: training.prediction_loss(predict(data, w), vocab), data["tokens"].shape[0],
+                         training.TrainOptions(options.steps, options.batch, options.lr, options.seed), role, progress)
+    held = heldout.load()
+    scores = training.agreement(lambda w: predict(held, w), held["tokens"].shape[0], vocab, AGREEMENT_TOPK)
+    return spec, module, vocab, stats, scores
+
+
+def _predictor(options: HeadsOptions, module, frozen):
+    if options.kind == "medusa":
+        return lambda data, w: training.medusa_predictions(module, frozen, data, w)
+    if options.kind == "hydra":
+        return lambda data, w: training.hydra_predictions(module, frozen, data, w)
+    return lambda data, w: training.eagle_predictions(module, frozen, data, w, options.n_heads)
+
+
+def _coverage(heldout, vocab: DraftVocab) -> float:
+    """Share of held-out positions whose target argmax the draft vocabulary holds (1.0 when not reduced)."""
+    best = heldout.tensor("top_ids")[..., 0].long()
+    return round(float((vocab.index_of(best) >= 0).float().mean()), 4)
+
+
+def _export(out: Path, spec: HeadsSpec, module, vocab: DraftVocab, model) -> str | None:
+    from spectune.heads.export import VLLM_METHOD, export_vllm
+
+    if spec.kind not in VLLM_METHOD:
+        return None
+    return str(export_vllm(out.parent / f"{spec.kind}-vllm", spec, module, vocab, model))

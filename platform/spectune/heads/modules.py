@@ -1,0 +1,176 @@
+"""The heads as torch modules, each laid out (parameter names, shapes, order of operations) exactly as
+the vLLM 0.32 model that loads its export runs it, so an exported head computes what it computed here.
+
+- Medusa-1 (Cai et al. 2024): K residual blocks on the target's final feature (the final norm's
+  output), head k predicting the token k+1 after the next, read out through the target's frozen LM
+  head. vLLM `model_executor/models/medusa.py`: `blocks.{k}.layers.{j}` Linear(d, d) with
+  `x = x + silu(W x + b)`, shared `lm_head` when `original_lm_head`.
+- Hydra (Ankner et al. 2024): head k also reads the embeddings of the k tokens before the one it
+  predicts (the root and the k-1 drafted before it), so the heads are sequentially dependent.
+  vLLM has no Hydra; these stay spectune's.
+- EAGLE (Li et al. 2024): one Llama decoder layer over fc([embedding of the next token, feature]),
+  predicting the next feature, read out by the target's frozen LM head, drafting autoregressively
+  in feature space. vLLM `llama_eagle.py`: fc without bias, layer 0 without its input norm, no final
+  norm; the layer's output is both the next feature and what the LM head reads.
+- EAGLE-3 (Li et al. 2025): fc fuses a low, a middle and a high layer of the target (their
+  pre-norm block outputs); the layer's attention reads [input_norm(embedding), hidden_norm(h)]
+  (2d wide); a final norm and the heads' own LM head over the draft vocabulary (`d2t` maps it to
+  the target's ids). vLLM `llama_eagle3.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, PretrainedConfig
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+
+
+# --- Medusa and Hydra ---------------------------------------------------------------------------
+
+
+class ResidualBlock(nn.Module):
+    """`x = x + silu(W x + b)` per layer; zero weights at init, so a new head starts as the LM head itself."""
+
+    def __init__(self, hidden: int, n_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_layers))
+        for layer in self.layers:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + F.silu(layer(x))
+        return x
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, n_layers: int = 1) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ResidualBlock(hidden, n_layers) for _ in range(n_heads))
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        """feature [..., d] -> [K, ..., d]: what each head hands the LM head."""
+        return torch.stack([block(feature) for block in self.blocks])
+
+
+class HydraHead(nn.Module):
+    """Reads [feature, k token embeddings] ((k+1)·d wide): a projected residual plus silu(W x + b), then blocks."""
+
+    def __init__(self, hidden: int, n_inputs: int, n_layers: int) -> None:
+        super().__init__()
+        self.project = nn.Linear(n_inputs * hidden, hidden)  # the residual path: starts as "take the feature"
+        self.linear = nn.Linear(n_inputs * hidden, hidden)
+        self.blocks = ResidualBlock(hidden, n_layers - 1)
+        with torch.no_grad():
+            self.project.weight.zero_()
+            self.project.weight[:, :hidden] = torch.eye(hidden)
+            self.project.bias.zero_()
+            self.linear.weight.zero_()
+            self.linear.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.project(x) + F.silu(self.linear(x)))
+
+
+class HydraHeads(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, n_layers: int = 1) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(HydraHead(hidden, k + 1, n_layers) for k in range(1, n_heads + 1))
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.heads)
+
+    def head(self, k: int, feature: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """Head k (1-based) predicts draft depth k: feature [..., d], embeds [..., k, d] of the root and the
+        k-1 tokens drafted after it -> [..., d] for the LM head."""
+        return self.heads[k - 1](torch.cat([feature, embeds.flatten(-2)], dim=-1))  # [..., (k+1)·d] -> [..., d]
+
+
+# --- EAGLE and EAGLE-3 --------------------------------------------------------------------------
+
+
+def eagle_config(target: PretrainedConfig) -> LlamaConfig:
+    """The draft layer's config: the target's attention and MLP shapes, one layer, SDPA attention."""
+    config = LlamaConfig(**copy.deepcopy(target.to_dict()))
+    config.num_hidden_layers = 1
+    config._attn_implementation = "sdpa"
+    return config
+
+
+class EagleLayer(nn.Module):
+    """One Llama decoder layer; for EAGLE-3 its q/k/v read [embedding, hidden] (2d) and it has a hidden norm.
+    EAGLE's layer has no input norm (vLLM replaces it with Identity)."""
+
+    def __init__(self, config: LlamaConfig, version: int) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.self_attn = LlamaAttention(config, layer_idx=0)
+        if version == 3:
+            attn = self.self_attn
+            for name in ("q_proj", "k_proj", "v_proj"):
+                old = getattr(attn, name)
+                setattr(attn, name, nn.Linear(2 * hidden, old.out_features, bias=old.bias is not None))
+            self.input_layernorm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
+            self.hidden_norm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+
+class EagleDraft(nn.Module):
+    """EAGLE (version 1) or EAGLE-3 (version 3): `combine` turns the target's features into the layer's
+    hidden input; `forward` runs the layer over (hidden, embedding of the token at the next position)."""
+
+    def __init__(self, config: LlamaConfig, version: int, n_features: int, draft_vocab_size: int) -> None:
+        super().__init__()
+        if version not in (1, 3):
+            raise ValueError(f"EAGLE version must be 1 or 3, got {version}")
+        hidden = config.hidden_size
+        self.version = version
+        self.config = config
+        fc_inputs = 2 if version == 1 else n_features  # EAGLE: [embedding, feature]; EAGLE-3: the fused layers
+        self.fc = nn.Linear(fc_inputs * hidden, hidden, bias=False)
+        self.layers = nn.ModuleList([EagleLayer(config, version)])
+        self.rotary = LlamaRotaryEmbedding(config)  # no parameters: inv_freq is a non-persistent buffer
+        if version == 3:
+            self.norm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
+            self.lm_head = nn.Linear(hidden, draft_vocab_size, bias=False)
+            self.lm_head.weight.requires_grad_(False)  # the target's rows of the draft vocabulary, frozen
+
+    def combine(self, features: torch.Tensor) -> torch.Tensor:
+        """Target features -> the layer's hidden input: EAGLE [..., d] as is; EAGLE-3 [..., 3d] through fc."""
+        return features if self.version == 1 else self.fc(features)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden, embeds [B, n, d]; positions [B, n]; mask [B|1, 1, n, past+n] additive; cache: a transformers
+        cache whose layer 0 holds the past (or None). Returns (what the LM head reads, the next hidden), [B, n, d]."""
+        layer = self.layers[0]
+        if self.version == 1:
+            x = self.fc(torch.cat([embeds, hidden], dim=-1))  # [B, n, d]
+            residual, attn_in = x, x  # no input norm
+        else:
+            residual = hidden
+            attn_in = torch.cat([layer.input_layernorm(embeds), layer.hidden_norm(hidden)], dim=-1)  # [B, n, 2d]
+        cos_sin = self.rotary(residual, positions)
+        attended, _ = layer.self_attn(hidden_states=attn_in, position_embeddings=cos_sin, attention_mask=mask, cache=cache)
+        x = residual + attended
+        x = x + layer.mlp(layer.post_attention_layernorm(x))  # [B, n, d]
+        if self.version == 1:
+            return x, x
+        return self.norm(x), x

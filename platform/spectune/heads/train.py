@@ -1,0 +1,240 @@
+"""Training each kind of head from the cached features, and scoring it against the target on held-out text.
+
+Every kind learns the target's own next-token distribution (its top-k logits, renormalised over the
+draft vocabulary): what matters for acceptance is agreeing with the target, not with the corpus.
+
+    medusa  head k on the feature at t            -> the target's distribution at t+k (token t+k+1)
+    hydra   head k on [feature t, embeddings of tokens t+1..t+k] -> the same
+    eagle   the layer over (feature t, token t+1) -> the feature at t+1 (smooth L1) and the target's
+            distribution there; unrolled `n_heads` steps on its own outputs (training-time test, as
+            EAGLE-3 trains), so step s learns what drafting depth s sees
+    eagle3  the same over fc(low, middle, high) with its own norm and LM head, distribution only
+
+Deterministic: a seeded generator picks the batches, the init and the training run under
+`spectune.models.seeding.seeded_deterministic`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectune.engine.kvcache import KVCache
+from spectune.heads.modules import EagleDraft, HydraHeads, MedusaHeads
+from spectune.heads.vocab import DraftVocab
+from spectune.models.seeding import derive_seed, seeded_deterministic
+from spectune.models.training import lr_factor
+from spectune.trees.draft import additive_mask
+
+POSITION_DECAY = 0.8  # weight of head / step k's loss: 0.8^(k-1) (Medusa's and EAGLE-3's decay)
+FEATURE_WEIGHT = 1.0  # EAGLE: smooth-L1 on the next feature beside 0.1 x the distribution loss
+DISTRIBUTION_WEIGHT = 0.1
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    steps: int
+    batch: int  # windows per step
+    lr: float
+    seed: int = 0
+    warmup_frac: float = 0.05
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """What the heads read from the target and never change: its LM head rows and input embeddings (fp32)."""
+
+    readout: torch.Tensor  # [V', d] the LM head's rows of the draft vocabulary
+    embeddings: torch.Tensor  # [V, d]
+    vocab: DraftVocab
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.readout.T  # [..., d] -> [..., V']
+
+
+def soft_targets(top_ids: torch.Tensor, top_logits: torch.Tensor, vocab: DraftVocab) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's top-k distribution over the draft vocabulary: (indices into it [.., k], probabilities [.., k]).
+
+    Tokens outside the draft vocabulary get probability 0 (index 0, never weighted); the rest is renormalised.
+    """
+    index = vocab.index_of(top_ids.long())  # [.., k], -1 outside
+    probs = torch.softmax(top_logits.float(), dim=-1) * (index >= 0)  # [.., k]
+    probs = probs / probs.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+    return index.clamp(min=0), probs
+
+
+def distribution_loss(logits: torch.Tensor, top_ids: torch.Tensor, top_logits: torch.Tensor, vocab: DraftVocab) -> torch.Tensor:
+    """Cross-entropy of draft logits [.., V'] against the target's renormalised top-k distribution."""
+    index, probs = soft_targets(top_ids, top_logits, vocab)
+    log_q = torch.log_softmax(logits.float(), dim=-1).gather(-1, index)  # [.., k]
+    return -(probs * log_q).sum(dim=-1).mean()
+
+
+def batches(n_windows: int, size: int, seed: int, role: str) -> Iterator[torch.Tensor]:
+    """Window indices of each step, from a generator of their own (seeded by role)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, role))
+    while True:
+        yield torch.randint(n_windows, (size,), generator=generator)
+
+
+def fit(module: nn.Module, loss: Callable[[torch.Tensor], torch.Tensor], n_windows: int, options: TrainOptions,
+        role: str, progress: bool) -> dict:
+    """AdamW with warm-up and cosine decay over `options.steps` batches of windows; returns the training stats."""
+    from tqdm.auto import tqdm
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=options.lr, betas=(0.9, 0.95), weight_decay=options.weight_decay)
+    warmup = max(1, round(options.warmup_frac * options.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, options.steps, warmup, options.min_lr_frac))
+    losses: list[float] = []
+    started = time.perf_counter()
+    module.train()
+    with seeded_deterministic(derive_seed(options.seed, role + ":train")), tqdm(
+        total=options.steps, desc=role, disable=not progress, dynamic_ncols=True
+    ) as bar:
+        for step, windows in zip(range(options.steps), batches(n_windows, options.batch, options.seed, role + ":batches")):
+            optimizer.zero_grad(set_to_none=True)
+            value = loss(windows)
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(params, options.grad_clip)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(value.detach()))
+            bar.update(1)
+            if step % 10 == 0 or step == options.steps - 1:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    module.eval()
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"train_seconds": round(time.perf_counter() - started, 2), "train_loss_final": round(sum(tail) / len(tail), 4),
+            "steps": options.steps, "batch_windows": options.batch, "lr": options.lr}
+
+
+# --- per kind: draft logits at every (position, head) of a batch of windows -----------------------
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Draft logits per head position k = 1..K and the target's top-k where each is scored."""
+
+    logits: list[torch.Tensor]  # k -> [B, n_k, V']
+    top_ids: list[torch.Tensor]  # k -> [B, n_k, k_top]
+    top_logits: list[torch.Tensor]
+    features: list[tuple[torch.Tensor, torch.Tensor]]  # EAGLE: (predicted, true next feature) per step; else []
+
+
+def medusa_predictions(heads: MedusaHeads, frozen: Frozen, data: dict[str, torch.Tensor], windows: torch.Tensor) -> Predictions:
+    feature = data["last"][windows].float()  # [B, T, d]
+    top_ids, top_logits = data["top_ids"][windows], data["top_logits"][windows]
+    T = feature.shape[1]
+    logits, ids, values = [], [], []
+    for k, block in enumerate(heads.blocks, start=1):
+        logits.append(frozen.logits(block(feature[:, : T - k])))  # [B, T-k, V'] token t+k+1 from the feature at t
+        ids.append(top_ids[:, k:])
+        values.append(top_logits[:, k:])
+    return Predictions(logits, ids, values, [])
+
+
+def hydra_predictions(heads: HydraHeads, frozen: Frozen, data: dict[str, torch.Tensor], windows: torch.Tensor) -> Predictions:
+    feature = data["last"][windows].float()  # [B, T, d]
+    embeds = frozen.embeddings[data["tokens"][windows].long()]  # [B, T, d]
+    top_ids, top_logits = data["top_ids"][windows], data["top_logits"][windows]
+    T = feature.shape[1]
+    logits, ids, values = [], [], []
+    for k in range(1, heads.n_heads + 1):
+        before = torch.stack([embeds[:, j + 1 : T - k + j + 1] for j in range(k)], dim=2)  # [B, T-k, k, d] tokens t+1..t+k
+        logits.append(frozen.logits(heads.head(k, feature[:, : T - k], before)))  # [B, T-k, V']
+        ids.append(top_ids[:, k:])
+        values.append(top_logits[:, k:])
+    return Predictions(logits, ids, values, [])
+
+
+def eagle_predictions(draft: EagleDraft, frozen: Frozen, data: dict[str, torch.Tensor], windows: torch.Tensor,
+                      steps: int) -> Predictions:
+    """Training-time test: step 1 runs the layer over every (feature t, token t+1); step s > 1 runs it over its
+    own step s-1 outputs, each chain attending the true entries up to its start and its own earlier steps.
+
+    Chain j (its last true entry at position j) predicts at step s the token j+s+1 (the target's distribution
+    at j+s); every step keeps C = T - steps chains so the blocks of keys line up.
+    """
+    tokens = data["tokens"][windows].long()  # [B, T]
+    last = data["last"][windows].float()  # [B, T, d]
+    inputs = last if draft.version == 1 else data["fused"][windows].float().flatten(2)  # [B, T, d | 3d]
+    top_ids, top_logits = data["top_ids"][windows], data["top_logits"][windows]
+    B, T = tokens.shape
+    C = T - steps
+    cache = KVCache(draft.config).hf  # keys/values of every step, concatenated along the sequence
+    hidden = draft.combine(inputs[:, : T - 1])  # [B, T-1, d] entries j = 0..T-2
+    embeds = frozen.embeddings[tokens[:, 1:T]]  # [B, T-1, d] token j+1
+    positions = torch.arange(T - 1).expand(B, -1)
+    causal = torch.ones(T - 1, T - 1, dtype=torch.bool).tril()
+    out_logits, out_next = draft(hidden, embeds, positions, additive_mask(causal, 0, hidden.dtype), cache)
+    logits, ids, values, features = [], [], [], []
+    chains = torch.arange(C)
+    for s in range(1, steps + 1):
+        if s > 1:
+            embeds = frozen.embeddings[tokens[:, s : s + C]]  # [B, C, d] token j+s
+            positions = (chains + s - 1).expand(B, -1)  # [B, C]
+            mask = additive_mask(_ttt_allowed(T - 1, C, s), 0, hidden.dtype)  # [1, 1, C, (T-1) + (s-1)·C]
+            out_logits, out_next = draft(hidden, embeds, positions, mask, cache)
+        logits.append(frozen_or_own(draft, frozen, out_logits[:, :C]))  # [B, C, V']
+        ids.append(top_ids[:, s : s + C])
+        values.append(top_logits[:, s : s + C])
+        features.append((out_next[:, :C], last[:, s : s + C]))
+        hidden = out_next[:, :C]  # the next step reads this step's output
+    return Predictions(logits, ids, values, features if draft.version == 1 else [])
+
+
+def frozen_or_own(draft: EagleDraft, frozen: Frozen, hidden: torch.Tensor) -> torch.Tensor:
+    """EAGLE reads out through the target's LM head; EAGLE-3 through its own (the same rows, kept in the heads)."""
+    return draft.lm_head(hidden) if draft.version == 3 else frozen.logits(hidden)
+
+
+def _ttt_allowed(true_entries: int, chains: int, step: int) -> torch.Tensor:
+    """[C, true + (step-1)·C] bool: chain j sees true entries 0..j and its own entry of each step 2..step."""
+    rows = torch.arange(chains)[:, None]
+    true_part = torch.arange(true_entries)[None, :] <= rows  # [C, true]
+    own = [torch.eye(chains, dtype=torch.bool) for _ in range(step - 1)]  # one diagonal block per later step
+    return torch.cat([true_part, *own], dim=1)
+
+
+def prediction_loss(pred: Predictions, vocab: DraftVocab) -> torch.Tensor:
+    total = torch.zeros(())
+    for k, (logits, ids, values) in enumerate(zip(pred.logits, pred.top_ids, pred.top_logits)):
+        weight = POSITION_DECAY**k
+        scale = DISTRIBUTION_WEIGHT if pred.features else 1.0
+        total = total + weight * scale * distribution_loss(logits, ids, values, vocab)
+        if pred.features:
+            predicted, true = pred.features[k]
+            total = total + weight * FEATURE_WEIGHT * F.smooth_l1_loss(predicted, true)
+    return total
+
+
+@torch.no_grad()
+def agreement(predict: Callable[[torch.Tensor], Predictions], n_windows: int, vocab: DraftVocab, topk: int,
+              batch: int = 8) -> dict:
+    """Per head position k: how often the heads' best (top-1) and k best (top-k) contain the target's argmax,
+    over every position of `n_windows` held-out windows (teacher-forced)."""
+    hits1: list[float] = []
+    hitsk: list[float] = []
+    count: list[int] = []
+    for windows in torch.arange(n_windows).split(batch):
+        pred = predict(windows)
+        for k, (logits, ids) in enumerate(zip(pred.logits, pred.top_ids)):
+            best = vocab.index_of(ids[..., 0].long())  # [B, n] the target's argmax in draft-vocab positions (-1: none)
+            ranked = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices  # [B, n, topk]
+            if len(hits1) <= k:
+                hits1.append(0.0), hitsk.append(0.0), count.append(0)
+            hits1[k] += float((ranked[..., 0] == best).sum())
+            hitsk[k] += float((ranked == best[..., None]).any(dim=-1).sum())
+            count[k] += best.numel()
+    return {"top1": [round(h / n, 4) for h, n in zip(hits1, count)],
+            "topk": [round(h / n, 4) for h, n in zip(hitsk, count)], "k": topk, "positions": count}
