@@ -67,3 +67,13 @@ def test_kd_loss_is_smallest_where_the_student_matches() -> None:
 def test_a_folder_without_a_target_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="has no target/ model: import one first"):
         distill_drafter(tmp_path, SMALL, progress=False)
+
+
+def test_the_answers_are_kept_and_reused(imported_target: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spectune.models import distill
+
+    pair_dir = distill_drafter(_copy_target(imported_target, tmp_path / "a"), SMALL, threads=1, progress=False)
+    assert len(list((pair_dir / ".distill").glob("answers-*.json"))) == 1
+    monkeypatch.setattr(distill, "_answers", lambda *a, **k: pytest.fail("the answers were generated again"))
+    distill_drafter(pair_dir, SMALL, threads=1, force=True, progress=False)
+    assert read_card(pair_dir)["drafter"]["train"]["torch_threads"] == 1

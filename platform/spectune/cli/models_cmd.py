@@ -51,6 +51,7 @@ def distill(
     seed: int = typer.Option(0, help="Training seed; the same seed gives the same drafter on this machine."),
     steps: int | None = typer.Option(None, min=1, help="Training steps (default: the spec's)."),
     force: bool = typer.Option(False, help="Distil again even if a cached drafter matches."),
+    threads: int | None = typer.Option(None, min=1, help="Torch threads (default: torch's); 1 on a shared machine."),
 ) -> None:
     """Train a small drafter for the pair's target by distillation (its logits over code and its own answers)."""
     from spectune.cli.output import fail
@@ -59,7 +60,7 @@ def distill(
 
     folder = imported_pair_dir(pair) if pair in PACKAGED else Path(pair).expanduser()
     try:
-        path = distill_drafter(folder, seed=seed, steps=steps, force=force)
+        path = distill_drafter(folder, seed=seed, steps=steps, force=force, threads=threads)
     except ValueError as err:
         fail(str(err))
     typer.echo(f"pair ready: {path}")

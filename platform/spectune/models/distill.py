@@ -74,11 +74,24 @@ class Sample:
 
 
 def distill_drafter(pair_dir: Path, spec: DistillSpec = SMOLLM2_DRAFTER, seed: int = 0, *, steps: int | None = None,
-                    force: bool = False, progress: bool = True) -> Path:
-    """Distil a drafter into ``pair_dir/drafter`` from ``pair_dir/target``; return ``pair_dir``."""
+                    force: bool = False, progress: bool = True, threads: int | None = None) -> Path:
+    """Distil a drafter into ``pair_dir/drafter`` from ``pair_dir/target``; return ``pair_dir``.
+
+    ``threads``: torch threads for the build (default: torch's). On a shared machine one thread
+    loses far less to other processes than two whose barriers wait on a descheduled thread."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        return _distill(Path(pair_dir).expanduser(), spec, seed, steps, force, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _distill(pair_dir: Path, spec: DistillSpec, seed: int, steps: int | None, force: bool, progress: bool) -> Path:
     from .cache import build_lock, save_pair
 
-    pair_dir = Path(pair_dir).expanduser()
     if not (pair_dir / "target" / "config.json").is_file():
         raise ValueError(f"{pair_dir} has no target/ model: import one first (`spectune models import smollm2`)")
     spec = spec if steps is None else replace(spec, drafter=replace(spec.drafter, steps=int(steps)))
@@ -91,14 +104,12 @@ def distill_drafter(pair_dir: Path, spec: DistillSpec = SMOLLM2_DRAFTER, seed: i
         teacher, reference, tokenizer = _load_target(pair_dir / "target")
         corpus = load_corpus(spec.code_bytes, spec.heldout_code_bytes)
         code, heldout_code = (_code_stream(tokenizer, files) for files in (corpus.train, corpus.heldout))
-        train_answers = _answers(teacher, tokenizer, instructions(corpus.train, spec.answers, seed), spec, progress)
-        heldout_answers = _answers(teacher, tokenizer, instructions(corpus.heldout, spec.heldout_answers, seed + 1),
-                                   spec, progress)
+        train_answers, heldout_answers = _cached_answers(pair_dir, card, teacher, tokenizer, corpus, spec, seed, progress)
         drafter = _new_drafter(spec.drafter, reference, seed)
         stats = _train(drafter, teacher, code, _chat_stream(train_answers), spec, seed, progress)
         entry = {
             "distill_version": DISTILL_VERSION, "seed": seed, "spec": asdict(spec), "target_sha256": _target_id(card),
-            "n_params": count_params(drafter), "train": stats,
+            "n_params": count_params(drafter), "train": {**stats, "torch_threads": torch.get_num_threads()},
             "data": {"code_tokens": int(code.numel()), "answers": len(train_answers),
                      "answer_tokens": sum(len(s.answer) for s in train_answers),
                      "categories": sorted({s.category for s in train_answers})},
@@ -154,6 +165,30 @@ def _code_stream(tokenizer, files) -> torch.Tensor:
 def _chat_stream(samples: list[Sample]) -> torch.Tensor | None:
     ids = [t for s in samples for t in (*s.prompt, *s.answer)]
     return torch.tensor(ids, dtype=torch.long) if ids else None
+
+
+def _cached_answers(pair_dir: Path, card: dict, teacher, tokenizer, corpus, spec: DistillSpec, seed: int,
+                    progress: bool) -> tuple[list[Sample], list[Sample]]:
+    """The target's answers (train, held-out), generated once per target, seed and answer settings and kept
+    in ``pair_dir/.distill/`` (generation is a few minutes of a build that may be interrupted)."""
+    import hashlib
+    import json
+
+    key = json.dumps([DISTILL_VERSION, _target_id(card), seed, spec.answers, spec.heldout_answers, spec.answer_tokens,
+                      spec.answer_batch, spec.code_bytes, spec.heldout_code_bytes, torch.get_num_threads()])
+    path = pair_dir / ".distill" / f"answers-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    try:
+        saved = json.loads(path.read_text())
+        return tuple([Sample(**s) for s in saved[part]] for part in ("train", "heldout"))  # type: ignore[return-value]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    train = _answers(teacher, tokenizer, instructions(corpus.train, spec.answers, seed), spec, progress)
+    heldout = _answers(teacher, tokenizer, instructions(corpus.heldout, spec.heldout_answers, seed + 1), spec, progress)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"train": [asdict(s) for s in train], "heldout": [asdict(s) for s in heldout]}))
+    tmp.replace(path)
+    return train, heldout
 
 
 @torch.inference_mode()
