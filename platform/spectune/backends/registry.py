@@ -102,9 +102,20 @@ def _spectune_config(method: str, knobs: Mapping[str, Any], temperature: float) 
     return METHODS.config(method, knobs, temperature)
 
 
+def _spectune_check_pair(method: str, knobs: Mapping[str, Any], pair: PairRef) -> None:
+    """A method drafting with trained heads: they exist for the pair's target and fit it (torch-free)."""
+    from spectune.heads.spec import check_pair_heads
+    from spectune.methods import METHODS
+
+    kind = METHODS.get(method).needs_heads
+    if kind:
+        check_pair_heads(kind, knobs.get("heads"), pair.target)
+
+
 BACKENDS.register(Backend(
     name=DEFAULT_BACKEND,
     summary="spectune's own engine: every method of `spectune methods`, one request at a time, certified lossless",
     methods=_spectune_methods,
     make_config=_spectune_config,
+    check_pair=_spectune_check_pair,
 ))

@@ -103,6 +103,27 @@ def check_config(spec: HeadsSpec, config: Mapping[str, Any], folder: Path | str 
         raise HeadsError(f"{spec.kind} heads at {folder} read target layers {bad}; the target has 1..{layers}")
 
 
+def check_pair_heads(kind: str, heads: str | None, target: str) -> None:
+    """Before anything loads (a sweep spec, a served config): the `kind` heads a method would load for this
+    target exist, parse and fit the target's config.json. A target not on this machine (a hub id, a cluster
+    path) is left to the worker that loads it."""
+    config_file = Path(target).expanduser() / "config.json"
+    if not config_file.is_file():
+        return
+    folder = Path(heads).expanduser() if heads else default_folder(target, kind)
+    if folder is None:
+        raise HeadsError(f"no {kind} heads for target {target}: it is not a pair folder's target/, "
+                         "so give the heads folder (knob heads=DIR)")
+    if not folder.is_dir() and not heads:
+        raise HeadsError(f"no {kind} heads for target {target} (looked in {folder}): "
+                         + TRAIN_HINT.format(pair=folder.parent.parent, kind=kind))
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise HeadsError(f"{config_file} does not parse: {err}") from None
+    check_config(read_spec(folder, kind), config, folder)
+
+
 def default_folder(target_path: str, kind: str) -> Path | None:
     """`<pair>/heads/<kind>` for a target at `<pair>/target`; None for a hub id or a folder outside a pair."""
     target = Path(target_path).expanduser()

@@ -16,6 +16,7 @@ Deterministic: a seeded generator picks the batches, the init and the training r
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from spectune.engine.kvcache import KVCache
 from spectune.heads.modules import EagleDraft, HydraHeads, MedusaHeads
 from spectune.heads.vocab import DraftVocab
 from spectune.models.seeding import derive_seed, seeded_deterministic
-from spectune.models.training import lr_factor
+from spectune.models.training import bf16_supported, lr_factor
 from spectune.trees.draft import additive_mask
 
 POSITION_DECAY = 0.8  # weight of head / step k's loss: 0.8^(k-1) (Medusa's and EAGLE-3's decay)
@@ -57,7 +58,7 @@ class Frozen:
     vocab: DraftVocab
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.readout.T  # [..., d] -> [..., V']
+        return F.linear(hidden, self.readout)  # [..., d] -> [..., V'] (F.linear: its backward is ~10x faster than `@ W.T`)
 
 
 def soft_targets(top_ids: torch.Tensor, top_logits: torch.Tensor, vocab: DraftVocab) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +88,15 @@ def batches(n_windows: int, size: int, seed: int, role: str) -> Iterator[torch.T
 
 def fit(module: nn.Module, loss: Callable[[torch.Tensor], torch.Tensor], n_windows: int, options: TrainOptions,
         role: str, progress: bool) -> dict:
-    """AdamW with warm-up and cosine decay over `options.steps` batches of windows; returns the training stats."""
+    """AdamW with warm-up and cosine decay over `options.steps` batches of windows; returns the training stats.
+
+    Under bf16 autocast where the CPU has AMX tiles (`spectune.models.training.bf16_supported`, as the pair
+    builder decides): the LM-head matmuls dominate and run ~4x faster there; weights stay fp32.
+    """
     from tqdm.auto import tqdm
+
+    bf16 = bf16_supported()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, betas=(0.9, 0.95), weight_decay=options.weight_decay)
@@ -103,7 +111,8 @@ def fit(module: nn.Module, loss: Callable[[torch.Tensor], torch.Tensor], n_windo
     ) as bar:
         for step, windows in zip(range(options.steps), batches(n_windows, options.batch, options.seed, role + ":batches")):
             optimizer.zero_grad(set_to_none=True)
-            value = loss(windows)
+            with autocast:
+                value = loss(windows)
             value.backward()
             torch.nn.utils.clip_grad_norm_(params, options.grad_clip)
             optimizer.step()
@@ -115,7 +124,8 @@ def fit(module: nn.Module, loss: Callable[[torch.Tensor], torch.Tensor], n_windo
     module.eval()
     tail = losses[-max(1, len(losses) // 10):]
     return {"train_seconds": round(time.perf_counter() - started, 2), "train_loss_final": round(sum(tail) / len(tail), 4),
-            "steps": options.steps, "batch_windows": options.batch, "lr": options.lr}
+            "steps": options.steps, "batch_windows": options.batch, "lr": options.lr,
+            "precision": "bf16-autocast" if bf16 else "fp32"}
 
 
 # --- per kind: draft logits at every (position, head) of a batch of windows -----------------------

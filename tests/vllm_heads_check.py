@@ -1,0 +1,33 @@
+"""Run by the vLLM environment's interpreter (tests/integration/test_heads_vllm.py): load the target with an
+exported heads checkpoint as vLLM's speculative draft, decode greedily, print one JSON line.
+
+    python vllm_heads_check.py TARGET METHOD HEADS K PROMPTS_JSON
+
+METHOD "none" decodes without speculation (the reference). On failure the JSON carries vLLM's error.
+"""
+
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def main() -> None:
+    target, method, heads, k, prompts = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5])
+    from vllm import LLM, SamplingParams
+
+    speculative = None if method == "none" else {"method": method, "model": heads, "num_speculative_tokens": k}
+    try:
+        llm = LLM(model=target, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
+                  speculative_config=speculative)
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24))
+        print(json.dumps({"ok": True, "tokens": [list(o.outputs[0].token_ids) for o in outs]}), flush=True)
+    except Exception as err:  # noqa: BLE001 - the caller reports vLLM's own error
+        last = traceback.format_exception_only(type(err), err)[-1].strip()
+        print(json.dumps({"ok": False, "error": last}), flush=True)
+
+
+if __name__ == "__main__":  # vLLM spawns processes: the guard keeps them from re-running this
+    main()
