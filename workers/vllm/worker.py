@@ -37,7 +37,7 @@ from spectune.pair_ref import PairRef, is_local
 from spectune.prompts import Prompt
 from spectune.results import DecodeResult, PromptStats, StepCounts
 from spectune.workers.trials.pair_worker import (
-    TRIAL_CPU_SHARE, TrialOutcome, TrialRequest, WorkerPool, WorkerReady, describe_hardware,
+    TRIAL_CPU_SHARE, TrialOutcome, TrialRequest, WorkerPool, WorkerReady, describe_hardware, error_text,
 )
 from spectune.workers.vllm.load import PassRecord, RequestFailed, Sampling, latencies, run_pass
 from spectune.workers.vllm.metrics import SpecCounters, read_counters
@@ -124,9 +124,11 @@ class VllmWorker:
         try:
             baseline, candidate = self._servers_for(request.config)
             result = self._measure(baseline, candidate, request)
-        except (ServerFailed, RequestFailed, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - any failure is this trial's result; the sweep goes on
+            ours = isinstance(err, (ServerFailed, RequestFailed))  # already one line saying what happened
+            message = self._death_notice() or (" ".join(str(err).split()) if ours else error_text(err))
             self._drop_dead()
-            return self._failed(" ".join(str(err).split()), time.perf_counter() - started)
+            return self._failed(message, time.perf_counter() - started)
         return TrialOutcome(self.hardware, self._info(), result, None, (), time.perf_counter() - started)
 
     def _servers_for(self, config: DecodeConfig) -> tuple[VllmServer, VllmServer]:
@@ -153,6 +155,15 @@ class VllmWorker:
         server = self.servers.pop(role, None)
         if server is not None:
             server.stop()
+
+    def _death_notice(self) -> str | None:
+        """A server that died says so with vLLM's last line (a failed metrics read is only its symptom)."""
+        for server in self.servers.values():
+            try:
+                server.check_alive()
+            except ServerFailed as err:
+                return str(err)
+        return None
 
     def _drop_dead(self) -> None:
         for role, server in list(self.servers.items()):
