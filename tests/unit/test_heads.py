@@ -206,3 +206,25 @@ def test_the_reader_refuses_what_vllm_would(tmp_path):
         export.read_vllm(out, "eagle", model)
     with pytest.raises(HeadsError, match="vLLM has no hydra"):
         export.export_vllm(tmp_path / "x", heads.spec.model_copy(update={"kind": "hydra"}), heads.module, heads.vocab, model)
+
+
+def test_training_is_deterministic(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from spectune.heads.build import train_from_features
+    from spectune.heads.features import Features, feature_pass
+
+    model = random_llama(seed=5, vocab=16, layers=4)
+    windows = torch.randint(16, (12, 32), generator=torch.Generator().manual_seed(0)).to(torch.int32)
+    tensors = feature_pass(model, windows, FeatureSpec(seq_len=32, topk=4), fused_layers(4), "f", progress=False)
+    save_file(tensors, str(tmp_path / "f.safetensors"))
+    features = Features(tmp_path / "f.safetensors", 4, fused_layers(4))
+    weights = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        options = options_for("eagle3", steps=4, batch=2, draft_vocab=8)
+        train_from_features(model, options, features, features, tmp_path / run, {}, progress=False)
+        weights.append(load_file(str(tmp_path / run / "heads.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert weights[0]["draft_vocab_ids"].numel() == 8

@@ -16,7 +16,7 @@ def train(
     kind: list[str] = typer.Option(..., help="medusa, hydra, eagle or eagle3 (repeat for several; all: every kind)."),
     out: Path | None = typer.Option(None, help="Heads folder (default: <pair>/heads/<kind>)."),
     dtype: str = typer.Option("float32", help="The target's dtype for the feature pass: float32 or bfloat16."),
-    windows: int = typer.Option(512, help="Training windows of the corpus in the feature pass."),
+    windows: int = typer.Option(384, help="Training windows of the corpus in the feature pass."),
     heldout_windows: int = typer.Option(32, help="Held-out windows scored for the card's agreement."),
     seq_len: int = typer.Option(256, help="Tokens per window."),
     heads: int | None = typer.Option(None, help="Heads (medusa/hydra) or unrolled training steps (eagle/eagle3)."),

@@ -40,17 +40,17 @@ class HeadsOptions:
     n_heads: int  # medusa/hydra: heads (draft depth); eagle/eagle3: unrolled training steps
     n_layers: int = 1
     draft_vocab: int = 0  # tokens the heads may propose; 0 = the whole vocabulary
-    steps: int = 600
-    batch: int = 8
+    steps: int = 300
+    batch: int = 4
     lr: float = 1e-3
     seed: int = 0
 
 
-DEFAULTS = {
-    "medusa": HeadsOptions("medusa", n_heads=4, lr=1e-3),
-    "hydra": HeadsOptions("hydra", n_heads=4, lr=1e-3),
-    "eagle": HeadsOptions("eagle", n_heads=3, lr=5e-4),
-    "eagle3": HeadsOptions("eagle3", n_heads=3, lr=5e-4),
+DEFAULTS = {  # sized for the tiny pair: a few minutes per kind on 2 CPU cores
+    "medusa": HeadsOptions("medusa", n_heads=4),
+    "hydra": HeadsOptions("hydra", n_heads=4),
+    "eagle": HeadsOptions("eagle", n_heads=3),
+    "eagle3": HeadsOptions("eagle3", n_heads=3),
 }
 
 

