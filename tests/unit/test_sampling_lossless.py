@@ -1,18 +1,24 @@
 """Lossless sampling: the tokens a method emits follow the target's distribution exactly.
 
 Part 1 drives the accept rule with synthetic target/draft tables (fast, many samples); part 2
-runs the real loop on small random models with a small vocabulary. Both use chi-square
-tests with fixed seeds.
+runs the real loop for every method, 8 tokens per sample, on small random models with a small
+vocabulary and a drafter close to the target, so deep nodes are accepted (asserted, as are
+PEARL's lookahead reuse and pre-verify), and tests every position's conditional law; a
+drafter recording a wrong q for every non-root node fails that test (asserted). Chi-square
+tests with fixed seeds throughout.
 """
 
+import copy
 import itertools
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
+from scipy.stats import chi2, chisquare
 
 from spectune.engine.accept import accept_sampled
+from spectune.engine.drafter import Drafter
 from spectune.engine.loop import Decoder
 from spectune.engine.sampling import Sampling, probabilities, sample_without_replacement
 from spectune.trees.shapes import branching_shape, chain_shape
@@ -111,46 +117,169 @@ def test_accept_rule_preserves_the_target_law(name, shape, draw, top_p):
 
 
 # --- the real loop on small models --------------------------------------------------------
+#
+# Every method decodes DECODED tokens per sample with a drafter close to the target, so trees
+# are deep and deep nodes are accepted (asserted), and PEARL's lookahead reuse and pre-verify
+# run (asserted). A 2-token test cannot see any of that: its trees are at most one deep.
+#
+# The test is on the conditional law: at every position t of every sample, the emitted token
+# must be drawn from the target's distribution given that sample's own prefix, p_t = p(. | x_<t),
+# which one teacher-forced target pass gives for every position. Per position the counts O_t
+# minus their expectations E_t = sum_s p_s,t form a martingale sum with covariance
+# C_t = sum_s (diag(p_s,t) - p_s,t p_s,t^T), so (O_t - E_t)^T C_t^+ (O_t - E_t) is chi-square with
+# V-1 degrees of freedom; positions add up. Any wrong draft distribution (q) a verifier trusts
+# shifts the law at the positions deep nodes fill, which is what the wrong-q mutant does.
+
+DECODED = 8  # tokens per sample: trees 7 deep at first, a PEARL lookahead chain reused after two steps
+SAMPLES = 300
+REAL_V = 8
+PROMPT = [1, 2, 3, 1, 2]
+
+
+def sharp_target(last_layer_scale: float = 1.0):
+    """A target with sharp, context-dependent distributions (its last layer's writes to the residual
+    stream scaled by `last_layer_scale`: below 1 its first layer's early exit drafts closer to it)."""
+    target = random_llama(seed=1, vocab=REAL_V, layers=2, hidden=32)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(2.0)
+        last = target.model.layers[-1]
+        last.self_attn.o_proj.weight.mul_(last_layer_scale)
+        last.mlp.down_proj.weight.mul_(last_layer_scale)
+    return target
+
+
+def noisy_copy(target):
+    """The target with noise on every weight matrix: close enough that chains are accepted 4 deep, far
+    enough that q differs from p (a test where q equals p could never see a wrong q)."""
+    drafter = copy.deepcopy(target)
+    noise = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for weight in drafter.parameters():
+            if weight.dim() > 1:
+                weight.add_(torch.randn(weight.shape, generator=noise) * 0.5 * weight.std())
+    return drafter
 
 
 @pytest.fixture(scope="module")
-def small_vocab_pair():
-    target = random_llama(seed=1, vocab=8, layers=2, hidden=32)
-    drafter = random_llama(seed=2, vocab=8, layers=1, hidden=32)
-    return target, drafter
+def close_pair():
+    target = sharp_target()
+    return target, noisy_copy(target)
 
 
-def exact_law_from_model(target, prompt, sampling):
-    lm = CausalLM(target)
-    p1 = probabilities(lm.forward(prompt)[-1], sampling)  # [V]
-    law = np.zeros((8, 8))
-    for a in range(8):
-        p2 = probabilities(CausalLM(target).forward(prompt + [a])[-1], sampling)
-        law[a] = (p1[a] * p2).numpy()
-    return law.flatten()
+@pytest.fixture(scope="module")
+def exit_close_pair():
+    """For del: it drafts deeper than one token only when its exit layer agrees with the target well
+    (its rule pays a draft pass per token), so here the target's last layer adds little."""
+    target = sharp_target(last_layer_scale=0.3)
+    return target, noisy_copy(target)
+
+
+class WrongQ(Drafter):
+    """The mutant: every non-root node records its parent's draft distribution instead of its own
+    (an off-by-one in the q rows), so the verifier accepts deep nodes at the wrong rate."""
+
+    def __init__(self, inner: Drafter) -> None:
+        self.inner = inner
+        self.max_tree_size = inner.max_tree_size
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def draft(self, context):
+        tree = self.inner.draft(context)
+        if tree.q is None:
+            return tree
+        q = tree.q.clone()  # [n+1, V]
+        for node in range(1, len(tree.parents)):
+            q[node] = tree.q[tree.parents[node]]
+        return replace(tree, q=q)
+
+    def commit(self, sequence) -> None:
+        self.inner.commit(sequence)
+
+    def observe(self, outcome) -> None:
+        self.inner.observe(outcome)
+
+    def hidden_layers(self):
+        return self.inner.hidden_layers()
+
+    def verifying(self, tree):
+        return self.inner.verifying(tree)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    samples: np.ndarray  # [n, DECODED] token ids
+    deepest: int  # the most draft tokens one step accepted
+    drafter: Drafter
+
+
+def decode_samples(pair, method, knobs, mutant=False) -> Decoded:
+    target, drafter = pair
+    models = Models(CausalLM(target), CausalLM(drafter))
+    built = METHODS.build(method, knobs, models)
+    decoder = Decoder(models.target, WrongQ(built) if mutant else built)
+    sampling, rows, deepest = Sampling(temperature=1.0), [], 0
+    for seed in range(SAMPLES):
+        generation = decoder.generate(PROMPT, DECODED, sampling, seed=seed)
+        rows.append(generation.tokens)
+        deepest = max(deepest, max(step.accepted for step in generation.steps))
+    return Decoded(np.array(rows), deepest, built)
+
+
+def conditional_law_p_values(target, samples: np.ndarray) -> tuple[float, float]:
+    """(p of the sum over positions, Bonferroni-corrected p of the worst position)."""
+    ids = torch.tensor([PROMPT + list(row) for row in samples])  # [n, P+N]
+    with torch.no_grad():
+        logits = target(ids).logits[:, len(PROMPT) - 1: len(PROMPT) - 1 + DECODED]  # [n, N, V]
+    p = probabilities(logits, Sampling(temperature=1.0)).double().numpy()  # [n, N, V]
+    total, worst = 0.0, 1.0
+    for t in range(DECODED):
+        deviation = np.eye(REAL_V)[samples[:, t]].sum(0) - p[:, t].sum(0)  # [V] O - E
+        covariance = np.diag(p[:, t].sum(0)) - p[:, t].T @ p[:, t]  # [V, V]
+        stat = deviation @ np.linalg.pinv(covariance, rcond=1e-12, hermitian=True) @ deviation
+        total += stat
+        worst = min(worst, chi2.sf(stat, REAL_V - 1) * DECODED)
+    return float(chi2.sf(total, DECODED * (REAL_V - 1))), worst
 
 
 EXTRA_CONFIGS = [
     ("sps", {"draft_len": 3, "schedule": "heuristic"}),
     ("tree", {"branching": [3, 2]}),
     ("pld", {"matches": 4, "max_ngram": 1}),  # a trie of continuations from the second step on
+    ("pearl", {"gamma": 2}),  # short chains: full acceptance, lookahead reuse and pre-verify within 8 tokens
 ]
-EVERY_METHOD = [(name, {}) for name in METHODS.names()  # heads methods: tests/unit/test_heads_sampling.py
-                if METHODS.get(name).lossless and not METHODS.get(name).needs_heads]
+# del times its costs on this machine by default, so its choices (and whether it drafts deep) would
+# follow the machine's load; layer costs keep them, and this test, reproducible
+REPRODUCIBLE = {"del": {"cost": "layers"}}
+EVERY_METHOD = [(name, REPRODUCIBLE.get(name, {})) for name in METHODS.names()  # heads: tests/unit/test_heads_sampling.py
+                if METHODS.get(name).lossless and not getattr(METHODS.get(name), "needs_heads", None)]
+
+
+EXIT_CLOSE = ("del",)  # methods tested on exit_close_pair
 
 
 @pytest.mark.parametrize("method, knobs", EVERY_METHOD + EXTRA_CONFIGS)
-def test_loop_samples_follow_the_target(small_vocab_pair, method, knobs):
-    target, drafter = small_vocab_pair
-    models = Models(CausalLM(target), CausalLM(drafter))
-    decoder = Decoder(models.target, METHODS.build(method, knobs, models))
-    sampling = Sampling(temperature=1.0)
-    prompt = [1, 2, 3, 1, 2]
-    n = 1500
-    counts = np.zeros(64)
-    for seed in range(n):
-        a, b = decoder.generate(prompt, 2, sampling, seed=seed).tokens
-        counts[a * 8 + b] += 1
-    law = exact_law_from_model(target, prompt, sampling)
-    _, p_value = chisquare(counts, law / law.sum() * n)
-    assert p_value > MIN_P, f"{method}: chi-square p={p_value:.2g}"
+def test_loop_samples_follow_the_target(request, method, knobs):
+    pair = request.getfixturevalue("exit_close_pair" if method in EXIT_CLOSE else "close_pair")
+    decoded = decode_samples(pair, method, knobs)
+    if method != "ar":
+        assert decoded.deepest >= 2, f"{method}: no step accepted a node below depth 1"
+    if method == "pearl":  # whether a pre-verify answer arrives in time to cut a chain depends on the threads
+        stats = decoded.drafter.stats
+        assert stats["preverifies"] > 0, f"pearl: pre-verify never ran ({stats})"
+        if knobs.get("gamma") == 2:  # gamma 4 needs more than 8 tokens for a lookahead to be reused
+            assert stats["reused"] > 0, f"pearl: no lookahead chain was reused ({stats})"
+    combined, worst = conditional_law_p_values(pair[0], decoded.samples)
+    assert combined > MIN_P and worst > MIN_P, f"{method}: p={combined:.2g}, worst position p={worst:.2g}"
+
+
+@pytest.mark.parametrize("method, knobs", [("sps", {}), ("tree", {"branching": [3, 2]}), ("layerskip", {}),
+                                           ("specinfer", {}), ("pearl", {"pre_verify": False})])
+def test_the_wrong_q_mutant_is_caught(close_pair, method, knobs):
+    """The same test fails a drafter recording a wrong q for every non-root node: it has power.
+    (pearl without pre-verify: pre-verify cuts most chains after a rejection to one token, so few
+    nodes deep enough for a wrong q to matter are left in 300 samples.)"""
+    decoded = decode_samples(close_pair, method, knobs, mutant=True)
+    combined, worst = conditional_law_p_values(close_pair[0], decoded.samples)
+    assert min(combined, worst) < MIN_P, f"{method}: the mutant passed (p={combined:.2g}, worst {worst:.2g})"

@@ -178,7 +178,7 @@ class PearlDrafter(Drafter):
         self._preverify: PreVerify | None = None
         self._outstanding: list[Future] = []  # background jobs nobody waits for: errors surface from here
         self._mode = "pre"  # PEARL starts in pre-verify mode
-        self.stats = {"lookaheads": 0, "reused": 0, "preverify_cuts": 0}
+        self.stats = {"lookaheads": 0, "reused": 0, "preverifies": 0, "preverify_cuts": 0}
 
     def _worker(self, name: str, threads: int) -> ThreadPoolExecutor:
         pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,))
@@ -312,6 +312,7 @@ class PearlDrafter(Drafter):
         first = draft_chain(self.lm, sequence, 1, sampling, rng)
         q_first = first.q_rows[0] if first.q_rows else None
         job = PreVerify(self._target_worker.submit(self._acceptance, sequence, first.tokens[0], q_first, sampling))
+        self.stats["preverifies"] += 1
         self._preverify = job
         self._outstanding.append(job.future)
         self._threads.use(self.knobs.drafter_threads)  # the drafter now runs beside the target
