@@ -354,7 +354,7 @@ _HARDWARE = {"device": "cpu", "cpu_model": "test", "gpu_model": None, "n_cpus": 
              "transformers_version": "5", "hostname": "box"}
 
 
-def _metrics(config: dict[str, Any], speedup: float, cost: float, lossless: bool) -> dict[str, Any]:
+def _metrics(config: dict[str, Any], speedup: float, cost: float, lossless: bool | None) -> dict[str, Any]:
     return {"method": config["method"], "config": config, "n_prompts": 2, "new_tokens": 64, "target_calls": 30,
             "draft_calls": 60, "mean_accepted_tokens": 2.1, "acceptance_rate": 0.5, "speedup": speedup,
             "tokens_per_s": 100 * speedup, "ar_tokens_per_s": 100.0, "tree_tokens_per_step": cost,
@@ -373,6 +373,22 @@ def test_best_lossless_trial_of_a_sweep_by_objective(sweep_store: tuple[str, dic
     assert choose(ServeArgs(sweep="quick", objective="tree_tokens_per_step", mode="max", db=url)).knobs == {"draft_len": 6}
     chosen = choose(ServeArgs(trial=ids["a"], db=url))
     assert (chosen.knobs, chosen.source.kind) == ({"draft_len": 2}, "trial")  # the temperature is not a knob
+
+
+def test_an_unchecked_sampling_trial_is_served_only_when_asked(tmp_path: Path, micro_pair: Path) -> None:
+    from spectune.store.db import connect
+
+    url = f"sqlite:///{tmp_path / 'sampled.db'}"
+    config = {"method": "sps", "draft_len": 4, "temperature": 0.7}
+    with connect(url) as store:
+        store.create_sweep("hot", {"pair": {"dir": str(micro_pair)}})
+        typed = DecodeConfig.from_dict(config)
+        sampled = store.record_result("hot", "t", DecodeResult.from_dict(_metrics(config, 1.4, 5.0, None), typed),
+                                      _HARDWARE)
+    with pytest.raises(ServeConfigError, match="lossless by rule but unchecked: --include-unchecked serves them"):
+        choose(ServeArgs(sweep="hot", db=url))
+    served = choose(ServeArgs(sweep="hot", db=url, include_unchecked=True))
+    assert served.source.trial_id == sampled and served.knobs == {"draft_len": 4}
 
 
 def test_the_trial_marked_in_the_dashboard_is_served_when_none_is_named(sweep_store: tuple[str, dict[str, int]]) -> None:
