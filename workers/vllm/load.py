@@ -1,7 +1,8 @@
 """Drive a vLLM server with real concurrent streams and time every request.
 
-One pass sends max(len(prompts), concurrency) streaming completions (the prompts in order,
-cycled when the load is larger than the set), keeping exactly `concurrency` in flight, and
+One pass sends the prompts in order as streaming completions, cycled up to a whole multiple of
+`concurrency` (6 prompts at concurrency 4: 8 requests), keeping `concurrency` in flight: a pass
+whose last requests ran at a smaller batch would measure a lighter load than it names. It
 records for each request the time to its first token, its end and its tokens (vLLM's
 `return_token_ids`). Output tokens/s is the pass's tokens over its wall time.
 """
@@ -82,7 +83,7 @@ def run_pass(url: str, model: str, prompts: Sequence[PromptTokens], concurrency:
 
 async def _pass(url: str, model: str, prompts: Sequence[PromptTokens], concurrency: int, sampling: Sampling,
                 timeout_s: float) -> PassRecord:
-    total = max(len(prompts), concurrency)
+    total = -(-len(prompts) // concurrency) * concurrency  # ceil to a multiple: the batch stays full
     queue = [prompts[i % len(prompts)] for i in range(total)]
     records: list[RequestRecord | None] = [None] * total
     limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
