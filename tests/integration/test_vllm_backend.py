@@ -130,6 +130,42 @@ def test_the_dashboard_shows_speedup_against_concurrency_and_a_latency_front_per
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_the_dashboard_app_draws_the_load_section_and_serves_a_vllm_trial(swept, monkeypatch) -> None:
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from spectune.workers.serve.served_config import ServeArgs, choose
+
+    db, _ = swept
+    url = f"sqlite:///{db}"
+    monkeypatch.setenv("SPECTUNE_DB", url)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    app = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+    at = AppTest.from_file(str(app), default_timeout=60).run()
+    assert not at.exception, [e.value for e in at.exception]
+    charts = {e.key: json.loads(e.proto.spec) for e in at.get("plotly_chart")}
+    curves = charts["load_speedup_vllm2x2"]["data"]
+    assert sorted(c["name"] for c in curves) == [
+        "vllm:ar", "vllm:ngram(num_speculative_tokens=3,prompt_lookup_max=3,prompt_lookup_min=1)"]
+    assert {t["name"] for t in charts["load_front_vllm2x2"]["data"] if t.get("mode") == "markers"} == {"c=1", "c=4"}
+    with connect(url) as store:
+        trials = store.trials_frame("vllm2x2")
+        ngram4 = int(trials[(trials.method == "ngram") & (trials.concurrency == 4)].trial_id.iloc[0])
+    at.selectbox(key="open_trial_vllm2x2").set_value(ngram4)
+    at = at.run()
+    at.button(key=f"serve_{ngram4}").click()
+    at = at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    with connect(url) as store:
+        assert store.served_trial() == ngram4
+    served = choose(ServeArgs(db=url))  # `spectune serve` with no choice serves the dashboard's mark
+    assert (served.backend, served.method, served.concurrency) == ("vllm", "ngram", 4)
+    assert served.source.kind == "marked_in_dashboard" and served.server["max_model_len"] == 1024
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_serve_the_best_vllm_configuration_for_a_load(swept, tmp_path: Path) -> None:
     db, _ = swept
     with connect(f"sqlite:///{db}") as store:
