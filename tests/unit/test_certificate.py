@@ -103,3 +103,13 @@ def test_serve_says_which_certificate_its_trial_passed() -> None:
     line = _certificate({"lossless_status": "within_tolerance", "exact_match_rate": 0.5, "worst_margin": 0.125})
     assert "within tolerance: 50% identical to AR" in line and "0.12 logits" in line
     assert _certificate({"lossless_status": "unchecked"}) is None and _certificate(None) is None
+
+
+def test_bench_takes_the_tolerance_and_refuses_a_negative_one(micro_pair: Path) -> None:
+    from typer.testing import CliRunner
+
+    from spectune.cli import app
+
+    bad = CliRunner().invoke(app, ["bench", "--pair", str(micro_pair), "-m", "ar", "--limit", "1",
+                                   "--max-new-tokens", "2", "--repeats", "1", "--tolerance-ulps", "-1"])
+    assert bad.exit_code == 2 and "--tolerance-ulps: Input should be greater than or equal to 0" in bad.output

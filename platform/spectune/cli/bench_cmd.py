@@ -28,6 +28,8 @@ def bench(
     seed: int = typer.Option(0),
     repeats: int = typer.Option(3, help="Timed passes; speedup is the median same-repeat ratio to AR."),
     warmup: int = typer.Option(2, help="Untimed warm-up prompts per configuration."),
+    tolerance_ulps: float = typer.Option(2.0, help="Greedy certificate: how far below the argmax an emitted token "
+                                         "may be, in units of the dtype's rounding of that logit (>= 0)."),
     peer: list[str] = typer.Option([], help="Also run a peer implementation: hf."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16."),
@@ -48,7 +50,7 @@ def bench(
 
         torch.set_num_threads(threads)
     try:
-        settings = _settings(max_new_tokens, temperature, top_p, seed, repeats, warmup)
+        settings = _settings(max_new_tokens, temperature, top_p, seed, repeats, warmup, tolerance_ulps)
         configs = _configs(method, set_, config)
         ref = pair_from_options(pair, target, drafter, device, dtype)
         prompt_set = load_prompts(prompts, limit)
@@ -72,14 +74,16 @@ def bench(
         results_table(rows, title=f"{ref.target} + {ref.drafter or 'no drafter'}, {len(prompt_set)} prompts")
 
 
-def _settings(max_new_tokens: int, temperature: float, top_p: float, seed: int, repeats: int, warmup: int):
+def _settings(max_new_tokens: int, temperature: float, top_p: float, seed: int, repeats: int, warmup: int,
+              tolerance_ulps: float = 2.0):
     from pydantic import ValidationError
 
     from spectune.bench import Settings
 
     try:
         return Settings(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, repeats=repeats, warmup=warmup
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, repeats=repeats, warmup=warmup,
+            tolerance_ulps=tolerance_ulps,
         )
     except ValidationError as err:
         raise ValueError("; ".join(f"--{e['loc'][0].replace('_', '-')}: {e['msg']}" for e in err.errors())) from None
