@@ -1,9 +1,10 @@
 """Run by the vLLM environment's interpreter (tests/integration/test_heads_vllm.py): load the target with an
 exported heads checkpoint as vLLM's speculative draft, decode greedily, print one JSON line.
 
-    python vllm_heads_check.py TARGET METHOD HEADS K PROMPTS_JSON
+    python vllm_heads_check.py TARGET METHOD HEADS K PROMPTS_JSON OUT_JSON
 
-METHOD "none" decodes without speculation (the reference). On failure the JSON carries vLLM's error.
+METHOD "none" decodes without speculation (the reference). The result goes to OUT_JSON (vLLM's own
+processes write to stdout too); on failure it carries vLLM's error.
 """
 
 import json
@@ -16,6 +17,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 def main() -> None:
     target, method, heads, k, prompts = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5])
+    out = sys.argv[6]
     from vllm import LLM, SamplingParams
 
     speculative = None if method == "none" else {"method": method, "model": heads, "num_speculative_tokens": k}
@@ -23,10 +25,11 @@ def main() -> None:
         llm = LLM(model=target, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
                   speculative_config=speculative)
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24))
-        print(json.dumps({"ok": True, "tokens": [list(o.outputs[0].token_ids) for o in outs]}), flush=True)
+        result = {"ok": True, "tokens": [list(o.outputs[0].token_ids) for o in outs]}
     except Exception as err:  # noqa: BLE001 - the caller reports vLLM's own error
-        last = traceback.format_exception_only(type(err), err)[-1].strip()
-        print(json.dumps({"ok": False, "error": last}), flush=True)
+        result = {"ok": False, "error": traceback.format_exception_only(type(err), err)[-1].strip()}
+    with open(out, "w") as f:
+        json.dump(result, f)
 
 
 if __name__ == "__main__":  # vLLM spawns processes: the guard keeps them from re-running this

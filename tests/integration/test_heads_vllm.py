@@ -26,30 +26,29 @@ PROMPTS = ["def add(a, b):\n", "import os\nimport sys\n\n", "class Stack:\n    d
 CPU_LIMITS: dict[str, str] = {}  # kind -> vLLM's error where this CPU build cannot run it (filled as measured)
 
 
-def run_vllm(target: Path, method: str, heads: Path | None) -> dict:
+def run_vllm(target: Path, method: str, heads: Path | None, out: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    done = subprocess.run([vllm_python(), str(SCRIPT), str(target), method, str(heads or "-"), "3", json.dumps(PROMPTS)],
-                          capture_output=True, text=True, timeout=600, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    assert lines, f"vLLM printed no result (rc {done.returncode}): {done.stderr[-2000:]}"
-    return json.loads(lines[-1])
+    done = subprocess.run([vllm_python(), str(SCRIPT), str(target), method, str(heads or "-"), "3", json.dumps(PROMPTS),
+                           str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert out.is_file(), f"vLLM wrote no result (rc {done.returncode}): {done.stderr[-2000:]}"
+    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
-def reference(micro_pair: Path) -> list[list[int]]:
-    result = run_vllm(micro_pair / "target", "none", None)
+def reference(micro_pair: Path, tmp_path_factory) -> list[list[int]]:
+    result = run_vllm(micro_pair / "target", "none", None, tmp_path_factory.mktemp("vllm") / "ar.json")
     assert result["ok"], result
     return result["tokens"]
 
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("method", ["medusa", "eagle", "eagle3"])
-def test_vllm_loads_the_export_and_decodes_like_its_own_ar(micro_pair, micro_heads, reference, method):
+def test_vllm_loads_the_export_and_decodes_like_its_own_ar(micro_pair, micro_heads, reference, method, tmp_path):
     from transformers import AutoModelForCausalLM
 
     heads = micro_heads / f"{method}-vllm"
     read_vllm(heads, method, AutoModelForCausalLM.from_pretrained(micro_pair / "target"))  # what vLLM's loader reads
-    result = run_vllm(micro_pair / "target", method, heads)
+    result = run_vllm(micro_pair / "target", method, heads, tmp_path / "result.json")
     if not result["ok"]:
         assert method in CPU_LIMITS and CPU_LIMITS[method] in result["error"], f"vLLM refused {method}: {result['error']}"
         pytest.skip(f"vLLM on this CPU cannot run {method}: {result['error']}")
