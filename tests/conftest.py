@@ -56,6 +56,15 @@ def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
+def tiny_stand_in(micro_pair: Path, tmp_cache: Path) -> Path:
+    """A cache whose ``tiny`` pair is the micro pair (linked), so specs naming ``pair: tiny`` validate
+    on a machine that never built tiny (CI) without the 7-minute build."""
+    (tmp_cache / "pairs").mkdir()
+    (tmp_cache / "pairs" / "tiny-seed0").symlink_to(micro_pair, target_is_directory=True)
+    return tmp_cache
+
+
+@pytest.fixture
 def ray_tmp() -> Iterator[Path]:
     """Ray's session folder: short (unix socket paths are limited to ~107 bytes) and removed after."""
     folder = Path(tempfile.mkdtemp(prefix="st-", dir="/tmp"))

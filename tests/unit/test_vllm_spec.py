@@ -142,7 +142,7 @@ def test_backends_are_registered_with_their_methods():
     assert json.loads(json.dumps(config.as_dict()))["concurrency"] == 8
 
 
-def test_the_shipped_vllm_spec_validates():
+def test_the_shipped_vllm_spec_validates(tiny_stand_in):
     spec = load_spec(SPECS / "vllm_load.yaml")
     assert spec.backend == "vllm" and spec.load.concurrency == [1, 2, 4, 8, 16]
     assert {"ar", "ngram"} <= set(spec.space)

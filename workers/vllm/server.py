@@ -165,7 +165,14 @@ class VllmServer:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def check_alive(self) -> None:
+    def check_alive(self, grace_s: float = 0.0) -> None:
+        """Raise if the server is gone. `grace_s`: after a failed request, give a dying server that long
+        to finish exiting (its sockets close before the kernel reports its exit status)."""
+        if grace_s > 0 and self.alive():
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                return  # still running: the request failed on its own
         if not self.alive():
             raise ServerFailed(f"the vLLM server died mid-trial (exit code {self.process.returncode}): "
                                f"{self.last_log_line()}")

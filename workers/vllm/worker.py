@@ -213,7 +213,7 @@ class VllmWorker:
         try:
             record = run_pass(server.url, SERVED_NAME, prompts, load, sampling, self.settings.request_timeout_s)
         except RequestFailed:
-            server.check_alive()  # a dead server says so, with vLLM's last line
+            server.check_alive(grace_s=5.0)  # a dead server says so, with vLLM's last line
             raise
         server.check_alive()
         return record
