@@ -23,6 +23,7 @@ from spectune.engine.drafter import Drafter
 from spectune.engine.loop import Decoder, Generation
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
+from spectune.intervals import BOOTSTRAP_SAMPLES, CI_LEVEL
 from spectune.methods import METHODS
 from spectune.metrics import step_metrics
 from spectune.pair import Pair
@@ -253,8 +254,6 @@ def summarise(who: Contender, runs: list[Pass], ar_runs: list[Pass], prompts: Se
     )
 
 
-BOOTSTRAP_SAMPLES = 2000
-CI_LEVEL = 0.95
 
 
 def speedup_interval(runs: Sequence[Pass], ar_runs: Sequence[Pass], samples: int = BOOTSTRAP_SAMPLES,

@@ -5,6 +5,7 @@ whose difference is within that noise."""
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import pandas as pd
@@ -92,3 +93,13 @@ def test_sampling_rows_are_unchecked(pair) -> None:
     settings = Settings(max_new_tokens=6, repeats=1, warmup=0, temperature=0.8)
     result = measure(pair, contender(pair, METHODS.config("pld", {}), settings), load_prompts("default", 2), settings)
     assert result.lossless is None and result.lossless_status == "unchecked"
+
+
+def test_the_interval_over_repeats_brackets_the_median_and_is_reproducible():
+    from spectune.intervals import repeat_interval
+
+    assert repeat_interval([1.2]) == (None, None)  # one repeat knows no spread
+    ratios = [0.9, 1.1, 1.3, 1.0]
+    low, high = repeat_interval(ratios)
+    assert min(ratios) <= low <= statistics.median(ratios) <= high <= max(ratios)
+    assert repeat_interval(ratios) == (low, high)  # seeded

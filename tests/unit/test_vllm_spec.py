@@ -146,3 +146,11 @@ def test_the_shipped_vllm_spec_validates(tiny_stand_in):
     spec = load_spec(SPECS / "vllm_load.yaml")
     assert spec.backend == "vllm" and spec.load.concurrency == [1, 2, 4, 8, 16]
     assert {"ar", "ngram"} <= set(spec.space)
+
+
+def test_the_sweep_summary_names_what_each_backends_workers_did():
+    from spectune.cli.sweep_cmd import worker_summary
+
+    assert worker_summary([{"worker_id": 0, "pair_loads": 1}]) == "1 worker(s), 1 pair load(s)"
+    vllm = [{"worker_id": 0, "server_starts": 6, "trials_run": 25}, {"worker_id": 1, "server_starts": 4}]
+    assert worker_summary(vllm) == "2 worker(s), 10 vLLM server start(s)"  # a vLLM sweep's workers load no pair

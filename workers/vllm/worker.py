@@ -33,6 +33,7 @@ from ray.util.queue import Queue
 
 from spectune.backends.vllm import NO_SPECULATION, VLLM_METHODS, EngineKnobs, VllmServerSettings, vllm_python
 from spectune.config import DecodeConfig, Settings
+from spectune.intervals import repeat_interval
 from spectune.pair_ref import PairRef, is_local
 from spectune.prompts import Prompt
 from spectune.results import DecodeResult, PromptStats, StepCounts
@@ -233,13 +234,15 @@ class VllmWorker:
             acceptance_by_position=() if same else counted.acceptance_by_position,
         )
         status, lossless = _lossless(rate, same) if verdict is None else (verdict.status, verdict.lossless)
+        ci_low, ci_high = (1.0, 1.0) if same else repeat_interval(ratios)
         return DecodeResult(
             config=config, n_prompts=len(prompts), counts=counts,
             wall_s=statistics.fmean(walls), wall_s_std=statistics.pstdev(walls) if len(walls) > 1 else None,
             tokens_per_s=statistics.median(p.tokens_per_s for p in cand),
             ar_tokens_per_s=statistics.median(p.tokens_per_s for p in base),
             speedup=statistics.median(ratios), speedup_std=statistics.pstdev(ratios) if len(ratios) > 1 else None,
-            speedups=tuple(ratios), lossless=lossless, lossless_status=status,
+            speedups=tuple(ratios), speedup_ci_low=ci_low, speedup_ci_high=ci_high,
+            lossless=lossless, lossless_status=status,
             exact_match_rate=rate if verdict is None else verdict.exact_match_rate,
             worst_margin=None if verdict is None else verdict.worst_margin,
             mismatches=None if matches is None else sum(not m for m in matches.values()),

@@ -57,12 +57,21 @@ def _run(spec: Any, store: Any, db: str | None, address: str | None, resume: boo
     except SweepFailed as err:
         fail(str(err))
     failed = f", {outcome.failed} failed" if outcome.failed else ""
-    loads = sum(w["pair_loads"] for w in outcome.workers)
     console.print(f"sweep {outcome.name} {outcome.status}: {outcome.trials} trials{failed} in {outcome.wall_s:.0f} s "
-                  f"({len(outcome.workers)} worker(s), {loads} pair load(s))", highlight=False, soft_wrap=True)
+                  f"({worker_summary(outcome.workers)})", highlight=False, soft_wrap=True)
     db_arg = f" --db {resolve_url(db)}" if db else ""
     console.print(f"results: spectune results {outcome.name}{db_arg}", highlight=False, soft_wrap=True)
     return outcome
+
+
+def worker_summary(workers: list[dict]) -> str:
+    """'1 worker(s), 1 pair load(s)' for the engine's workers, '..., 10 vLLM server start(s)' for vLLM's:
+    each backend's workers report their own counters."""
+    parts = [f"{len(workers)} worker(s)"]
+    for key, what in (("pair_loads", "pair load(s)"), ("server_starts", "vLLM server start(s)")):
+        if any(key in w for w in workers):
+            parts.append(f"{sum(w.get(key, 0) for w in workers)} {what}")
+    return ", ".join(parts)
 
 
 def demo(
