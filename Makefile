@@ -10,7 +10,7 @@ MODELS_STAMP := $(VENV)/.models-installed
 CACHE  ?= $(or $(SPECTUNE_CACHE),$(HOME)/.cache/spectune)
 # The demo's pair: smollm2 (the real SmolLM2-135M-Instruct, imported from the wheel setup installs), or a
 # tiny pair's folder ($(CACHE)/pairs/tiny-seed0: the toy pair, trained first). DISTILL=1 also distils SmolLM2's
-# drafter (~11 min once) so the drafter methods join the sweep.
+# drafter (15-30 min once) so the drafter methods join the sweep.
 PAIR   ?= smollm2
 DISTILL ?=
 DB     ?= $(CACHE)/spectune.db

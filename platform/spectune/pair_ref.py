@@ -165,7 +165,7 @@ def _imported_hint(path: str, role: str) -> str:
         return ""
     if role == "target":
         return f" (import it with `spectune models import {name}`)"
-    return f" (distil it with `spectune models distill --pair {name}`, ~11 min on 2 cores)"
+    return f" (distil it with `spectune models distill --pair {name}`, 15-30 min on 2 cores)"
 
 
 def _preset_folder(preset: str, seed: int) -> Path:

@@ -77,7 +77,7 @@ def worker_summary(workers: list[dict]) -> str:
 def demo(
     pair: str = typer.Option("smollm2", "--pair", help="smollm2: the real SmolLM2-135M-Instruct (imported in seconds; "
                              "its distilled drafter joins when built); or a tiny pair's folder (built if missing, minutes)."),
-    distill: bool = typer.Option(False, "--distill", help="smollm2: distil its drafter first (~11 min on 2 cores, "
+    distill: bool = typer.Option(False, "--distill", help="smollm2: distil its drafter first (15-30 min on 2 cores, "
                                  "once), so the drafter methods (sps, tree) join the sweep."),
     db: str | None = typer.Option(None, "--db", help=_DB_HELP),
 ) -> None:
@@ -119,7 +119,7 @@ def _demo_smollm2(distill: bool, db: str | None) -> tuple[Any, str | None]:
             data["space"] = {m: k for m, k in data["space"].items() if m not in skipped}
             data["pair"] = {k: v for k, v in data["pair"].items() if k != "drafter"}
             note = (f"not swept: {', '.join(skipped)} (they draft with SmolLM2's distilled drafter, not built yet). "
-                    "Add them: `spectune demo --distill` (or `spectune models distill --pair smollm2`, ~11 min "
+                    "Add them: `spectune demo --distill` (or `spectune models distill --pair smollm2`, 15-30 min "
                     "once on 2 cores), then run the demo again.")
         return _run_demo(store, data, db), note
 
