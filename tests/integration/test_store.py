@@ -225,7 +225,10 @@ def test_url_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("SPECTUNE_DB", "sqlite:////elsewhere/x.db")
     assert resolve_url(None) == "sqlite:////elsewhere/x.db"
     monkeypatch.delenv("SPECTUNE_DB")
+    monkeypatch.delenv("SPECTUNE_CACHE", raising=False)  # the default store lives in the default cache
     assert resolve_url(None).endswith("/.cache/spectune/spectune.db")
+    monkeypatch.setenv("SPECTUNE_CACHE", str(tmp_path / "cache"))
+    assert resolve_url(None) == f"sqlite:///{tmp_path / 'cache' / 'spectune.db'}"
 
 
 def test_unreachable_postgres_fails_fast_with_password_masked() -> None:
