@@ -23,7 +23,7 @@ from spectune.engine.drafter import Drafter
 from spectune.engine.loop import Decoder, Generation
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
-from spectune.intervals import BOOTSTRAP_SAMPLES, CI_LEVEL
+from spectune.intervals import BOOTSTRAP_SAMPLES, CI_LEVEL, percentile_interval
 from spectune.methods import METHODS
 from spectune.metrics import step_metrics
 from spectune.pair import Pair
@@ -254,8 +254,6 @@ def summarise(who: Contender, runs: list[Pass], ar_runs: list[Pass], prompts: Se
     )
 
 
-
-
 def speedup_interval(runs: Sequence[Pass], ar_runs: Sequence[Pass], samples: int = BOOTSTRAP_SAMPLES,
                      level: float = CI_LEVEL, seed: int = 0) -> tuple[float | None, float | None]:
     """A bootstrap confidence interval of the speedup over prompts (None, None below two prompts).
@@ -271,10 +269,7 @@ def speedup_interval(runs: Sequence[Pass], ar_runs: Sequence[Pass], samples: int
     picks = np.random.default_rng(seed).integers(0, tokens.shape[1], size=(samples, tokens.shape[1]))  # [B, P]
     rate = tokens[:, picks].sum(axis=2) / seconds[:, picks].sum(axis=2)  # [R, B]
     ar_rate = ar_tokens[:, picks].sum(axis=2) / ar_seconds[:, picks].sum(axis=2)  # [R, B]
-    speedups = np.median(rate / ar_rate, axis=0)  # [B]
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(speedups, [tail, 100 - tail])
-    return float(low), float(high)
+    return percentile_interval(np.median(rate / ar_rate, axis=0), level)  # speedups: [B]
 
 
 def _per_prompt_arrays(runs: Sequence[Pass]) -> tuple[np.ndarray, np.ndarray]:

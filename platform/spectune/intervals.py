@@ -19,7 +19,11 @@ def repeat_interval(ratios: Sequence[float], samples: int = BOOTSTRAP_SAMPLES, l
         return None, None
     values = np.asarray(ratios, dtype=float)  # [R]
     picks = np.random.default_rng(seed).integers(0, len(values), size=(samples, len(values)))  # [B, R]
-    medians = np.median(values[picks], axis=1)  # [B]
+    return percentile_interval(np.median(values[picks], axis=1), level)  # medians: [B]
+
+
+def percentile_interval(resampled: np.ndarray, level: float = CI_LEVEL) -> tuple[float, float]:
+    """The central `level` interval of bootstrap resamples of a speedup ([B])."""
     tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(medians, [tail, 100 - tail])
+    low, high = np.percentile(resampled, [tail, 100 - tail])
     return float(low), float(high)

@@ -151,6 +151,7 @@ def test_the_shipped_vllm_spec_validates(tiny_stand_in):
 def test_the_sweep_summary_names_what_each_backends_workers_did():
     from spectune.cli.sweep_cmd import worker_summary
 
-    assert worker_summary([{"worker_id": 0, "pair_loads": 1}]) == "1 worker(s), 1 pair load(s)"
+    engine = BACKENDS.get("spectune").worker_counters
+    assert worker_summary([{"worker_id": 0, "pair_loads": 1}], engine) == "1 worker(s), 1 pair load(s)"
     vllm = [{"worker_id": 0, "server_starts": 6, "trials_run": 25}, {"worker_id": 1, "server_starts": 4}]
-    assert worker_summary(vllm) == "2 worker(s), 10 vLLM server start(s)"  # a vLLM sweep's workers load no pair
+    assert worker_summary(vllm, BACKENDS.get("vllm").worker_counters) == "2 worker(s), 10 vLLM server start(s)"

@@ -14,7 +14,7 @@ Torch-free: spectune's own methods (which import the engine) are reached lazily.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from pydantic import BaseModel
@@ -48,6 +48,8 @@ class Backend:
     max_concurrency: int | None = 1  # requests in flight while measured; None = any (a serving engine)
     # checks that need the pair (a drafter, trained heads): (method, one combination of knobs, pair) -> raise ValueError
     check_pair: Callable[[str, Mapping[str, Any], PairRef], None] | None = None
+    # the counters its workers report (stats() keys) that the sweep's closing line sums: key -> what it counts
+    worker_counters: Mapping[str, str] = field(default_factory=dict)
 
     def method(self, name: str) -> BackendMethod:
         return self.methods().get(name)
@@ -118,4 +120,5 @@ BACKENDS.register(Backend(
     methods=_spectune_methods,
     make_config=_spectune_config,
     check_pair=_spectune_check_pair,
+    worker_counters={"pair_loads": "pair load(s)"},
 ))

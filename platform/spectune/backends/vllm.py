@@ -327,4 +327,5 @@ BACKENDS.register(Backend(
     make_config=_make_config,
     max_concurrency=None,
     check_pair=check_pair,
+    worker_counters={"server_starts": "vLLM server start(s)"},
 ))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ def _store(db: str | None) -> Any:
 def _run(spec: Any, store: Any, db: str | None, address: str | None, resume: bool, storage: str | None) -> Any:
     from rich.console import Console
 
+    from spectune.backends import BACKENDS
     from spectune.store import resolve_url
     from spectune.sweeps.launcher import SweepFailed, SweepOptions, run_sweep
 
@@ -58,20 +60,18 @@ def _run(spec: Any, store: Any, db: str | None, address: str | None, resume: boo
         fail(str(err))
     failed = f", {outcome.failed} failed" if outcome.failed else ""
     console.print(f"sweep {outcome.name} {outcome.status}: {outcome.trials} trials{failed} in {outcome.wall_s:.0f} s "
-                  f"({worker_summary(outcome.workers)})", highlight=False, soft_wrap=True)
+                  f"({worker_summary(outcome.workers, BACKENDS.get(spec.backend).worker_counters)})",
+                  highlight=False, soft_wrap=True)
     db_arg = f" --db {resolve_url(db)}" if db else ""
     console.print(f"results: spectune results {outcome.name}{db_arg}", highlight=False, soft_wrap=True)
     return outcome
 
 
-def worker_summary(workers: list[dict]) -> str:
-    """'1 worker(s), 1 pair load(s)' for the engine's workers, '..., 10 vLLM server start(s)' for vLLM's:
-    each backend's workers report their own counters."""
-    parts = [f"{len(workers)} worker(s)"]
-    for key, what in (("pair_loads", "pair load(s)"), ("server_starts", "vLLM server start(s)")):
-        if any(key in w for w in workers):
-            parts.append(f"{sum(w.get(key, 0) for w in workers)} {what}")
-    return ", ".join(parts)
+def worker_summary(workers: list[dict], counters: Mapping[str, str]) -> str:
+    """'1 worker(s), 1 pair load(s)': the worker count and the sums of the counters the sweep's backend
+    declares (`Backend.worker_counters`; each backend's workers report their own)."""
+    return ", ".join([f"{len(workers)} worker(s)",
+                      *(f"{sum(w.get(key, 0) for w in workers)} {what}" for key, what in counters.items())])
 
 
 def demo(
