@@ -22,15 +22,18 @@ from dataclasses import dataclass
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-# (layer, module prefixes); a module belongs to the layer of its longest matching prefix.
+# (layer, module prefixes), lowest first; a module belongs to the layer of its longest matching prefix.
+# A new module must be placed here (test_every_module_has_a_layer), which is when its layer gets decided.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # torch-free values every layer passes (a Tune trial process, the store and the dashboard use them without torch)
     ("values", ("spectune.paths", "spectune.intervals", "spectune.config", "spectune.results", "spectune.prompts")),
-    ("trees", ("spectune.trees",)),
-    ("engine", ("spectune.engine",)),
-    ("profiling", ("spectune.profiling",)),
-    ("models", ("spectune.models",)),
-    ("heads", ("spectune.heads",)),
-    ("methods", ("spectune.methods",)),
+    ("trees", ("spectune.trees",)),  # plain data and pure functions: the engine builds its verify inputs with them
+    ("engine", ("spectune.engine",)),  # the five-phase decode step: imports nothing above it
+    ("profiling", ("spectune.profiling",)),  # timers that hook into the engine from outside
+    ("models", ("spectune.models",)),  # building, training, importing pairs (distillation times forwards)
+    ("heads", ("spectune.heads",)),  # trained Medusa/EAGLE heads (they train on the models' features)
+    ("methods", ("spectune.methods",)),  # drafters and the method registry
+    # loading pairs, benching, certifying, storing, reading results ("spectune" is the root package alone)
     ("core", ("spectune", "spectune.data", "spectune.pair_ref", "spectune.pair", "spectune.certificate",
               "spectune.metrics", "spectune.bench", "spectune.peer_hf", "spectune.pareto", "spectune.store",
               "spectune.sequoia_inputs", "spectune.load_table")),
@@ -74,7 +77,7 @@ def source_roots() -> dict[str, pathlib.Path]:
 def module_files() -> dict[str, pathlib.Path]:
     """Every module of the distribution: dotted name -> file."""
     roots = source_roots()
-    nested = [folder for folder in roots.values()]
+    nested = list(roots.values())
     found = {}
     for package, folder in roots.items():
         for path in sorted(folder.rglob("*.py")):
@@ -158,7 +161,8 @@ def imports_of(module: str, path: pathlib.Path) -> list[Import]:
 
 
 def all_imports() -> list[Import]:
-    return [imp for module, path in MODULES.items() for imp in imports_of(module, path)]
+    found = [imp for module, path in MODULES.items() for imp in imports_of(module, path)]
+    return sorted(found, key=lambda i: (i.path, i.line, i.imported))
 
 
 def upward(imports: list[Import]) -> list[Import]:
