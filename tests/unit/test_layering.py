@@ -26,7 +26,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # A new module must be placed here (test_every_module_has_a_layer), which is when its layer gets decided.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # torch-free values every layer passes (a Tune trial process, the store and the dashboard use them without torch)
-    ("values", ("spectune.paths", "spectune.intervals", "spectune.config", "spectune.results", "spectune.prompts")),
+    ("values", ("spectune.paths", "spectune.intervals", "spectune.config", "spectune.results", "spectune.prompts",
+                "spectune.validation")),
     ("trees", ("spectune.trees",)),  # plain data and pure functions: the engine builds its verify inputs with them
     ("engine", ("spectune.engine",)),  # the five-phase decode step: imports nothing above it
     ("profiling", ("spectune.profiling",)),  # timers that hook into the engine from outside
