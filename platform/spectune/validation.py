@@ -62,9 +62,8 @@ def _problem(
 
 
 def _names(message: str, where: str) -> bool:
-    """Whether a message starts by naming its field already (`top_p must be ...`, `space.sps.k: ...`)."""
-    head = message.split(" ", 1)[0].rstrip(":,")
-    return bool(where) and (head == where or head.startswith(where + "."))
+    """Whether a message starts with its field's location already (`space: ...`, `space.sps.k: ...`)."""
+    return bool(where) and (message.startswith(where + ":") or message.startswith(where + "."))
 
 
 def _message(error: Mapping[str, Any]) -> str:

@@ -24,6 +24,13 @@ class Spec(BaseModel):
             raise ValueError("top_p must be in (0, 1]")
         return value
 
+    @field_validator("inner")
+    @classmethod
+    def _inner(cls, value: Inner) -> Inner:
+        if value.k == 2:
+            raise ValueError("inner.k: 2 is even")
+        return value
+
     @model_validator(mode="after")
     def _whole(self) -> "Spec":
         if self.max_new_tokens == 13:
@@ -46,9 +53,10 @@ def test_every_problem_on_one_line_named_by_its_field():
     assert "\n" not in one_line(err)
 
 
-def test_a_validators_own_words_lose_pydantics_prefix_and_are_not_named_twice():
-    assert one_line(error({"top_p": 2})) == "top_p must be in (0, 1]"  # the message names its field already
+def test_a_validators_own_words_lose_pydantics_prefix_and_a_location_is_not_given_twice():
+    assert one_line(error({"top_p": 2})) == "top_p: top_p must be in (0, 1]"  # prose that names the field keeps it
     assert one_line(error({"top_p": 2}), verbatim=True) == "top_p: Value error, top_p must be in (0, 1]"
+    assert one_line(error({"inner": {"k": 2}})) == "inner.k: 2 is even"  # the message starts with its location
 
 
 def test_a_problem_of_the_whole_input_is_named_by_root_or_stands_alone():

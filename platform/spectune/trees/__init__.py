@@ -6,7 +6,7 @@
     sequoia.py  Sequoia's dynamic program: the optimal static tree for a node budget (+ hardware-aware)
     files.py    the JSON files Sequoia's tools exchange (acceptance vectors, forward-time profiles)
 
-Every module is pure (no model, nothing of spectune outside this package): the engine imports
-this package. Measuring p[k] on a pair runs the engine, so it lives above it
+Every module is pure (no model; of spectune only this package and the torch-free error formatter):
+the engine imports this package. Measuring p[k] on a pair runs the engine, so it lives above it
 (`spectune.sequoia_inputs`), and the forward timer with the other profilers (`spectune.profiling`).
 """
