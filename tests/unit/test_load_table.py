@@ -82,3 +82,16 @@ def test_spectune_results_prints_the_load_table_without_the_dashboard(store, tmp
     assert out.returncode == 0, out.stderr
     assert "speedup by load" in out.stdout and "1.40★" in out.stdout
     assert "LOADED []" in out.stdout
+
+
+def test_the_dashboards_load_figures_draw_the_tables_rows(store):
+    from spectune.dashboard.load_view import latency_front_figure, speedup_vs_concurrency_figure
+
+    frame = store.trials_frame("load")
+    table = speedup_table(frame)
+    curves = {trace.name: trace for trace in speedup_vs_concurrency_figure(frame).data}
+    assert set(curves) == set(table.index)
+    for label, curve in curves.items():
+        assert list(curve.x) == [1, 4] and list(curve.y) == table.loc[label].tolist()
+    points = [t for t in latency_front_figure(frame).data if t.mode == "markers"]
+    assert sorted(t.name for t in points) == ["c=1", "c=4"] and all(len(t.x) == 2 for t in points)
