@@ -4,44 +4,25 @@ Pure figures of the store's trials frame, one trial per (configuration, concurre
 
     speedup_vs_concurrency_figure   one line per configuration: speedup at each load (1.0 = no speculation)
     latency_front_figure            throughput vs p95 request latency, a front per load
-    best_per_load                   the fastest configuration at each load (a table)
-    speedup_table                   configurations x loads (what `spectune results` prints too)
 
-and `render_load`, the dashboard section that shows them when a sweep has such trials.
+and `render_load`, the dashboard section that shows them, with the fastest configuration at
+each load, when a sweep has such trials. The tables (`spectune.load_table`) are plotly-free, so
+`spectune results` prints them without the dashboard.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 
-from spectune.config import DecodeConfig
-from spectune.pareto import front_step_line, pareto_front
+from spectune.load_table import best_per_load, served_rows
+from spectune.pareto import front_step_line
 
 PALETTE = ("#3969AC", "#E68310", "#11A579", "#CF1C90", "#7F3C8D", "#F2B701", "#E73F74",
            "#008695", "#80BA5A", "#F97B72", "#A5AA99")
 FONT = {"family": "Inter, 'Source Sans Pro', 'DejaVu Sans', sans-serif", "size": 13}
-LATENCY_FRONT = {"tokens_per_s": "max", "p95_latency_s": "min"}
-
-
-def served_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Finished trials measured under load (a backend other than spectune's engine)."""
-    if "backend" not in df.columns:
-        return df.iloc[0:0]
-    done = df[(df["status"] == "done") & df["backend"].notna() & (df["backend"] != "spectune")]
-    return done.assign(configuration=[configuration_label(c, m, b) for c, m, b in
-                                      zip(done["config"], done["method"], done["backend"])])
-
-
-def configuration_label(config: Any, method: Any, backend: Any) -> str:
-    """The configuration's one label without its load (`vllm:ngram(num_speculative_tokens=3)`)."""
-    flat = dict(config) if isinstance(config, dict) else {}
-    flat.setdefault("method", method or "?")
-    flat.setdefault("backend", backend)
-    return replace(DecodeConfig.from_dict(flat), concurrency=1).label()
 
 
 def speedup_vs_concurrency_figure(df: pd.DataFrame) -> go.Figure:
@@ -87,35 +68,6 @@ def latency_front_figure(df: pd.DataFrame) -> go.Figure:
     fig.update_xaxes(title="p95 request latency (s)")
     fig.update_yaxes(title="output tokens/s")
     return fig
-
-
-def on_latency_front(df: pd.DataFrame) -> pd.Series:
-    """Per load: trials no other trial at that load beats on both throughput and p95 latency."""
-    rows = served_rows(df).dropna(subset=["tokens_per_s", "p95_latency_s"])
-    marks = [pareto_front(group, LATENCY_FRONT, include_unchecked=True) for _, group in rows.groupby("concurrency")]
-    return pd.concat(marks) if marks else pd.Series(dtype=bool)
-
-
-def best_per_load(df: pd.DataFrame) -> pd.DataFrame:
-    """The configuration with the highest speedup at each load, beside no speculation's tokens/s."""
-    rows = served_rows(df).dropna(subset=["speedup"])
-    if rows.empty:
-        return pd.DataFrame(columns=["concurrency", "best configuration", "speedup", "tok/s", "p95 latency (s)"])
-    best = rows.sort_values(["concurrency", "speedup", "trial_id"], ascending=[True, False, True])
-    best = best.groupby("concurrency", as_index=False).first()
-    return pd.DataFrame({"concurrency": best["concurrency"].astype(int), "best configuration": best["configuration"],
-                         "speedup": best["speedup"].round(3), "tok/s": best["tokens_per_s"].round(1),
-                         "p95 latency (s)": best["p95_latency_s"].round(3), "trial": best["trial_id"]})
-
-
-def speedup_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Speedup of every configuration (rows) at every load (columns): the sweep's answer in one table."""
-    rows = served_rows(df).dropna(subset=["speedup"])
-    if rows.empty:
-        return pd.DataFrame()
-    table = rows.pivot_table(index="configuration", columns="concurrency", values="speedup", aggfunc="first")
-    table.columns = [f"c={int(c)}" for c in table.columns]
-    return table
 
 
 def render_load(shown: pd.DataFrame, sweep: str, chart_config: dict[str, Any]) -> None:

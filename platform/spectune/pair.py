@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from spectune.engine.budget import context_length
+from spectune.engine.budget import pair_context
 from spectune.engine.runner import CausalLM
 from spectune.methods.base import Models
 from spectune.pair_ref import PairError, PairRef
@@ -31,7 +31,7 @@ class Pair:
     @property
     def max_positions(self) -> int:
         """The pair's context: both models must hold the sequence and the draft tree."""
-        return min(context_length(m.config) for m in (self.target, self.drafter) if m is not None)
+        return pair_context(self.target.config, self.drafter.config if self.drafter is not None else None)
 
     def runners(self) -> Models:
         """Fresh cache owners over the loaded weights (cheap: weights are shared)."""

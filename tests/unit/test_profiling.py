@@ -1,4 +1,4 @@
-"""Timing from outside: ForwardClock's counting, and bench passes that see every drafting module."""
+"""Timing from outside: ForwardClock's counting, the forward-time profile, and bench passes that see every drafting module."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from spectune.bench import Settings, contender, timed_pass
 from spectune.methods import METHODS
 from spectune.pair import load_pair
 from spectune.pair_ref import PairRef
-from spectune.profiling import ForwardClock
+from spectune.profiling import ForwardClock, profile_forwards
 
 
 class Outer(nn.Module):
@@ -54,6 +54,18 @@ def test_a_forward_that_raises_does_not_stop_the_clock_counting():
             failing(torch.ones(2))
         fine(torch.ones(2))
     assert clock.calls == 2
+
+
+def test_a_forward_profile_times_every_tree_size_and_counts_every_forward(micro_pair):
+    pair = load_pair(PairRef.model_validate({"dir": micro_pair}))
+    filler = pair.encode("def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n" * 4)
+    clock = ForwardClock()
+    with clock.attached(pair.target):
+        times = profile_forwards(pair.target, filler, past=16, max_tokens=5, repeats=2)
+    assert len(times) == 5 and all(t > 0 for t in times)
+    # the past, three warm-up calls, then (repeats + 1) forwards per size
+    assert clock.calls == 1 + 3 + 5 * 3
+    assert 1000 * clock.seconds > sum(times)  # the fastest of each size is a part of all the time spent
 
 
 def test_only_self_speculative_drafters_name_modules_of_their_own(micro_pair):

@@ -58,7 +58,7 @@ def measure(
     from spectune.bench import encode_prompts
     from spectune.engine.sampling import Sampling
     from spectune.prompts import load_prompts
-    from spectune.trees.measure import measure_acceptance
+    from spectune.sequoia_inputs import measure_acceptance
 
     if not 1 <= width <= 64:
         fail(f"--width must be in 1..64, got {width}")
@@ -103,8 +103,9 @@ def profile(
     """Time the target's (and drafter's) forward over 1..N tree tokens after a fixed past, on this worker."""
     import torch
 
+    from spectune.profiling import profile_forwards
     from spectune.prompts import load_prompts
-    from spectune.trees.measure import check_profile_fits, filler_tokens, profile_forwards
+    from spectune.sequoia_inputs import check_profile_fits, filler_tokens
 
     if repeats < 1:
         fail(f"--repeats must be >= 1, got {repeats}")

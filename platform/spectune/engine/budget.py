@@ -45,6 +45,11 @@ def context_length(config: Any) -> int:
     raise ValueError(f"{type(config).__name__} names no context length (none of {', '.join(CONTEXT_FIELDS)})")
 
 
+def pair_context(target_config: Any, drafter_config: Any | None) -> int:
+    """A pair's context (transformers configs): both models hold the sequence and the tree, so the least of the two."""
+    return min(context_length(config) for config in (target_config, drafter_config) if config is not None)
+
+
 def room_for_new_tokens(prompt_tokens: int, tree_nodes: int, context: int) -> int:
     return context - prompt_tokens - tree_nodes
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict
 
 from spectune.engine.drafter import Drafter
+from spectune.engine.budget import pair_context
 from spectune.engine.runner import CausalLM
 
 
@@ -37,9 +38,8 @@ class Models:
     @property
     def context(self) -> int:
         """Positions a draft tree must fit: the least of the target's and (if any) the drafter's context."""
-        if self.drafter is None:
-            return self.target.max_positions
-        return min(self.target.max_positions, self.drafter.max_positions)
+        drafter = self.drafter.model.config if self.drafter is not None else None
+        return pair_context(self.target.model.config, drafter)
 
 
 @dataclass(frozen=True)

@@ -343,7 +343,7 @@ def _agreement(drafter, reference, ids: list[int], start: int) -> tuple[int, int
 
 def _pass_cost(drafter, reference, teacher, code: torch.Tensor, budget: float) -> dict:
     """One-token forward time (fastest of 9, 128 cached tokens, 1 thread) of drafter and target, fp32 and bf16."""
-    from spectune.trees.measure import profile_forwards
+    from spectune.profiling import profile_forwards
 
     filler = code[:129].tolist()
     threads = torch.get_num_threads()

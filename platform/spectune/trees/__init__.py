@@ -5,7 +5,8 @@
     shapes.py   static templates: chains, per-depth branching, Medusa path lists, ranked templates
     sequoia.py  Sequoia's dynamic program: the optimal static tree for a node budget (+ hardware-aware)
     files.py    the JSON files Sequoia's tools exchange (acceptance vectors, forward-time profiles)
-    measure.py  measuring what Sequoia needs on a pair: p[k] and forward times
 
-Every module but `measure` is pure (no model); `measure` runs the engine, which imports this package.
+Every module is pure (no model; of spectune only this package and the torch-free error formatter):
+the engine imports this package. Measuring p[k] on a pair runs the engine, so it lives above it
+(`spectune.sequoia_inputs`), and the forward timer with the other profilers (`spectune.profiling`).
 """

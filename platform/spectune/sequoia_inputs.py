@@ -1,16 +1,16 @@
-"""What Sequoia's optimiser needs from a pair and a worker: the acceptance vector and forward times.
+"""What Sequoia's optimiser needs from a pair: the acceptance vector, and the inputs of a forward-time profile.
 
 `measure_acceptance` decodes a prompt set with a one-level tree of `width` ranked drafter
 children and counts which rank the target accepted each step: p[k] is the fraction of steps
-whose k-th child was accepted. `profile_forwards` times target (and drafter) forwards of
-1..N tree tokens after a fixed-length past. The CLI writes both as JSON files
-(schemas in `spectune.trees.files`).
+whose k-th child was accepted. `filler_tokens` and `check_profile_fits` prepare
+`spectune.profiling.profile_forwards`, which times target (and drafter) forwards of 1..N tree
+tokens after a fixed-length past. The CLI writes both as JSON files (schemas in
+`spectune.trees.files`). This runs the engine, so it lives here and not in the pure `trees` package.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -18,13 +18,12 @@ from torch import nn
 
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.loop import Decoder
-from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
-from spectune.trees.shapes import branching_shape
-from spectune.trees.draft import DraftTree, tree_inputs, tree_layout
 from spectune.methods.model_drafter import TemplateDrafter
 from spectune.pair import Pair
 from spectune.prompts import Prompt
+from spectune.trees.draft import DraftTree, tree_layout
+from spectune.trees.shapes import branching_shape
 
 # --- measuring p[k] -----------------------------------------------------------------------------
 
@@ -98,34 +97,7 @@ def measure_acceptance(
     return recorder
 
 
-# --- profiling forward times ------------------------------------------------------------------
-
-
-def profile_forwards(
-    model: torch.nn.Module, filler: Sequence[int], past: int, max_tokens: int, repeats: int
-) -> list[float]:
-    """Fastest ms of one forward over n tree tokens (a root and n-1 children) after `past` cached tokens."""
-    lm = CausalLM(model)
-    if past:
-        lm.forward(filler[:past], last_only=True)
-    for n in (1, max_tokens, 1):  # the first calls pay one-off costs (allocator, kernel selection)
-        lm.forward(filler[past : past + n], tree_inputs((-1,) + (0,) * (n - 1), past, lm.dtype).positions)
-        lm.cache.truncate(past)
-    times = []
-    for n in range(1, max_tokens + 1):
-        parents = (-1,) + (0,) * (n - 1)  # a star: a real tree mask for n >= 3
-        inputs = tree_inputs(parents, past, lm.dtype)
-        tokens = list(filler[past : past + n])
-        samples = []
-        for _ in range(repeats + 1):  # the first call of each size warms up
-            _synchronize(lm.device)
-            started = time.perf_counter()
-            lm.forward(tokens, inputs.positions, inputs.mask)
-            _synchronize(lm.device)
-            samples.append((time.perf_counter() - started) * 1000)
-            lm.cache.truncate(past)
-        times.append(min(samples[1:]))  # other processes only ever add time: the fastest is the model's cost
-    return times
+# --- preparing a forward-time profile (spectune.profiling.profile_forwards) ---------------------
 
 
 def filler_tokens(pair: Pair, prompts: Sequence[Prompt], length: int) -> list[int]:
@@ -148,7 +120,3 @@ def check_profile_fits(pair: Pair, past: int, max_tokens: int) -> None:
             f"allowed --max-tokens 1..{max(context - past, 0)}"
         )
 
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
