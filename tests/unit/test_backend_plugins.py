@@ -219,8 +219,8 @@ def test_a_served_config_files_settings_section_is_its_backends_own(tmp_path):
     assert served(method="ar").server == {}
     with pytest.raises(ServeConfigError, match=r"vllm: settings for backend vllm, but backend is spectune \(set backend: vllm\)"):
         served(method="ar", vllm={"max_model_len": 512})
-    with pytest.raises(ServeConfigError, match=r"max_model_len"):  # checked by the backend's settings model up front
-        served(backend="vllm", method="ngram", vllm={"max_model_len": 4})
+    with pytest.raises(ServeConfigError, match=r"vllm.max_model_len: Input should be greater than or equal to 16"):
+        served(backend="vllm", method="ngram", vllm={"max_model_len": 4})  # its settings model checks it up front
     with pytest.raises(ServeConfigError, match=r"colour: Extra inputs are not permitted"):
         served(method="ar", colour="red")
 

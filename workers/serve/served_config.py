@@ -181,8 +181,12 @@ def _section_of(sections: Mapping[str, Any], backend: str) -> dict[str, Any]:
                              f"(set backend: {section})")
     given = sections.get(backend) or {}
     settings = BACKENDS.get(backend).settings
-    if settings is not None:
-        settings.model_validate(given)  # a bad setting fails here, not in every replica
+    if settings is not None:  # a bad setting fails here, not in every replica
+        try:
+            settings.model_validate(given)
+        except ValidationError as err:
+            raise ValueError("; ".join(f"{'.'.join(map(str, (backend, *e['loc'])))}: {e['msg']}"
+                                       for e in err.errors())) from None
     return dict(given)
 
 
