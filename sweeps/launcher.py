@@ -320,15 +320,11 @@ def _flush(writer: Any, store: Store, options: SweepOptions) -> None:
 
 
 def _start_workers(spec: SweepSpec, slots: int) -> WorkerPool:
-    """One worker per slot: a pair worker (spectune's engine) or a vLLM worker (backend vllm)."""
-    from spectune.workers.trials.pair_worker import start_pool
+    """One worker per slot, of the spec's backend (spectune's engine: pair workers; vllm: vLLM workers)."""
+    from spectune.backends import BACKENDS
 
-    need = spec.resources
-    if spec.backend == "vllm":
-        from spectune.workers.vllm.worker import start_vllm_pool
-
-        return start_vllm_pool(spec.pair, slots, need.cpus, need.gpus, spec.vllm)
-    return start_pool(spec.pair, slots, need.cpus, need.gpus)
+    backend, need = BACKENDS.get(spec.backend), spec.resources
+    return backend.start_workers(spec.pair, slots, need.cpus, need.gpus, backend.settings_of(spec))
 
 
 def _stop_pool(pool: WorkerPool) -> None:

@@ -207,18 +207,23 @@ class SweepSpec(BaseModel):
             raise ValueError(f"resources.gpus: pair.device is {self.pair.device}, so each trial needs gpus > 0")
         if self.pair.device.startswith("cuda:"):
             raise ValueError(f"pair.device: use cuda, not {self.pair.device}: Ray gives each worker its own GPU(s)")
-        if self.dtypes and self.backend != DEFAULT_BACKEND:
-            raise ValueError(f"dtypes: a dtype axis runs on spectune's engine; backend {self.backend} takes pair.dtype")
+        if self.dtypes and not BACKENDS.get(self.backend).dtype_axis:
+            takers = " or ".join(BACKENDS.names_where(lambda backend: backend.dtype_axis))
+            raise ValueError(f"dtypes: backend {self.backend} takes pair.dtype only; a dtype axis needs backend: {takers}")
         return self
 
     def _check_backend_sections(self) -> None:
+        """The load axis and the settings sections (each under its backend's name) fit the chosen backend."""
         backend = BACKENDS.get(self.backend)
         most = backend.max_concurrency
         if most is not None and max(self.load.concurrency) > most:
+            under_load = " or ".join(BACKENDS.names_where(lambda other: other.max_concurrency is None))
             raise ValueError(f"load.concurrency: backend {self.backend} decodes {most} request(s) at a time; "
-                             "a load axis needs backend: vllm")
-        if "vllm" in self.model_fields_set and self.backend != "vllm":
-            raise ValueError(f"vllm: settings for vLLM servers, but backend is {self.backend} (set backend: vllm)")
+                             f"a load axis needs backend: {under_load}")
+        for section in BACKENDS.names_where(lambda other: other.settings is not None):
+            if section in self.model_fields_set and section != self.backend:
+                raise ValueError(f"{section}: settings for backend {section}, but backend is {self.backend} "
+                                 f"(set backend: {section})")
 
     @property
     def trials(self) -> int:

@@ -413,7 +413,7 @@ def live_endpoint(micro_pair: Path) -> Iterator[str]:
     """The real endpoint app (FastAPI, `spectune.workers`) on the micro pair, over HTTP."""
     import uvicorn
 
-    from spectune.workers.serve.completion import CompletionService
+    from spectune.workers.serve.completion import SpectuneCompletionService
     from spectune.workers.serve.app import build_app
     from spectune.pair_ref import PairRef
     from spectune.workers.serve.served_config import ServedConfig, ServedSource
@@ -423,7 +423,7 @@ def live_endpoint(micro_pair: Path) -> Iterator[str]:
                      device="cpu"),
         method="sps", knobs={"draft_len": 3}, model_id="micro-sps",
         source=ServedSource(kind="config_file", path="test"))
-    service = CompletionService.load(served)
+    service = SpectuneCompletionService.load(served)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port,
                                            log_level="warning"))

@@ -28,7 +28,7 @@ from spectune.methods import METHODS
 from spectune.pair import Pair, load_pair
 from spectune.pair_ref import PairRef
 from spectune.workers.serve.app import MAX_BODY_BYTES, build_app
-from spectune.workers.serve.completion import CompletionService
+from spectune.workers.serve.completion import SpectuneCompletionService
 from spectune.workers.serve.openai_schema import CompletionRequest
 from spectune.workers.serve.served_config import Limits, from_config_file
 
@@ -52,10 +52,10 @@ def references(pair: Pair) -> dict[str, list[int]]:
 
 
 def service_for(pair: Pair, micro_pair: Path, folder: Path, method: str, knobs: dict[str, Any] | None = None,
-                threads: int = 8) -> CompletionService:
+                threads: int = 8) -> SpectuneCompletionService:
     path = folder / f"{method}.yaml"
     path.write_text(yaml.safe_dump({"pair": str(micro_pair), "method": method, "knobs": knobs or {}}))
-    return CompletionService(pair, from_config_file(str(path)), Limits(max_tokens_limit=300, decode_threads=threads))
+    return SpectuneCompletionService(pair, from_config_file(str(path)), Limits(max_tokens_limit=300, decode_threads=threads))
 
 
 @pytest.mark.parametrize("method", LOSSLESS)
@@ -114,7 +114,7 @@ class FailsMidStream(Drafter):
 
 
 @pytest.fixture(scope="module")
-def sps_service(pair, micro_pair, tmp_path_factory) -> Iterator[CompletionService]:
+def sps_service(pair, micro_pair, tmp_path_factory) -> Iterator[SpectuneCompletionService]:
     service = service_for(pair, micro_pair, tmp_path_factory.mktemp("sps"), "sps", {"draft_len": 2}, threads=2)
     yield service
     service.close()

@@ -31,7 +31,7 @@ from spectune.pair import Pair, load_pair
 from spectune.pair_ref import PairRef
 from spectune.results import DecodeResult
 from spectune.workers.serve.client import Delta, EndpointError, Finished, complete
-from spectune.workers.serve.completion import CompletionService, TextDeltas
+from spectune.workers.serve.completion import SpectuneCompletionService, TextDeltas
 from spectune.workers.serve.openai_schema import CompletionRequest
 from spectune.workers.serve.app import build_app
 from spectune.workers.serve.served_config import (
@@ -88,15 +88,15 @@ def pair(micro_pair: Path) -> Pair:
 
 
 @pytest.fixture(scope="module")
-def service(pair: Pair, micro_pair: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CompletionService]:
+def service(pair: Pair, micro_pair: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpectuneCompletionService]:
     served = from_config_file(str(write_config(tmp_path_factory.mktemp("served"), micro_pair)))
-    svc = CompletionService(pair, served, Limits(max_tokens_limit=300))
+    svc = SpectuneCompletionService(pair, served, Limits(max_tokens_limit=300))
     yield svc
     svc.close()
 
 
 @pytest.fixture(scope="module")
-def client(service: CompletionService) -> TestClient:
+def client(service: SpectuneCompletionService) -> TestClient:
     return TestClient(build_app(service))
 
 
@@ -201,7 +201,7 @@ def test_unknown_routes_and_methods_name_the_endpoints(client: TestClient) -> No
         assert "POST /v1/completions" in answer.json()["error"]["message"]
 
 
-def test_models_healthz_and_config(client: TestClient, service: CompletionService, micro_pair: Path) -> None:
+def test_models_healthz_and_config(client: TestClient, service: SpectuneCompletionService, micro_pair: Path) -> None:
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == [service.model_id]
     assert service.model_id == "micro-seed0/sps(draft_len=4)"
@@ -216,7 +216,7 @@ def test_models_healthz_and_config(client: TestClient, service: CompletionServic
     assert named.status_code == 200 and named.json()["model"] == service.model_id
 
 
-def test_api_key_is_required_when_configured(service: CompletionService) -> None:
+def test_api_key_is_required_when_configured(service: SpectuneCompletionService) -> None:
     guarded = TestClient(build_app(service, api_key=API_KEY))
     request = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
@@ -232,7 +232,7 @@ def test_api_key_is_required_when_configured(service: CompletionService) -> None
     assert guarded.get("/healthz").status_code == 200  # probes need no key
 
 
-def test_a_stream_the_client_abandons_stops_decoding(service: CompletionService) -> None:
+def test_a_stream_the_client_abandons_stops_decoding(service: SpectuneCompletionService) -> None:
     """Closing the stream after the first chunk frees the work: the decode stops within a step."""
     request = CompletionRequest(prompt=PROMPTS[0], max_tokens=300, temperature=0, stream=True)
 
@@ -251,7 +251,7 @@ def test_a_stream_the_client_abandons_stops_decoding(service: CompletionService)
     assert health["cancelled_requests"] == before + 1  # stopped early, not run to max_tokens
 
 
-def test_a_request_cancelled_mid_decode_stops_decoding(service: CompletionService) -> None:
+def test_a_request_cancelled_mid_decode_stops_decoding(service: SpectuneCompletionService) -> None:
     """Serve cancels the handler of a client that hung up; the decode thread stops after its step."""
     request = CompletionRequest(prompt=PROMPTS[0], max_tokens=300, temperature=0)
 

@@ -16,7 +16,7 @@ from spectune.methods import METHODS
 from spectune.pair import Pair, load_pair
 from spectune.pair_ref import PairRef
 from spectune.workers.serve.app import build_app
-from spectune.workers.serve.completion import CompletionService
+from spectune.workers.serve.completion import SpectuneCompletionService
 from spectune.workers.serve.served_config import Limits, from_config_file
 
 MESSAGES = [{"role": "user", "content": "Write a function that adds two numbers."}]
@@ -32,7 +32,7 @@ def _client(pair_dir: Path, folder: Path) -> Iterator[tuple[TestClient, Pair]]:
     config = folder / "served.yaml"
     config.write_text(yaml.safe_dump({"pair": str(pair_dir), "method": "sps", "knobs": {"draft_len": 3}}))
     pair = load_pair(PairRef.model_validate(str(pair_dir)))
-    service = CompletionService(pair, from_config_file(str(config)), Limits(max_tokens_limit=64))
+    service = SpectuneCompletionService(pair, from_config_file(str(config)), Limits(max_tokens_limit=64))
     yield TestClient(build_app(service)), pair
     service.close()
 

@@ -58,7 +58,7 @@ def test_stored_configs_carry_backend_concurrency_and_the_draft_length_column():
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"space": {"lookahead": {}}}, "space.lookahead: unknown vLLM speculative method 'lookahead'; known: ar, draft_model"),
+    ({"space": {"lookahead": {}}}, "space.lookahead: unknown vLLM speculative method 'lookahead'; known vLLM speculative methods: ar, draft_model"),
     ({"space": {"ngram": {"window": [2]}}}, "space.ngram.window: unknown knob for ngram; its knobs: max_num_seqs"),
     ({"space": {"ngram": {"num_speculative_tokens": [0]}}}, "space.ngram.num_speculative_tokens: 0 is not allowed"),
     ({"space": {"ngram": {"prompt_lookup_min": [4], "prompt_lookup_max": [3]}}},
@@ -74,10 +74,11 @@ def test_stored_configs_carry_backend_concurrency_and_the_draft_length_column():
     ({"space": {"ngram": {"num_speculative_tokens": [2], "num_speculative_tokens_per_batch_size": [[[1, 4, 5]]]}}},
      "k = 5 is above num_speculative_tokens (2), which vLLM would silently cut it to"),
     ({"backend": "sglang"}, "backend: unknown backend 'sglang'; known backends: spectune, vllm"),
-    ({"backend": "spectune", "space": {"sps": {}}}, "load.concurrency: backend spectune decodes 1 request(s) at a time"),
+    ({"backend": "spectune", "space": {"sps": {}}},
+     "load.concurrency: backend spectune decodes 1 request(s) at a time; a load axis needs backend: vllm"),
     ({"load": {"concurrency": [4, 4]}}, "load.concurrency: give distinct request counts >= 1"),
     ({"vllm": {"max_model_len": 1024}, "backend": "spectune", "load": {"concurrency": [1]}, "space": {"sps": {}}},
-     "vllm: settings for vLLM servers, but backend is spectune"),
+     "vllm: settings for backend vllm, but backend is spectune (set backend: vllm)"),
     ({"vllm": {"kv_cache": 2}}, "vllm.kv_cache: unknown field"),
 ])
 def test_bad_vllm_configurations_fail_before_anything_starts(changes, message):

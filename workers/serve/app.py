@@ -1,7 +1,9 @@
-"""The live endpoint: an OpenAI-style FastAPI app over `CompletionService`, hosted by Ray Serve.
+"""The live endpoint: an OpenAI-style FastAPI app over a `CompletionService`, hosted by Ray Serve.
 
     build_app(service, api_key)   the FastAPI app (tests drive it in-process with TestClient)
-    CompletionDeployment          the thin Serve deployment: loads the pair once per replica
+    CompletionDeployment          the thin Serve deployment: each replica starts the served backend's
+                                  service once (its `Serving` declaration: spectune's engine loads the
+                                  pair, vLLM starts a server), with that backend's deployment options
     app_builder(args)             for Serve config files (`serve run/deploy workers/serve/serve_config.yaml`)
     deploy(served, ...)           what `spectune serve` calls
 
@@ -27,10 +29,11 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from spectune.backends import BACKENDS, resolve
 from spectune.workers.serve.chat import ChatCompletionRequest, chat_complete, chat_request, chat_stream
-from spectune.workers.serve.completion import CompletionService, RequestRejected
 from spectune.workers.serve.openai_schema import CompletionRequest, ErrorBody, ErrorResponse
 from spectune.workers.serve.served_config import Limits, ServeArgs, ServedConfig, choose
+from spectune.workers.serve.service import CompletionService, Replica, RequestRejected
 
 logger = logging.getLogger("spectune.serve")
 
@@ -82,7 +85,7 @@ def _too_large(limit: int) -> JSONResponse:
                            f"the request body is over {limit // 1024} KiB; send a shorter prompt")
 
 
-def build_app(service: CompletionService, api_key: str | None = None) -> FastAPI:
+def build_app(service: CompletionService[Any], api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="spectune endpoint", summary=f"serving {service.model_id}", version="1")
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     _add_error_handlers(app)
@@ -235,41 +238,32 @@ def _body_schema(model: type[Any] = CompletionRequest) -> dict[str, Any]:
 # --- Ray Serve ----------------------------------------------------------------------------
 
 
-# A replica whose pair fails to load fails again: 3 tries, not Serve's default of 20.
-@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=32, max_constructor_retry_count=3,
-                  ray_actor_options={"num_cpus": 1})
+# The options Serve takes per backend (max_ongoing_requests, max_constructor_retry_count) are its `Serving`'s: `bind`.
+@serve.deployment(name=DEPLOYMENT_NAME, ray_actor_options={"num_cpus": 1})
 @serve.ingress()  # late-bound: the app needs the service this replica builds in __init__
 class CompletionDeployment:
-    """One replica: loads the pair once and answers through `build_app`."""
+    """One replica: starts the served backend's completion service once and answers through `build_app`."""
 
     def __init__(self, served: dict[str, Any], limits: dict[str, Any], api_key: str | None = None) -> None:
-        _match_torch_threads_to_cpus()
-        self.service = CompletionService.load(ServedConfig.model_validate(served), Limits.model_validate(limits))
+        config = ServedConfig.model_validate(served)
+        start = resolve(BACKENDS.get(config.backend).serving.service)
+        self.service: CompletionService[Any] = start(config, Limits.model_validate(limits), Replica.assigned())
         self.api_key = api_key
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_app(self.service, self.api_key)
 
     def __del__(self) -> None:
-        service = getattr(self, "service", None)  # absent when loading the pair failed
+        service = getattr(self, "service", None)  # absent when the service failed to start
         if service is not None:
             service.close()
-
-
-def _match_torch_threads_to_cpus() -> None:
-    """Torch threads = the CPUs Ray gave this replica (more would fight the other replicas)."""
-    import ray
-    import torch
-
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    torch.set_num_threads(max(1, int(cpus)))
 
 
 def bind(served: ServedConfig, limits: Limits, api_key: str | None, *, replicas: int | None = None,
          autoscaling: dict[str, Any] | None = None, num_cpus: float | None = None,
          num_gpus: float | None = None) -> serve.Application:
-    """The Serve application for `served`, with deployment options where given."""
-    options: dict[str, Any] = {}
+    """The Serve application for `served`: its backend's deployment options, and these where given."""
+    options: dict[str, Any] = BACKENDS.get(served.backend).serving.deployment_options()
     if autoscaling is not None:
         options["autoscaling_config"] = autoscaling
     elif replicas is not None:
@@ -277,13 +271,7 @@ def bind(served: ServedConfig, limits: Limits, api_key: str | None, *, replicas:
     actor_options = {key: value for key, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if value is not None}
     if actor_options:
         options["ray_actor_options"] = {"num_cpus": 1, **actor_options}
-    chosen = CompletionDeployment
-    if served.backend == "vllm":  # a vLLM server per replica, behind the same app
-        from spectune.workers.serve.vllm_completion import VllmCompletionDeployment
-
-        chosen = VllmCompletionDeployment
-    deployment = chosen.options(**options) if options else chosen
-    return deployment.bind(served.model_dump(mode="json"), limits.model_dump(), api_key)
+    return CompletionDeployment.options(**options).bind(served.model_dump(mode="json"), limits.model_dump(), api_key)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

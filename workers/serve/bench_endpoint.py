@@ -142,14 +142,14 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from spectune.prompts import load_prompts
-    from spectune.workers.serve.completion import CompletionService
+    from spectune.workers.serve.completion import SpectuneCompletionService
     from spectune.workers.serve.served_config import Limits, from_config_file
 
     torch.set_num_threads(1)  # as the replica (num_cpus=1)
     served = from_config_file(args.config)
     limits = Limits(max_tokens_limit=max(args.max_tokens, 1), decode_threads=args.decode_threads)
     prompts = [p.prompt for p in load_prompts("default", args.prompts)]
-    service = CompletionService.load(served, limits)
+    service = SpectuneCompletionService.load(served, limits)
     url = args.url or _start_endpoint(served, limits, args.replicas)
     try:
         print(f"benchmarking {served.model_id} at {url}", file=sys.stderr)

@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from spectune.workers.serve.completion import RequestRejected
 from spectune.workers.serve.openai_schema import (
     ArComparison, CompletionRequest, CompletionResponse, FinishReason, SpeculativeStats, StreamOptions, Usage,
 )
+from spectune.workers.serve.service import CompletionService, RequestRejected
 
 
 class ChatMessage(BaseModel):
@@ -100,9 +100,9 @@ class ChatCompletionChunk(BaseModel):
     comparison: ArComparison | None = None
 
 
-def chat_request(service: Any, request: ChatCompletionRequest) -> CompletionRequest:
+def chat_request(service: CompletionService[Any], request: ChatCompletionRequest) -> CompletionRequest:
     """The conversation rendered by the served target's chat template, as a completion request."""
-    tokenizer = getattr(getattr(service, "pair", None), "tokenizer", None)
+    tokenizer = service.tokenizer
     if tokenizer is None:
         raise RequestRejected("this backend serves /v1/completions only; send the rendered prompt there",
                               param="messages")
@@ -125,11 +125,11 @@ def chat_response(completion: CompletionResponse) -> ChatCompletionResponse:
         usage=completion.usage, speculative=completion.speculative, comparison=completion.comparison)
 
 
-async def chat_complete(service: Any, request: CompletionRequest) -> ChatCompletionResponse:
+async def chat_complete(service: CompletionService[Any], request: CompletionRequest) -> ChatCompletionResponse:
     return chat_response(await service.complete(request))
 
 
-async def chat_stream(service: Any, request: CompletionRequest, job: Any,
+async def chat_stream(service: CompletionService[Any], request: CompletionRequest, job: Any,
                       is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[ChatCompletionChunk]:
     """The completion stream as chat chunks: the first delta names the role, then content deltas."""
     first = True

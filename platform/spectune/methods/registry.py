@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from spectune.config import DecodeConfig, KnobColumns
 from spectune.engine.drafter import Drafter
 from spectune.methods.base import Knobs, Method, Models
+from spectune.registry import Registry
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(KnobColumns))
 INT_COLUMNS = ("draft_len", "node_budget", "exit_layer")
@@ -19,7 +20,7 @@ INT_COLUMNS = ("draft_len", "node_budget", "exit_layer")
 
 class MethodRegistry:
     def __init__(self) -> None:
-        self._methods: dict[str, Method] = {}
+        self._methods = Registry[Method]("method")
 
     def register(
         self,
@@ -51,22 +52,17 @@ class MethodRegistry:
                 raise ValueError(f"method {name!r}: column {column!r} names no knob of {knobs.__name__}: {unknown or names}")
 
         def decorate(build: Callable[[Knobs, Models], Drafter]) -> Callable[[Knobs, Models], Drafter]:
-            if name in self._methods:
-                raise ValueError(f"method {name!r} is registered twice")
-            self._methods[name] = Method(name, knobs, build, needs_drafter, lossless, summary, paper, cost, rule, columns,
-                                         needs_heads)
+            self._methods.register(Method(name, knobs, build, needs_drafter, lossless, summary, paper, cost, rule,
+                                          columns, needs_heads))
             return build
 
         return decorate
 
     def get(self, name: str) -> Method:
-        try:
-            return self._methods[name]
-        except KeyError:
-            raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(self._methods))}") from None
+        return self._methods.get(name)
 
     def names(self) -> list[str]:
-        return sorted(self._methods)
+        return self._methods.names()
 
     def knobs(self, name: str, values: Mapping[str, Any]) -> Knobs:
         """Validate a method's knobs, naming the method and field on error."""
