@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # torch-free values every layer passes (a Tune trial process, the store and the dashboard use them without torch)
     ("values", ("spectune.paths", "spectune.intervals", "spectune.config", "spectune.results", "spectune.prompts",
-                "spectune.validation")),
+                "spectune.validation", "spectune.registry")),
     ("trees", ("spectune.trees",)),  # plain data and pure functions: the engine builds its verify inputs with them
     ("engine", ("spectune.engine",)),  # the five-phase decode step: imports nothing above it
     ("profiling", ("spectune.profiling",)),  # timers that hook into the engine from outside
