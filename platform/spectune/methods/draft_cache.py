@@ -21,7 +21,7 @@ from spectune.engine.drafter import Drafter
 from spectune.engine.kvcache import KVCache
 from spectune.engine.runner import CausalLM
 from spectune.methods.growing import GrowingTree
-from spectune.trees.draft import additive_mask
+from spectune.trees.draft import additive_mask, ancestor_matrix
 
 
 class DraftCache:
@@ -39,7 +39,7 @@ class DraftCache:
     def mask(self, tree: GrowingTree, new: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """[1, 1, m, base + fed + m] additive: each new node sees the committed entries, its ancestors and itself."""
         columns = self.fed + list(new)  # cache slots base, base+1, ... hold these nodes
-        allowed = torch.tensor([[c in tree.ancestors[n] for c in columns] for n in new])  # [m, fed + m]
+        allowed = ancestor_matrix(tuple(tree.parents))[list(new)][:, columns]  # [m, fed + m]
         return additive_mask(allowed, self.base, dtype)
 
     def chained(self, tree: GrowingTree, new: Sequence[int]) -> bool:

@@ -3,7 +3,8 @@
 Every drafter that grows its tree node by node (static templates filled by a model or by heads,
 dytree's and EAGLE's best-first growth, PEARL's chain) builds it here: nodes are appended
 parents first, and when sampling each opened node records the distribution q its children were
-drawn from. `draft_tree` hands the result over as plain data.
+drawn from. `draft_tree` hands the result over as plain data. A static template's nodes remember
+the template node they fill (`template_children` lists what each template node asks for).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from spectune.trees.draft import DraftTree
+from spectune.trees.shapes import TreeShape
 
 
 class GrowingTree:
@@ -19,7 +21,6 @@ class GrowingTree:
     def __init__(self, root: int) -> None:
         self.tokens, self.parents, self.depths = [root], [-1], [0]
         self.template = [0]  # the template node each node fills (static templates; -1 where there is none)
-        self.ancestors: list[frozenset[int]] = [frozenset({0})]  # each node and its ancestors
         self.first_child: dict[int, int] = {}  # node -> its first-drawn child
         self.q_rows: dict[int, torch.Tensor] = {}  # node -> [V] q its children were drawn from (sampling only)
 
@@ -29,7 +30,6 @@ class GrowingTree:
         self.parents.append(parent)
         self.depths.append(self.depths[parent] + 1)
         self.template.append(template)
-        self.ancestors.append(self.ancestors[parent] | {index})
         self.first_child.setdefault(parent, index)
         return index
 
@@ -65,3 +65,11 @@ class GrowingTree:
         for node, row in self.q_rows.items():
             q[node] = row
         return q
+
+
+def template_children(shape: TreeShape) -> tuple[tuple[int, ...], ...]:
+    """Template children of each template node, in rank order."""
+    kids: list[list[int]] = [[] for _ in shape.parents]
+    for i, p in enumerate(shape.parents[1:], start=1):
+        kids[p].append(i)
+    return tuple(tuple(sorted(k, key=lambda c: shape.ranks[c])) for k in kids)

@@ -27,8 +27,7 @@ from spectune.engine.sampling import probabilities, sample_without_replacement
 from spectune.heads.load import LoadedHeads, load_heads
 from spectune.methods.base import Models
 from spectune.methods.registry import METHODS
-from spectune.methods.growing import GrowingTree
-from spectune.methods.model_drafter import template_children
+from spectune.methods.growing import GrowingTree, template_children
 from spectune.methods.template_fill import RANK_WEIGHTS, TEMPLATE_COLUMNS, TemplateKnobs
 from spectune.trees.draft import DraftTree
 from spectune.trees.shapes import TreeShape, paths_shape, ranked_paths

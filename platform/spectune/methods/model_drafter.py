@@ -13,7 +13,7 @@ from spectune.engine.drafter import DraftContext
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import probabilities, sample_without_replacement
 from spectune.methods.draft_cache import ModelDrafter
-from spectune.methods.growing import GrowingTree
+from spectune.methods.growing import GrowingTree, template_children
 from spectune.trees.shapes import TreeShape
 from spectune.trees.draft import DraftTree
 
@@ -59,10 +59,3 @@ class TemplateDrafter(ModelDrafter):
             tree.q_rows[node] = q
         return [tree.add(token, node, slot) for token, slot in zip(picks, slots)]
 
-
-def template_children(shape: TreeShape) -> tuple[tuple[int, ...], ...]:
-    """Template children of each template node, in rank order."""
-    kids: list[list[int]] = [[] for _ in shape.parents]
-    for i, p in enumerate(shape.parents[1:], start=1):
-        kids[p].append(i)
-    return tuple(tuple(sorted(k, key=lambda c: shape.ranks[c])) for k in kids)
