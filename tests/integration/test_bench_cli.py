@@ -70,7 +70,9 @@ def test_hf_peer_rows(micro_pair):
     [
         (["--max-new-tokens", 0], "--max-new-tokens: Input should be greater than or equal to 1"),
         (["--method", "tree", "--set", "paths=[[0,0]]"], "prefix [0] is not"),
-        (["--method", "tree", "--set", "branching=[40,40,40]"], "exceeds the target's context"),
+        (["--method", "tree", "--set", "branching=[40,40,40]"],  # refused at build, before any decoding
+         "tree: branching=[40, 40, 40] makes a draft tree of 65640 nodes; the model context of 1024 positions allows "
+         "1..1022"),
         (["--method", "sps", "--set", "draft_len=0"], "draft_len"),
         (["--method", "nosuch"], "unknown method 'nosuch'"),
         (["--method", "sps", "--set", "bogus=1"], "no --method given takes the knob 'bogus'"),

@@ -78,7 +78,8 @@ def test_a_sweep_stores_every_trial_once_and_the_worker_loads_the_pair_once(micr
 
     failed = trials[trials.status == "error"]
     assert failed.method.tolist() == ["tree"]
-    assert "exceeds the target's context of 1024 positions" in failed.error.iloc[0]
+    assert ("tree: branching=[16, 16, 4] makes a draft tree of 1296 nodes; the model context of 1024 positions "
+            "allows 1..1022") in failed.error.iloc[0]  # refused when the worker builds the method
     assert failed.speedup.isna().all()
 
     assert sorted(done.method) == ["pld", "sps", "sps"]

@@ -5,7 +5,7 @@ the last, and the draft tree is appended after them, so
 
     prompt tokens + max_new_tokens + draft tree nodes <= context positions
 
-Everything that admits work (the decode loop, the endpoint, bench, a method's knobs) asks
+Everything that admits work (the decode loop, the endpoint, bench, `MethodRegistry.build`) asks
 this module, so the rule and its messages are written once.
 """
 

@@ -27,6 +27,12 @@ class Knobs(BaseModel):
         if len(given) > 1:
             raise ValueError(f"give one of {', '.join(names)} (got {', '.join(given)})")
 
+    def tree_knobs(self) -> str:
+        """`name=value` of the knobs that set the draft tree's size, for the build-time context check's
+        message (`MethodRegistry.build`). Default: every knob given; methods with a tree knob name it."""
+        given = [f"{name}={getattr(self, name)}" for name in type(self).model_fields if name in self.model_fields_set]
+        return ", ".join(given) or "default knobs"
+
 
 @dataclass(frozen=True)
 class Models:

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
-from spectune.trees.shapes import TreeShape, branching_shape, chain_shape, paths_shape
+from spectune.trees.shapes import chain_shape
 from spectune.trees.draft import DraftTree
 from spectune.methods.base import Knobs, Models
 from spectune.methods.model_drafter import TemplateDrafter
 from spectune.methods.registry import METHODS
+from spectune.methods.template_fill import TEMPLATE_COLUMNS, TemplateKnobs
 
 
 # --- ar ---------------------------------------------------------------------------------------
@@ -57,6 +56,10 @@ class SpsKnobs(Knobs):
     )
     max_draft_len: int = Field(16, ge=1, le=64, description="cap for the heuristic schedule")
 
+    def tree_knobs(self) -> str:
+        capped = f", max_draft_len={self.max_draft_len}" if self.schedule == "heuristic" else ""
+        return f"draft_len={self.draft_len}{capped}"
+
 
 class ChainDrafter(TemplateDrafter):
     """SpS: a chain drafted by the small model; its length may follow the heuristic schedule."""
@@ -95,47 +98,22 @@ def build_sps(knobs: SpsKnobs, models: Models) -> ChainDrafter:
 # --- tree -------------------------------------------------------------------------------------
 
 
-class TreeKnobs(Knobs):
-    branching: list[int] | None = Field(None, description="per-depth branching, e.g. [4, 2, 2, 1] (default [3, 2, 1])")
-    paths: list[list[int]] | None = Field(None, description="Medusa-style path list, e.g. [[0], [0, 0], [1]]")
-    paths_file: str | None = Field(None, description="JSON file holding a path list (spectune trees optimize)")
+class TreeKnobs(TemplateKnobs):
+    """The template knobs; none given: per-depth branching [3, 2, 1]."""
 
-    @model_validator(mode="after")
-    def exactly_one_shape(self) -> "TreeKnobs":
-        self.at_most_one_of("branching", "paths", "paths_file")
-        self.shape()  # surface a malformed shape at validation time
-        return self
-
-    def shape(self) -> TreeShape:
-        if self.paths is None and self.paths_file is None:
-            return branching_shape(self.branching or [3, 2, 1])
-        if self.paths is not None:
-            return paths_shape(self.paths)
-        return paths_shape(_load_paths(Path(self.paths_file)))
-
-
-def _load_paths(path: Path) -> list[list[int]]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"tree file {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"tree file {path} is not valid JSON: {err}") from None
-    paths = data.get("paths") if isinstance(data, dict) else data
-    if not isinstance(paths, list):
-        raise ValueError(f"tree file {path} must hold a list of paths or {{'paths': [...]}}")
-    return paths
+    default_branching = (3, 2, 1)
 
 
 @METHODS.register(
     "tree",
     TreeKnobs,
     needs_drafter=True,
-    summary="static tree (per-depth branching or Medusa path list) filled by the drafter's top-k",
+    summary="static tree (per-depth branching, [3, 2, 1] by default; a Medusa path list or a ranked template) "
+    "filled by the drafter's top-k",
     paper="SpecInfer (Miao et al. 2024) token trees; Medusa path lists (Cai et al. 2024)",
     cost="depth drafter passes (one per level); tree size + 1 tokens verified",
     rule="greedy match; recursive rejection over siblings drawn without replacement",
-    columns={"tree_shape": ("branching", "paths", "paths_file")},
+    columns=TEMPLATE_COLUMNS,
 )
 def build_tree(knobs: TreeKnobs, models: Models) -> TemplateDrafter:
     return TemplateDrafter(models.drafter, knobs.shape())
@@ -154,6 +132,9 @@ class PldKnobs(Knobs):
         le=32,
         description="earlier matches whose continuations are merged into a tree (1 = the classic chain)",
     )
+
+    def tree_knobs(self) -> str:
+        return f"draft_len={self.draft_len}, matches={self.matches}"
 
     @model_validator(mode="after")
     def ordered(self) -> "PldKnobs":

@@ -30,12 +30,13 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
-from spectune.engine.budget import check_tree_fits
-from spectune.engine.drafter import DraftContext, Drafter
+from spectune.engine.drafter import DraftContext
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling, probabilities, sample_without_replacement
-from spectune.trees.draft import DraftTree, additive_mask
+from spectune.trees.draft import DraftTree
 from spectune.methods.base import Knobs, Models
+from spectune.methods.draft_cache import ModelDrafter
+from spectune.methods.growing import GrowingTree
 from spectune.methods.registry import METHODS
 
 
@@ -44,6 +45,9 @@ class DyTreeKnobs(Knobs):
     max_depth: int = Field(6, ge=1, le=64, description="deepest draft position")
     topk: int = Field(4, ge=1, le=64, description="most children drafted under one node")
     per_pass: int = Field(8, ge=1, le=512, description="most nodes added per drafter forward (one round)")
+
+    def tree_knobs(self) -> str:
+        return f"budget={self.budget}"
 
 
 @dataclass(frozen=True)
@@ -93,29 +97,6 @@ class _Slot:
     index: int  # position among the parent's candidates
 
 
-class _Tree:
-    """The tree under construction, in insertion order (parents before children)."""
-
-    def __init__(self, root: int) -> None:
-        self.tokens, self.parents, self.depths, self.values = [root], [-1], [0], [1.0]
-        self.ancestors: list[frozenset[int]] = [frozenset({0})]
-        self.first_child: dict[int, int] = {}
-
-    def add(self, token: int, parent: int, value: float) -> int:
-        index = len(self.tokens)
-        self.tokens.append(token)
-        self.parents.append(parent)
-        self.depths.append(self.depths[parent] + 1)
-        self.values.append(value)
-        self.ancestors.append(self.ancestors[parent] | {index})
-        self.first_child.setdefault(parent, index)
-        return index
-
-    @property
-    def size(self) -> int:
-        return len(self.tokens) - 1
-
-
 class Expansion:
     """One step's growth, without any model: the tree, the heap of open slots, the q rows.
 
@@ -127,9 +108,9 @@ class Expansion:
         self.depth_limit = depth_limit
         self.sampling = sampling
         self.rng = rng
-        self.tree = _Tree(root)
+        self.tree = GrowingTree(root)
+        self.values = [1.0]  # per node: its estimated path probability (product of draft probabilities)
         self.candidates: dict[int, Candidates] = {}
-        self.q_rows: dict[int, torch.Tensor] = {}
         self.heap: list[_Slot] = []
         self._order = itertools.count()
         self._best_child_estimates: list[float] = []  # first-slot estimate of every opened node
@@ -140,7 +121,7 @@ class Expansion:
             found = greedy_candidates(logits, self.knobs.topk)
         else:
             q = probabilities(logits, self.sampling)  # [V]
-            self.q_rows[node] = q
+            self.tree.q_rows[node] = q
             found = sampled_candidates(q, self.knobs.topk, self.rng)
         self.candidates[node] = found
         if found.priorities:
@@ -150,7 +131,7 @@ class Expansion:
     def _push(self, parent: int, index: int) -> None:
         found = self.candidates[parent]
         if index < len(found.tokens):
-            priority = self.tree.values[parent] * found.priorities[index]
+            priority = self.values[parent] * found.priorities[index]
             heapq.heappush(self.heap, _Slot(-priority, next(self._order), parent, index))
 
     @property
@@ -172,8 +153,9 @@ class Expansion:
                 break  # best-first would likely take a child we cannot see yet: run the drafter first
             slot = heapq.heappop(self.heap)
             found = self.candidates[slot.parent]
-            value = self.tree.values[slot.parent] * found.token_probs[slot.index]
-            node = self.tree.add(found.tokens[slot.index], slot.parent, value)
+            value = self.values[slot.parent] * found.token_probs[slot.index]
+            node = self.tree.add(found.tokens[slot.index], slot.parent)
+            self.values.append(value)
             added += 1
             self._push(slot.parent, slot.index + 1)  # the next sibling in draw order
             if self.tree.depths[node] < self.depth_limit:
@@ -182,17 +164,7 @@ class Expansion:
         return expandable
 
     def draft_tree(self, draft_calls: int) -> DraftTree:
-        tree = self.tree
-        return DraftTree(tuple(tree.tokens), tuple(tree.parents), self._q_matrix(), draft_calls)
-
-    def _q_matrix(self) -> torch.Tensor | None:
-        if self.sampling.greedy:
-            return None
-        vocab = next(iter(self.q_rows.values())).shape[-1]
-        q = torch.zeros(len(self.tree.tokens), vocab)  # [n+1, V]; rows of unopened nodes stay zero (never used)
-        for node, row in self.q_rows.items():
-            q[node] = row
-        return q
+        return self.tree.draft_tree(draft_calls)
 
 
 def grow(expansion: Expansion, root_logits: torch.Tensor, forward: Callable[[list[int]], torch.Tensor]) -> DraftTree:
@@ -214,53 +186,23 @@ def grow(expansion: Expansion, root_logits: torch.Tensor, forward: Callable[[lis
     return expansion.draft_tree(calls)
 
 
-class DyTreeDrafter(Drafter):
+class DyTreeDrafter(ModelDrafter):
     """Rebuilds the tree from the drafter's confidence each step: nothing to learn across steps."""
 
     def __init__(self, lm: CausalLM, knobs: DyTreeKnobs) -> None:
-        self.lm = lm
+        super().__init__(lm)
         self.knobs = knobs
         self.max_tree_size = knobs.budget
-
-    def reset(self) -> None:
-        self.lm.reset()
-
-    def commit(self, sequence: Sequence[int]) -> None:
-        self.lm.cache.truncate(self.lm.cache.common_prefix(sequence))
 
     def draft(self, context: DraftContext) -> DraftTree:
         depth_limit = min(self.knobs.max_depth, context.max_depth)
         if depth_limit == 0:
             return DraftTree.root_only(context.sequence[-1])
-        root_logits = self.lm.extend_to(context.sequence)  # [V] after the root
-        base = len(self.lm.cache)  # committed tokens, root included
+        root_logits = self.start(context.sequence)  # [V] after the root
         expansion = Expansion(context.sequence[-1], self.knobs, depth_limit, context.sampling, context.rng)
-        fed: list[int] = []  # draft nodes in the drafter's cache, in slot order after `base`
-        tree = grow(expansion, root_logits, lambda new: self._forward(expansion.tree, fed, new, base))
-        self._keep_first_child_chain(expansion.tree, fed, base)
+        tree = grow(expansion, root_logits, lambda new: self.feed(expansion.tree, new))
+        self.finish(expansion.tree)
         return tree
-
-    def _forward(self, tree: "_Tree", fed: list[int], new: list[int], base: int) -> torch.Tensor:
-        """One drafter pass over a round's new nodes; their ancestors are already in its cache."""
-        columns = fed + new  # cache slots base, base+1, ... will hold these nodes
-        allowed = torch.tensor([[c in tree.ancestors[n] for c in columns] for n in new])  # [m, fed + m]
-        mask = additive_mask(allowed, base, self.lm.dtype)  # [1, 1, m, base + fed + m]
-        positions = torch.tensor([base - 1 + tree.depths[n] for n in new]).unsqueeze(0)  # [1, m]
-        logits = self.lm.forward([tree.tokens[n] for n in new], positions, mask)  # [m, V]
-        fed.extend(new)
-        return logits
-
-    def _keep_first_child_chain(self, tree: "_Tree", fed: list[int], base: int) -> None:
-        """Keep the drafter's cache only along the first-drawn path: the likeliest to be accepted."""
-        slot_of = {node: slot for slot, node in enumerate(fed)}
-        slots, node = [], 0
-        while (child := tree.first_child.get(node)) is not None and child in slot_of:
-            slots.append(slot_of[child])  # deeper nodes were fed in later rounds: slots ascend
-            node = child
-        if slots:
-            self.lm.cache.keep(base, slots)
-        else:
-            self.lm.cache.truncate(base)
 
 
 @METHODS.register(
@@ -274,5 +216,4 @@ class DyTreeDrafter(Drafter):
     columns={"node_budget": ("budget",)},
 )
 def build_dytree(knobs: DyTreeKnobs, models: Models) -> DyTreeDrafter:
-    check_tree_fits(f"dytree: budget={knobs.budget}", knobs.budget, models.context)
     return DyTreeDrafter(models.drafter, knobs)

@@ -22,12 +22,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from pydantic import Field
 
-from spectune.engine.budget import check_tree_fits
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.kvcache import KVCache
 from spectune.heads.load import LoadedHeads, load_heads
 from spectune.methods.base import Models
+from spectune.methods.draft_cache import DraftCache
 from spectune.methods.dytree import DyTreeKnobs, Expansion, grow
+from spectune.methods.growing import GrowingTree
 from spectune.methods.registry import METHODS
 from spectune.trees.draft import DraftTree, additive_mask
 
@@ -76,9 +77,9 @@ class EagleDrafter(Drafter):
             return DraftTree.root_only(sequence[-1])
         states = {0: root_state[1]}  # node -> its predicted feature (what its children's entries read)
         expansion = Expansion(sequence[-1], self.knobs, depth_limit, context.sampling, context.rng)
-        fed: list[int] = []  # draft nodes in the cache, in slot order after the committed entries
+        step = DraftCache(self.cache)  # draft nodes follow the committed entries; the next `_feed` drops them
         root_logits = self._logits(root_state[0])  # [V]
-        return grow(expansion, root_logits, lambda new: self._grow(expansion, states, fed, new))
+        return grow(expansion, root_logits, lambda new: self._grow(expansion.tree, states, step, new))
 
     def _feed(self, sequence: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Feed the entries of positions the target has verified since the last step; the root's entry's outputs."""
@@ -98,16 +99,14 @@ class EagleDrafter(Drafter):
         self.committed = end
         return logit_in[0, -1], next_hidden[0, -1]
 
-    def _grow(self, expansion: Expansion, states: dict[int, torch.Tensor], fed: list[int], new: list[int]) -> torch.Tensor:
+    def _grow(self, tree: GrowingTree, states: dict[int, torch.Tensor], step: DraftCache, new: list[int]
+              ) -> torch.Tensor:
         """One pass over a round's new nodes: their entries attend the committed ones and their ancestors."""
-        tree = expansion.tree
-        columns = fed + new  # cache slots after the committed entries
-        allowed = torch.tensor([[c in tree.ancestors[n] for c in columns] for n in new])  # [m, fed + m]
-        mask = additive_mask(allowed, self.committed, self.net.fc.weight.dtype)  # [1, 1, m, committed + fed + m]
+        mask = step.mask(tree, new, self.net.fc.weight.dtype)  # [1, 1, m, committed + fed + m]
         hidden = torch.stack([states[tree.parents[n]] for n in new])[None]  # [1, m, d] parents' predicted features
-        positions = torch.tensor([self.committed - 1 + tree.depths[n] for n in new], device=hidden.device)[None]
+        positions = step.positions(tree, new).to(hidden.device)  # [1, m]
         logit_in, next_hidden = self._run(hidden, [tree.tokens[n] for n in new], positions, mask)
-        fed.extend(new)
+        step.fed_now(new)
         for i, node in enumerate(new):
             states[node] = next_hidden[0, i]
         return self._logits(logit_in[0])  # [m, V]
@@ -125,7 +124,6 @@ class EagleDrafter(Drafter):
 
 
 def _build(kind: str, knobs: EagleKnobs, models: Models) -> EagleDrafter:
-    check_tree_fits(f"{kind}: budget={knobs.budget}", knobs.budget, models.context)
     return EagleDrafter(load_heads(knobs.heads, kind, models.target.model), knobs)
 
 

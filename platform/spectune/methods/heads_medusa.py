@@ -22,13 +22,13 @@ from collections.abc import Callable, Mapping
 import torch
 from pydantic import Field
 
-from spectune.engine.budget import check_tree_fits
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.sampling import probabilities, sample_without_replacement
 from spectune.heads.load import LoadedHeads, load_heads
 from spectune.methods.base import Models
 from spectune.methods.registry import METHODS
-from spectune.methods.template_fill import RANK_WEIGHTS, TemplateKnobs
+from spectune.methods.growing import GrowingTree, template_children
+from spectune.methods.template_fill import RANK_WEIGHTS, TEMPLATE_COLUMNS, TemplateKnobs
 from spectune.trees.draft import DraftTree
 from spectune.trees.shapes import TreeShape, paths_shape, ranked_paths
 
@@ -36,62 +36,31 @@ DEFAULT_HEADS_TREE = 16  # nodes of the default ranked template: wide near the r
 
 
 class HeadsTreeKnobs(TemplateKnobs):
-    """A heads folder and the static tree the heads fill (tree_size / branching / paths, at most one)."""
+    """A heads folder and the static tree the heads fill (tree_size / branching / paths / paths_file, at most one)."""
+
+    default_tree_size = DEFAULT_HEADS_TREE
 
     heads: str | None = Field(None, description="heads folder (default: <pair>/heads/<method> beside the pair's target/)")
 
     def heads_shape(self, n_heads: int) -> TreeShape:
         """The template, at most `n_heads` deep: the ranked default stops there, an explicit shape must fit."""
-        if self.branching is None and self.paths is None:
-            return paths_shape(ranked_paths(self.tree_size or DEFAULT_HEADS_TREE, n_heads, RANK_WEIGHTS))
-        shape = self.shape()
+        shape = self.given_shape()
+        if shape is None:
+            return paths_shape(ranked_paths(self.tree_size or self.default_tree_size, n_heads, RANK_WEIGHTS))
         if shape.depth > n_heads:
             raise ValueError(f"{self.template_knob()} is {shape.depth} deep; these heads propose {n_heads} depths")
         return shape
 
 
 # level_logits(depth, nodes, tree) -> [m, V'] draft logits for the children (at `depth`) of each node of a level
-LevelLogits = Callable[[int, list[int], "Growing"], torch.Tensor]
-
-
-class Growing:
-    """The tree under construction, breadth first; each node remembers its template node."""
-
-    def __init__(self, root: int) -> None:
-        self.tokens, self.parents, self.template = [root], [-1], [0]
-        self.q_rows: dict[int, torch.Tensor] = {}
-
-    def add(self, token: int, parent: int, template: int) -> int:
-        self.tokens.append(token)
-        self.parents.append(parent)
-        self.template.append(template)
-        return len(self.tokens) - 1
-
-    def path_tokens(self, node: int) -> list[int]:
-        """Tokens from the root down to `node`, both included."""
-        path = []
-        while node >= 0:
-            path.append(self.tokens[node])
-            node = self.parents[node]
-        return path[::-1]
-
-    def draft_tree(self, sampled: bool, draft_calls: int) -> DraftTree:
-        q = None
-        if sampled and self.q_rows:
-            vocab = next(iter(self.q_rows.values())).shape[-1]
-            q = torch.zeros(len(self.tokens), vocab)  # [n+1, V]; leaves keep zero rows (never used)
-            for node, row in self.q_rows.items():
-                q[node] = row
-        return DraftTree(tuple(self.tokens), tuple(self.parents), q, draft_calls)
+LevelLogits = Callable[[int, list[int], GrowingTree], torch.Tensor]
 
 
 def fill_by_level(shape: TreeShape, root: int, depth_limit: int, level_logits: LevelLogits, heads: LoadedHeads,
                   context: DraftContext) -> DraftTree:
     """Level by level: the template's children of each node, from its row of `level_logits` (one call per level)."""
-    children: list[list[int]] = [[] for _ in shape.parents]
-    for node, parent in enumerate(shape.parents[1:], start=1):
-        children[parent].append(node)  # ascending rank within a parent (paths_shape orders by rank)
-    tree, level, calls = Growing(root), [0], 0
+    children = template_children(shape)
+    tree, level, calls = GrowingTree(root), [0], 0
     for depth in range(1, depth_limit + 1):
         level = [n for n in level if children[tree.template[n]]]
         if not level:
@@ -99,10 +68,10 @@ def fill_by_level(shape: TreeShape, root: int, depth_limit: int, level_logits: L
         rows = level_logits(depth, level, tree)  # [m, V']
         calls += 1
         level = [child for node, row in zip(level, rows) for child in _expand(tree, node, row, children, heads, context)]
-    return tree.draft_tree(not context.sampling.greedy, calls)
+    return tree.draft_tree(calls)
 
 
-def _expand(tree: Growing, node: int, row: torch.Tensor, children: list[list[int]], heads: LoadedHeads,
+def _expand(tree: GrowingTree, node: int, row: torch.Tensor, children: tuple[tuple[int, ...], ...], heads: LoadedHeads,
             context: DraftContext) -> list[int]:
     slots = children[tree.template[node]]
     if context.sampling.greedy:
@@ -150,7 +119,7 @@ class FeatureHeadsDrafter(Drafter):
     def start(self) -> None:
         """Before a step's levels: what every level shares."""
 
-    def level_logits(self, depth: int, level: list[int], tree: Growing) -> torch.Tensor:
+    def level_logits(self, depth: int, level: list[int], tree: GrowingTree) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -158,12 +127,12 @@ class MedusaDrafter(FeatureHeadsDrafter):
     def start(self) -> None:
         self._per_depth = self.heads.readout(self.heads.module(self.feature))  # [K, V'] one pass of every head
 
-    def level_logits(self, depth: int, level: list[int], tree: Growing) -> torch.Tensor:
+    def level_logits(self, depth: int, level: list[int], tree: GrowingTree) -> torch.Tensor:
         return self._per_depth[depth - 1].expand(len(level), -1)  # every node of a depth: the same head
 
 
 class HydraDrafter(FeatureHeadsDrafter):
-    def level_logits(self, depth: int, level: list[int], tree: Growing) -> torch.Tensor:
+    def level_logits(self, depth: int, level: list[int], tree: GrowingTree) -> torch.Tensor:
         paths = torch.tensor([tree.path_tokens(n) for n in level], device=self.feature.device)  # [m, depth]
         embeds = self.heads.embeddings(paths)  # [m, depth, d] the root and the tokens drafted after it
         hidden = self.heads.module.head(depth, self.feature.expand(len(level), -1), embeds)  # [m, d]
@@ -172,9 +141,7 @@ class HydraDrafter(FeatureHeadsDrafter):
 
 def _build(kind: str, drafter: type[FeatureHeadsDrafter], knobs: HeadsTreeKnobs, models: Models) -> FeatureHeadsDrafter:
     heads = load_heads(knobs.heads, kind, models.target.model)
-    shape = knobs.heads_shape(heads.spec.n_heads)
-    check_tree_fits(f"{kind}: {knobs.template_knob()}", shape.size, models.context)
-    return drafter(heads, shape)
+    return drafter(heads, knobs.heads_shape(heads.spec.n_heads))
 
 
 @METHODS.register(
@@ -186,7 +153,7 @@ def _build(kind: str, drafter: type[FeatureHeadsDrafter], knobs: HeadsTreeKnobs,
     paper="Cai et al. 2024, Medusa (multiple decoding heads)",
     cost="one pass of the K heads (+ LM head rows) per step; tree size + 1 tokens verified",
     rule="greedy match; recursive rejection over siblings drawn without replacement from head k's distribution",
-    columns={"tree_shape": ("branching", "paths")},
+    columns=TEMPLATE_COLUMNS,
 )
 def build_medusa(knobs: HeadsTreeKnobs, models: Models) -> MedusaDrafter:
     return _build("medusa", MedusaDrafter, knobs, models)
@@ -201,7 +168,7 @@ def build_medusa(knobs: HeadsTreeKnobs, models: Models) -> MedusaDrafter:
     paper="Ankner et al. 2024, Hydra (sequentially-dependent draft heads)",
     cost="one head pass per tree level (over that level's nodes) per step; tree size + 1 tokens verified",
     rule="greedy match; recursive rejection over siblings drawn without replacement from each node's head distribution",
-    columns={"tree_shape": ("branching", "paths")},
+    columns=TEMPLATE_COLUMNS,
 )
 def build_hydra(knobs: HeadsTreeKnobs, models: Models) -> HydraDrafter:
     return _build("hydra", HydraDrafter, knobs, models)

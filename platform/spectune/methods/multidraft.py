@@ -14,13 +14,13 @@ import dataclasses
 import torch
 from pydantic import Field, model_validator
 
-from spectune.engine.budget import check_tree_fits
 from spectune.engine.drafter import DraftContext
 from spectune.engine.sampling import probabilities, sample_with_replacement
 from spectune.trees.shapes import TreeShape, branching_shape
 from spectune.trees.draft import DraftTree
 from spectune.methods.base import Knobs, Models
-from spectune.methods.model_drafter import TemplateDrafter, _Growing
+from spectune.methods.growing import GrowingTree
+from spectune.methods.model_drafter import TemplateDrafter
 from spectune.methods.registry import METHODS
 
 
@@ -40,7 +40,7 @@ class MultiDraftKnobs(Knobs):
         """[width, 1, 1, ...]: `width` independent drafts of `depth` tokens, or the explicit per-level widths."""
         return branching_shape(self.branching if self.branching is not None else [self.width] + [1] * (self.depth - 1))
 
-    def shape_knobs(self) -> str:
+    def tree_knobs(self) -> str:
         """The knobs that set the shape, for messages: `branching=[3, 2, 1]` or `width=3, depth=4`."""
         return f"branching={self.branching}" if self.branching is not None else f"width={self.width}, depth={self.depth}"
 
@@ -52,23 +52,16 @@ class WithReplacementDrafter(TemplateDrafter):
         tree = super().draft(context)
         return tree if context.sampling.greedy else dataclasses.replace(tree, with_replacement=True)
 
-    def _expand(self, tree: _Growing, node: int, logits: torch.Tensor, context: DraftContext) -> list[int]:
+    def _expand(self, tree: GrowingTree, node: int, logits: torch.Tensor, context: DraftContext) -> list[int]:
         if context.sampling.greedy:  # i.i.d. draws from a one-hot law would all repeat the argmax
             return super()._expand(tree, node, logits, context)
-        slots = self._template_children[tree.template_ids[node]]
+        slots = self._template_children[tree.template[node]]
         if not slots:
             return []
         q = probabilities(logits, context.sampling)  # [V]
         picks = sample_with_replacement(q, len(slots), context.rng)
         tree.q_rows[node] = q
         return [tree.add(token, node, slot) for token, slot in zip(picks, slots)]
-
-
-def fitted_shape(name: str, knobs: MultiDraftKnobs, models: Models) -> TreeShape:
-    """The knobs' tree, refused at build time when the model context cannot hold it."""
-    shape = knobs.shape()
-    check_tree_fits(f"{name}: {knobs.shape_knobs()}", shape.size, models.context)
-    return shape
 
 
 @METHODS.register(
@@ -82,7 +75,7 @@ def fitted_shape(name: str, knobs: MultiDraftKnobs, models: Models) -> TreeShape
     columns={"tree_shape": ("branching",)},
 )
 def build_rsd(knobs: MultiDraftKnobs, models: Models) -> TemplateDrafter:
-    return TemplateDrafter(models.drafter, fitted_shape("rsd", knobs, models))
+    return TemplateDrafter(models.drafter, knobs.shape())
 
 
 @METHODS.register(
@@ -96,4 +89,4 @@ def build_rsd(knobs: MultiDraftKnobs, models: Models) -> TemplateDrafter:
     columns={"tree_shape": ("branching",)},
 )
 def build_specinfer(knobs: MultiDraftKnobs, models: Models) -> WithReplacementDrafter:
-    return WithReplacementDrafter(models.drafter, fitted_shape("specinfer", knobs, models))
+    return WithReplacementDrafter(models.drafter, knobs.shape())

@@ -13,13 +13,12 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
-from spectune.engine.budget import check_tree_fits
 from spectune.engine.drafter import DraftContext, Drafter
 from spectune.trees.shapes import TreeShape
 from spectune.trees.draft import DraftTree
 from spectune.methods.base import Models
 from spectune.methods.registry import METHODS
-from spectune.methods.template_fill import TemplateKnobs, fill_template
+from spectune.methods.template_fill import TEMPLATE_COLUMNS, TemplateKnobs, fill_template
 
 
 class NgramTable:
@@ -116,9 +115,7 @@ class NgramDrafter(Drafter):
     paper="ADED (Liu et al. 2024, adaptive n-gram drafting); STAND (Song et al. 2025)",
     cost="0 drafter passes (table lookups); up to template size + 1 tokens verified",
     rule="greedy match; sample-and-match (deterministic draft, distinct siblings)",
-    columns={"tree_shape": ("branching", "paths")},
+    columns=TEMPLATE_COLUMNS,
 )
 def build_ngram(knobs: NgramKnobs, models: Models) -> NgramDrafter:
-    shape = knobs.shape()
-    check_tree_fits(f"ngram: {knobs.template_knob()}", shape.size, models.context)
-    return NgramDrafter(knobs, shape)
+    return NgramDrafter(knobs, knobs.shape())

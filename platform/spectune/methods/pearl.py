@@ -44,11 +44,13 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import Field
 
-from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
+from spectune.engine.drafter import DraftContext, StepOutcome
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling, probabilities, sample
 from spectune.trees.draft import DraftTree
 from spectune.methods.base import Knobs, Models
+from spectune.methods.draft_cache import ModelDrafter
+from spectune.methods.growing import GrowingTree
 from spectune.methods.registry import METHODS
 
 #: pre-verify stops drafting when the target would accept the first draft token with a
@@ -63,6 +65,9 @@ class PearlKnobs(Knobs):
     post_verify: bool = Field(True, description="while the target verifies, draft the continuation that full acceptance needs")
     drafter_threads: int = Field(1, ge=1, le=256, description="torch threads of the drafter while it runs beside the target")
     target_threads: int = Field(1, ge=1, le=256, description="torch threads of the target while the drafter runs beside it")
+
+    def tree_knobs(self) -> str:
+        return f"gamma={self.gamma}"
 
 
 @dataclass(frozen=True)
@@ -109,12 +114,12 @@ def draft_chain(
 
 def chain_tree(root: int, chain: Chain, limit: int) -> DraftTree:
     """A chain as a draft tree, cut to `limit` tokens; q row i = the law node i's child was drawn from."""
-    tokens = chain.tokens[:limit]
-    q = None
-    if chain.q_rows:
-        q = torch.zeros(len(tokens) + 1, chain.q_rows[0].shape[-1])  # [n+1, V]; the leaf's row stays zero
-        q[: len(tokens)] = torch.stack(chain.q_rows[: len(tokens)])
-    return DraftTree((root, *tokens), tuple(range(-1, len(tokens))), q, chain.calls)
+    tree = GrowingTree(root)
+    for node, token in enumerate(chain.tokens[:limit]):
+        if chain.q_rows:
+            tree.q_rows[node] = chain.q_rows[node]  # [V]
+        tree.add(token, node)
+    return tree.draft_tree(chain.calls)
 
 
 def full_acceptance(sequence: Sequence[int], base: tuple[int, ...]) -> bool:
@@ -161,10 +166,10 @@ class ThreadCount:
         self._saved = None
 
 
-class PearlDrafter(Drafter):
+class PearlDrafter(ModelDrafter):
     def __init__(self, models: Models, knobs: PearlKnobs) -> None:
+        super().__init__(models.drafter)  # the foreground's drafter cache
         self.knobs = knobs
-        self.lm = models.drafter  # the foreground's drafter cache
         self.max_tree_size = knobs.gamma
         post, pre = knobs.parallel and knobs.post_verify, knobs.parallel and knobs.pre_verify
         # every thread gets its own runner (own KV cache) over the shared weights
@@ -233,7 +238,7 @@ class PearlDrafter(Drafter):
                 self._ready = (tuple(sequence), job)  # draft() checks the guess, then waits for the chain
             else:
                 job.stop.set()  # drafted for a future that did not happen; nobody waits for it
-        self.lm.cache.truncate(self.lm.cache.common_prefix(sequence))
+        super().commit(sequence)
 
     def observe(self, outcome: StepOutcome) -> None:
         if outcome.tree.size:

@@ -15,13 +15,12 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from spectune.engine.budget import check_tree_fits
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.trees.shapes import TreeShape
 from spectune.trees.draft import DraftTree
 from spectune.methods.base import Models
 from spectune.methods.registry import METHODS
-from spectune.methods.template_fill import TemplateKnobs, fill_template
+from spectune.methods.template_fill import TEMPLATE_COLUMNS, TemplateKnobs, fill_template
 
 UNSEEN = -1  # an adjacency row for a token the target has not been seen predicting after
 
@@ -110,12 +109,10 @@ class TokenRecycling(Drafter):
     paper="Luo et al. 2024, Turning Trash into Treasure (Token Recycling)",
     cost="0 drafter passes (table lookups); up to template size + 1 tokens verified",
     rule="greedy match; sample-and-match (deterministic draft, distinct siblings)",
-    columns={"tree_shape": ("branching", "paths")},
+    columns=TEMPLATE_COLUMNS,
 )
 def build_recycling(knobs: RecyclingKnobs, models: Models) -> TokenRecycling:
-    shape = knobs.shape(knobs.k)
-    check_tree_fits(f"recycling: {knobs.template_knob()}", shape.size, models.context)
     vocab = int(models.target.model.config.vocab_size)
     if knobs.k > vocab:
         raise ValueError(f"k: {knobs.k} candidates per token exceeds the vocabulary; allowed range 1..{vocab}")
-    return TokenRecycling(knobs, shape)
+    return TokenRecycling(knobs, knobs.shape(knobs.k))

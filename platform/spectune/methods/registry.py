@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from spectune.config import DecodeConfig, KnobColumns
+from spectune.engine.budget import check_tree_fits
 from spectune.engine.drafter import Drafter
 from spectune.methods.base import Knobs, Method, Models
 from spectune.registry import Registry
@@ -81,12 +82,20 @@ class MethodRegistry:
         validated = self.knobs(method, values)
         return DecodeConfig(method, values, temperature, name, knob_columns(self.get(method), values, validated))
 
-    def build(self, name: str, values: Mapping[str, Any], models: Models) -> Drafter:
+    def build(self, name: str, values: Mapping[str, Any], models: Models | None) -> Drafter:
+        """The method's drafter, refused here, before any decoding, when its largest tree cannot fit the context.
+
+        `models` may be None only for a method that drafts without any model (pld, ngram), built on its own:
+        then there is no context to check against.
+        """
         method = self.get(name)
         knobs = self.knobs(name, values)
-        if method.needs_drafter and models.drafter is None:
+        if method.needs_drafter and (models is None or models.drafter is None):
             raise ValueError(f"method {name!r} drafts with a drafter model; pass --drafter")
-        return method.build(knobs, models)
+        drafter = method.build(knobs, models)
+        if models is not None:
+            check_tree_fits(f"{name}: {knobs.tree_knobs()}", drafter.max_tree_size, models.context)
+        return drafter
 
 
 def knob_columns(method: Method, given: Mapping[str, Any], validated: Knobs) -> KnobColumns:

@@ -60,6 +60,9 @@ class LayerSkipKnobs(Knobs):
     )
     draft_len: int = Field(2, ge=1, le=64, description="tokens drafted per step")
 
+    def tree_knobs(self) -> str:
+        return f"draft_len={self.draft_len}"
+
 
 def default_exit_layer(total_layers: int) -> int:
     return max(1, total_layers // 4)
@@ -266,6 +269,9 @@ class DelKnobs(Knobs):
         description="what a round costs: layers = DEL's d·l + L layer passes; measured = seconds of a draft pass "
         "per exit layer and of verification, timed once per worker (the first time it builds del)",
     )
+
+    def tree_knobs(self) -> str:
+        return f"max_draft_len={self.max_draft_len}"
 
     @model_validator(mode="after")
     def ordered(self) -> "DelKnobs":

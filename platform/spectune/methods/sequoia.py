@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from spectune.engine.budget import check_tree_fits
 from spectune.trees.sequoia import SequoiaTree, check_acceptance, hardware_aware_tree, optimal_tree
 from spectune.trees.shapes import paths_shape
 from spectune.methods.base import Knobs, Models
@@ -47,6 +46,9 @@ class SequoiaKnobs(Knobs):
             load_profile(self.profile_file)
         return self
 
+    def tree_knobs(self) -> str:
+        return f"budget={self.budget}"
+
     def acceptance_vector(self) -> tuple[float, ...]:
         if self.acceptance is not None:
             return tuple(self.acceptance)
@@ -72,5 +74,4 @@ class SequoiaKnobs(Knobs):
     columns={"node_budget": ("budget",)},
 )
 def build_sequoia(knobs: SequoiaKnobs, models: Models) -> TemplateDrafter:
-    check_tree_fits(f"sequoia: budget={knobs.budget}", knobs.budget, models.context)
     return TemplateDrafter(models.drafter, paths_shape(knobs.tree().paths))

@@ -1,8 +1,8 @@
-"""The JSON files Sequoia's tools exchange: acceptance vectors and forward-time profiles.
+"""The JSON files the tree tools exchange: acceptance vectors, forward-time profiles and path lists.
 
-`spectune trees measure` / `profile` write them; `spectune trees optimize` and the `sequoia`
-method read them back through these pydantic models, so a malformed file fails with the
-file and field named.
+`spectune trees measure` / `profile` / `optimize` write them; `spectune trees optimize`, the
+`sequoia` method and the template methods (`paths_file`) read them back here, so a malformed
+file fails with the file and field named.
 """
 
 from __future__ import annotations
@@ -77,3 +77,12 @@ def load_acceptance(path: str | Path) -> tuple[float, ...]:
 def load_profile(path: str | Path) -> Profile:
     data = _read_json(path, "profile")
     return _validate(ProfileFile, data, path, "profile").profile()
+
+
+def load_paths(path: str | Path) -> list[list[int]]:
+    """A Medusa-style path list from a `spectune trees optimize` file (or a bare JSON list of paths)."""
+    data = _read_json(path, "tree")
+    paths = data.get("paths") if isinstance(data, dict) else data
+    if not isinstance(paths, list):
+        raise ValueError(f"tree file {path} must hold a list of paths or {{'paths': [...]}}")
+    return paths
