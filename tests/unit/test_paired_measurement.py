@@ -76,7 +76,7 @@ def pair(micro_pair):
 def test_measure_pairs_ar_with_the_configuration_and_checks_every_repeat(pair) -> None:
     prompts = load_prompts("default", 2)
     settings = Settings(max_new_tokens=12, repeats=2, warmup=0)
-    sps = contender(pair, METHODS.config("sps", {"draft_len": 3}), settings)
+    sps = contender(pair, METHODS.config("sps", {"draft_len": 3}))
     result = measure(pair, sps, prompts, settings)
     assert result.lossless is True and result.lossless_status == "exact" and result.mismatches == 0
     assert len(result.speedups) == 2
@@ -90,8 +90,8 @@ def test_measure_pairs_ar_with_the_configuration_and_checks_every_repeat(pair) -
 
 
 def test_sampling_rows_are_unchecked(pair) -> None:
-    settings = Settings(max_new_tokens=6, repeats=1, warmup=0, temperature=0.8)
-    result = measure(pair, contender(pair, METHODS.config("pld", {}), settings), load_prompts("default", 2), settings)
+    settings = Settings(max_new_tokens=6, repeats=1, warmup=0)
+    result = measure(pair, contender(pair, METHODS.config("pld", {}, 0.8)), load_prompts("default", 2), settings)
     assert result.lossless is None and result.lossless_status == "unchecked"
 
 

@@ -134,9 +134,19 @@ def test_config_results_and_pair_references_import_without_torch():
 
 
 def test_settings_validate_at_the_boundary():
-    assert Settings(max_new_tokens=8).sampling.greedy
+    from spectune.bench import sampling
+
+    settings = Settings(max_new_tokens=8, repeats=1, warmup=0)
+    assert sampling(DecodeConfig("ar"), settings).greedy
+    assert sampling(DecodeConfig("ar", temperature=0.7), settings.model_copy(update={"top_p": 0.9})) == \
+        sampling(DecodeConfig("ar"), settings).__class__(0.7, 0.9)  # temperature: the configuration's; top_p: the run's
     with pytest.raises(ValueError, match="max_new_tokens"):
-        Settings(max_new_tokens=0)
+        Settings(max_new_tokens=0, repeats=1, warmup=0)
+    with pytest.raises(ValueError, match="repeats"):  # no default: the bench CLI and a sweep spec each choose theirs
+        Settings(max_new_tokens=8, warmup=0)
+    with pytest.raises(ValueError, match="temperature must be within 0..5"):  # checked where it lives
+        DecodeConfig("ar", temperature=9.0)
+    assert "temperature" not in Settings.model_fields
 
 
 # --- PairRef ----------------------------------------------------------------------------------------
