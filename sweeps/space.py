@@ -63,7 +63,8 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
 
 def _random_method(spec: SweepSpec, method: str, knobs: Mapping[str, Any]) -> dict[str, Any]:
     """One method's flat form with Tune domains for values (Tune resolves domains nested in the chosen dict)."""
-    flat = {"method": method, **{k: _domain(v) for k, v in knobs.items()}, "temperature": tune.choice(spec.temperatures)}
+    flat = {"method": method, **{k: _domain(v) for k, v in knobs.items()},
+            "temperature": tune.choice(spec.temperatures)}
     if _serving(spec):
         flat.update(backend=spec.backend, concurrency=tune.choice(spec.load.concurrency))
     if spec.dtypes:

@@ -240,7 +240,7 @@ def summarise(who: Contender, runs: list[Pass], ar_runs: list[Pass], prompts: Se
     ci_low, ci_high = speedup_interval(runs, ar_runs)
     speed = repeat_stats(runs, ar_runs)
     checked = certify_runs(pair, runs, reference, settings) if greedy else None
-    status = checked.status if checked else decide(greedy, None)  # the certificate decided it (spectune.lossless)
+    status = checked.status if checked else decide(greedy=False, identical=None)  # sampled: unchecked
     return DecodeResult(
         config=who.config,
         n_prompts=len(prompts),

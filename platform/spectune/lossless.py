@@ -53,7 +53,8 @@ class LosslessStatus(StrEnum):
 
 LOSSLESS_STATUSES = tuple(s.value for s in LosslessStatus)
 CERTIFIED = tuple(s.value for s in LosslessStatus if s.certified)
-FACTS = ("lossless", "lossless_status", "lossy_method", "mismatches", "exact_match_rate", "worst_margin")  # what text reads
+# the stored facts `lossless_text` reads
+FACTS = ("lossless", "lossless_status", "lossy_method", "mismatches", "exact_match_rate", "worst_margin")
 
 
 # --- deciding -----------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class DecodeResult:
     config: DecodeConfig
     n_prompts: int
     counts: StepCounts
-    wall_s: float | None = None
+    wall_s: float | None = None  # the speed fields: medians and spreads over repeats (RepeatStats, every backend)
     wall_s_std: float | None = None
     tokens_per_s: float | None = None
     ar_tokens_per_s: float | None = None
@@ -140,10 +140,12 @@ class RepeatStats:
     speedups: tuple[float, ...]  # every repeat's ratio, in order
 
     @classmethod
-    def of(cls, wall_s: Sequence[float], tokens_per_s: Sequence[float], ar_tokens_per_s: Sequence[float]) -> RepeatStats:
+    def of(cls, wall_s: Sequence[float], tokens_per_s: Sequence[float],
+           ar_tokens_per_s: Sequence[float]) -> RepeatStats:
         """Per repeat: the configuration's seconds over the prompt set and tokens/s, and its baseline's tokens/s."""
-        if not wall_s or not len(wall_s) == len(tokens_per_s) == len(ar_tokens_per_s):
-            raise ValueError(f"one value per repeat for each, got {len(wall_s)}, {len(tokens_per_s)}, {len(ar_tokens_per_s)}")
+        counts = (len(wall_s), len(tokens_per_s), len(ar_tokens_per_s))
+        if not wall_s or len(set(counts)) != 1:
+            raise ValueError(f"one value per repeat for each, got {counts}")
         ratios = tuple(rate / ar for rate, ar in zip(tokens_per_s, ar_tokens_per_s))
         return cls(statistics.median(wall_s), spread(wall_s), statistics.median(tokens_per_s),
                    statistics.median(ar_tokens_per_s), statistics.median(ratios), spread(ratios), ratios)
