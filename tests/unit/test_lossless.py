@@ -4,6 +4,7 @@ facts count (pandas and SQL built from it agree), one function renders it."""
 from __future__ import annotations
 
 import itertools
+import os
 
 import pandas as pd
 import pytest
@@ -32,18 +33,26 @@ def test_the_verdict_rule_for_every_backend():
 FACTS = list(itertools.product([True, False, None], [None, *LOSSLESS_STATUSES], [True, False]))
 
 
+DATABASES = ["sqlite://", *filter(None, [os.environ.get("SPECTUNE_TEST_PG_URL")])]  # PostgreSQL when one is set up
+
+
+@pytest.mark.parametrize("url", DATABASES)
 @pytest.mark.parametrize("include_unchecked", [False, True])
-def test_the_pandas_mask_and_the_sql_clause_count_the_same_rows(include_unchecked: bool):
-    engine = sa.create_engine("sqlite://")
-    table = sa.Table("m", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+def test_the_pandas_mask_and_the_sql_clause_count_the_same_rows(include_unchecked: bool, url: str):
+    engine = sa.create_engine(url)
+    table = sa.Table(f"lossless_rule_{os.getpid()}", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
                      sa.Column("lossless", sa.Boolean), sa.Column("lossless_status", sa.String(32)),
                      sa.Column("lossy_method", sa.Boolean))
     table.metadata.create_all(engine)
     rows = [{"id": i, "lossless": f, "lossless_status": s, "lossy_method": m} for i, (f, s, m) in enumerate(FACTS)]
-    with engine.begin() as c:
-        c.execute(table.insert(), rows)
-        clause = counts_clause(table.c.lossless, table.c.lossless_status, table.c.lossy_method, include_unchecked)
-        in_sql = set(c.scalars(sa.select(table.c.id).where(clause)))
+    try:
+        with engine.begin() as c:
+            c.execute(table.insert(), rows)
+            clause = counts_clause(table.c.lossless, table.c.lossless_status, table.c.lossy_method, include_unchecked)
+            in_sql = set(c.scalars(sa.select(table.c.id).where(clause)))
+    finally:
+        table.metadata.drop_all(engine)
+        engine.dispose()
     df = pd.DataFrame(rows).astype({"lossless": "boolean", "lossy_method": "boolean"})
     in_pandas = set(df.loc[counts_mask(df, include_unchecked), "id"])
     assert in_sql == in_pandas
