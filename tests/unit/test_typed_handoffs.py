@@ -127,8 +127,8 @@ def test_the_result_row_keeps_bench_json_keys_and_round_trips():
 
 
 def test_config_results_and_pair_references_import_without_torch():
-    code = ("import sys; import spectune.config, spectune.results, spectune.pair_ref, spectune.paths; "
-            "print('torch' in sys.modules)")
+    code = ("import sys; import spectune.config, spectune.results, spectune.lossless, spectune.pair_ref, "
+            "spectune.paths; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -226,3 +226,15 @@ def test_every_cached_thing_lives_in_SPECTUNE_CACHE(tmp_cache, monkeypatch):
     assert default_url() == f"sqlite:///{tmp_cache / 'spectune.db'}"
     assert default_storage() == tmp_cache / "ray_results"
     assert _state_dir() == tmp_cache / "serve"
+
+
+def test_the_lossless_status_is_typed_in_the_result_and_plain_in_its_row():
+    from dataclasses import replace
+
+    from spectune.lossless import LosslessStatus
+
+    result = replace(a_result(), lossless_status="within_tolerance", lossless=True)
+    assert result.lossless_status is LosslessStatus.WITHIN_TOLERANCE and result.lossless_status.certified
+    row = result.as_dict()
+    assert type(row["lossless_status"]) is str and row["lossless_status"] == "within_tolerance"
+    assert DecodeResult.from_dict(row).lossless_status is LosslessStatus.WITHIN_TOLERANCE
