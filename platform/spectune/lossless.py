@@ -43,12 +43,18 @@ class LosslessStatus(StrEnum):
 
     @classmethod
     def of(cls, lossless: Any, status: Any) -> LosslessStatus:
-        """Read back from the stored facts (a row from before the certificate has only the flag)."""
-        if not _missing(status):
-            return cls(str(status))
+        """Read back from the stored facts (a row from before the certificate has only the flag). A flag and
+        a status that disagree read as the worse of the two, as the filters count them."""
+        flagged = cls.UNCHECKED if _missing(lossless) else (cls.EXACT if bool(lossless) else cls.LOSSY)
+        if _missing(status):
+            return flagged
+        told = cls(str(status))
         if _missing(lossless):
-            return cls.UNCHECKED
-        return cls.EXACT if bool(lossless) else cls.LOSSY
+            return told
+        for worse in (cls.LOSSY, cls.UNCHECKED):
+            if worse in (flagged, told):
+                return worse
+        return told
 
 
 LOSSLESS_STATUSES = tuple(s.value for s in LosslessStatus)

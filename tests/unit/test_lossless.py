@@ -28,6 +28,8 @@ def test_the_verdict_rule_for_every_backend():
     assert [s.flag for s in S] == [True, True, False, None]
     assert LOSSLESS_STATUSES == ("exact", "within_tolerance", "lossy", "unchecked")
     assert LosslessStatus.of(True, None) is S.EXACT and LosslessStatus.of(None, float("nan")) is S.UNCHECKED
+    assert LosslessStatus.of(True, "within_tolerance") is S.WITHIN_TOLERANCE
+    assert LosslessStatus.of(True, "lossy") is S.LOSSY and LosslessStatus.of(False, "exact") is S.LOSSY  # the worse
 
 
 FACTS = list(itertools.product([True, False, None], [None, *LOSSLESS_STATUSES], [True, False]))
