@@ -201,7 +201,8 @@ def run_bench(
     speed drifting over minutes (shared or virtual CPUs do) hits AR and each contender alike,
     however many contenders there are.
     """
-    everyone = [ar_contender(pair, one_temperature(contenders)), *[c for c in contenders if c.config.method != "ar"]]
+    ar = ar_contender(pair, one_temperature(contenders))
+    everyone = [ar, *[c for c in contenders if c.config.method != "ar"]]
     encoded = encode_prompts(pair, prompts, settings.max_new_tokens, max(c.tree_size for c in everyone))
     for each in everyone:
         warm_up(each, encoded, settings)
