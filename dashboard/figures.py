@@ -18,6 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from spectune.config import DecodeConfig
+from spectune.lossless import lossless_text  # the lossless cell (short form); re-exported for the views
 from spectune.pareto import front_step_line, lossy_rows, pareto_front, unchecked_rows, within_noise
 
 
@@ -104,21 +105,6 @@ def config_lines(config: Any) -> str:
     """The configuration as ``key = value`` lines joined by <br> (plotly hover text)."""
     flat = _flat_config(config)
     return "<br>".join(f"{k} = {_compact(v)}" for k, v in flat.items()) or "(no config)"
-
-
-def lossless_text(row: Mapping[str, Any]) -> str:
-    if bool(row.get("lossy_method")) is True:
-        return "lossy method"
-    lossless = row.get("lossless")
-    if _missing(lossless):
-        return "unchecked (sampling)"
-    if bool(lossless) and row.get("lossless_status") == "within_tolerance":  # certified numerically (bf16)
-        worst = row.get("worst_margin")
-        return "yes, within tolerance" + ("" if _missing(worst) else f" (worst margin {float(worst):.2g})")
-    if bool(lossless):
-        return "yes"
-    mismatches = row.get("mismatches")
-    return "NO" if _missing(mismatches) else f"NO ({int(mismatches)} prompts differ)"
 
 
 def ci_text(row: Mapping[str, Any]) -> str:

@@ -40,6 +40,9 @@ def stored_config(tune_config: Mapping[str, Any]) -> DecodeConfig:
     return BACKENDS.config(trial_config(tune_config))
 
 
+Write = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]  # a store method bound at run time, its arguments
+
+
 def error_message(trial: Any) -> str:
     """The trial's error as one line: the worker's message for a TrialFailed, else the exception's.
 
@@ -105,7 +108,8 @@ class StoreCallback(Callback):
         self.store: Any = None  # spectune.store.Store, attached by the launcher
         self.console: Any = None
         self.seen: set[str] = set()
-        self.pending: deque[tuple[str, tuple[Any, ...], dict[str, Any]]] = deque()  # writes not yet stored
+        self.pending: deque[Write] = deque()  # writes not yet stored
+        self.configs: dict[str, DecodeConfig] = {}  # trial id -> its configuration with store columns, made once
         self.outage: str | None = None  # why the store is unreachable, while it is
         self._last_try = 0.0
 
@@ -116,21 +120,21 @@ class StoreCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         # pending writes stay with this driver: a resumed sweep rewrites every result from Tune's state
         return {"sweep": self.sweep, "store": None, "console": None, "seen": set(), "pending": deque(),
-                "outage": None, "_last_try": 0.0}
+                "configs": {}, "outage": None, "_last_try": 0.0}
 
     # --- writing ------------------------------------------------------------------------------
 
-    def _write(self, method: str, *args: Any, **kwargs: Any) -> None:
-        self.pending.append((method, args, kwargs))
+    def _write(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self.pending.append((write, args, kwargs))
         self.flush(0.0 if self.outage else WRITE_RETRY_S)
 
     def flush(self, budget_s: float = 0.0) -> bool:
         """Store every pending write in order, retrying for up to `budget_s`; True when none is left."""
         self._last_try = time.monotonic()
         while self.pending:
-            method, args, kwargs = self.pending[0]
+            write, args, kwargs = self.pending[0]
             try:
-                retry_store(lambda: getattr(self.store, method)(*args, **kwargs), budget_s)
+                retry_store(lambda: write(*args, **kwargs), budget_s)
             except STORE_UNREACHABLE as err:
                 self._down(unreachable_reason(err))
                 return False
@@ -162,10 +166,21 @@ class StoreCallback(Callback):
         return written
 
     def _record(self, trial_id: str, tune_config: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
-        outcome = DecodeResult.from_dict(payload["result"], config=stored_config(tune_config))
-        self._write("record_result", self.sweep, trial_id, outcome, payload["hardware"])
+        outcome = DecodeResult.from_dict(payload["result"], config=self._config(trial_id, tune_config))
+        self._write(self.store.record_result, self.sweep, trial_id, outcome, payload["hardware"])
         for baseline in payload["baselines"]:
-            self._write("save_baseline", BaselineResult(**baseline), payload["hardware"], extra={"sweep": self.sweep})
+            self._write(self.store.save_baseline, BaselineResult(**baseline), payload["hardware"],
+                        extra={"sweep": self.sweep})
+
+    def _config(self, trial_id: str, tune_config: Mapping[str, Any]) -> DecodeConfig:
+        """The trial's configuration with its store columns, made on the trial's first event and kept."""
+        if trial_id not in self.configs:
+            self.configs[trial_id] = stored_config(tune_config)
+        return self.configs[trial_id]
+
+    def _status(self, trial: Any, status: str, **extra: Any) -> None:
+        config = self._config(trial.trial_id, trial.config)
+        self._write(self.store.upsert_trial, self.sweep, trial.trial_id, config, status, **extra)
 
     # --- Tune's events --------------------------------------------------------------------------
 
@@ -175,18 +190,17 @@ class StoreCallback(Callback):
         for trial in trials:  # new trials show up as pending before they start
             if trial.trial_id not in self.seen and trial.status == "PENDING":
                 self.seen.add(trial.trial_id)
-                self._write("upsert_trial", self.sweep, trial.trial_id, stored_config(trial.config), "pending")
+                self._status(trial, "pending")
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.seen.add(trial.trial_id)
-        self._write("upsert_trial", self.sweep, trial.trial_id, stored_config(trial.config), "running")
+        self._status(trial, "running")
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: Mapping[str, Any], **info: Any) -> None:
         self._record(trial.trial_id, trial.config, result[PAYLOAD])
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._write("upsert_trial", self.sweep, trial.trial_id, stored_config(trial.config), "error",
-                    error=error_message(trial))
+        self._status(trial, "error", error=error_message(trial))
 
 
 class ProgressCallback(Callback):

@@ -2,17 +2,17 @@
 
 Tune's three ways of searching a conditional space (a tree shape only for tree methods):
 
-- grid:  `tune.grid_search` over the explicit list of {method, knobs...} configurations
-         (times `tune.grid_search` over temperatures);
+- grid:  `tune.grid_search` over every configuration at every load, temperature and dtype;
 - random: `tune.choice` over per-method dicts whose knobs are Tune domains
          (Tune resolves domains nested in the chosen dict), sampled with a seeded generator;
 - optuna-nsga2: `OptunaSearch` with a define-by-run function that suggests the method,
          then that method's knobs, under NSGA-II (multi-objective, seeded).
 
-Whatever the search, `trial_config` turns the config Tune hands a trial into one
-`spectune.config.DecodeConfig` (method, knobs, temperature, the dtype of a `dtypes` axis; backend and concurrency for
-serving backends, whose grid runs every configuration's loads one after another so a worker
-keeps that configuration's server up across them).
+Whatever the search, Tune hands a trial one shape: `DecodeConfig.as_dict()`'s flat form (method,
+knobs, temperature, the dtype of a `dtypes` axis; backend and concurrency for serving backends,
+whose grid runs every configuration's loads one after another so a worker keeps that
+configuration's server up across them) under the key `trial`, which `trial_config` reads back.
+The driver validated the spec once; nothing downstream validates the configuration again.
 """
 
 from __future__ import annotations
@@ -25,55 +25,56 @@ from typing import Any
 from ray import tune
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 
-from spectune.config import DEFAULT_BACKEND, DecodeConfig
+from spectune.backends import BACKENDS
+from spectune.config import DecodeConfig
 from spectune.sweeps.spec import Range, SweepSpec, grid_configs
 
 OPTUNA_PRIMITIVES = (type(None), bool, int, float, str)  # what optuna's categorical choices may hold
 
 
+TRIAL = "trial"  # the key of Tune's config that holds the trial's configuration, in its flat form
+
+
 def trial_config(tune_config: Mapping[str, Any]) -> DecodeConfig:
-    """Grid and random configs hold {"trial": {method, ...knobs}}; Optuna's hold {method, <method>: {knobs}}."""
-    temperature = float(tune_config.get("temperature", 0.0))
-    if "trial" in tune_config:
-        knobs = dict(tune_config["trial"])
-        method = knobs.pop("method")
-        backend = knobs.pop("backend", DEFAULT_BACKEND)
-        concurrency = knobs.pop("concurrency", tune_config.get("concurrency", 1))
-        return DecodeConfig(method, knobs, temperature, backend=backend, concurrency=concurrency,
-                            dtype=tune_config.get("dtype"))
-    method = tune_config["method"]
-    return DecodeConfig(method, dict(tune_config.get(method) or {}), temperature,
-                        backend=tune_config.get("backend", DEFAULT_BACKEND), concurrency=tune_config.get("concurrency", 1),
-                        dtype=tune_config.get("dtype"))
+    """The configuration Tune hands a trial: every search puts `DecodeConfig.as_dict()`'s flat form under
+    TRIAL (decided by the driver; read back here, not validated again)."""
+    return DecodeConfig.from_dict(tune_config[TRIAL])
 
 
-def _served_points(spec: SweepSpec) -> list[dict[str, Any]]:
-    """The grid of a serving backend: each configuration at every load, loads of one configuration adjacent."""
-    return [{**config, "backend": spec.backend, "concurrency": load}
-            for config in grid_configs(spec.space) for load in spec.load.concurrency]
+def grid(spec: SweepSpec) -> list[DecodeConfig]:
+    """Every trial of a grid, in the order it runs: each configuration at every load (a serving backend
+    keeps one configuration's server up across its loads), then every temperature, then every dtype."""
+    backend = BACKENDS.get(spec.backend)
+    loads = spec.load.concurrency if _serving(spec) else [1]
+    return [DecodeConfig(point["method"], {k: v for k, v in point.items() if k != "method"}, temperature,
+                         backend=backend.name, concurrency=load, dtype=dtype)
+            for point in grid_configs(spec.space) for load in loads
+            for temperature in spec.temperatures for dtype in (spec.dtypes or [None])]
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
     """Tune's param_space for grid and random search (Optuna defines its space by run instead)."""
-    space = _param_space(spec)
-    if spec.dtypes and space:  # the dtype axis: every configuration in each dtype
-        space["dtype"] = tune.grid_search(spec.dtypes) if spec.search == "grid" else tune.choice(spec.dtypes)
-    return space
-
-
-def _param_space(spec: SweepSpec) -> dict[str, Any]:
-    serving = spec.backend != DEFAULT_BACKEND
     if spec.search == "grid":
-        points = _served_points(spec) if serving else grid_configs(spec.space)
-        return {"trial": tune.grid_search(points), "temperature": tune.grid_search(spec.temperatures)}
+        return {TRIAL: tune.grid_search([config.as_dict() for config in grid(spec)])}
     if spec.search == "random":
-        methods = [{"method": m, **{k: _domain(v) for k, v in knobs.items()}} for m, knobs in spec.space.items()]
-        if serving:
-            methods = [{**m, "backend": spec.backend} for m in methods]
-            return {"trial": tune.choice(methods), "temperature": tune.choice(spec.temperatures),
-                    "concurrency": tune.choice(spec.load.concurrency)}
-        return {"trial": tune.choice(methods), "temperature": tune.choice(spec.temperatures)}
+        return {TRIAL: tune.choice([_random_method(spec, method, knobs) for method, knobs in spec.space.items()])}
     return {}
+
+
+def _random_method(spec: SweepSpec, method: str, knobs: Mapping[str, Any]) -> dict[str, Any]:
+    """One method's flat form with Tune domains for values (Tune resolves domains nested in the chosen dict)."""
+    flat = {"method": method, **{k: _domain(v) for k, v in knobs.items()},
+            "temperature": tune.choice(spec.temperatures)}
+    if _serving(spec):
+        flat.update(backend=spec.backend, concurrency=tune.choice(spec.load.concurrency))
+    if spec.dtypes:
+        flat["dtype"] = tune.choice(spec.dtypes)
+    return flat
+
+
+def _serving(spec: SweepSpec) -> bool:
+    """A backend measured under load (several requests in flight): its trials carry backend and concurrency."""
+    return BACKENDS.get(spec.backend).max_concurrency != 1
 
 
 def _domain(values: list[Any] | Range) -> Any:
@@ -126,29 +127,26 @@ class DefineByRun:
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         method = trial.suggest_categorical("method", list(self.spec.space))
-        decoded: dict[str, Any] = {}
+        flat: dict[str, Any] = {"method": method}
         for knob, values in self.spec.space[method].items():
-            name = f"{method}/{knob}"
-            if isinstance(values, Range):
-                suggest = trial.suggest_int if values.integer else trial.suggest_float
-                suggest(name, values.low, values.high, log=values.log)
-            elif all(isinstance(v, OPTUNA_PRIMITIVES) for v in values):
-                trial.suggest_categorical(name, values)
-            else:
-                decoded[name] = json.loads(trial.suggest_categorical(name, [json.dumps(v) for v in values]))
-        if self.spec.backend != DEFAULT_BACKEND:
-            loads = self.spec.load.concurrency
-            decoded["backend"] = self.spec.backend
-            if len(loads) > 1:
-                trial.suggest_categorical("concurrency", loads)
-            else:
-                decoded["concurrency"] = loads[0]
-        if self.spec.dtypes and len(self.spec.dtypes) > 1:
-            trial.suggest_categorical("dtype", self.spec.dtypes)
-        elif self.spec.dtypes:
-            decoded["dtype"] = self.spec.dtypes[0]
-        temperatures = self.spec.temperatures
-        if len(temperatures) > 1:
-            trial.suggest_categorical("temperature", temperatures)
-            return decoded
-        return {**decoded, "temperature": temperatures[0]}
+            flat[knob] = self._suggest(trial, f"{method}/{knob}", values)
+        if _serving(self.spec):
+            flat.update(backend=self.spec.backend, concurrency=_pick(trial, "concurrency", self.spec.load.concurrency))
+        if self.spec.dtypes:
+            flat["dtype"] = _pick(trial, "dtype", self.spec.dtypes)
+        flat["temperature"] = _pick(trial, "temperature", self.spec.temperatures)
+        return {TRIAL: flat}
+
+    @staticmethod
+    def _suggest(trial: Any, name: str, values: list[Any] | Range) -> Any:
+        if isinstance(values, Range):
+            suggest = trial.suggest_int if values.integer else trial.suggest_float
+            return suggest(name, values.low, values.high, log=values.log)
+        if all(isinstance(v, OPTUNA_PRIMITIVES) for v in values):
+            return trial.suggest_categorical(name, values)
+        return json.loads(trial.suggest_categorical(name, [json.dumps(v) for v in values]))
+
+
+def _pick(trial: Any, name: str, values: list[Any]) -> Any:
+    """An axis Optuna suggests only when there is a choice to make."""
+    return trial.suggest_categorical(name, values) if len(values) > 1 else values[0]

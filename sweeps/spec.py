@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from spectune.backends import BACKENDS
 from spectune.backends.vllm import VllmServerSettings
-from spectune.config import DEFAULT_BACKEND
+from spectune.config import DEFAULT_BACKEND, MaxNewTokens, Repeats, Settings, TopP, Warmup, check_temperature
 from spectune.pair_ref import PairRef
 
 SEARCHES = ("grid", "random", "optuna-nsga2")
@@ -137,19 +137,19 @@ class SweepSpec(BaseModel):
     name: str = Field(description="names the sweep in the store and its Tune folder")
     pair: PairRef
     prompts: PromptsSpec = PromptsSpec()
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: MaxNewTokens = 64
     temperatures: list[float] = Field([0.0], min_length=1)
     dtypes: list[Literal["float32", "bfloat16", "float16"]] | None = Field(
         None, min_length=1, description="a dtype axis: every configuration in each of these (default: pair.dtype only)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: TopP = 1.0
     seed: int = 0
     space: dict[str, dict[str, Any]] = Field(min_length=1, description="method -> knob -> choices or range")
     objectives: list[Objective] = Field(default_factory=lambda: [
         Objective(metric="speedup", mode="max"), Objective(metric="tree_tokens_per_step", mode="min")], min_length=1)
     search: Literal["grid", "random", "optuna-nsga2"] = "grid"
     num_samples: int | None = Field(None, ge=1, description="trials for random / optuna-nsga2 (default 10)")
-    repeats: int = Field(1, ge=1, description="timed passes per trial (and for the AR baseline)")
-    warmup: int = Field(1, ge=0, description="untimed warm-up prompts per configuration")
+    repeats: Repeats = 1  # per trial
+    warmup: Warmup = 1
     concurrency: int = Field(1, ge=1, description="trials at once (one worker per trial slot)")
     resources: Resources = Resources()
     backend: str = Field(DEFAULT_BACKEND, description="whose engine decodes: spectune (its own) or vllm")
@@ -173,8 +173,7 @@ class SweepSpec(BaseModel):
     @classmethod
     def temperatures_in_range(cls, values: list[float]) -> list[float]:
         for value in values:
-            if not 0.0 <= value <= 5.0:
-                raise ValueError(f"each temperature must be within 0..5 (0 = greedy), got {value}")
+            check_temperature(value)
         if len(set(values)) != len(values):
             raise ValueError(f"temperatures repeat a value: {values}")
         return values
@@ -224,6 +223,11 @@ class SweepSpec(BaseModel):
             if section in self.model_fields_set and section != self.backend:
                 raise ValueError(f"{section}: settings for backend {section}, but backend is {self.backend} "
                                  f"(set backend: {section})")
+
+    def settings(self) -> Settings:
+        """How every trial is measured (the driver makes it once; trials carry it as is)."""
+        return Settings(max_new_tokens=self.max_new_tokens, top_p=self.top_p, seed=self.seed, repeats=self.repeats,
+                        warmup=self.warmup)
 
     @property
     def trials(self) -> int:

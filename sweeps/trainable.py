@@ -35,26 +35,16 @@ class SweepContext:
     pools: dict[str, WorkerPool]  # pair id -> the workers holding that pair
     pair_id: str
     prompts: tuple[Prompt, ...]
-    max_new_tokens: int
-    top_p: float
-    seed: int
-    repeats: int
-    warmup: int
+    settings: Settings  # made once by the driver from the spec; every trial is measured with it
     objectives: tuple[str, ...]
 
     @classmethod
     def of(cls, spec: SweepSpec, pools: dict[str, WorkerPool], prompts: tuple[Prompt, ...]) -> SweepContext:
-        return cls(pools, spec.pair.pair_id, prompts, spec.max_new_tokens, spec.top_p, spec.seed, spec.repeats,
-                   spec.warmup, tuple(o.metric for o in spec.objectives))
-
-    def settings(self, temperature: float) -> Settings:
-        return Settings(max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=self.top_p,
-                        seed=self.seed, repeats=self.repeats, warmup=self.warmup)
+        return cls(pools, spec.pair.pair_id, prompts, spec.settings(), tuple(o.metric for o in spec.objectives))
 
 
 def run_trial(config: dict[str, Any], context: SweepContext) -> None:
-    trial = trial_config(config)
-    request = TrialRequest(trial, context.settings(trial.temperature), context.prompts)
+    request = TrialRequest(trial_config(config), context.settings, context.prompts)
     started = time.perf_counter()
     with context.pools[context.pair_id].lease() as worker:
         try:

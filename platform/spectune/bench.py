@@ -29,7 +29,8 @@ from spectune.metrics import step_metrics
 from spectune.pair import Pair
 from spectune.profiling import ForwardClock, peak_memory_mb
 from spectune.prompts import Prompt
-from spectune.results import DecodeResult, PromptStats, StepCounts
+from spectune.lossless import decide
+from spectune.results import DecodeResult, PromptStats, RepeatStats, StepCounts
 
 
 class ConfigEntry(BaseModel):
@@ -106,9 +107,8 @@ class Pass:
         return sum(len(g.tokens) for g in self.generations) / self.wall_s
 
 
-def contender(pair: Pair, config: DecodeConfig, settings: Settings) -> Contender:
-    """A configuration ready to decode on `pair`, at the settings' temperature."""
-    config = config.with_temperature(settings.temperature)
+def contender(pair: Pair, config: DecodeConfig) -> Contender:
+    """A configuration ready to decode on `pair`, at its own temperature."""
     if config.dtype not in (None, pair.ref.dtype):  # a dtype axis loads the pair in each dtype (pair_worker)
         raise ValueError(f"{config.label()} decodes in {config.dtype}, but the pair is loaded in {pair.ref.dtype}")
     models = pair.runners()
@@ -132,6 +132,11 @@ def encode_prompts(pair: Pair, prompts: Sequence[Prompt], max_new_tokens: int, t
     return encoded
 
 
+def sampling(config: DecodeConfig, settings: Settings) -> Sampling:
+    """The one place a configuration's sampling is made: its temperature, the run's top_p."""
+    return Sampling(config.temperature, settings.top_p)
+
+
 def timed_prompt(pair: Pair, who: Contender, tokens: list[int], index: int, settings: Settings) -> Pass:
     """One prompt decoded once, timed by the wall clock and by forward hooks on the models."""
     target_clock, draft_clock = ForwardClock(), ForwardClock()
@@ -139,7 +144,8 @@ def timed_prompt(pair: Pair, who: Contender, tokens: list[int], index: int, sett
     drafting = (pair.drafter, *(who.drafter.draft_modules() if who.drafter is not None else ()))
     with target_clock.attached(pair.target), draft_clock.attached(*drafting):
         started = time.perf_counter()
-        generation = who.runner.generate(tokens, settings.max_new_tokens, settings.sampling, settings.seed + index)
+        generation = who.runner.generate(tokens, settings.max_new_tokens, sampling(who.config, settings),
+                                         settings.seed + index)
         seconds = time.perf_counter() - started
     return Pass([generation], [seconds], target_clock.seconds, draft_clock.seconds, target_clock.calls)
 
@@ -162,19 +168,19 @@ def timed_pass(pair: Pair, who: Contender, encoded: Sequence[list[int]], setting
 def warm_up(who: Contender, encoded: Sequence[list[int]], settings: Settings) -> None:
     """Untimed decoding first: allocator, kernels and caches settle."""
     for tokens in encoded[: settings.warmup]:
-        who.runner.generate(tokens, min(settings.max_new_tokens, 16), settings.sampling, settings.seed)
+        who.runner.generate(tokens, min(settings.max_new_tokens, 16), sampling(who.config, settings), settings.seed)
 
 
-def ar_contender(pair: Pair, settings: Settings) -> Contender:
-    return contender(pair, METHODS.config("ar", {}), settings)
+def ar_contender(pair: Pair, temperature: float) -> Contender:
+    return contender(pair, METHODS.config("ar", {}, temperature))
 
 
-def settle(pair: Pair, prompts: Sequence[Prompt], settings: Settings) -> None:
+def settle(pair: Pair, prompts: Sequence[Prompt], settings: Settings, temperature: float = 0.0) -> None:
     """One untimed AR pass over every prompt at full length: a fresh process decodes its first pass
     measurably slower (allocator, kernel caches for every new cache length), and in an interleaved
     pass AR would pay for that alone (a sweep worker calls this once per prompt set)."""
     encoded = encode_prompts(pair, prompts, settings.max_new_tokens)
-    timed_pass(pair, ar_contender(pair, settings), encoded, settings.model_copy(update={"warmup": 0}))
+    timed_pass(pair, ar_contender(pair, temperature), encoded, settings.model_copy(update={"warmup": 0}))
 
 
 def measure(pair: Pair, who: Contender, prompts: Sequence[Prompt], settings: Settings) -> DecodeResult:
@@ -195,7 +201,8 @@ def run_bench(
     speed drifting over minutes (shared or virtual CPUs do) hits AR and each contender alike,
     however many contenders there are.
     """
-    everyone = [ar_contender(pair, settings), *[c for c in contenders if c.config.method != "ar"]]
+    ar = ar_contender(pair, one_temperature(contenders))
+    everyone = [ar, *[c for c in contenders if c.config.method != "ar"]]
     encoded = encode_prompts(pair, prompts, settings.max_new_tokens, max(c.tree_size for c in everyone))
     for each in everyone:
         warm_up(each, encoded, settings)
@@ -211,39 +218,46 @@ def run_bench(
     return [summarise(who, runs, passes[0], prompts, settings, pair) for who, runs in zip(everyone, passes)]
 
 
+def one_temperature(contenders: Sequence[Contender]) -> float:
+    """The temperature a run decodes at (AR, the baseline of every contender, decodes at it too)."""
+    temperatures = sorted({c.config.temperature for c in contenders})
+    if len(temperatures) > 1:
+        raise ValueError(f"one run decodes at one temperature (AR's is every speedup's baseline), got {temperatures}")
+    return temperatures[0] if temperatures else 0.0
+
+
+def repeat_stats(runs: Sequence[Pass], ar_runs: Sequence[Pass]) -> RepeatStats:
+    """The speed fields of a contender's passes, paired repeat by repeat with AR's (`RepeatStats`' rule)."""
+    return RepeatStats.of([r.wall_s for r in runs], [r.tokens_per_s for r in runs], [r.tokens_per_s for r in ar_runs])
+
+
 def summarise(who: Contender, runs: list[Pass], ar_runs: list[Pass], prompts: Sequence[Prompt],
               settings: Settings, pair: Pair) -> DecodeResult:
-    speedups = [run.tokens_per_s / ar.tokens_per_s for run, ar in zip(runs, ar_runs)]  # same-repeat ratios
     first, reference = runs[0], ar_runs[0].generations
-    greedy = settings.sampling.greedy
+    greedy = sampling(who.config, settings).greedy
     # every repeat, not just the first: stateful drafters (recycling's hot start, ngram's kept table,
     # del's window) decode later repeats from what earlier ones left behind
     matches = [all(run.generations[i].tokens == r.tokens for run in runs) for i, r in enumerate(reference)]
     ci_low, ci_high = speedup_interval(runs, ar_runs)
-    tokens_per_s = statistics.median(r.tokens_per_s for r in runs)
+    speed = repeat_stats(runs, ar_runs)
     checked = certify_runs(pair, runs, reference, settings) if greedy else None
+    status = checked.status if checked else decide(greedy=False, identical=None)  # sampled: unchecked
     return DecodeResult(
         config=who.config,
         n_prompts=len(prompts),
         counts=_counts(first, len(prompts)),
-        wall_s=statistics.median(r.wall_s for r in runs),
-        wall_s_std=_std([r.wall_s for r in runs]),
-        tokens_per_s=tokens_per_s,
-        ar_tokens_per_s=statistics.median(r.tokens_per_s for r in ar_runs),
-        speedup=statistics.median(speedups),
-        speedup_std=_std(speedups),
-        speedups=tuple(speedups),
+        **speed.fields(),
         speedup_ci_low=ci_low,
         speedup_ci_high=ci_high,
-        lossless=checked.lossless if checked else None,
-        lossless_status=checked.status if checked else "unchecked",
+        lossless=status.flag,
+        lossless_status=status,
         exact_match_rate=checked.exact_match_rate if checked else None,
         worst_margin=checked.worst_margin if checked else None,
         lossy_method=who.lossy_method,
         mismatches=matches.count(False) if greedy else None,
         draft_share=statistics.median(r.draft_s / r.wall_s for r in runs),
         engine_overhead_share=statistics.median((r.wall_s - r.target_s - r.draft_s) / r.wall_s for r in runs),
-        ms_per_token=1000.0 / tokens_per_s,
+        ms_per_token=1000.0 / speed.tokens_per_s,
         peak_mem_mb=peak_memory_mb(pair.target.device),
         acceptance_by_exit_layer=exit_layer_acceptance(who.drafter),
         exit_choices=exit_choices(who.drafter),
@@ -333,9 +347,5 @@ def _per_prompt(prompt: Prompt, generation: Generation, seconds: float, matches_
                        len(generation.tokens) / calls if calls else None, seconds, matches_ar)
 
 
-def _std(values: Sequence[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 __all__ = ["ConfigEntry", "Contender", "Pass", "Settings", "contender", "encode_prompts", "load_config_file",
-           "measure", "run_bench", "settle", "speedup_interval", "summarise", "timed_pass"]
+           "measure", "repeat_stats", "run_bench", "sampling", "settle", "speedup_interval", "summarise", "timed_pass"]

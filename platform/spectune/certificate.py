@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from spectune.engine.runner import CausalLM
+from spectune.lossless import LosslessStatus, decide
 
 DEFAULT_TOLERANCE_ULPS = 2.0
 
@@ -46,7 +47,7 @@ class TokenCheck:
 
 @dataclass(frozen=True)
 class Certificate:
-    status: str  # exact | within_tolerance | lossy (spectune.results.LOSSLESS_STATUSES)
+    status: LosslessStatus  # exact | within_tolerance | lossy (decided by spectune.lossless.decide)
     exact_match_rate: float  # share of outputs identical to the reference's
     worst_margin: float  # the largest (argmax logit - emitted logit) over every emitted token
     tolerance_ulps: float
@@ -55,7 +56,7 @@ class Certificate:
 
     @property
     def lossless(self) -> bool:
-        return self.status in ("exact", "within_tolerance")
+        return self.status.certified
 
 
 def tolerance(top_logits: torch.Tensor, dtype: torch.dtype, ulps: float = DEFAULT_TOLERANCE_ULPS) -> torch.Tensor:
@@ -118,6 +119,5 @@ def certify(target: CausalLM, prompts: Sequence[Sequence[int]], outputs: Sequenc
                 j = int(outside[0])
                 failures.append(TokenCheck(i, j, int(output[j]), int(argmax[j]), float(gap[j]), float(allowed[j])))
                 break
-    status = "exact" if all(exact) else ("lossy" if failures else "within_tolerance")
-    return Certificate(status, sum(exact) / len(exact) if exact else 1.0, worst, ulps, str(dtype).removeprefix("torch."),
-                       tuple(failures))
+    return Certificate(decide(True, exact, len(failures)), sum(exact) / len(exact) if exact else 1.0, worst, ulps,
+                       str(dtype).removeprefix("torch."), tuple(failures))

@@ -10,16 +10,21 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
-
-if TYPE_CHECKING:
-    from spectune.engine.sampling import Sampling
 
 CONFIG_KEYS = ("method", "temperature", "name", "backend", "concurrency", "dtype")  # the flat form's keys that are not knobs
 DTYPE_TAGS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # how a dtype reads in a label
 DEFAULT_BACKEND = "spectune"  # spectune's own engine; "vllm": the engine users deploy
+MAX_TEMPERATURE = 5.0
+
+
+def check_temperature(value: float) -> float:
+    """The one temperature rule (a configuration checks its own; a spec's `temperatures` use it too)."""
+    if not 0.0 <= value <= MAX_TEMPERATURE:  # also NaN
+        raise ValueError(f"each temperature must be within 0..{MAX_TEMPERATURE:g} (0 = greedy), got {value}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "knobs", dict(self.knobs))  # a copy: nobody else's dict changes it (picklable, for Ray)
-        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "temperature", check_temperature(float(self.temperature)))
         object.__setattr__(self, "concurrency", int(self.concurrency))
 
     def label(self) -> str:
@@ -112,22 +117,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# How a run is measured: each field declared once, here. `Settings` has no defaults for the three a
+# boundary chooses (`spectune bench`: 128 tokens, 3 repeats, 2 warm-up prompts; a sweep spec: 64, 1, 1).
+MaxNewTokens = Annotated[int, Field(ge=1, description="new tokens per prompt")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, description="nucleus sampling mass")]
+Repeats = Annotated[int, Field(ge=1, description="timed passes over the prompt set (AR's too)")]
+Warmup = Annotated[int, Field(ge=0, description="untimed warm-up prompts each configuration decodes first")]
+
+
 class Settings(BaseModel):
-    """How a configuration is measured: tokens per prompt, sampling, repeats (CLI flags and sweep specs)."""
+    """How configurations are measured: tokens per prompt, sampling mass, seed, repeats (a run's, not a
+    configuration's: the temperature belongs to `DecodeConfig`). Made once at a boundary: the bench CLI's
+    flags or a sweep spec (`SweepSpec.settings`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_new_tokens: int = Field(128, ge=1, description="new tokens per prompt")
-    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: MaxNewTokens
+    repeats: Repeats
+    warmup: Warmup
+    top_p: TopP = 1.0
     seed: int = 0
-    repeats: int = Field(3, ge=1, description="timed passes over the prompt set")
-    warmup: int = Field(2, ge=0, description="untimed prompts each configuration decodes first")
     tolerance_ulps: float = Field(2.0, ge=0.0, description="greedy certificate: how far below the argmax an emitted "
                                   "token's logit may be, in units of the dtype's rounding of that logit (spectune.certificate)")
-
-    @property
-    def sampling(self) -> Sampling:
-        from spectune.engine.sampling import Sampling  # the engine (torch) only where decoding happens
-
-        return Sampling(self.temperature, self.top_p)

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from spectune.lossless import counts_mask, judged_mask, unchecked_mask
+
 _MODES = ("max", "min")
 _BLOCK_CELLS = 1 << 22  # comparisons per numpy block (bounds memory)
 
@@ -47,39 +49,17 @@ def _check_objectives(df: pd.DataFrame, objectives: Mapping[str, str]) -> None:
 
 
 def unchecked_rows(df: pd.DataFrame) -> pd.Series:
-    """Finished rows of a lossless method whose outputs were never checked (``lossless`` null):
-    sampling trials, lossless by the method's rule but not certified. Rows that have not
-    finished (a ``status`` other than done) are not counted: they have no results yet."""
-    out = pd.Series(False, index=df.index)
-    if "lossless" not in df.columns:
-        return out
-    out |= df["lossless"].astype("boolean").isna().fillna(False).astype(bool)
-    if "lossy_method" in df.columns:
-        out &= ~df["lossy_method"].astype("boolean").eq(True).fillna(False).astype(bool)
-    if "status" in df.columns:
-        out &= df["status"].eq("done").fillna(False).astype(bool)
-    return out
+    """Finished rows of a lossless method whose outputs were never checked (sampling trials, lossless
+    by the method's rule but not certified); rows that have not finished have no results yet
+    (the rule: `spectune.lossless`)."""
+    return unchecked_mask(df)
 
 
 def lossy_rows(df: pd.DataFrame, include_unchecked: bool = False) -> pd.Series:
-    """Rows that do not count as lossless: outputs that differed from AR (``lossless`` False, or a
-    ``lossless_status`` outside `spectune.results.CERTIFIED`), a lossy method, and, unless
-    ``include_unchecked``, unchecked rows (see `unchecked_rows`): an unchecked result never counts
-    as lossless by default."""
-    from spectune.results import CERTIFIED, LOSSLESS_STATUSES
-
-    out = pd.Series(False, index=df.index)
-    if "lossless" in df.columns:
-        out |= df["lossless"].astype("boolean").eq(False).fillna(False).astype(bool)
-    if "lossless_status" in df.columns:  # the certificate's verdict (exact | within_tolerance count)
-        status = df["lossless_status"].astype("string")
-        uncertified = status.isin([s for s in LOSSLESS_STATUSES if s not in CERTIFIED and s != "unchecked"])
-        out |= uncertified.fillna(False).astype(bool)
-    if "lossy_method" in df.columns:
-        out |= df["lossy_method"].astype("boolean").eq(True).fillna(False).astype(bool)
-    if not include_unchecked:
-        out |= unchecked_rows(df)
-    return out
+    """Finished rows (and lossy methods) that do not count as lossless (`spectune.lossless.counts_mask`):
+    outputs that differed, a failed certificate, a lossy method and, unless ``include_unchecked``,
+    unchecked rows: an unchecked result never counts as lossless by default."""
+    return judged_mask(df) & ~counts_mask(df, include_unchecked)
 
 
 def pareto_front(df: pd.DataFrame, objectives: Mapping[str, str],

@@ -7,15 +7,13 @@ Tune's result file and the store's `extra` column hold); `from_dict` reads it ba
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from spectune.config import DecodeConfig
-
-
-LOSSLESS_STATUSES = ("exact", "within_tolerance", "lossy", "unchecked")
-CERTIFIED = ("exact", "within_tolerance")  # the statuses that count as lossless
+from spectune.lossless import LosslessStatus
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,7 @@ class DecodeResult:
     config: DecodeConfig
     n_prompts: int
     counts: StepCounts
-    wall_s: float | None = None
+    wall_s: float | None = None  # the speed fields: medians and spreads over repeats (RepeatStats, every backend)
     wall_s_std: float | None = None
     tokens_per_s: float | None = None
     ar_tokens_per_s: float | None = None
@@ -59,8 +57,8 @@ class DecodeResult:
     speedups: tuple[float, ...] = ()  # every repeat's ratio
     speedup_ci_low: float | None = None  # confidence interval of the speedup (bootstrap over prompts)
     speedup_ci_high: float | None = None
-    lossless: bool | None = None  # greedy: every prompt certified (exact or within tolerance); None when unchecked
-    lossless_status: str | None = None  # exact | within_tolerance | lossy | unchecked (LOSSLESS_STATUSES)
+    lossless: bool | None = None  # the stored flag of lossless_status (LosslessStatus.flag); None when unchecked
+    lossless_status: LosslessStatus | None = None  # spectune.lossless decides it (None: rows from before it)
     exact_match_rate: float | None = None  # share of prompts whose output is identical to the reference's
     worst_margin: float | None = None  # greedy certificate: the largest (argmax logit - emitted token's logit)
     lossy_method: bool = False  # the method does not claim to be lossless
@@ -79,6 +77,10 @@ class DecodeResult:
     p95_latency_s: float | None = None
     per_prompt: tuple[PromptStats, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)  # what the run adds (a trial: decode_s, worker, ...)
+
+    def __post_init__(self) -> None:
+        if self.lossless_status is not None:  # typed, whether made here or read back from a row
+            object.__setattr__(self, "lossless_status", LosslessStatus(self.lossless_status))
 
     @property
     def method(self) -> str:
@@ -121,6 +123,44 @@ class DecodeResult:
 
 
 @dataclass(frozen=True)
+class RepeatStats:
+    """DecodeResult's speed fields from per-repeat measurements: the one statistics rule of every backend.
+
+    Each value is the median over repeats (a speedup: of the same-repeat ratios of the configuration's
+    tokens/s to its baseline's); a spread is the sample standard deviation over repeats, and None for
+    one repeat (a single pass measures no spread; 0.0 would read as perfectly repeatable).
+    """
+
+    wall_s: float
+    wall_s_std: float | None
+    tokens_per_s: float
+    ar_tokens_per_s: float
+    speedup: float
+    speedup_std: float | None
+    speedups: tuple[float, ...]  # every repeat's ratio, in order
+
+    @classmethod
+    def of(cls, wall_s: Sequence[float], tokens_per_s: Sequence[float],
+           ar_tokens_per_s: Sequence[float]) -> RepeatStats:
+        """Per repeat: the configuration's seconds over the prompt set and tokens/s, and its baseline's tokens/s."""
+        counts = (len(wall_s), len(tokens_per_s), len(ar_tokens_per_s))
+        if not wall_s or len(set(counts)) != 1:
+            raise ValueError(f"one value per repeat for each, got {counts}")
+        ratios = tuple(rate / ar for rate, ar in zip(tokens_per_s, ar_tokens_per_s))
+        return cls(statistics.median(wall_s), spread(wall_s), statistics.median(tokens_per_s),
+                   statistics.median(ar_tokens_per_s), statistics.median(ratios), spread(ratios), ratios)
+
+    def fields(self) -> dict[str, Any]:
+        """As DecodeResult's keyword arguments."""
+        return asdict(self)
+
+
+def spread(values: Sequence[float]) -> float | None:
+    """The sample standard deviation over repeats; None for a single repeat."""
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+@dataclass(frozen=True)
 class BaselineResult:
     """A worker's AR speed over a prompt set: the denominator of every speedup it reports."""
 
@@ -147,6 +187,8 @@ def _plain(value: Any) -> Any:
     """JSON-ready: tuples as lists, mappings as dicts."""
     if isinstance(value, tuple):
         return list(value)
+    if isinstance(value, LosslessStatus):
+        return value.value
     if isinstance(value, Mapping):
         return dict(value)
     return value

@@ -25,7 +25,7 @@ def test_categories_reach_the_store_and_the_dashboard(micro_pair: Path, tmp_path
     pair = load_pair(PairRef.model_validate(str(chat_micro_pair(micro_pair, tmp_path))))
     settings = Settings(max_new_tokens=8, repeats=1, warmup=0)
     prompts = load_prompts("chat", 7)  # one per category
-    rows = run_bench(pair, [contender(pair, METHODS.config(m, {}), settings) for m in ("sps", "pld")], prompts, settings)
+    rows = run_bench(pair, [contender(pair, METHODS.config(m, {})) for m in ("sps", "pld")], prompts, settings)
     with connect(f"sqlite:///{tmp_path / 'c.db'}") as store:
         store.create_sweep("chat", {"name": "chat"}, who="test", where="here")
         for row in rows:

@@ -55,7 +55,7 @@ def test_a_chat_set_on_a_model_without_a_template_is_a_clear_error(micro_pair: P
 def test_by_category_equals_the_per_prompt_rows(chat_pair, tmp_path: Path) -> None:
     prompts = load_prompts("chat", 7)  # the set interleaves its categories: one of each
     settings = Settings(max_new_tokens=12, repeats=2, warmup=0)
-    sps = contender(chat_pair, METHODS.config("sps", {"draft_len": 3}), settings)
+    sps = contender(chat_pair, METHODS.config("sps", {"draft_len": 3}))
     ar_row, sps_row = run_bench(chat_pair, [sps], prompts, settings)
     row = json.loads(json.dumps(sps_row.as_dict()))  # as bench --json prints it
     categories = row["by_category"]

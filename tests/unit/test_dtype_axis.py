@@ -59,4 +59,4 @@ def test_a_worker_decodes_each_trial_in_its_dtype(micro_pair: Path) -> None:
 def test_bench_refuses_a_configuration_in_another_dtype_than_the_pair(micro_pair: Path) -> None:
     pair = load_pair(PairRef.model_validate({"dir": micro_pair}))
     with pytest.raises(ValueError, match="decodes in bfloat16, but the pair is loaded in float32"):
-        contender(pair, DecodeConfig("pld", dtype="bfloat16"), Settings())
+        contender(pair, DecodeConfig("pld", dtype="bfloat16"))

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from spectune.bench import Contender, Pass, contender, measure, speedup_interval
-from spectune.config import Settings
+from spectune.config import DecodeConfig, Settings
 from spectune.engine.loop import Generation
 from spectune.methods import METHODS
 from spectune.pair import load_pair
@@ -76,7 +76,7 @@ def pair(micro_pair):
 def test_measure_pairs_ar_with_the_configuration_and_checks_every_repeat(pair) -> None:
     prompts = load_prompts("default", 2)
     settings = Settings(max_new_tokens=12, repeats=2, warmup=0)
-    sps = contender(pair, METHODS.config("sps", {"draft_len": 3}), settings)
+    sps = contender(pair, METHODS.config("sps", {"draft_len": 3}))
     result = measure(pair, sps, prompts, settings)
     assert result.lossless is True and result.lossless_status == "exact" and result.mismatches == 0
     assert len(result.speedups) == 2
@@ -90,8 +90,8 @@ def test_measure_pairs_ar_with_the_configuration_and_checks_every_repeat(pair) -
 
 
 def test_sampling_rows_are_unchecked(pair) -> None:
-    settings = Settings(max_new_tokens=6, repeats=1, warmup=0, temperature=0.8)
-    result = measure(pair, contender(pair, METHODS.config("pld", {}), settings), load_prompts("default", 2), settings)
+    settings = Settings(max_new_tokens=6, repeats=1, warmup=0)
+    result = measure(pair, contender(pair, METHODS.config("pld", {}, 0.8)), load_prompts("default", 2), settings)
     assert result.lossless is None and result.lossless_status == "unchecked"
 
 
@@ -103,3 +103,15 @@ def test_the_interval_over_repeats_brackets_the_median_and_is_reproducible():
     low, high = repeat_interval(ratios)
     assert min(ratios) <= low <= statistics.median(ratios) <= high <= max(ratios)
     assert repeat_interval(ratios) == (low, high)  # seeded
+
+
+def test_a_run_decodes_at_its_configurations_one_temperature():
+    """The temperature lives in the configuration: AR, every speedup's baseline, decodes at the contenders' one."""
+    from spectune.bench import one_temperature
+
+    def at(temperature: float) -> Contender:
+        return Contender(DecodeConfig("pld", temperature=temperature), runner=None)  # type: ignore[arg-type]
+
+    assert one_temperature([at(0.7), at(0.7)]) == 0.7 and one_temperature([]) == 0.0
+    with pytest.raises(ValueError, match=r"one run decodes at one temperature .* got \[0.0, 0.7\]"):
+        one_temperature([at(0.0), at(0.7)])

@@ -73,7 +73,7 @@ def test_only_self_speculative_drafters_name_modules_of_their_own(micro_pair):
     configs = {"ar": {}, "sps": {}, "layerskip": {}, "del": {"cost": "layers"}}
     expected = {"ar": 0, "sps": 0, "layerskip": 1, "del": 3}  # del: a view per exit layer 1..L-1
     for method, knobs in configs.items():
-        modules = contender(pair, METHODS.config(method, knobs), Settings()).drafter.draft_modules()
+        modules = contender(pair, METHODS.config(method, knobs)).drafter.draft_modules()
         assert len(modules) == expected[method], method
         assert all(m is not pair.target and m is not pair.drafter for m in modules)
 
@@ -83,7 +83,7 @@ def test_self_speculative_draft_time_is_drafting_not_engine_overhead(micro_pair,
     pair = load_pair(PairRef.model_validate({"dir": micro_pair}))
     settings = Settings(max_new_tokens=24, repeats=1, warmup=0)
     encoded = [pair.encode(text) for text in ("The capital of France is", "def fibonacci(n):")]
-    who = contender(pair, METHODS.config(config["method"], {k: v for k, v in config.items() if k != "method"}), settings)
+    who = contender(pair, METHODS.config(config["method"], {k: v for k, v in config.items() if k != "method"}))
     timed_pass(pair, who, encoded[:1], settings)  # warm up
     run = timed_pass(pair, who, encoded, settings)
     # the target's clock sees exactly the prefills and verifications: no draft pass through the view

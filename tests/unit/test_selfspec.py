@@ -375,7 +375,7 @@ def test_bench_reports_acceptance_by_exit_layer(micro_pair):
         METHODS.config("del", {"max_draft_len": 4}),
         METHODS.config("sps", {}),
     ]
-    results = run_bench(pair, [contender(pair, c, settings) for c in configs], prompts, settings)
+    results = run_bench(pair, [contender(pair, c) for c in configs], prompts, settings)
     rows = {result.method: result.as_dict() for result in results}
     assert rows["layerskip"]["lossless"] and rows["del"]["lossless"]
     assert list(rows["layerskip"]["acceptance_by_exit_layer"]) == ["2"]

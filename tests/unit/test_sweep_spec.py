@@ -163,9 +163,15 @@ def test_optuna_nsga2_suggests_a_method_then_only_its_knobs_decoding_list_choice
     assert {t.temperature for t in seen} == {0.0, 0.7}
 
 
-def test_trial_config_reads_grid_and_optuna_shapes_alike():
-    grid = {"trial": {"method": "sps", "draft_len": 4}, "temperature": 0.0}
-    optuna_shaped = {"method": "sps", "sps": {"draft_len": 4}, "temperature": 0.0}
-    assert trial_config(grid) == trial_config(optuna_shaped) == DecodeConfig("sps", {"draft_len": 4}, 0.0)
-    assert trial_config(grid).as_dict() == {"method": "sps", "draft_len": 4, "temperature": 0.0}
+def test_every_search_hands_the_trial_one_shape_the_typed_configurations_flat_form():
+    space = {"sps": {"draft_len": [4]}}
+    grid = param_space(spec_with(space=space, temperatures=[0.7]))
+    drawn = param_space(spec_with(search="random", num_samples=1, space=space, temperatures=[0.7]))
+    suggested = optuna_searcher(spec_with(search="optuna-nsga2", num_samples=1, space=space, temperatures=[0.7]))
+    handed = [c for _, c in generate_variants(grid)] + [c for _, c in generate_variants(drawn)] + [suggested.suggest("t0")]
+    expected = DecodeConfig("sps", {"draft_len": 4}, 0.7)
+    assert len(handed) == 3
+    for config in handed:
+        assert config["trial"] == expected.as_dict() == {"method": "sps", "draft_len": 4, "temperature": 0.7}
+        assert trial_config(config) == expected
     assert DecodeConfig("tree", {"branching": [2, 1]}, 0.7).label() == "tree(branching=[2,1])@T=0.7"

@@ -127,16 +127,26 @@ def test_the_result_row_keeps_bench_json_keys_and_round_trips():
 
 
 def test_config_results_and_pair_references_import_without_torch():
-    code = ("import sys; import spectune.config, spectune.results, spectune.pair_ref, spectune.paths; "
-            "print('torch' in sys.modules)")
+    code = ("import sys; import spectune.config, spectune.results, spectune.lossless, spectune.pair_ref, "
+            "spectune.paths; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_settings_validate_at_the_boundary():
-    assert Settings(max_new_tokens=8).sampling.greedy
+    from spectune.bench import sampling
+
+    settings = Settings(max_new_tokens=8, repeats=1, warmup=0)
+    assert sampling(DecodeConfig("ar"), settings).greedy
+    assert sampling(DecodeConfig("ar", temperature=0.7), settings.model_copy(update={"top_p": 0.9})) == \
+        sampling(DecodeConfig("ar"), settings).__class__(0.7, 0.9)  # temperature: the configuration's; top_p: the run's
     with pytest.raises(ValueError, match="max_new_tokens"):
-        Settings(max_new_tokens=0)
+        Settings(max_new_tokens=0, repeats=1, warmup=0)
+    with pytest.raises(ValueError, match="repeats"):  # no default: the bench CLI and a sweep spec each choose theirs
+        Settings(max_new_tokens=8, warmup=0)
+    with pytest.raises(ValueError, match="temperature must be within 0..5"):  # checked where it lives
+        DecodeConfig("ar", temperature=9.0)
+    assert "temperature" not in Settings.model_fields
 
 
 # --- PairRef ----------------------------------------------------------------------------------------
@@ -216,3 +226,15 @@ def test_every_cached_thing_lives_in_SPECTUNE_CACHE(tmp_cache, monkeypatch):
     assert default_url() == f"sqlite:///{tmp_cache / 'spectune.db'}"
     assert default_storage() == tmp_cache / "ray_results"
     assert _state_dir() == tmp_cache / "serve"
+
+
+def test_the_lossless_status_is_typed_in_the_result_and_plain_in_its_row():
+    from dataclasses import replace
+
+    from spectune.lossless import LosslessStatus
+
+    result = replace(a_result(), lossless_status="within_tolerance", lossless=True)
+    assert result.lossless_status is LosslessStatus.WITHIN_TOLERANCE and result.lossless_status.certified
+    row = result.as_dict()
+    assert type(row["lossless_status"]) is str and row["lossless_status"] == "within_tolerance"
+    assert DecodeResult.from_dict(row).lossless_status is LosslessStatus.WITHIN_TOLERANCE

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 from spectune.workers.vllm.load import PassRecord, RequestRecord, latencies
@@ -52,3 +54,33 @@ def test_latencies_are_means_and_percentiles_over_every_request():
     assert stats.tpot_s == pytest.approx(sum((1.0 + i - 0.1 * (i + 1)) / 4 for i in range(5)) / 5)
     assert stats.p50_latency_s == pytest.approx(3.0) and stats.p95_latency_s == pytest.approx(4.8)
     assert PassRecord(4, 5.0, requests).tokens_per_s == pytest.approx(25 / 5.0)
+
+
+def test_both_backends_store_the_same_speed_quantities_for_the_same_repeats():
+    """One statistics rule: spectune's engine (`bench.repeat_stats` over its passes) and the vLLM worker
+    (`worker.repeat_stats` over its pass records) turn the same per-repeat numbers into the same fields."""
+    from types import SimpleNamespace
+
+    from spectune.bench import Pass, repeat_stats as engine_stats
+    from spectune.workers.vllm.worker import repeat_stats as vllm_stats
+
+    walls, ar_walls, tokens = [2.0, 2.5, 4.0], [3.0, 3.1, 3.5], 40  # three repeats of a 40-token prompt set
+
+    def engine_pass(wall: float) -> Pass:
+        return Pass([SimpleNamespace(tokens=list(range(tokens)))], [wall], 0.0, 0.0, 0)
+
+    def vllm_pass(wall: float) -> PassRecord:
+        return PassRecord(1, wall, (RequestRecord("p", tuple(range(tokens)), ttft_s=0.1, latency_s=wall),))
+
+    engine = engine_stats([engine_pass(w) for w in walls], [engine_pass(w) for w in ar_walls])
+    served = vllm_stats([vllm_pass(w) for w in ar_walls], [vllm_pass(w) for w in walls])
+    assert engine == served
+    ratios = [ar / w for w, ar in zip(walls, ar_walls)]  # same tokens: the speedup is the ratio of times
+    assert engine.wall_s == 2.5 and engine.tokens_per_s == pytest.approx(tokens / 2.5)  # medians, not means
+    assert engine.ar_tokens_per_s == pytest.approx(tokens / 3.1)
+    assert engine.speedup == pytest.approx(sorted(ratios)[1]) and engine.speedups == pytest.approx(tuple(ratios))
+    assert engine.wall_s_std == pytest.approx(statistics.stdev(walls))  # the sample standard deviation
+    assert engine.speedup_std == pytest.approx(statistics.stdev(ratios))
+    one = engine_stats([engine_pass(2.0)], [engine_pass(3.0)])
+    assert one == vllm_stats([vllm_pass(3.0)], [vllm_pass(2.0)])
+    assert (one.wall_s_std, one.speedup_std, one.speedups) == (None, None, (1.5,))  # one repeat: no spread

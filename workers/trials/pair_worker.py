@@ -23,20 +23,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from pydantic import ValidationError
 from ray.exceptions import RayActorError
 from ray.util.queue import Queue
 
-from spectune.config import DecodeConfig
+from spectune.config import DecodeConfig, Settings
 from spectune.pair_ref import PairRef
 from spectune.prompts import Prompt
 from spectune.results import BaselineResult, DecodeResult
-
-if TYPE_CHECKING:
-    from spectune.bench import Settings
 
 # Trials import this module too, and a trial process only waits: torch, transformers and the
 # engine are imported inside the worker's methods, so a trial process starts in a second or two.
@@ -46,8 +43,8 @@ TRIAL_CPU_SHARE = 0.001  # what a Tune trial reserves: it only waits on its work
 
 @dataclass(frozen=True)
 class TrialRequest:
-    config: DecodeConfig  # at the trial's temperature
-    settings: Settings
+    config: DecodeConfig  # at the trial's temperature (its only home)
+    settings: Settings  # the sweep's, one for every trial
     prompts: tuple[Prompt, ...]
 
 
@@ -131,7 +128,7 @@ class PairWorker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.counters = WorkerCounters()
         self.hardware = describe_hardware(source.device, threads)
-        self.settled: set[tuple[str, Settings, str]] = set()  # prompt sets this process has decoded once, untimed
+        self.settled: set[tuple[str, Settings, float, str]] = set()  # prompt sets this process has decoded once, untimed
         self.pair, self.load_error, self.load_s = None, None, 0.0
         self.in_dtype: dict[str, Any] = {}  # the pair in other dtypes (a sweep's dtype axis), loaded when asked
         started = time.perf_counter()
@@ -160,14 +157,14 @@ class PairWorker:
         try:
             settings = request.settings
             pair = self._pair_in(request.config.dtype)
-            self._settle(pair, request.prompts, settings)
-            result = measure(pair, contender(pair, request.config, settings), request.prompts, settings)
+            self._settle(pair, request.prompts, settings, request.config.temperature)
+            result = measure(pair, contender(pair, request.config), request.prompts, settings)
         except Exception as err:  # noqa: BLE001 - any failure is this trial's result; the sweep goes on
             self._free_gpu_memory()
             return self._failed(error_text(err), time.perf_counter() - started)
         self.counters.baselines_measured += 1
         decode_s = time.perf_counter() - started
-        baseline = self._baseline(request.prompts, settings, result, decode_s, pair.ref.dtype)
+        baseline = self._baseline(request, result, decode_s, pair.ref.dtype)
         return TrialOutcome(self.hardware, self._worker_info(), result, None, (baseline,), decode_s)
 
     def _pair_in(self, dtype: str | None) -> Any:
@@ -181,22 +178,21 @@ class PairWorker:
             self.counters.pair_loads += 1
         return self.in_dtype[dtype]
 
-    def _settle(self, pair: Any, prompts: tuple[Prompt, ...], settings: Settings) -> None:
+    def _settle(self, pair: Any, prompts: tuple[Prompt, ...], settings: Settings, temperature: float) -> None:
         """The first time this process meets a prompt set: one untimed AR pass (see `bench.settle`)."""
         from spectune.bench import settle
 
-        key = (prompt_set_hash(prompts), settings, pair.ref.dtype)
+        key = (prompt_set_hash(prompts), settings, temperature, pair.ref.dtype)
         if key not in self.settled:
-            settle(pair, prompts, settings)
+            settle(pair, prompts, settings, temperature)
             self.settled.add(key)
 
-    def _baseline(self, prompts: tuple[Prompt, ...], settings: Settings, result: DecodeResult,
-                  measured_s: float, dtype: str) -> BaselineResult:
+    def _baseline(self, request: TrialRequest, result: DecodeResult, measured_s: float, dtype: str) -> BaselineResult:
         return BaselineResult(
             pair_id=self.source.model_copy(update={"dtype": dtype}).pair_id,
-            prompt_set_hash=prompt_set_hash(prompts),
-            max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature,
+            prompt_set_hash=prompt_set_hash(request.prompts),
+            max_new_tokens=request.settings.max_new_tokens,
+            temperature=request.config.temperature,
             ar_tokens_per_s=result.ar_tokens_per_s,
             target_path=self.source.target,
             drafter_path=self.source.drafter,

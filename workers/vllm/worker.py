@@ -36,7 +36,8 @@ from spectune.config import DecodeConfig, Settings
 from spectune.intervals import repeat_interval
 from spectune.pair_ref import PairRef, is_local
 from spectune.prompts import Prompt
-from spectune.results import DecodeResult, PromptStats, StepCounts
+from spectune.lossless import decide
+from spectune.results import DecodeResult, PromptStats, RepeatStats, StepCounts
 from spectune.workers.trials.pair_worker import (
     TRIAL_CPU_SHARE, TrialOutcome, TrialRequest, WorkerPool, WorkerReady, describe_hardware, error_text,
 )
@@ -221,30 +222,19 @@ class VllmWorker:
 
     def _result(self, config: DecodeConfig, prompts: Any, base: list[PassRecord], cand: list[PassRecord],
                 counted: SpecCounters, same: bool, settings: Settings, servers: dict[str, VllmServer]) -> DecodeResult:
-        ratios = [1.0] * len(base) if same else [c.tokens_per_s / b.tokens_per_s for b, c in zip(base, cand, strict=True)]
-        walls = [p.wall_s for p in cand]
+        speed = repeat_stats(base, cand)
         timing = latencies(cand)
         matches = _matches(base, cand, prompts) if config.temperature == 0 else None
+        certificate = self._certify(prompts, base, cand, settings) if matches is not None else None
+        status = certificate.status if certificate is not None else decide(
+            matches is not None, None if matches is None else list(matches.values()), reference=same)
         rate = None if matches is None else sum(matches.values()) / len(matches)
-        verdict = self._certify(prompts, base, cand, settings) if matches is not None else None
-        counts = StepCounts(  # vLLM counts no target forwards per request: those stay unknown, not 0
-            new_tokens=sum(p.new_tokens for p in cand), target_calls=None, draft_calls=None,  # type: ignore[arg-type]
-            mean_accepted_tokens=None if same else counted.mean_acceptance_length,
-            acceptance_rate=None if same else counted.acceptance_rate,
-            acceptance_by_position=() if same else counted.acceptance_by_position,
-        )
-        status, lossless = _lossless(rate, same) if verdict is None else (verdict.status, verdict.lossless)
-        ci_low, ci_high = (1.0, 1.0) if same else repeat_interval(ratios)
+        ci_low, ci_high = (1.0, 1.0) if same else repeat_interval(list(speed.speedups))
         return DecodeResult(
-            config=config, n_prompts=len(prompts), counts=counts,
-            wall_s=statistics.fmean(walls), wall_s_std=statistics.pstdev(walls) if len(walls) > 1 else None,
-            tokens_per_s=statistics.median(p.tokens_per_s for p in cand),
-            ar_tokens_per_s=statistics.median(p.tokens_per_s for p in base),
-            speedup=statistics.median(ratios), speedup_std=statistics.pstdev(ratios) if len(ratios) > 1 else None,
-            speedups=tuple(ratios), speedup_ci_low=ci_low, speedup_ci_high=ci_high,
-            lossless=lossless, lossless_status=status,
-            exact_match_rate=rate if verdict is None else verdict.exact_match_rate,
-            worst_margin=None if verdict is None else verdict.worst_margin,
+            config=config, n_prompts=len(prompts), counts=_counts(cand, counted, same), **speed.fields(),
+            speedup_ci_low=ci_low, speedup_ci_high=ci_high, lossless=status.flag, lossless_status=status,
+            exact_match_rate=rate if certificate is None else certificate.exact_match_rate,
+            worst_margin=None if certificate is None else certificate.worst_margin,
             mismatches=None if matches is None else sum(not m for m in matches.values()),
             max_new_tokens=settings.max_new_tokens, ttft_s=timing.ttft_s, tpot_s=timing.tpot_s,
             p50_latency_s=timing.p50_latency_s, p95_latency_s=timing.p95_latency_s,
@@ -334,14 +324,20 @@ def _matches(base: list[PassRecord], cand: list[PassRecord], prompts: Any) -> di
     return result
 
 
-def _lossless(rate: float | None, same: bool) -> tuple[str, bool | None]:
-    """Identical outputs are `exact`. Otherwise vLLM's batched kernels may round a near-tie the other way:
-    without a numerical certificate that is `unchecked`, never claimed lossless."""
-    if same:
-        return "exact", True  # the reference itself
-    if rate is None:
-        return "unchecked", None
-    return ("exact", True) if rate == 1.0 else ("unchecked", None)
+def repeat_stats(base: list[PassRecord], cand: list[PassRecord]) -> RepeatStats:
+    """The speed fields of the candidate's passes, paired repeat by repeat with the baseline's
+    (`RepeatStats`' rule, as spectune's engine stores them: `spectune.bench.repeat_stats`)."""
+    return RepeatStats.of([p.wall_s for p in cand], [p.tokens_per_s for p in cand], [p.tokens_per_s for p in base])
+
+
+def _counts(cand: list[PassRecord], counted: SpecCounters, same: bool) -> StepCounts:
+    """vLLM counts no target forwards per request: those stay unknown, not 0."""
+    return StepCounts(
+        new_tokens=sum(p.new_tokens for p in cand), target_calls=None, draft_calls=None,  # type: ignore[arg-type]
+        mean_accepted_tokens=None if same else counted.mean_acceptance_length,
+        acceptance_rate=None if same else counted.acceptance_rate,
+        acceptance_by_position=() if same else counted.acceptance_by_position,
+    )
 
 
 def _per_prompt(prompts: Any, cand: list[PassRecord], matches: dict[str, bool] | None) -> tuple[PromptStats, ...]:

@@ -50,12 +50,12 @@ def bench(
 
         torch.set_num_threads(threads)
     try:
-        settings = _settings(max_new_tokens, temperature, top_p, seed, repeats, warmup, tolerance_ulps)
-        configs = _configs(method, set_, config)
+        settings = _settings(max_new_tokens, top_p, seed, repeats, warmup, tolerance_ulps)
+        configs = [c.with_temperature(_temperature(temperature)) for c in _configs(method, set_, config)]
         ref = pair_from_options(pair, target, drafter, device, dtype)
         prompt_set = load_prompts(prompts, limit)
         loaded = load_pair(ref)
-        contenders = [contender(loaded, c, settings) for c in configs] + _peers(peer, loaded, settings.temperature)
+        contenders = [contender(loaded, c) for c in configs] + _peers(peer, loaded, temperature)
     except ValueError as err:
         fail(str(err))
     progress = _Progress(len(prompt_set), settings.repeats, len(contenders) + 1)
@@ -74,17 +74,24 @@ def bench(
         results_table(rows, title=f"{ref.target} + {ref.drafter or 'no drafter'}, {len(prompt_set)} prompts")
 
 
-def _settings(max_new_tokens: int, temperature: float, top_p: float, seed: int, repeats: int, warmup: int,
-              tolerance_ulps: float = 2.0):
-    from pydantic import ValidationError
-
-    from spectune.bench import Settings
+def _temperature(value: float) -> float:
+    """Every configuration decodes at --temperature (its one home is the configuration)."""
+    from spectune.config import check_temperature
 
     try:
-        return Settings(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, repeats=repeats, warmup=warmup,
-            tolerance_ulps=tolerance_ulps,
-        )
+        return check_temperature(value)
+    except ValueError as err:
+        raise ValueError(f"--temperature: {err}") from None
+
+
+def _settings(max_new_tokens: int, top_p: float, seed: int, repeats: int, warmup: int, tolerance_ulps: float = 2.0):
+    from pydantic import ValidationError
+
+    from spectune.config import Settings
+
+    try:
+        return Settings(max_new_tokens=max_new_tokens, top_p=top_p, seed=seed, repeats=repeats, warmup=warmup,
+                        tolerance_ulps=tolerance_ulps)
     except ValidationError as err:
         raise ValueError("; ".join(f"--{e['loc'][0].replace('_', '-')}: {e['msg']}" for e in err.errors())) from None
 

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from spectune.lossless import FACTS, lossless_text
 from spectune.results import DecodeResult
 
 
@@ -25,11 +26,6 @@ COLUMNS = ("configuration", "speedup", "± std", "tok/s", "tau", "accept", "tree
 
 
 def _cells(row: DecodeResult) -> list[str]:
-    lossless = {True: "yes", False: f"NO ({row.mismatches})", None: "n/a (sampling)"}[row.lossless]
-    if row.lossless_status == "within_tolerance":  # certified numerically: differs from AR within rounding
-        lossless = f"yes (±{row.worst_margin:.2g}, {row.exact_match_rate:.0%} = AR)"
-    if row.lossy_method:
-        lossless += " [lossy method]"
     return [
         row.label,
         _fmt(row.speedup) + "x",
@@ -40,7 +36,7 @@ def _cells(row: DecodeResult) -> list[str]:
         _fmt(row.counts.tree_tokens_per_step, ".1f"),
         _fmt(row.draft_share, ".0%"),
         _fmt(row.engine_overhead_share, ".0%"),
-        lossless,
+        lossless_text({key: getattr(row, key) for key in FACTS}),
     ]
 
 

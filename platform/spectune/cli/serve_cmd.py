@@ -259,12 +259,9 @@ def _state_file(port: int) -> Path:
 
 def _certificate(metrics: dict | None) -> str | None:
     """Which greedy certificate the served trial passed: identical to AR, or within its dtype's tolerance."""
+    from spectune.lossless import LosslessStatus, lossless_text
+
     status = (metrics or {}).get("lossless_status")
-    if status == "exact":
-        return "certified lossless: greedy outputs identical to AR on every prompt"
-    if status == "within_tolerance":
-        share, worst = metrics.get("exact_match_rate"), metrics.get("worst_margin")
-        same = f"{share:.0%} identical to AR, " if share is not None else ""
-        margin = f"worst margin {worst:.2g} logits" if worst is not None else "worst margin unknown"
-        return f"certified lossless within tolerance: {same}every token the target's argmax within rounding ({margin})"
-    return None
+    if status is None or not LosslessStatus(status).certified:
+        return None
+    return lossless_text(metrics, long=True)

@@ -181,8 +181,10 @@ def _print_by_load(df: Any) -> None:
 def _cell(rec: Any, column: str) -> str:
     if column == "speedup_ci":
         return _ci(rec)
-    if column == "lossless" and rec["status"] == "done" and _plain(rec["lossless"]) is None:
-        return "unchecked"
+    if column == "lossless" and rec["status"] == "done":
+        from spectune.lossless import FACTS, lossless_text
+
+        return lossless_text({key: _plain(rec.get(key)) for key in FACTS})
     return _fmt(rec[column])
 
 

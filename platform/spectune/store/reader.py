@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from spectune.config import DecodeConfig, KnobColumns
-from spectune.results import CERTIFIED
+from spectune.lossless import counts_clause
 from spectune.store._sql import hardware_dict, hardware_summary, hardware_values, sweep_id
 from spectune.store.errors import UnknownTrial
 from spectune.store.schema import (
@@ -122,16 +122,6 @@ def _typed_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
-def _counts_as_lossless(include_unchecked: bool) -> sa.ColumnElement[bool]:
-    """Certified (lossless true, its status, if any, certified); or unchecked when asked for."""
-    status = TrialMetrics.lossless_status
-    certified = sa.and_(TrialMetrics.lossless.is_(True), sa.or_(status.is_(None), status.in_(CERTIFIED)))
-    if not include_unchecked:
-        return certified
-    unchecked = sa.and_(TrialMetrics.lossless.is_(None), sa.or_(status.is_(None), status == "unchecked"))
-    return sa.or_(certified, unchecked)
-
-
 class StoreReader:
     """Read methods of `Store` (see `spectune.store.db.Store`)."""
 
@@ -222,7 +212,7 @@ class StoreReader:
 
         ``lossless_only`` keeps certified trials only: ``lossless`` true (greedy outputs equal
         AR's, or within the certificate's tolerance: a ``lossless_status`` in
-        `spectune.results.CERTIFIED`), never a lossy-by-design method. An unchecked trial
+        `spectune.lossless.CERTIFIED`), never a lossy-by-design method (the rule: `spectune.lossless`). An unchecked trial
         (``lossless`` null: sampling, lossless by the method's rule but not checked) counts only
         with ``include_unchecked``.
         """
@@ -237,7 +227,8 @@ class StoreReader:
                         col.is_not(None))
                  .order_by(col.desc() if mode == "max" else col.asc(), Trial.id).limit(1))
             if lossless_only:
-                q = q.where(_counts_as_lossless(include_unchecked), TrialMetrics.lossy_method.is_(False))
+                q = q.where(counts_clause(TrialMetrics.lossless, TrialMetrics.lossless_status,
+                                          TrialMetrics.lossy_method, include_unchecked))
             if concurrency is not None:
                 q = q.where(sa.func.coalesce(Trial.concurrency, 1) == int(concurrency))
             return s.scalar(q)
