@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # torch-free values every layer passes (a Tune trial process, the store and the dashboard use them without torch)
     ("values", ("spectune.paths", "spectune.intervals", "spectune.config", "spectune.results", "spectune.prompts",
-                "spectune.validation", "spectune.registry")),
+                "spectune.validation", "spectune.registry", "spectune.lossless")),
     ("trees", ("spectune.trees",)),  # plain data and pure functions: the engine builds its verify inputs with them
     ("engine", ("spectune.engine",)),  # the five-phase decode step: imports nothing above it
     ("profiling", ("spectune.profiling",)),  # timers that hook into the engine from outside
@@ -47,12 +47,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 # (importing module, imported module) -> why the upward import remains and who removes it.
 ALLOWED: dict[tuple[str, str], str] = {
-    # Permanent: `spectune dashboard` locates dashboard/app.py to hand it to `streamlit run`; the import runs
-    # only the package's empty __init__ (no plotly, no streamlit), so the CLI still needs nothing of the dashboard.
-    ("spectune.cli.dashboard_cmd", "spectune.dashboard"): "locates app.py for `streamlit run` (permanent)",
-    # Issue 18, one typed trial path (the trial engineer): temperature gets one home and config.py stops
-    # building the engine's `Sampling` (a TYPE_CHECKING import at config.py:18 and a lazy one in DecodeConfig.sampling).
-    ("spectune.config", "spectune.engine.sampling"): "DecodeConfig.sampling builds an engine Sampling (trial engineer)",
 }
 
 

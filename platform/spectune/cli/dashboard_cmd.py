@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -18,10 +19,12 @@ STOP_WAIT_S = 15.0  # after passing a signal on, how long the child has before i
 
 
 def app_path() -> Path:
-    """The installed dashboard entry script (``dashboard/app.py`` of the package)."""
-    import spectune.dashboard
-
-    return Path(spectune.dashboard.__file__).resolve().parent / "app.py"
+    """The installed dashboard entry script (``dashboard/app.py`` of the package), found without importing
+    the dashboard: the CLI runs below it, and streamlit imports the app in its own process."""
+    spec = importlib.util.find_spec("spectune.dashboard")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the spectune.dashboard package is not installed with spectune; reinstall it (pip install -e .)")
+    return Path(spec.origin).resolve().parent / "app.py"
 
 
 def streamlit_command(host: str, port: int) -> list[str]:
