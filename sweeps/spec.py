@@ -44,6 +44,7 @@ from spectune.backends import BACKENDS
 from spectune.backends.vllm import VllmServerSettings
 from spectune.config import DEFAULT_BACKEND, MaxNewTokens, Repeats, Settings, TopP, Warmup, check_temperature
 from spectune.pair_ref import PairRef
+from spectune.validation import one_line
 
 SEARCHES = ("grid", "random", "optuna-nsga2")
 MAX_GRID = 10_000  # beyond this a grid is a mistake: use random or optuna-nsga2
@@ -244,7 +245,7 @@ def _knob_values(where: str, values: Any) -> KnobValues:
         try:
             return Range.model_validate(dict(values))
         except ValidationError as err:
-            raise ValueError(f"{where}: bad range: {describe(err)}") from None
+            raise ValueError(f"{where}: bad range: {one_line(err)}") from None
     raise ValueError(f"{where}: give a list of choices (e.g. [{values!r}]) or a range {{low, high[, log]}}")
 
 
@@ -294,18 +295,14 @@ def _check_choice(registered: Any, knob: str, value: Any, where: str) -> None:
             hint = ""
             if any(e["type"] == "list_type" for e in own):
                 hint = " (each choice is one value: a list-valued knob takes a list of lists, e.g. [[2, 2, 1]])"
-            raise ValueError(f"{where}: {value!r} is not allowed: {_messages(own)}{hint}") from None
+            raise ValueError(f"{where}: {value!r} is not allowed: {one_line(own, locations=False)}{hint}") from None
 
 
 def _check_combination(registered: Any, values: dict[str, Any]) -> None:
     try:
         registered.knobs.model_validate(values)
     except ValidationError as err:
-        raise ValueError(f"space.{registered.name}: the combination {values} is not allowed: {_messages(err.errors())}") from None
-
-
-def _messages(errors: list[Any]) -> str:
-    return "; ".join(e["msg"].removeprefix("Value error, ") for e in errors)
+        raise ValueError(f"space.{registered.name}: the combination {values} is not allowed: {one_line(err, locations=False)}") from None
 
 
 def grid_configs(space: Mapping[str, Mapping[str, KnobValues]]) -> list[dict[str, Any]]:
@@ -339,16 +336,4 @@ def parse_spec(data: Mapping[str, Any], source: str = "sweep spec") -> SweepSpec
     try:
         return SweepSpec.model_validate(dict(data))
     except ValidationError as err:
-        raise SpecError(f"{source}: {describe(err)}") from None
-
-
-def describe(err: ValidationError) -> str:
-    """One line: `field.path: problem` for each problem pydantic found."""
-    problems = []
-    for e in err.errors():
-        where = ".".join(str(part) for part in e["loc"])
-        message = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            message = "unknown field"
-        problems.append(f"{where}: {message}" if where and not message.startswith(f"{where}") else message)
-    return "; ".join(dict.fromkeys(problems))
+        raise SpecError(f"{source}: {one_line(err)}") from None

@@ -24,13 +24,14 @@ from spectune.engine.loop import Decoder, Generation
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
 from spectune.intervals import BOOTSTRAP_SAMPLES, CI_LEVEL, percentile_interval
+from spectune.lossless import decide
 from spectune.methods import METHODS
 from spectune.metrics import step_metrics
 from spectune.pair import Pair
 from spectune.profiling import ForwardClock, peak_memory_mb
 from spectune.prompts import Prompt
-from spectune.lossless import decide
 from spectune.results import DecodeResult, PromptStats, RepeatStats, StepCounts
+from spectune.validation import one_line
 
 
 class ConfigEntry(BaseModel):
@@ -66,7 +67,7 @@ def load_config_file(path: str) -> list[DecodeConfig]:
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path} is not valid YAML: {err}") from None
     except ValidationError as err:
-        problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        problem = one_line(err)
         raise ValueError(f"config file {path}: {problem}") from None
 
 

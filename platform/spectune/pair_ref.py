@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from spectune.validation import one_line
+
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 BUILT_PAIR = re.compile(r"pairs/([a-z]+)-seed(\d+)(/|$)")
 
@@ -100,8 +102,7 @@ def parse_pair(value: Any) -> PairRef:
     try:
         return PairRef.model_validate(value)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: " * bool(e["loc"]) + e["msg"].removeprefix("Value error, ")
-                             for e in err.errors())
+        problems = one_line(err)
         raise PairError(f"pair: {problems}") from None
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from spectune.validation import one_line
+
 DEFAULT_PROMPTS = "default"
 CHAT_PROMPTS = "chat"
 SHIPPED = {DEFAULT_PROMPTS: "prompts.jsonl", CHAT_PROMPTS: "chat.jsonl"}  # name -> file in spectune.data
@@ -76,7 +78,7 @@ def _parse_line(name: str, number: int, line: str) -> Prompt:
     except json.JSONDecodeError as err:
         raise PromptFileError(f"{name} line {number}: not valid JSON ({err.msg})") from None
     except ValidationError as err:
-        problem = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in err.errors())
+        problem = one_line(err, root="line", verbatim=True)
         raise PromptFileError(f"{name} line {number}: {problem}") from None
 
 

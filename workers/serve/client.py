@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from spectune.validation import one_line
 from spectune.workers.serve.openai_schema import ArComparison, CompletionResponse, SpeculativeStats, Usage
 
 
@@ -123,7 +124,7 @@ def _parse(data: str) -> CompletionResponse:
     try:
         return CompletionResponse.model_validate(payload)
     except ValidationError as err:
-        raise EndpointError(f"unexpected answer from the endpoint: {err.errors()[0]['msg']}") from None
+        raise EndpointError(f"unexpected answer from the endpoint: {one_line(err, locations=False, limit=1)}") from None
 
 
 def _stats(response: CompletionResponse) -> SpeculativeStats:

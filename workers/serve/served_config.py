@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from spectune.backends import BACKENDS
 from spectune.config import DEFAULT_BACKEND, DecodeConfig
 from spectune.pair_ref import PairRef
+from spectune.validation import dotted, one_line
 
 ENV_API_KEY = "SPECTUNE_API_KEY"
 
@@ -185,8 +186,7 @@ def _section_of(sections: Mapping[str, Any], backend: str) -> dict[str, Any]:
         try:
             settings.model_validate(given)
         except ValidationError as err:
-            raise ValueError("; ".join(f"{'.'.join(map(str, (backend, *e['loc'])))}: {e['msg']}"
-                                       for e in err.errors())) from None
+            raise ValueError(one_line(err, verbatim=True, label=lambda loc: dotted((backend, *loc)))) from None
     return dict(given)
 
 
@@ -296,8 +296,4 @@ def _served(pair: PairRef, config: DecodeConfig, source: ServedSource, *, name: 
 
 
 def _reason(err: Exception) -> str:
-    if isinstance(err, ValidationError):
-        return "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in err.errors()
-        )
-    return str(err)
+    return one_line(err, verbatim=True) if isinstance(err, ValidationError) else str(err)

@@ -34,6 +34,7 @@ from spectune.config import DecodeConfig, Settings
 from spectune.pair_ref import PairRef
 from spectune.prompts import Prompt
 from spectune.results import BaselineResult, DecodeResult
+from spectune.validation import one_line
 
 # Trials import this module too, and a trial process only waits: torch, transformers and the
 # engine are imported inside the worker's methods, so a trial process starts in a second or two.
@@ -84,7 +85,7 @@ def prompt_set_hash(prompts: Sequence[Prompt]) -> str:
 def error_text(err: BaseException) -> str:
     """One line. Our ValueErrors already say what is wrong; anything else is named by its type."""
     if isinstance(err, ValidationError):
-        return "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+        return one_line(err, locations=False)
     message = " ".join(str(err).split())
     return message if isinstance(err, ValueError) and message else f"{type(err).__name__}: {message}"
 

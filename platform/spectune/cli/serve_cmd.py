@@ -20,6 +20,7 @@ from typing import Any
 import typer
 
 from spectune.cli.output import fail
+from spectune.validation import one_line
 
 DEFAULT_PORT = 8000
 STOP_WAIT_S = 60.0
@@ -63,7 +64,7 @@ def serve(
                          decode_threads=decode_threads, api_key=api_key)
         served = choose(args)
     except ValidationError as err:
-        fail("; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors()))
+        fail(one_line(err, locations=False))
     except ServeConfigError as err:
         fail(str(err))
     if max_replicas is not None and max_replicas < replicas:

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from spectune.validation import one_line
+
 KINDS = ("medusa", "hydra", "eagle", "eagle3")
 Kind = Literal["medusa", "hydra", "eagle", "eagle3"]
 HEADS_VERSION = 1  # bumped when a change here changes what a heads folder means
@@ -72,7 +74,7 @@ def read_spec(folder: Path, kind: str | None = None) -> HeadsSpec:
     try:
         spec = HeadsSpec.model_validate(data)
     except ValidationError as err:
-        problem = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in err.errors()[:3])
+        problem = one_line(err, root="file", limit=3)
         raise HeadsError(f"{path} does not parse as heads: {problem}") from None
     if spec.version != HEADS_VERSION:
         raise HeadsError(f"{path} is heads format {spec.version}; this spectune reads {HEADS_VERSION}" + _hint(folder, kind))

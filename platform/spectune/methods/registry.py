@@ -14,6 +14,7 @@ from spectune.engine.budget import check_tree_fits
 from spectune.engine.drafter import Drafter
 from spectune.methods.base import Knobs, Method, Models
 from spectune.registry import Registry
+from spectune.validation import one_line
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(KnobColumns))
 INT_COLUMNS = ("draft_len", "node_budget", "exit_layer")
@@ -71,7 +72,7 @@ class MethodRegistry:
         try:
             return method.knobs.model_validate(dict(values))
         except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {e['msg']}" for e in err.errors())
+            problems = one_line(err, root=name)
             raise ValueError(f"bad knobs for method {name!r}: {problems}") from None
 
     def config(

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from spectune.trees.sequoia import Profile, check_acceptance
+from spectune.validation import one_line
 
 
 class AcceptanceFile(BaseModel):
@@ -62,7 +63,7 @@ def _validate(model: type[BaseModel], data: object, path: str | Path, what: str)
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        problem = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in err.errors())
+        problem = one_line(err, root="file")
         raise ValueError(f"{what} file {path}: {problem}") from None
 
 
