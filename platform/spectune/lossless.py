@@ -73,11 +73,14 @@ def decide(greedy: bool, identical: Sequence[bool] | None, failures: int | None 
     output equals the reference's in every repeat. failures: tokens the numerical certificate found
     outside the tolerance, None where no certificate ran (then outputs that differ stay `unchecked`:
     a batched kernel may round a near-tie the other way, which only the certificate can tell from a
-    bug). reference: the row *is* the reference (vLLM's no-speculation twin measured against itself).
+    bug). reference: the row *is* the reference (vLLM's no-speculation twin measured against itself):
+    exact when greedy, unchecked when sampling, as spectune's engine marks its own AR row.
     """
+    if not greedy:  # the reference too: sampled rows of both backends read alike
+        return LosslessStatus.UNCHECKED
     if reference:
         return LosslessStatus.EXACT
-    if not greedy or identical is None:
+    if identical is None:
         return LosslessStatus.UNCHECKED
     if all(identical):
         return LosslessStatus.EXACT
