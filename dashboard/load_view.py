@@ -6,7 +6,7 @@ Pure figures of the store's trials frame, one trial per (configuration, concurre
     latency_front_figure            throughput vs p95 request latency, a front per load
 
 and `render_load`, the dashboard section that shows them, with the fastest configuration at
-each load, when a sweep has such trials. The tables (`spectune.load_table`) are plotly-free, so
+each load, when a sweep has such trials. The tables (`spectune.backends.load_table`) are plotly-free, so
 `spectune results` prints them without the dashboard.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
-from spectune.load_table import best_per_load, served_rows
+from spectune.backends.load_table import best_per_load, served_rows
 from spectune.pareto import front_step_line
 
 PALETTE = ("#3969AC", "#E68310", "#11A579", "#CF1C90", "#7F3C8D", "#F2B701", "#E73F74",

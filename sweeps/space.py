@@ -74,7 +74,7 @@ def _random_method(spec: SweepSpec, method: str, knobs: Mapping[str, Any]) -> di
 
 def _serving(spec: SweepSpec) -> bool:
     """A backend measured under load (several requests in flight): its trials carry backend and concurrency."""
-    return BACKENDS.get(spec.backend).max_concurrency != 1
+    return BACKENDS.get(spec.backend).under_load
 
 
 def _domain(values: list[Any] | Range) -> Any:

@@ -203,7 +203,7 @@ def run_bench(
     however many contenders there are.
     """
     ar = ar_contender(pair, one_temperature(contenders))
-    everyone = [ar, *[c for c in contenders if c.config.method != "ar"]]
+    everyone = [ar, *[c for c in contenders if c.config.method != ar.config.method]]  # AR is always the baseline
     encoded = encode_prompts(pair, prompts, settings.max_new_tokens, max(c.tree_size for c in everyone))
     for each in everyone:
         warm_up(each, encoded, settings)

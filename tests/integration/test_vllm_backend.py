@@ -109,7 +109,7 @@ def test_a_vllm_sweep_stores_one_trial_per_configuration_and_load(swept) -> None
 @pytest.mark.timeout(900)
 def test_the_dashboard_shows_speedup_against_concurrency_and_a_latency_front_per_load(swept) -> None:
     from spectune.dashboard.load_view import latency_front_figure, speedup_vs_concurrency_figure
-    from spectune.load_table import best_per_load, on_latency_front
+    from spectune.backends.load_table import best_per_load, on_latency_front
 
     db, _ = swept
     with connect(f"sqlite:///{db}") as store:

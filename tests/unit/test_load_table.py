@@ -1,4 +1,4 @@
-"""Speculation under load as tables (`spectune.load_table`), read from a real SQLite store: what
+"""Speculation under load as tables (`spectune.backends.load_table`), read from a real SQLite store: what
 `spectune results` prints for a sweep with a load axis, without importing the dashboard or plotly."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from spectune.config import DecodeConfig
-from spectune.load_table import best_per_load, on_latency_front, served_rows, speedup_table
+from spectune.backends.load_table import best_per_load, on_latency_front, served_rows, speedup_table
 from spectune.results import DecodeResult, StepCounts
 from spectune.store import Store, connect
 

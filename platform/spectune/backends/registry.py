@@ -87,6 +87,11 @@ class Backend:
     settings: type[BaseModel] | None = None
     dtype_axis: bool = False  # whether it decodes a sweep's `dtypes` axis (else the pair's dtype only)
 
+    @property
+    def under_load(self) -> bool:
+        """Measured with several requests in flight (a serving engine): its sweeps take a load axis."""
+        return self.max_concurrency != 1
+
     def method(self, name: str) -> BackendMethod:
         return self.methods().get(name)
 

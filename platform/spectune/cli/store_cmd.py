@@ -161,7 +161,7 @@ def _print_by_load(df: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from spectune.load_table import best_per_load, speedup_table
+    from spectune.backends.load_table import best_per_load, speedup_table
 
     by_load = speedup_table(df)
     if by_load.empty:

@@ -1,4 +1,4 @@
-"""Speculation under load (serving backends such as vLLM) as tables: where does speculation stop paying?
+"""Speculation under load (backends that measure under load, such as vLLM) as tables: where does speculation stop paying?
 
 Plotly-free computations over the store's trials frame, one trial per (configuration, concurrency)
 point, shared by `spectune results` and the dashboard's load section (`spectune.dashboard.load_view`,
@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from spectune.backends.registry import BACKENDS
 from spectune.config import DecodeConfig
 from spectune.pareto import pareto_front
 
@@ -24,10 +25,11 @@ LATENCY_FRONT = {"tokens_per_s": "max", "p95_latency_s": "min"}
 
 
 def served_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Finished trials measured under load (a backend other than spectune's engine)."""
+    """Finished trials measured under load (by a backend that declares it measures under load)."""
     if "backend" not in df.columns:
         return df.iloc[0:0]
-    done = df[(df["status"] == "done") & df["backend"].notna() & (df["backend"] != "spectune")]
+    served = BACKENDS.names_where(lambda backend: backend.under_load)
+    done = df[(df["status"] == "done") & df["backend"].isin(served)]
     return done.assign(configuration=[configuration_label(c, m, b) for c, m, b in
                                       zip(done["config"], done["method"], done["backend"])])
 
