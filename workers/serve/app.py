@@ -9,14 +9,19 @@
 
 Endpoints: POST /v1/completions (plain or SSE streaming), POST /v1/chat/completions (the same
 through the model's chat template, `spectune.workers.serve.chat`), GET /v1/models, GET /healthz,
-GET /config. Every bad request gets a 4xx whose body is OpenAI's error shape
+GET /config, GET /metrics (Prometheus, `spectune.workers.serve.metrics`; like /healthz it needs
+no key, as vLLM's does not). Every bad request gets a 4xx whose body is OpenAI's error shape
 `{"error": {"message", "type", "param", "code"}}`, so client libraries show the reason: a body
-over 1 MiB gets 413 before anything parses it. A stream that fails once started (its 200 is
-sent) ends with an error event and `[DONE]`, whatever the exception.
+over 1 MiB gets 413 before anything parses it, and a POST body not sent as `application/json`
+gets 415 (a browser page may send `text/plain` across origins without asking first). A stream
+that fails once started (its 200 is sent) ends with an error event and `[DONE]`, whatever the
+exception. A client that drops a stream stops its decode after the current step, with one log
+line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -24,7 +29,8 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -50,6 +56,14 @@ class AuthFailed(Exception):
 
 class BodyTooLarge(Exception):
     """The request body passed `MAX_BODY_BYTES` while being read."""
+
+
+class NotJson(Exception):
+    """A POST body sent with another content type than application/json."""
+
+    def __init__(self, content_type: str) -> None:
+        super().__init__(content_type)
+        self.content_type = content_type
 
 
 class BodyLimit:
@@ -88,7 +102,7 @@ def _too_large(limit: int) -> JSONResponse:
 def build_app(service: CompletionService[Any], api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="spectune endpoint", summary=f"serving {service.model_id}", version="1")
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
-    _add_error_handlers(app)
+    _add_error_handlers(app, service)
     authorized = Depends(_key_checker(api_key))
 
     @app.get("/healthz")
@@ -103,11 +117,15 @@ def build_app(service: CompletionService[Any], api_key: str | None = None) -> Fa
     async def config() -> dict[str, Any]:
         return service.config()
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(await service.prometheus(), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/v1/completions", dependencies=[authorized], openapi_extra=_body_schema())
     async def completions(request: Request) -> Any:
         # The body is parsed here rather than by FastAPI so that the key is checked first
         # and every parse error gets the same one-line reason.
-        body = CompletionRequest.model_validate_json(await request.body())
+        body = CompletionRequest.model_validate_json(await _json_body(request))
         if not body.stream:
             return (await service.complete(body)).model_dump(mode="json")
         job = await service.admit(body)  # errors get their status before the stream starts
@@ -117,7 +135,7 @@ def build_app(service: CompletionService[Any], api_key: str | None = None) -> Fa
 
     @app.post("/v1/chat/completions", dependencies=[authorized], openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Any:
-        body = ChatCompletionRequest.model_validate_json(await request.body())
+        body = ChatCompletionRequest.model_validate_json(await _json_body(request))
         plain = chat_request(service, body)  # the conversation through the model's chat template
         if not body.stream:
             return (await chat_complete(service, plain)).model_dump(mode="json")
@@ -129,10 +147,21 @@ def build_app(service: CompletionService[Any], api_key: str | None = None) -> Fa
     return app
 
 
+async def _json_body(request: Request) -> bytes:
+    """The body, if it was sent as JSON (`NotJson` otherwise)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.partition(";")[0].strip().lower() != "application/json":
+        raise NotJson(content_type)
+    return await request.body()
+
+
 async def _sse(chunks: AsyncIterator[Any]) -> AsyncIterator[str]:
     try:
         async for chunk in chunks:
             yield f"data: {chunk.model_dump_json()}\n\n"
+    except (GeneratorExit, asyncio.CancelledError):  # the client went away: the decode stops after its step
+        logger.info("a client closed its stream before the end; its decode was stopped")
+        raise
     except Exception as err:  # noqa: BLE001 - the status line is already sent: whatever failed, report in-band
         logger.exception("stream failed")
         message = f"decoding failed: {type(err).__name__}: {' '.join(str(err).split())}"
@@ -151,9 +180,10 @@ def _key_checker(api_key: str | None):
     return check
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def _add_error_handlers(app: FastAPI, service: CompletionService[Any]) -> None:
     @app.exception_handler(ValidationError)
     async def invalid_body(_: Request, err: ValidationError) -> JSONResponse:
+        service.metrics.rejected()
         param, message = _validation_reason(err.errors(include_url=False))
         return _error_response(400, "invalid_request_error", message, param)
 
@@ -164,12 +194,20 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestRejected)
     async def rejected(_: Request, err: RequestRejected) -> JSONResponse:
+        service.metrics.rejected()
         kind = "not_found_error" if err.status == 404 else "invalid_request_error"
         return _error_response(err.status, kind, str(err), err.param, err.code)
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(_: Request, __: BodyTooLarge) -> JSONResponse:
         return _too_large(MAX_BODY_BYTES)
+
+    @app.exception_handler(NotJson)
+    async def not_json(_: Request, err: NotJson) -> JSONResponse:
+        service.metrics.rejected()
+        got = f"got {err.content_type!r}" if err.content_type else "no Content-Type was sent"
+        return _error_response(415, "invalid_request_error",
+                               f"send the body as JSON with 'Content-Type: application/json' ({got})")
 
     @app.exception_handler(AuthFailed)
     async def unauthorized(_: Request, __: AuthFailed) -> JSONResponse:
@@ -188,7 +226,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = str(err.detail)
         if err.status_code in (404, 405):
             message = (f"no endpoint {request.method} {request.url.path}; this server has POST /v1/completions, POST /v1/chat/completions, "
-                       "GET /v1/models, GET /config, GET /healthz")
+                       "GET /v1/models, GET /config, GET /healthz, GET /metrics")
         return _error_response(err.status_code, "invalid_request_error", message)
 
 
