@@ -87,11 +87,11 @@ def spectune_serve(config: Path, folder: Path, *extra: str) -> Served:
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    stop(served)
+    shut_down(served)
     pytest.fail(f"the endpoint was not healthy within 360 s:\n{log.read_text()[-4000:]}")
 
 
-def stop(served: Served) -> None:
+def shut_down(served: Served) -> None:
     if served.process.poll() is None:
         subprocess.run([str(Path(sys.executable).with_name("spectune")), "serve", "--stop", "--port",
                         str(served.port)], env=served.env, capture_output=True, timeout=120)
@@ -117,6 +117,11 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def moved(before: dict, after: dict, name: str, **labels: str) -> float:
     key = (name, tuple(sorted(labels.items())))
     return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def moved_in_all(before: dict, after: dict, name: str) -> float:
+    """How far a metric moved, summed over its label sets (vLLM labels its engine)."""
+    return sum(value - before.get(key, 0.0) for key, value in after.items() if key[0] == name)
 
 
 def ar_tokens(pair: Pair, prompt_ids: list[int], max_tokens: int) -> list[int]:
@@ -162,7 +167,7 @@ def served(chat_pair_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     try:
         yield started
     finally:
-        stop(started)
+        shut_down(started)
 
 
 @pytest.fixture(scope="module")
@@ -332,3 +337,68 @@ def test_a_client_dropping_a_stream_leaves_no_work_and_one_log_line(served: Serv
     assert not [line for line in new if any(word in line for word in ("Traceback", "ERROR", "WARNING", "Error"))], new
     served_lines = [line for line in new if "(ProxyActor" in line or "(ServeReplica" in line]
     assert len([line for line in served_lines if " -- POST /v1/" not in line and " -- GET /" not in line]) == 1, new
+
+
+# --- a vLLM-served configuration (one vLLM server start, ~40 s) ------------------------------
+
+
+def _vllm_environment() -> bool:
+    from spectune.backends.vllm import vllm_python
+
+    return Path(vllm_python()).exists()
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not _vllm_environment(), reason="no vLLM environment: run `make vllm`")
+def test_a_vllm_served_configuration_answers_chat_stop_and_metrics(chat_pair_dir: Path, pair: Pair, answers,
+                                                                   tmp_path: Path) -> None:
+    config = tmp_path / "served.yaml"
+    config.write_text(yaml.safe_dump({
+        "pair": str(chat_pair_dir), "backend": "vllm", "method": "ngram",
+        "knobs": {"num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1},
+        "vllm": {"max_model_len": 1024, "kv_cache_gb": 1, "start_timeout_s": 240}}))
+    vllm = spectune_serve(config, tmp_path, "--num-cpus", "2")
+    try:
+        client = vllm.client()
+        before = scrape(vllm.url)
+        # the engine backend's answers (AR, exact): vLLM decodes the same token ids of the same prompts
+        reference = pair.decode(answers["completion"])
+        whole = client.completions.create(model=vllm.model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+        assert whole.choices[0].text == reference
+        chat = client.chat.completions.create(model=vllm.model, messages=PARTS[:1] + MESSAGES[1:],
+                                              max_tokens=MAX_TOKENS, temperature=0)
+        assert chat.choices[0].message.content == pair.decode(answers["chat"])
+        assert chat.usage.prompt_tokens == len(pair.tokenizer.apply_chat_template(
+            MESSAGES, tokenize=True, add_generation_prompt=True, return_dict=False))  # rendered here, once
+        streamed = client.chat.completions.create(model=vllm.model, messages=MESSAGES, max_tokens=MAX_TOKENS,
+                                                  temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == pair.decode(answers["chat"])
+
+        stop_text = a_stop_inside(reference)
+        expected, _ = ar_until(pair, answers["completion"], stop_text)
+        stopped = client.completions.create(model=vllm.model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                            stop=[stop_text])
+        assert (stopped.choices[0].text, stopped.choices[0].finish_reason) == (expected, "stop")
+        chunks = list(client.completions.create(model=vllm.model, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                                temperature=0, stop=stop_text, stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        chat_stopped = client.chat.completions.create(model=vllm.model, messages=MESSAGES, max_tokens=MAX_TOKENS,
+                                                      temperature=0, stop="\n\n")
+        assert (chat_stopped.choices[0].message.content, chat_stopped.choices[0].finish_reason) == (
+            ar_until(pair, answers["chat"], "\n\n")[0], "stop")
+        with pytest.raises(openai.BadRequestError, match="top_k: only -1 or 0 is accepted"):
+            client.completions.create(model=vllm.model, prompt=PROMPT, max_tokens=4, extra_body={"top_k": 5})
+        after = scrape(vllm.url)
+    finally:
+        shut_down(vllm)
+    answered = [whole, chat, stopped, chat_stopped]
+    assert moved(before, after, "spectune:requests_total", status="finished") == 6  # two streams among them
+    assert moved(before, after, "spectune:requests_total", status="rejected") == 1
+    assert moved(before, after, "spectune:generation_tokens_total") >= sum(a.usage.completion_tokens for a in answered)
+    assert moved(before, after, "spectune:request_success_total", finished_reason="stop") == 3
+    assert moved(before, after, "spectune:request_success_total", finished_reason="length") == 3
+    # vLLM's own counters, in the same scrape: its speculation on these requests
+    assert moved_in_all(before, after, "vllm:spec_decode_num_drafts_total") > 0
+    assert moved_in_all(before, after, "vllm:spec_decode_num_draft_tokens_total") >= moved_in_all(
+        before, after, "vllm:spec_decode_num_accepted_tokens_total")
