@@ -5,7 +5,10 @@ Completions and chat, plain and streamed, equal to plain AR decoding; stop seque
 where AR's text holds the stop sequence first (and its token count is AR's through the token that
 completed it); content parts; neutral fields accepted and others refused naming the field; a
 non-JSON body refused with 415; GET /metrics scraped before and after, its counters moved by what
-the responses reported. One `spectune serve` start for the module (~30-60 s here)."""
+the responses reported; a client dropping a stream leaves no work and one log line. One
+`spectune serve` start for the engine tests (~30 s here), and one vLLM-served configuration
+(`backend: vllm`, ngram) answering completions and chat as the engine's AR does, with stop
+sequences and vLLM's own counters in /metrics (one vLLM server start, ~50 s)."""
 
 from __future__ import annotations
 
@@ -198,28 +201,28 @@ def test_completions_and_chat_plain_and_streamed_equal_ar(served: Served, pair: 
 
 
 def test_text_parts_are_joined_by_newlines_as_the_template_reads_them(served: Served, pair: Pair) -> None:
-    client = served.client()
+    client, model = served.client(), served.model
     joined = [{"role": "system", "content": "You write Python."},
               {"role": "user", "content": "Write a function\nthat adds two numbers."}]
     templated = list(pair.tokenizer.apply_chat_template(joined, tokenize=True, add_generation_prompt=True,
                                                         return_dict=False))
-    answer = client.chat.completions.create(model=served.model, messages=PARTS, max_tokens=16, temperature=0)
+    answer = client.chat.completions.create(model=model, messages=PARTS, max_tokens=16, temperature=0)
     assert answer.choices[0].message.content == pair.decode(ar_tokens(pair, templated, 16))
     assert answer.usage.prompt_tokens == len(templated)  # the parts joined by "\n", nothing else
     with pytest.raises(openai.BadRequestError, match=r"messages.1.content: content part 0 is type 'image_url'"):
-        client.chat.completions.create(model=served.model, messages=[MESSAGES[0], {"role": "user", "content": [
+        client.chat.completions.create(model=model, messages=[MESSAGES[0], {"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]}], max_tokens=4)
 
 
 def test_stop_sequences_cut_the_answer_where_ar_first_holds_one(served: Served, pair: Pair, answers) -> None:
-    client = served.client()
+    client, model = served.client(), served.model
     stop = a_stop_inside(pair.decode(answers["completion"]))
     expected, tokens = ar_until(pair, answers["completion"], stop)
     for stops in (stop, ["\x00never", stop]):
-        whole = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stop=stops)
+        whole = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stop=stops)
         assert (whole.choices[0].text, whole.choices[0].finish_reason) == (expected, "stop")
         assert whole.usage.completion_tokens == tokens  # AR's count, though a step may have emitted more
-    chunks = list(client.completions.create(model=served.model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
                                             stop=[stop], stream=True))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
     assert all(stop not in c.choices[0].text for c in chunks if c.choices)
@@ -227,20 +230,20 @@ def test_stop_sequences_cut_the_answer_where_ar_first_holds_one(served: Served, 
 
     chat_stop = "\n\n"  # the micro model answers any conversation with newlines, one per token
     chat_expected, chat_tokens = ar_until(pair, answers["chat"], chat_stop)
-    answer = client.chat.completions.create(model=served.model, messages=PARTS[:1] + MESSAGES[1:], max_tokens=MAX_TOKENS,
+    answer = client.chat.completions.create(model=model, messages=PARTS[:1] + MESSAGES[1:], max_tokens=MAX_TOKENS,
                                             temperature=0, stop=chat_stop)
     assert (answer.choices[0].message.content, answer.choices[0].finish_reason) == (chat_expected, "stop")
     assert answer.usage.completion_tokens == chat_tokens
-    streamed = list(client.chat.completions.create(model=served.model, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
+    streamed = list(client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
                                                    stop=[chat_stop], stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == chat_expected
     assert streamed[-1].choices[0].finish_reason == "stop"
 
 
 def test_neutral_fields_are_accepted_and_others_refused_naming_the_field(served: Served, pair: Pair, answers) -> None:
-    client = served.client()
+    client, model = served.client(), served.model
     neutral = client.completions.create(
-        model=served.model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, presence_penalty=0, frequency_penalty=0,
+        model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, presence_penalty=0, frequency_penalty=0,
         logprobs=None, echo=False, n=1, logit_bias={}, stream=False,
         extra_body={"repetition_penalty": 1.0, "top_k": -1, "min_p": 0, "ignore_eos": False})
     assert neutral.choices[0].text == pair.decode(answers["completion"])
@@ -251,9 +254,9 @@ def test_neutral_fields_are_accepted_and_others_refused_naming_the_field(served:
                 ({"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty: only 1 is accepted")]
     for fields, reason in refusals:
         with pytest.raises(openai.BadRequestError, match=reason):
-            client.completions.create(model=served.model, prompt=PROMPT, max_tokens=4, **fields)
+            client.completions.create(model=model, prompt=PROMPT, max_tokens=4, **fields)
     with pytest.raises(openai.BadRequestError, match="frequency_penalty: only 0 is accepted"):
-        client.chat.completions.create(model=served.model, messages=MESSAGES, max_tokens=4, frequency_penalty=1)
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, frequency_penalty=1)
 
 
 def test_a_body_not_sent_as_json_gets_415(served: Served) -> None:
@@ -269,17 +272,17 @@ def test_a_body_not_sent_as_json_gets_415(served: Served) -> None:
 
 
 def test_metrics_move_by_what_the_responses_reported(served: Served, pair: Pair, answers) -> None:
-    client = served.client()
+    client, model = served.client(), served.model
     before = scrape(served.url)
-    plain = [client.completions.create(model=served.model, prompt=p, max_tokens=24, temperature=0)
+    plain = [client.completions.create(model=model, prompt=p, max_tokens=24, temperature=0)
              for p in (PROMPT, "import os\n", "class Stack:\n")]
-    chat = client.chat.completions.create(model=served.model, messages=MESSAGES, max_tokens=24, temperature=0)
+    chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=24, temperature=0)
     stop = a_stop_inside(pair.decode(answers["completion"]))
-    stopped = client.completions.create(model=served.model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stop=stop)
-    streamed = list(client.completions.create(model=served.model, prompt="for i in range(10):\n", max_tokens=24, temperature=0,
+    stopped = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stop=stop)
+    streamed = list(client.completions.create(model=model, prompt="for i in range(10):\n", max_tokens=24, temperature=0,
                                               stream=True, stream_options={"include_usage": True}))
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=served.model, prompt=PROMPT, max_tokens=4, presence_penalty=1)
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, presence_penalty=1)
     after = scrape(served.url)
 
     answered = [*plain, chat, stopped]
@@ -298,7 +301,7 @@ def test_metrics_move_by_what_the_responses_reported(served: Served, pair: Pair,
     # one answer not cut by a stop sequence or the end-of-sequence token: each step drafted (sps; not the
     # last when one token was left) and emitted its accepted draft tokens plus the target's own token
     before = after
-    single = client.completions.create(model=served.model, prompt="with open(path) as f:\n", max_tokens=24,
+    single = client.completions.create(model=model, prompt="with open(path) as f:\n", max_tokens=24,
                                        temperature=0)
     after = scrape(served.url)
     stats, tokens = single.model_extra["speculative"], single.usage.completion_tokens
@@ -359,36 +362,36 @@ def test_a_vllm_served_configuration_answers_chat_stop_and_metrics(chat_pair_dir
         "vllm": {"max_model_len": 1024, "kv_cache_gb": 1, "start_timeout_s": 240}}))
     vllm = spectune_serve(config, tmp_path, "--num-cpus", "2")
     try:
-        client = vllm.client()
+        client, model = vllm.client(), vllm.model
         before = scrape(vllm.url)
         # the engine backend's answers (AR, exact): vLLM decodes the same token ids of the same prompts
         reference = pair.decode(answers["completion"])
-        whole = client.completions.create(model=vllm.model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+        whole = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
         assert whole.choices[0].text == reference
-        chat = client.chat.completions.create(model=vllm.model, messages=PARTS[:1] + MESSAGES[1:],
+        chat = client.chat.completions.create(model=model, messages=PARTS[:1] + MESSAGES[1:],
                                               max_tokens=MAX_TOKENS, temperature=0)
         assert chat.choices[0].message.content == pair.decode(answers["chat"])
         assert chat.usage.prompt_tokens == len(pair.tokenizer.apply_chat_template(
             MESSAGES, tokenize=True, add_generation_prompt=True, return_dict=False))  # rendered here, once
-        streamed = client.chat.completions.create(model=vllm.model, messages=MESSAGES, max_tokens=MAX_TOKENS,
+        streamed = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=MAX_TOKENS,
                                                   temperature=0, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == pair.decode(answers["chat"])
 
         stop_text = a_stop_inside(reference)
         expected, _ = ar_until(pair, answers["completion"], stop_text)
-        stopped = client.completions.create(model=vllm.model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+        stopped = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
                                             stop=[stop_text])
         assert (stopped.choices[0].text, stopped.choices[0].finish_reason) == (expected, "stop")
-        chunks = list(client.completions.create(model=vllm.model, prompt=PROMPT, max_tokens=MAX_TOKENS,
+        chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS,
                                                 temperature=0, stop=stop_text, stream=True))
         assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
         assert chunks[-1].choices[0].finish_reason == "stop"
-        chat_stopped = client.chat.completions.create(model=vllm.model, messages=MESSAGES, max_tokens=MAX_TOKENS,
+        chat_stopped = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=MAX_TOKENS,
                                                       temperature=0, stop="\n\n")
         assert (chat_stopped.choices[0].message.content, chat_stopped.choices[0].finish_reason) == (
             ar_until(pair, answers["chat"], "\n\n")[0], "stop")
         with pytest.raises(openai.BadRequestError, match="top_k: only -1 or 0 is accepted"):
-            client.completions.create(model=vllm.model, prompt=PROMPT, max_tokens=4, extra_body={"top_k": 5})
+            client.completions.create(model=model, prompt=PROMPT, max_tokens=4, extra_body={"top_k": 5})
         after = scrape(vllm.url)
     finally:
         shut_down(vllm)

@@ -222,8 +222,8 @@ def _add_error_handlers(app: FastAPI, service: CompletionService[Any]) -> None:
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         message = str(err.detail)
         if err.status_code in (404, 405):
-            message = (f"no endpoint {request.method} {request.url.path}; this server has POST /v1/completions, POST /v1/chat/completions, "
-                       "GET /v1/models, GET /config, GET /healthz, GET /metrics")
+            message = (f"no endpoint {request.method} {request.url.path}; this server has POST /v1/completions, "
+                       "POST /v1/chat/completions, GET /v1/models, GET /config, GET /healthz, GET /metrics")
         return _error_response(err.status_code, "invalid_request_error", message)
 
 

@@ -127,8 +127,8 @@ class VllmCompletionService(ServiceBase):
 
     def _count_tokens(self, prompt: str) -> int:
         self.server.check_alive()
-        answer = httpx.post(f"{self.server.url}/tokenize", json={"model": VLLM_SERVED_NAME, "prompt": prompt, "add_special_tokens": False},
-                            timeout=30.0)
+        body = {"model": VLLM_SERVED_NAME, "prompt": prompt, "add_special_tokens": False}
+        answer = httpx.post(f"{self.server.url}/tokenize", json=body, timeout=30.0)
         answer.raise_for_status()
         return int(answer.json()["count"])
 
