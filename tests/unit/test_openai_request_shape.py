@@ -135,6 +135,16 @@ def test_neutral_values_are_accepted_as_clients_and_load_tools_send_them() -> No
     ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], logprobs=False)
 
 
+def test_what_vllm_bench_serve_sends_is_accepted() -> None:
+    # vLLM 0.32's benchmarks/lib/endpoint_request_func.py, openai-completions and openai-chat backends
+    completion = {"model": "m", "prompt": "x", "repetition_penalty": 1.0, "max_tokens": 8, "logprobs": None,
+                  "stream": True, "stream_options": {"include_usage": True}}
+    assert CompletionRequest.model_validate(completion).stream
+    chat = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+            "max_completion_tokens": 8, "stream": True, "stream_options": {"include_usage": True}}
+    assert ChatCompletionRequest.model_validate(chat).completion("x").max_tokens == 8
+
+
 @pytest.mark.parametrize("field, value, reason", [
     ("presence_penalty", 0.5, "only 0 is accepted: penalties are not applied"),
     ("frequency_penalty", -1, "only 0 is accepted: penalties are not applied"),
