@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spectune.backends import BACKENDS, resolve
 from spectune.workers.serve.chat import ChatCompletionRequest, chat_complete, chat_request, chat_stream
-from spectune.workers.serve.openai_schema import CompletionRequest, ErrorBody, ErrorResponse
+from spectune.workers.serve.openai_schema import CompletionRequest, ErrorBody, ErrorResponse, OpenAIFields
 from spectune.workers.serve.served_config import Limits, ServeArgs, ServedConfig, choose
 from spectune.workers.serve.service import CompletionService, Replica, RequestRejected
 
@@ -47,7 +47,8 @@ APP_NAME = "spectune"
 DEPLOYMENT_NAME = "SpectuneCompletions"
 SSE_DONE = "data: [DONE]\n\n"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt the context holds
-_REQUEST_FIELDS = ", ".join(CompletionRequest.model_fields)
+# its own fields first, then those every request shares (stop, and the ones taken at neutral values only)
+_REQUEST_FIELDS = ", ".join(sorted(CompletionRequest.model_fields, key=lambda name: name in OpenAIFields.model_fields))
 
 
 class AuthFailed(Exception):

@@ -18,9 +18,9 @@ part type (an image) is a 400 naming the message.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 from spectune.workers.serve.openai_schema import (
     CHAT_NEUTRAL, ArComparison, CompletionRequest, CompletionResponse, FinishReason, OpenAIFields, SpeculativeStats,
@@ -29,6 +29,9 @@ from spectune.workers.serve.openai_schema import (
 from spectune.workers.serve.service import CompletionService, RequestRejected
 
 PART_SEPARATOR = "\n"  # between a message's text parts, as vLLM joins them for string-content templates
+CONTENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+    "type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "required": ["type", "text"], "additionalProperties": False}}]}
 
 
 def flatten_content(content: Any) -> str:
@@ -54,9 +57,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(description="a string, or a list of text parts (joined by newlines)")
-
-    _flatten = field_validator("content", mode="before")(flatten_content)
+    content: Annotated[str, BeforeValidator(flatten_content), WithJsonSchema(CONTENT_SCHEMA)] = Field(
+        description="a string, or a list of text parts (joined by newlines)")
 
 
 class ChatCompletionRequest(OpenAIFields):
