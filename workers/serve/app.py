@@ -17,7 +17,7 @@ gets 415 (a browser page may send `text/plain` across origins without asking fir
 that fails once started (its 200 is sent) ends with an error event and `[DONE]`, whatever the
 exception. A client that drops a stream stops its decode after the current step; the only line
 logged is Serve's own ("Client for request ... disconnected, cancelling request"), beside the
-access line every request gets.
+access line every request gets (`CancelledIsDisconnect`: Serve's cancellation is a disconnect).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spectune.backends import BACKENDS, resolve
@@ -95,6 +96,26 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class CancelledIsDisconnect:
+    """ASGI middleware: when Serve cancels a request whose client went away, the app's `receive` raises
+    Ray's TaskCancelledError; it is the client's disconnect (`http.disconnect`), not an error to log."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def receive_or_disconnect() -> dict[str, Any]:
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+
+        await self.app(scope, receive_or_disconnect, send)
+
+
 def _too_large(limit: int) -> JSONResponse:
     return _error_response(413, "invalid_request_error",
                            f"the request body is over {limit // 1024} KiB; send a shorter prompt")
@@ -103,6 +124,7 @@ def _too_large(limit: int) -> JSONResponse:
 def build_app(service: CompletionService[Any], api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="spectune endpoint", summary=f"serving {service.model_id}", version="1")
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(CancelledIsDisconnect)  # added last: the outermost, next to Serve's receive
     _add_error_handlers(app, service)
     authorized = Depends(_key_checker(api_key))
 
