@@ -31,7 +31,8 @@ from spectune.pair import Pair, load_pair
 from spectune.pair_ref import PairRef
 from spectune.results import DecodeResult
 from spectune.workers.serve.client import Delta, EndpointError, Finished, complete
-from spectune.workers.serve.completion import SpectuneCompletionService, TextDeltas
+from spectune.workers.serve.completion import SpectuneCompletionService
+from spectune.workers.serve.text import TextDeltas
 from spectune.workers.serve.openai_schema import CompletionRequest
 from spectune.workers.serve.app import build_app
 from spectune.workers.serve.served_config import (

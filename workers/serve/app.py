@@ -9,10 +9,15 @@
 
 Endpoints: POST /v1/completions (plain or SSE streaming), POST /v1/chat/completions (the same
 through the model's chat template, `spectune.workers.serve.chat`), GET /v1/models, GET /healthz,
-GET /config. Every bad request gets a 4xx whose body is OpenAI's error shape
+GET /config, GET /metrics (Prometheus, `spectune.workers.serve.metrics`; like /healthz it needs
+no key, as vLLM's does not). Every bad request gets a 4xx whose body is OpenAI's error shape
 `{"error": {"message", "type", "param", "code"}}`, so client libraries show the reason: a body
-over 1 MiB gets 413 before anything parses it. A stream that fails once started (its 200 is
-sent) ends with an error event and `[DONE]`, whatever the exception.
+over 1 MiB gets 413 before anything parses it, and a POST body not sent as `application/json`
+gets 415 (a browser page may send `text/plain` across origins without asking first). A stream
+that fails once started (its 200 is sent) ends with an error event and `[DONE]`, whatever the
+exception. A client that drops a stream stops its decode after the current step; the only line
+logged is Serve's own ("Client for request ... disconnected, cancelling request"), beside the
+access line every request gets (`CancelledIsDisconnect`: Serve's cancellation is a disconnect).
 """
 
 from __future__ import annotations
@@ -24,14 +29,16 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spectune.backends import BACKENDS, resolve
 from spectune.workers.serve.chat import ChatCompletionRequest, chat_complete, chat_request, chat_stream
-from spectune.workers.serve.openai_schema import CompletionRequest, ErrorBody, ErrorResponse
+from spectune.workers.serve.openai_schema import CompletionRequest, ErrorBody, ErrorResponse, OpenAIFields
 from spectune.workers.serve.served_config import Limits, ServeArgs, ServedConfig, choose
 from spectune.workers.serve.service import CompletionService, Replica, RequestRejected
 
@@ -41,7 +48,8 @@ APP_NAME = "spectune"
 DEPLOYMENT_NAME = "SpectuneCompletions"
 SSE_DONE = "data: [DONE]\n\n"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt the context holds
-_REQUEST_FIELDS = ", ".join(CompletionRequest.model_fields)
+# its own fields first, then those every request shares (stop, and the ones taken at neutral values only)
+_REQUEST_FIELDS = ", ".join(sorted(CompletionRequest.model_fields, key=lambda name: name in OpenAIFields.model_fields))
 
 
 class AuthFailed(Exception):
@@ -50,6 +58,14 @@ class AuthFailed(Exception):
 
 class BodyTooLarge(Exception):
     """The request body passed `MAX_BODY_BYTES` while being read."""
+
+
+class NotJson(Exception):
+    """A POST body sent with another content type than application/json."""
+
+    def __init__(self, content_type: str) -> None:
+        super().__init__(content_type)
+        self.content_type = content_type
 
 
 class BodyLimit:
@@ -80,6 +96,26 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class CancelledIsDisconnect:
+    """ASGI middleware: when Serve cancels a request whose client went away, the app's `receive` raises
+    Ray's TaskCancelledError; it is the client's disconnect (`http.disconnect`), not an error to log."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def receive_or_disconnect() -> dict[str, Any]:
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+
+        await self.app(scope, receive_or_disconnect, send)
+
+
 def _too_large(limit: int) -> JSONResponse:
     return _error_response(413, "invalid_request_error",
                            f"the request body is over {limit // 1024} KiB; send a shorter prompt")
@@ -88,7 +124,8 @@ def _too_large(limit: int) -> JSONResponse:
 def build_app(service: CompletionService[Any], api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="spectune endpoint", summary=f"serving {service.model_id}", version="1")
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
-    _add_error_handlers(app)
+    app.add_middleware(CancelledIsDisconnect)  # added last: the outermost, next to Serve's receive
+    _add_error_handlers(app, service)
     authorized = Depends(_key_checker(api_key))
 
     @app.get("/healthz")
@@ -103,11 +140,15 @@ def build_app(service: CompletionService[Any], api_key: str | None = None) -> Fa
     async def config() -> dict[str, Any]:
         return service.config()
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(await service.prometheus(), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/v1/completions", dependencies=[authorized], openapi_extra=_body_schema())
     async def completions(request: Request) -> Any:
         # The body is parsed here rather than by FastAPI so that the key is checked first
         # and every parse error gets the same one-line reason.
-        body = CompletionRequest.model_validate_json(await request.body())
+        body = CompletionRequest.model_validate_json(await _json_body(request))
         if not body.stream:
             return (await service.complete(body)).model_dump(mode="json")
         job = await service.admit(body)  # errors get their status before the stream starts
@@ -117,7 +158,7 @@ def build_app(service: CompletionService[Any], api_key: str | None = None) -> Fa
 
     @app.post("/v1/chat/completions", dependencies=[authorized], openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Any:
-        body = ChatCompletionRequest.model_validate_json(await request.body())
+        body = ChatCompletionRequest.model_validate_json(await _json_body(request))
         plain = chat_request(service, body)  # the conversation through the model's chat template
         if not body.stream:
             return (await chat_complete(service, plain)).model_dump(mode="json")
@@ -127,6 +168,14 @@ def build_app(service: CompletionService[Any], api_key: str | None = None) -> Fa
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+async def _json_body(request: Request) -> bytes:
+    """The body, if it was sent as JSON (`NotJson` otherwise)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.partition(";")[0].strip().lower() != "application/json":
+        raise NotJson(content_type)
+    return await request.body()
 
 
 async def _sse(chunks: AsyncIterator[Any]) -> AsyncIterator[str]:
@@ -151,9 +200,10 @@ def _key_checker(api_key: str | None):
     return check
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def _add_error_handlers(app: FastAPI, service: CompletionService[Any]) -> None:
     @app.exception_handler(ValidationError)
     async def invalid_body(_: Request, err: ValidationError) -> JSONResponse:
+        service.metrics.rejected()
         param, message = _validation_reason(err.errors(include_url=False))
         return _error_response(400, "invalid_request_error", message, param)
 
@@ -164,12 +214,20 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestRejected)
     async def rejected(_: Request, err: RequestRejected) -> JSONResponse:
+        service.metrics.rejected()
         kind = "not_found_error" if err.status == 404 else "invalid_request_error"
         return _error_response(err.status, kind, str(err), err.param, err.code)
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(_: Request, __: BodyTooLarge) -> JSONResponse:
         return _too_large(MAX_BODY_BYTES)
+
+    @app.exception_handler(NotJson)
+    async def not_json(_: Request, err: NotJson) -> JSONResponse:
+        service.metrics.rejected()
+        got = f"got {err.content_type!r}" if err.content_type else "no Content-Type was sent"
+        return _error_response(415, "invalid_request_error",
+                               f"send the body as JSON with 'Content-Type: application/json' ({got})")
 
     @app.exception_handler(AuthFailed)
     async def unauthorized(_: Request, __: AuthFailed) -> JSONResponse:
@@ -187,8 +245,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         message = str(err.detail)
         if err.status_code in (404, 405):
-            message = (f"no endpoint {request.method} {request.url.path}; this server has POST /v1/completions, POST /v1/chat/completions, "
-                       "GET /v1/models, GET /config, GET /healthz")
+            message = (f"no endpoint {request.method} {request.url.path}; this server has POST /v1/completions, "
+                       "POST /v1/chat/completions, GET /v1/models, GET /config, GET /healthz, GET /metrics")
         return _error_response(err.status_code, "invalid_request_error", message)
 
 

@@ -10,6 +10,13 @@ the shared weights; nothing a request changes is seen by another running at the 
 so a method's set-up (DEL's timings, PEARL's threads) is paid once per replica, not per
 request. Each request has a cancel flag the loop checks between steps, so a client that goes
 away stops costing compute after the current step.
+
+Stop sequences are found on the decoded text after every step (`CompletionText`, on the decode
+thread): decoding stops at the step that completes one, the text is cut where it begins, the
+tokens kept are those through the one that completed it (a speculative step may have emitted
+more; AR would not have), and streaming never sends text that could still start one. GET
+/metrics counts requests and the engine's drafts and accepted tokens
+(`spectune.workers.serve.metrics`).
 """
 
 from __future__ import annotations
@@ -32,11 +39,13 @@ from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
 from spectune.metrics import step_metrics
 from spectune.pair import Pair, load_pair
+from spectune.workers.serve.metrics import RequestTrack, SpecDecodeMetrics
 from spectune.workers.serve.openai_schema import (
     ArComparison, Choice, CompletionRequest, CompletionResponse, SpeculativeStats, Usage,
 )
 from spectune.workers.serve.served_config import Limits, ServedConfig
 from spectune.workers.serve.service import Replica, ServiceBase
+from spectune.workers.serve.text import CompletionText
 
 AR_METHOD = "ar"
 # Temperatures below this decode greedily (as vLLM does below its 1e-5): dividing logits by less
@@ -50,18 +59,34 @@ class DecodeJob:
     max_tokens: int
     sampling: Sampling
     seed: int
+    stops: tuple[str, ...] = ()
+    admitted_at: float = 0.0  # time.perf_counter() when admitted (time to first token counts from here)
 
 
 @dataclass(frozen=True)
 class DecodeOutcome:
-    tokens: list[int]
+    tokens: list[int]  # through the token that completed a stop sequence, if one did
+    text: str  # cut where the stop sequence begins
     steps: list[StepRecord]
     wall_s: float
     cancelled: bool
+    stopped: bool = False  # a stop sequence ended it
+    first_at: float | None = None  # time.perf_counter() at the first step's tokens
+    done_at: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
         return len(self.tokens) / self.wall_s if self.wall_s > 0 else 0.0
+
+    def ttft_s(self, job: DecodeJob) -> float | None:
+        return None if self.first_at is None else self.first_at - job.admitted_at
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Per output token after the first (None below two tokens)."""
+        if self.first_at is None or self.done_at is None or len(self.tokens) < 2:
+            return None
+        return (self.done_at - self.first_at) / (len(self.tokens) - 1)
 
 
 @dataclass(frozen=True)
@@ -69,34 +94,6 @@ class Counts:
     active: int = 0
     completed: int = 0
     cancelled: int = 0
-
-
-class TextDeltas:
-    """Turns a growing list of tokens into text deltas for streaming.
-
-    Byte-level BPE can split one character over several tokens; while the decoded text ends
-    in a replacement character the delta is held back, so no client sees half a character.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self._decode = decode
-        self._tokens: list[int] = []
-        self._sent = ""
-
-    def add(self, tokens: list[int]) -> str:
-        self._tokens.extend(tokens)
-        text = self._decode(self._tokens)
-        if text.endswith("\ufffd") or not text.startswith(self._sent):
-            return ""
-        return self._take(text)
-
-    def flush(self) -> str:
-        text = self._decode(self._tokens)
-        return self._take(text) if text.startswith(self._sent) else ""
-
-    def _take(self, text: str) -> str:
-        delta, self._sent = text[len(self._sent):], text
-        return delta
 
 
 class DecoderPool:
@@ -147,6 +144,7 @@ class SpectuneCompletionService(ServiceBase):
         self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectune-tokenize")
         self._counts = Counts()
         self._counts_lock = threading.Lock()
+        self.spec_metrics = SpecDecodeMetrics(self.metrics)
 
     @classmethod
     def load(cls, served: ServedConfig, limits: Limits = Limits()) -> SpectuneCompletionService:
@@ -195,7 +193,8 @@ class SpectuneCompletionService(ServiceBase):
         self.check_room(len(prompt_ids), request.max_tokens, context, self.max_tree_size)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
         temperature = request.temperature if request.temperature >= GREEDY_BELOW_TEMPERATURE else 0.0
-        return DecodeJob(tuple(prompt_ids), request.max_tokens, Sampling(temperature, request.top_p), seed)
+        return DecodeJob(tuple(prompt_ids), request.max_tokens, Sampling(temperature, request.top_p), seed,
+                         request.stops, time.perf_counter())
 
     async def admit(self, request: CompletionRequest) -> DecodeJob:
         """`prepare` off the event loop: tokenising a long prompt takes milliseconds the loop
@@ -204,11 +203,13 @@ class SpectuneCompletionService(ServiceBase):
 
     async def complete(self, request: CompletionRequest) -> CompletionResponse:
         job = await self.admit(request)
-        outcome = await self._run(self.decode_config, job)
-        comparison = await self._compare(job, outcome) if request.compare_ar else None
+        with self.metrics.track() as track:
+            outcome = await self._run(self.decode_config, job)
+            comparison = await self._compare(job, outcome) if request.compare_ar else None
+            self._answered(track, job, outcome)
         return CompletionResponse(
             id=_completion_id(), created=int(time.time()), model=self.model_id,
-            choices=[Choice(text=self.pair.decode(outcome.tokens), finish_reason=self._finish_reason(outcome))],
+            choices=[Choice(text=outcome.text, finish_reason=self._finish_reason(outcome))],
             usage=_usage(job, outcome), speculative=self._stats(job, outcome), comparison=comparison,
         )
 
@@ -229,30 +230,30 @@ class SpectuneCompletionService(ServiceBase):
                                       choices=[Choice(text=text, finish_reason=finish_reason)], usage=None, **extra)
 
         loop = asyncio.get_running_loop()
-        arrived: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        arrived: asyncio.Queue[str | None] = asyncio.Queue()
         cancel = threading.Event()
 
-        def push(tokens: list[int] | None) -> None:
-            loop.call_soon_threadsafe(arrived.put_nowait, tokens)
+        def push(text: str | None) -> None:
+            loop.call_soon_threadsafe(arrived.put_nowait, text)
 
         future = loop.run_in_executor(self._executor, self._decode_then_close, self.decode_config, job, cancel, push)
         future.add_done_callback(_consume_exception)  # a stream abandoned mid-way never awaits it
-        deltas = TextDeltas(self.pair.decode)
-        try:
-            while (tokens := await arrived.get()) is not None:
-                if is_disconnected is not None and await is_disconnected():
-                    return  # the finally stops the decode after its current step
-                if delta := deltas.add(tokens):
-                    yield chunk(delta)
-            outcome = await future
-            comparison = await self._compare(job, outcome) if request.compare_ar else None
-            yield chunk(deltas.flush(), self._finish_reason(outcome), speculative=self._stats(job, outcome),
-                        comparison=comparison)
-            if request.stream_options is not None and request.stream_options.include_usage:
-                yield CompletionResponse(id=completion_id, created=created, model=self.model_id, choices=[],
-                                         usage=_usage(job, outcome))
-        finally:
-            cancel.set()
+        with self.metrics.track() as track:
+            try:
+                while (text := await arrived.get()) is not None:
+                    if is_disconnected is not None and await is_disconnected():
+                        return  # the finally stops the decode after its current step
+                    yield chunk(text)
+                outcome = await future
+                comparison = await self._compare(job, outcome) if request.compare_ar else None
+                self._answered(track, job, outcome)
+                yield chunk("", self._finish_reason(outcome), speculative=self._stats(job, outcome),
+                            comparison=comparison)
+                if request.stream_options is not None and request.stream_options.include_usage:
+                    yield CompletionResponse(id=completion_id, created=created, model=self.model_id, choices=[],
+                                             usage=_usage(job, outcome))
+            finally:
+                cancel.set()
 
     # --- decoding ----------------------------------------------------------------------
 
@@ -278,39 +279,49 @@ class SpectuneCompletionService(ServiceBase):
             cancel.set()  # a cancelled request (client gone) stops after the current step
 
     def _decode_then_close(self, config: DecodeConfig, job: DecodeJob, cancel: threading.Event,
-                           push: Callable[[list[int] | None], None]) -> DecodeOutcome:
+                           push: Callable[[str | None], None]) -> DecodeOutcome:
         try:
             return self._decode(config, job, cancel, push)
         finally:
             push(None)
 
     def _decode(self, config: DecodeConfig, job: DecodeJob, cancel: threading.Event,
-                on_tokens: Callable[[list[int]], None] | None = None) -> DecodeOutcome:
-        """Runs on a worker thread: decode step by step until done or cancelled."""
+                on_text: Callable[[str], None] | None = None) -> DecodeOutcome:
+        """Runs on a worker thread: decode step by step until done, stopped by a stop sequence, or cancelled;
+        `on_text` gets the text as it becomes safe to send."""
         if cancel.is_set():  # the client left while the request queued
             self._count(cancelled=1)
-            return DecodeOutcome([], [], 0.0, cancelled=True)
+            return DecodeOutcome([], "", [], 0.0, cancelled=True)
         self._count(active=1)
-        tokens: list[int] = []
+        text = CompletionText(self.pair.decode, job.stops)
         steps: list[StepRecord] = []
         started = time.perf_counter()
+        first_at: float | None = None
         try:
             with self._pool(config).lease() as decoder:
                 stream = decoder.stream(job.prompt_ids, job.max_tokens, job.sampling, job.seed)
                 try:
                     for emitted in stream:
-                        tokens.extend(emitted.tokens)
+                        first_at = first_at or time.perf_counter()
                         steps.append(emitted.record)
-                        if on_tokens is not None:
-                            on_tokens(emitted.tokens)
-                        if cancel.is_set():
+                        piece = text.add(emitted.tokens)
+                        if on_text is not None and piece:
+                            on_text(piece)
+                        if text.stopped or cancel.is_set():
                             break
                 finally:
                     stream.close()
+            rest = text.flush()
+            if on_text is not None and rest:
+                on_text(rest)
         finally:
-            stopped_early = cancel.is_set() and len(tokens) < job.max_tokens and not self._ended(tokens)
+            tokens = text.tokens
+            stopped_early = (cancel.is_set() and not text.stopped and len(tokens) < job.max_tokens
+                             and not self._ended(tokens))
             self._count(active=-1, cancelled=int(stopped_early), completed=int(not stopped_early))
-        return DecodeOutcome(tokens, steps, time.perf_counter() - started, cancelled=stopped_early)
+        done_at = time.perf_counter()
+        return DecodeOutcome(tokens, text.text, steps, done_at - started, cancelled=stopped_early,
+                             stopped=text.stopped, first_at=first_at, done_at=done_at)
 
     async def _compare(self, job: DecodeJob, speculative: DecodeOutcome) -> ArComparison:
         plain = await self._run(METHODS.config(AR_METHOD, {}), job)
@@ -330,7 +341,13 @@ class SpectuneCompletionService(ServiceBase):
         return bool(tokens) and tokens[-1] == self.pair.eos_token_id
 
     def _finish_reason(self, outcome: DecodeOutcome) -> str:
-        return "stop" if self._ended(outcome.tokens) else "length"
+        return "stop" if outcome.stopped or self._ended(outcome.tokens) else "length"
+
+    def _answered(self, track: RequestTrack, job: DecodeJob, outcome: DecodeOutcome) -> None:
+        """The request's metrics once its answer is complete."""
+        self.metrics.finished(track, _usage(job, outcome), self._finish_reason(outcome), outcome.ttft_s(job),
+                              outcome.tpot_s)
+        self.spec_metrics.add(outcome.steps)
 
     def _stats(self, job: DecodeJob, outcome: DecodeOutcome) -> SpeculativeStats:
         counted = step_metrics([Generation(job.prompt_ids, outcome.tokens, outcome.steps)])

@@ -3,15 +3,110 @@
 Requests are validated here (`extra="forbid"`: a misspelt field is an error, not silently
 ignored); limits that depend on the served model (max_tokens, context) are checked by the
 service, which knows them.
+
+`stop` is OpenAI's: a string or up to 4, none empty; the text is cut where the first one begins
+and `finish_reason` is "stop" (`spectune.workers.serve.text`). Fields that change what is
+sampled, or ask for what the endpoint does not return, are accepted only at their neutral
+values, which clients and load tools send with every request (`vllm bench serve` sends
+`repetition_penalty: 1.0` and `logprobs: null`); any other value is a one-line 400 naming the
+field and why (`NEUTRAL`). `logprobs` in particular is not returned: the engine's verification
+phase keeps no per-token probabilities, and a method's accepted tokens would need the target's
+log-softmax threaded through every phase; null (or absent) is accepted.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 FinishReason = Literal["length", "stop"]
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+
+_NOT_APPLIED = "not applied: decoding samples the target's own distribution (temperature and top_p only)"
+
+
+@dataclass(frozen=True)
+class Neutral:
+    """A field accepted only at the values that leave decoding as it is, and why."""
+
+    values: tuple[Any, ...]
+    why: str
+
+    def shown(self) -> str:
+        return " or ".join("null" if v is None else "{}" if v == {} else str(v).lower() if isinstance(v, bool)
+                           else repr(v) for v in self.values)
+
+
+# OpenAI's fields every request model has, then vLLM's sampling extensions, at their neutral values.
+NEUTRAL: dict[str, Neutral] = {
+    "n": Neutral((1,), "one completion per request"),
+    "presence_penalty": Neutral((0,), f"penalties are {_NOT_APPLIED}"),
+    "frequency_penalty": Neutral((0,), f"penalties are {_NOT_APPLIED}"),
+    "logit_bias": Neutral((None, {}), f"logit biases are {_NOT_APPLIED}"),
+    "repetition_penalty": Neutral((1,), f"penalties are {_NOT_APPLIED}"),
+    "top_k": Neutral((-1, 0), f"top_k is {_NOT_APPLIED}"),
+    "min_p": Neutral((0,), f"min_p is {_NOT_APPLIED}"),
+    "ignore_eos": Neutral((False,), "decoding ends at the end-of-sequence token"),
+}
+_NO_LOGPROBS = "log probabilities are not returned"
+COMPLETION_NEUTRAL = {"logprobs": Neutral((None,), _NO_LOGPROBS),
+                      "echo": Neutral((False,), "the prompt is not echoed back")}
+CHAT_NEUTRAL = {"logprobs": Neutral((None, False), _NO_LOGPROBS), "top_logprobs": Neutral((None, 0), _NO_LOGPROBS)}
+
+
+def neutral_only(rules: dict[str, Neutral]) -> Callable[[Any, ValidationInfo], Any]:
+    """A field validator: the field at one of its neutral values in `rules`, or a ValueError saying which and why."""
+
+    def check(value: Any, info: ValidationInfo) -> Any:
+        rule = rules[info.field_name]
+        if not any(_same(value, neutral) for neutral in rule.values):
+            raise ValueError(f"only {rule.shown()} is accepted: {rule.why}")
+        return value
+
+    return check
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    if isinstance(value, bool) or isinstance(neutral, bool):  # false is not 0 here, nor true 1
+        return value is neutral
+    return value == neutral
+
+
+def check_stop(stop: str | list[str] | None) -> str | list[str] | None:
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
+    if any(not s for s in stops):
+        raise ValueError("a stop sequence is empty")
+    return stop
+
+
+class OpenAIFields(BaseModel):
+    """What completions and chat share: stop sequences, and OpenAI's and vLLM's fields at neutral values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP_SEQUENCES} stop sequences: the text "
+                                         "ends where the first begins (not included), finish_reason 'stop'")
+    n: int = Field(1, description="one completion per request (1 only)")
+    presence_penalty: float = Field(0.0, description="0 only")
+    frequency_penalty: float = Field(0.0, description="0 only")
+    logit_bias: dict[str, float] | None = Field(None, description="null or {} only")
+    repetition_penalty: float = Field(1.0, description="vLLM's extension; 1 only")
+    top_k: int = Field(-1, description="vLLM's extension; -1 or 0 (off) only")
+    min_p: float = Field(0.0, description="vLLM's extension; 0 only")
+    ignore_eos: bool = Field(False, description="vLLM's extension; false only")
+
+    _neutral = field_validator(*NEUTRAL)(neutral_only(NEUTRAL))
+    _stop = field_validator("stop")(check_stop)
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        """The stop sequences as a tuple (empty: none)."""
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
 class StreamOptions(BaseModel):
@@ -20,10 +115,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(OpenAIFields):
     """The fields OpenAI's completions API defines that this endpoint honours, and `compare_ar`."""
-
-    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(description="the text to continue")
     model: str | None = Field(None, description="the served model id (see GET /v1/models); optional")
@@ -34,9 +127,12 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63, description="sampling seed (0 <= seed < 2**63); random when absent")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = Field(1, description="one completion per request")
     user: str | None = None
+    logprobs: int | None = Field(None, description="null only: log probabilities are not returned")
+    echo: bool = Field(False, description="false only")
     compare_ar: bool = Field(False, description="also decode with plain AR and report both timings and the speedup")
+
+    _neutral_here = field_validator(*COMPLETION_NEUTRAL)(neutral_only(COMPLETION_NEUTRAL))
 
     @field_validator("prompt")
     @classmethod

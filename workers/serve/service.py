@@ -1,7 +1,8 @@
 """What the endpoint asks of a backend's completion service, and what every such service shares.
 
     CompletionService   the protocol `build_app` is typed to (spectune's engine and vLLM implement it)
-    ServiceBase         the shared part: the served model's id, GET /v1/models, and admission
+    ServiceBase         the shared part: the served model's id, GET /v1/models, admission, and the
+                        request metrics of GET /metrics (`spectune.workers.serve.metrics`)
     Replica             what Ray gave the replica a service starts in (its CPUs and GPUs)
     RequestRejected     a request the endpoint will not decode (its status and reason go to the client)
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from spectune.engine.budget import ContextOverflow, check_fits
+from spectune.workers.serve.metrics import RequestMetrics
 from spectune.workers.serve.openai_schema import CompletionRequest, CompletionResponse, ModelCard, ModelList
 from spectune.workers.serve.served_config import Limits, ServedConfig
 
@@ -45,8 +47,12 @@ class CompletionService(Protocol[Job]):
     def model_id(self) -> str: ...
 
     @property
-    def tokenizer(self) -> Any | None:
-        """The served model's tokenizer, for chat templates (None: this backend serves /v1/completions only)."""
+    def tokenizer(self) -> Any:
+        """The served target's tokenizer, for chat templates (every backend's chat is rendered with it)."""
+
+    @property
+    def metrics(self) -> RequestMetrics:
+        """Its request metrics (the app counts rejected requests there)."""
 
     def models(self) -> ModelList: ...
     def health(self) -> dict[str, Any]: ...
@@ -60,6 +66,9 @@ class CompletionService(Protocol[Job]):
     def stream(self, request: CompletionRequest, job: Job,
                is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[CompletionResponse]:
         """Chunks in OpenAI's streaming shape for an admitted request."""
+
+    async def prometheus(self) -> bytes:
+        """GET /metrics: the service's metrics in Prometheus' text format."""
 
     def close(self) -> None: ...
 
@@ -93,6 +102,10 @@ class ServiceBase:
         self.served = served
         self.limits = limits
         self.created = int(time.time())
+        self.metrics = RequestMetrics(served.model_id)
+
+    async def prometheus(self) -> bytes:
+        return self.metrics.exposition()
 
     @property
     def model_id(self) -> str:
