@@ -60,6 +60,10 @@ FRONT_LINE_COLOR = "#222222"
 LOSSY_SYMBOL = "x-thin-open"
 UNCHECKED_SYMBOL = "circle-open"  # sampling: lossless by rule, outputs unchecked (off the front unless counted)
 NOISE_SYMBOL = "circle-dot"  # within noise of a front point no more costly (the speedup's intervals overlap)
+# (mark column, legend entry, symbol): each kind of off-front mark gets one legend entry when drawn
+LEGEND_MARKS = (("_lossy", "lossy (off the front)", LOSSY_SYMBOL),
+                ("_unchecked", "unchecked sampling (off the front)", UNCHECKED_SYMBOL),
+                ("_noise", "within noise of the front", NOISE_SYMBOL))
 CI_COLUMNS = ("speedup_ci_low", "speedup_ci_high")
 FONT = {"family": "Inter, 'Source Sans Pro', 'DejaVu Sans', sans-serif", "size": 13}
 
@@ -180,32 +184,11 @@ def pareto_figure(df: pd.DataFrame, x: str, y: str, colors: Mapping[str, str] | 
     Points carry ``customdata[0]`` = trial id (what a selection event hands back).
     """
     x_axis, y_axis = AXES[x], AXES[y]
-    points = plottable(df, x, y).copy()
-    points["_lossy"] = lossy_rows(points, include_unchecked=True)
-    points["_unchecked"] = unchecked_rows(points) & (not include_unchecked)
-    on_front = front_of(points, x, y, include_unchecked) if len(points) else pd.Series(dtype=bool)
-    with_ci = y == "speedup" and all(c in points.columns for c in CI_COLUMNS)
-    points["_noise"] = (within_noise(points, on_front, x, x_mode=x_axis.mode) & ~points["_lossy"]
-                        if with_ci and len(points) else False)
+    points, on_front, with_ci = _marked_points(df, x, y, x_axis, include_unchecked)
     colors = dict(colors or method_colors(df["method"]))
     fig = go.Figure()
     for method, group in points.groupby(points["method"].fillna("?").astype(str), sort=True):
-        front = on_front[group.index]
-        fig.add_trace(go.Scatter(
-            x=group[x].astype(float), y=group[y].astype(float), mode="markers", name=method,
-            customdata=_customdata(group, on_front), hovertemplate=_hover_template(x_axis, y_axis),
-            error_y=_ci_bars(group, y) if with_ci else None,
-            marker={
-                "color": colors.get(method, PALETTE[-1]),
-                "size": [15 if f else 12 if lossy else 10 for f, lossy in zip(front, group["_lossy"])],
-                "opacity": [FRONT_OPACITY if f else LOSSY_OPACITY if lossy else DOMINATED_OPACITY
-                            for f, lossy in zip(front, group["_lossy"])],
-                "symbol": [LOSSY_SYMBOL if lossy else UNCHECKED_SYMBOL if unchecked else NOISE_SYMBOL if noise
-                           else "circle" for lossy, unchecked, noise in
-                           zip(group["_lossy"], group["_unchecked"], group["_noise"])],
-                "line": {"width": [2 if f else 0 for f in front], "color": FRONT_LINE_COLOR},
-            },
-        ))
+        fig.add_trace(_method_trace(group, method, on_front, x_axis, y_axis, colors, with_ci))
     xs, ys = (front_step_line(points, x, y, x_axis.mode, y_axis.mode, include_unchecked=include_unchecked)
               if len(points) else ([], []))
     fig.add_trace(go.Scatter(
@@ -213,15 +196,10 @@ def pareto_figure(df: pd.DataFrame, x: str, y: str, colors: Mapping[str, str] | 
         line={"shape": _step_shape(x_axis, y_axis), "color": FRONT_LINE_COLOR, "width": 2,
               "dash": "solid"},
     ))
-    if points["_lossy"].any():
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="lossy (off the front)",
-                                 marker={"symbol": LOSSY_SYMBOL, "color": "#555555", "size": 10}))
-    if points["_unchecked"].any():
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="unchecked sampling (off the front)",
-                                 marker={"symbol": UNCHECKED_SYMBOL, "color": "#555555", "size": 10}))
-    if points["_noise"].any():
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="within noise of the front",
-                                 marker={"symbol": NOISE_SYMBOL, "color": "#555555", "size": 10}))
+    for column, name, symbol in LEGEND_MARKS:  # one legend entry per kind of mark that is drawn
+        if points[column].any():
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
+                                     marker={"symbol": symbol, "color": "#555555", "size": 10}))
     if y == "speedup" and len(points):
         fig.add_hline(y=1.0, line={"dash": "dot", "color": "#999999", "width": 1},
                       annotation_text="AR (1.0x)", annotation_position="bottom right")
@@ -231,6 +209,41 @@ def pareto_figure(df: pd.DataFrame, x: str, y: str, colors: Mapping[str, str] | 
     if _wide_spread(points[x]):
         fig.update_xaxes(type="log", tickvals=_log_ticks(points[x]))
     return fig
+
+
+def _marked_points(df: pd.DataFrame, x: str, y: str, x_axis: Axis,
+                   include_unchecked: bool) -> tuple[pd.DataFrame, pd.Series, bool]:
+    """The plottable trials with their marks (_lossy, _unchecked, _noise), which are on the front, and
+    whether the speedup's intervals are drawn."""
+    points = plottable(df, x, y).copy()
+    points["_lossy"] = lossy_rows(points, include_unchecked=True)
+    points["_unchecked"] = unchecked_rows(points) & (not include_unchecked)
+    on_front = front_of(points, x, y, include_unchecked) if len(points) else pd.Series(dtype=bool)
+    with_ci = y == "speedup" and all(c in points.columns for c in CI_COLUMNS)
+    points["_noise"] = (within_noise(points, on_front, x, x_mode=x_axis.mode) & ~points["_lossy"]
+                        if with_ci and len(points) else False)
+    return points, on_front, with_ci
+
+
+def _method_trace(group: pd.DataFrame, method: str, on_front: pd.Series, x_axis: Axis, y_axis: Axis,
+                  colors: Mapping[str, str], with_ci: bool) -> go.Scatter:
+    """One method's trials: front points large and outlined, lossy ones crossed, dominated ones dimmed."""
+    front = on_front[group.index]
+    lossy = group["_lossy"]
+    return go.Scatter(
+        x=group[x_axis.column].astype(float), y=group[y_axis.column].astype(float), mode="markers", name=method,
+        customdata=_customdata(group, on_front), hovertemplate=_hover_template(x_axis, y_axis),
+        error_y=_ci_bars(group, y_axis.column) if with_ci else None,
+        marker={
+            "color": colors.get(method, PALETTE[-1]),
+            "size": [15 if f else 12 if bad else 10 for f, bad in zip(front, lossy)],
+            "opacity": [FRONT_OPACITY if f else LOSSY_OPACITY if bad else DOMINATED_OPACITY
+                        for f, bad in zip(front, lossy)],
+            "symbol": [LOSSY_SYMBOL if bad else UNCHECKED_SYMBOL if unchecked else NOISE_SYMBOL if noise
+                       else "circle" for bad, unchecked, noise in zip(lossy, group["_unchecked"], group["_noise"])],
+            "line": {"width": [2 if f else 0 for f in front], "color": FRONT_LINE_COLOR},
+        },
+    )
 
 
 def _ci_bars(group: pd.DataFrame, y: str) -> dict[str, Any]:

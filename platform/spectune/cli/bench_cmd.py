@@ -66,13 +66,19 @@ def bench(
         fail(str(err))
     finally:
         progress.close()
-    if json_out:
+    _print(rows, "json" if json_out else "markdown" if markdown else "table",
+           f"{ref.target} + {ref.drafter or 'no drafter'}, {len(prompt_set)} prompts")
+
+
+def _print(rows: list[Any], form: str, title: str) -> None:
+    """The rows as JSON lines, a Markdown table (as in docs/benchmarks.md) or a terminal table."""
+    if form == "json":
         for row in rows:
             sys.stdout.write(json.dumps(row.as_dict()) + "\n")
-    elif markdown:
+    elif form == "markdown":
         sys.stdout.write(results_markdown(rows))
     else:
-        results_table(rows, title=f"{ref.target} + {ref.drafter or 'no drafter'}, {len(prompt_set)} prompts")
+        results_table(rows, title=title)
 
 
 def _temperature(value: float) -> float:
