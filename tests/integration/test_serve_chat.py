@@ -49,7 +49,8 @@ def chat(request: pytest.FixtureRequest, chat_pair_dir: Path,
         yield from _client(chat_pair_dir, tmp_path_factory.mktemp("served"))
         return
     config = {"pair": str(chat_pair_dir), "method": "sps", "knobs": {"draft_len": 3}}
-    with serving(config, tmp_path_factory.mktemp("chat-http"), "--num-cpus", "1", "--max-tokens-limit", "64") as served, \
+    with serving(config, tmp_path_factory.mktemp("chat-http"), "--num-cpus", "1",
+                 "--max-tokens-limit", "64") as served, \
             httpx.Client(base_url=served.url, timeout=60) as http:
         yield http, load_pair(PairRef.model_validate(str(chat_pair_dir)))
 
@@ -91,7 +92,8 @@ def test_the_openai_client_talks_to_it(chat) -> None:
     import openai
 
     client, pair = chat
-    api = openai.OpenAI(base_url=str(client.base_url).rstrip("/") + "/v1", api_key="none", http_client=client, max_retries=0)
+    api = openai.OpenAI(base_url=str(client.base_url).rstrip("/") + "/v1", api_key="none", http_client=client,
+                        max_retries=0)
     (model,) = [m.id for m in api.models.list()]
     answer = api.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0)
     templated = list(pair.tokenizer.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True,
