@@ -1,12 +1,24 @@
 """Small helpers shared by tests: random (untrained) Llama models of any vocabulary size; sweep specs
-and store counts for the sweep tests."""
+and store counts for the sweep tests; a real `spectune serve` in its own process (`spectune_serve`)."""
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
+import pytest
 import torch
+import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
@@ -76,3 +88,75 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+@dataclass
+class Served:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+    env: dict[str, str]
+
+    @property
+    def model(self) -> str:
+        return httpx.get(f"{self.url}/v1/models", timeout=30).json()["data"][0]["id"]
+
+    def client(self) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def spectune_serve(config: Path, folder: Path, *extra: str) -> Served:
+    """`spectune serve --config` in its own process (a fresh local Ray), healthy."""
+    port = free_port()
+    env = {**os.environ, "SPECTUNE_CACHE": str(folder / "cache"), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("SPECTUNE_API_KEY", None)
+    log = folder / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([str(Path(sys.executable).with_name("spectune")), "serve", "--config", str(config),
+                                    "--port", str(port), *extra], env=env, stdout=out, stderr=subprocess.STDOUT)
+    served = Served(f"http://127.0.0.1:{port}", port, process, log, env)
+    deadline = time.monotonic() + 360
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"`spectune serve` exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{served.url}/healthz", timeout=5).status_code == 200:
+                return served
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    shut_down(served)
+    pytest.fail(f"the endpoint was not healthy within 360 s:\n{log.read_text()[-4000:]}")
+
+
+@contextmanager
+def serving(config: dict[str, Any], folder: Path, *extra: str) -> Iterator[Served]:
+    """`spectune serve` of `config` (written to folder/served.yaml) with the `extra` options, stopped after."""
+    path = folder / "served.yaml"
+    path.write_text(yaml.safe_dump(config))
+    started = spectune_serve(path, folder, *extra)
+    try:
+        yield started
+    finally:
+        shut_down(started)
+
+
+def shut_down(served: Served) -> None:
+    if served.process.poll() is None:
+        subprocess.run([str(Path(sys.executable).with_name("spectune")), "serve", "--stop", "--port",
+                        str(served.port)], env=served.env, capture_output=True, timeout=120)
+    try:
+        served.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        served.process.terminate()
+        served.process.wait(timeout=30)

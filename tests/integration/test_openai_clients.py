@@ -12,15 +12,9 @@ sequences and vLLM's own counters in /metrics (one vLLM server start, ~50 s)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -28,6 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gguf_export import chat_micro_pair
+from support import Served, shut_down, spectune_serve
 from spectune.engine.loop import Decoder
 from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
@@ -45,64 +40,6 @@ PARTS = [{"role": "system", "content": [{"type": "text", "text": "You write Pyth
          {"role": "user", "content": [{"type": "text", "text": "Write a function"},
                                       {"type": "text", "text": "that adds two numbers."}]}]
 MAX_TOKENS = 40
-
-
-@dataclass
-class Served:
-    url: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
-    env: dict[str, str]
-
-    @property
-    def model(self) -> str:
-        return httpx.get(f"{self.url}/v1/models", timeout=30).json()["data"][0]["id"]
-
-    def client(self) -> Any:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", timeout=60, max_retries=0)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def spectune_serve(config: Path, folder: Path, *extra: str) -> Served:
-    """`spectune serve --config` in its own process (a fresh local Ray), healthy."""
-    port = free_port()
-    env = {**os.environ, "SPECTUNE_CACHE": str(folder / "cache"), "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("SPECTUNE_API_KEY", None)
-    log = folder / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([str(Path(sys.executable).with_name("spectune")), "serve", "--config", str(config),
-                                    "--port", str(port), *extra], env=env, stdout=out, stderr=subprocess.STDOUT)
-    served = Served(f"http://127.0.0.1:{port}", port, process, log, env)
-    deadline = time.monotonic() + 360
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"`spectune serve` exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{served.url}/healthz", timeout=5).status_code == 200:
-                return served
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    shut_down(served)
-    pytest.fail(f"the endpoint was not healthy within 360 s:\n{log.read_text()[-4000:]}")
-
-
-def shut_down(served: Served) -> None:
-    if served.process.poll() is None:
-        subprocess.run([str(Path(sys.executable).with_name("spectune")), "serve", "--stop", "--port",
-                        str(served.port)], env=served.env, capture_output=True, timeout=120)
-    try:
-        served.process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        served.process.terminate()
-        served.process.wait(timeout=30)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

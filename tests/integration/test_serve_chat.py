@@ -1,4 +1,7 @@
-"""`/v1/chat/completions`: the conversation through the served model's chat template, plain and streamed."""
+"""`/v1/chat/completions`: the conversation through the served model's chat template, plain and streamed.
+
+Each test runs twice: in-process (FastAPI's TestClient) and over HTTP against a real `spectune serve`
+(Ray Serve, its own local Ray; one start for the module, ~30 s), through the same httpx client calls."""
 
 from __future__ import annotations
 
@@ -6,11 +9,13 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from fastapi.testclient import TestClient
 
 from gguf_export import chat_micro_pair
+from support import serving
 from spectune.engine.loop import Decoder
 from spectune.methods import METHODS
 from spectune.pair import Pair, load_pair
@@ -37,9 +42,17 @@ def _client(pair_dir: Path, folder: Path) -> Iterator[tuple[TestClient, Pair]]:
     service.close()
 
 
-@pytest.fixture(scope="module")
-def chat(chat_pair_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Pair]]:
-    yield from _client(chat_pair_dir, tmp_path_factory.mktemp("served"))
+@pytest.fixture(scope="module", params=["in-process", pytest.param("http", marks=pytest.mark.slow)])
+def chat(request: pytest.FixtureRequest, chat_pair_dir: Path,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, Pair]]:
+    if request.param == "in-process":
+        yield from _client(chat_pair_dir, tmp_path_factory.mktemp("served"))
+        return
+    config = {"pair": str(chat_pair_dir), "method": "sps", "knobs": {"draft_len": 3}}
+    with serving(config, tmp_path_factory.mktemp("chat-http"), "--num-cpus", "1",
+                 "--max-tokens-limit", "64") as served, \
+            httpx.Client(base_url=served.url, timeout=60) as http:
+        yield http, load_pair(PairRef.model_validate(str(chat_pair_dir)))
 
 
 def _ar(pair: Pair, prompt_ids: list[int], max_tokens: int) -> list[int]:
@@ -78,19 +91,32 @@ def test_a_streamed_chat_completion_reassembles_to_the_whole(chat) -> None:
 def test_the_openai_client_talks_to_it(chat) -> None:
     import openai
 
-    client, _ = chat
-    api = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=client)
-    answer = api.chat.completions.create(model=client.get("/v1/models").json()["data"][0]["id"], messages=MESSAGES, max_tokens=8,
-                                         temperature=0)
-    assert answer.choices[0].message.role == "assistant" and isinstance(answer.choices[0].message.content, str)
+    client, pair = chat
+    api = openai.OpenAI(base_url=str(client.base_url).rstrip("/") + "/v1", api_key="none", http_client=client,
+                        max_retries=0)
+    (model,) = [m.id for m in api.models.list()]
+    answer = api.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0)
+    templated = list(pair.tokenizer.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True,
+                                                        return_dict=False))
+    reference = _ar(pair, templated, 8)
+    assert answer.object == "chat.completion" and answer.model == model and answer.id.startswith("chatcmpl-")
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content == pair.decode(reference)  # the greedy answer, through the SDK
+    assert answer.choices[0].finish_reason == ("stop" if reference[-1] == pair.eos_token_id else "length")
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(templated), len(reference))
+    streamed = api.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == pair.decode(reference)
 
 
-def test_bad_chat_requests_get_a_reason(chat, micro_pair: Path, tmp_path: Path) -> None:
+def test_bad_chat_requests_get_a_reason(chat) -> None:
     client, _ = chat
     empty = client.post("/v1/chat/completions", json={"messages": []})
     assert empty.status_code == 400 and "messages" in empty.json()["error"]["message"]
     role = client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "hi"}]})
     assert role.status_code == 400
+
+
+def test_a_pair_without_a_chat_template_refuses_chat(micro_pair: Path, tmp_path: Path) -> None:
     plain, _ = next(_client(micro_pair, tmp_path))  # the micro pair has no chat template
     refused = plain.post("/v1/chat/completions", json={"messages": MESSAGES})
     assert refused.status_code == 400 and "has no chat template: use /v1/completions" in refused.json()["error"]["message"]

@@ -250,7 +250,7 @@ def test_a_server_that_fails_to_start_is_the_trials_error_with_vllms_last_line(m
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_a_server_dying_mid_trial_is_the_trials_error_and_the_next_starts_fresh(micro_pair: Path) -> None:
     worker = VllmWorker(PairRef.model_validate({"dir": str(micro_pair)}), 1, 0, VllmServerSettings(**SETTINGS))
     outcome: list = []
@@ -258,14 +258,23 @@ def test_a_server_dying_mid_trial_is_the_trials_error_and_the_next_starts_fresh(
     trial.start()
     try:
         server = _serving(worker, "baseline", timeout_s=240)
-        os.kill(server.pid, signal.SIGKILL)  # mid-pass: requests in flight
-        trial.join(timeout=120)
+        with server.log.open(encoding="utf-8", errors="replace") as log:  # readable after the worker removes it
+            os.kill(server.pid, signal.SIGKILL)  # mid-pass: requests in flight
+            trial.join(timeout=120)
+            logged = log.read()
+        [result] = outcome
+        assert result.result is None
+        died = "the vLLM server died mid-trial (exit code -9): "
+        assert result.error.startswith(died)
+        reason = result.error.removeprefix(died)  # vLLM's last telling line, as it logged it (engine processes
+        assert reason and reason in logged, (reason, logged[-2000:])  # may add lines after: not compared whole)
+        assert worker.servers == {}  # the dead server is dropped
+        after = worker.run(request("ar", {}, 1))  # the next trial, on the same worker
+        fresh = worker.servers["baseline"]
     finally:
         worker.shutdown()
-    [result] = outcome
-    assert result.result is None
-    assert result.error.startswith("the vLLM server died mid-trial (exit code -9):")
-    assert worker.servers == {}  # the dead server is dropped: the next trial starts a fresh one
+    assert after.error is None and after.result is not None
+    assert fresh is not server and fresh.pid != server.pid  # a fresh server, started for it
 
 
 def _serving(worker: VllmWorker, role: str, timeout_s: float) -> VllmServer:
@@ -293,7 +302,8 @@ def test_a_taken_port_is_reported_at_once() -> None:
         started = time.monotonic()
         with pytest.raises(ServerFailed, match=f"port {port} on 127.0.0.1 is taken"):
             VllmServer.start(Launch(python=vllm_python(), model="/nowhere", port=port))
-        assert time.monotonic() - started < 2
+        # before any server process: no vLLM start (tens of seconds) was waited for; the bound only means that
+        assert time.monotonic() - started < 10
 
 
 def test_the_last_error_line_is_vllms_reason_not_a_wrapper() -> None:

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from spectune.bench import Settings, contender, timed_pass
+from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
 from spectune.pair import load_pair
 from spectune.pair_ref import PairRef
@@ -88,8 +89,11 @@ def test_self_speculative_draft_time_is_drafting_not_engine_overhead(micro_pair,
     run = timed_pass(pair, who, encoded, settings)
     # the target's clock sees exactly the prefills and verifications: no draft pass through the view
     assert run.target_forwards == len(encoded) + sum(g.target_calls for g in run.generations)
-    draft_share = run.draft_s / run.wall_s
-    overhead_share = (run.wall_s - run.target_s - run.draft_s) / run.wall_s
-    # before the views were timed, their draft time (~0.35 of the wall here) landed in the overhead (~0.5)
-    assert draft_share > 0.15, (draft_share, overhead_share)
-    assert overhead_share < 0.4, (draft_share, overhead_share)
+    # before the views were timed, their draft time (~0.35 of the wall here) landed in the overhead; counted,
+    # not compared with a share of the wall (which a shared 2-core machine can skew): a clock on the modules
+    # bench times as drafting sees one forward per draft call, and their time is a part of the wall
+    draft_clock = ForwardClock()
+    with draft_clock.attached(pair.drafter, *who.drafter.draft_modules()):
+        generation = who.runner.generate(encoded[1], settings.max_new_tokens, Sampling(), 0)
+    assert generation.draft_calls > 0 and draft_clock.calls == generation.draft_calls
+    assert 0 < run.draft_s and run.target_s + run.draft_s < run.wall_s

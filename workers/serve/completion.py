@@ -94,6 +94,7 @@ class Counts:
     active: int = 0
     completed: int = 0
     cancelled: int = 0
+    most_active: int = 0  # the most requests decoding at once since start (at most the decode threads)
 
 
 class DecoderPool:
@@ -163,7 +164,8 @@ class SpectuneCompletionService(ServiceBase):
     def health(self) -> dict[str, Any]:
         counts = self._counts
         return {"status": "ok", "model": self.model_id, "active_requests": counts.active,
-                "completed_requests": counts.completed, "cancelled_requests": counts.cancelled}
+                "completed_requests": counts.completed, "cancelled_requests": counts.cancelled,
+                "most_active_requests": counts.most_active}
 
     def config(self) -> dict[str, Any]:
         method = METHODS.get(self.decode_config.method)
@@ -335,7 +337,8 @@ class SpectuneCompletionService(ServiceBase):
     def _count(self, active: int = 0, completed: int = 0, cancelled: int = 0) -> None:
         with self._counts_lock:
             now = self._counts
-            self._counts = Counts(now.active + active, now.completed + completed, now.cancelled + cancelled)
+            self._counts = Counts(now.active + active, now.completed + completed, now.cancelled + cancelled,
+                                  max(now.most_active, now.active + active))
 
     def _ended(self, tokens: list[int]) -> bool:
         return bool(tokens) and tokens[-1] == self.pair.eos_token_id
