@@ -211,6 +211,18 @@ class WrongQ(Drafter):
     def verifying(self, tree):
         return self.inner.verifying(tree)
 
+    def prefilled(self, hidden) -> None:  # the heads methods draft from the target's prompt features
+        self.inner.prefilled(hidden)
+
+    def draft_modules(self):
+        return self.inner.draft_modules()
+
+    def exit_layer_acceptance(self):
+        return self.inner.exit_layer_acceptance()
+
+    def exit_choices(self):
+        return self.inner.exit_choices()
+
 
 @dataclass(frozen=True)
 class Decoded:
