@@ -112,15 +112,16 @@ class StoreCallback(Callback):
         self.configs: dict[str, DecodeConfig] = {}  # trial id -> its configuration with store columns, made once
         self.outage: str | None = None  # why the store is unreachable, while it is
         self._last_try = 0.0
+        self.stored: frozenset[str] = frozenset()  # a resumed sweep: trials the store holds as done, left as they are
 
-    def attach(self, store: Any, console: Any = None) -> StoreCallback:
-        self.store, self.console = store, console
+    def attach(self, store: Any, console: Any = None, stored: frozenset[str] = frozenset()) -> StoreCallback:
+        self.store, self.console, self.stored = store, console, stored
         return self
 
     def __getstate__(self) -> dict[str, Any]:
         # pending writes stay with this driver: a resumed sweep rewrites every result from Tune's state
         return {"sweep": self.sweep, "store": None, "console": None, "seen": set(), "pending": deque(),
-                "configs": {}, "outage": None, "_last_try": 0.0}
+                "configs": {}, "outage": None, "_last_try": 0.0, "stored": frozenset()}
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -155,13 +156,14 @@ class StoreCallback(Callback):
             self.console.print(text, highlight=False, soft_wrap=True)
 
     def reconcile(self, results: Any) -> int:
-        """Write every finished trial Tune holds a result for (a resumed sweep: results whose write
-        was lost when an earlier driver gave up on the store); returns how many. Upserts: repeats are harmless."""
+        """Write every finished trial Tune holds a result for and the store does not (a resumed sweep:
+        results whose write was lost when an earlier driver gave up on the store); returns how many."""
         written = 0
         for result in results:
             metrics = result.metrics or {}
-            if result.error is None and PAYLOAD in metrics and metrics.get("trial_id"):
-                self._record(str(metrics["trial_id"]), result.config, metrics[PAYLOAD])
+            key = str(metrics.get("trial_id") or "")
+            if result.error is None and metrics.get(PAYLOAD) and key and key not in self.stored:
+                self._record(key, result.config, metrics[PAYLOAD])
                 written += 1
         return written
 
@@ -188,16 +190,18 @@ class StoreCallback(Callback):
         if self.pending and time.monotonic() - self._last_try >= FLUSH_EVERY_S:
             self.flush()
         for trial in trials:  # new trials show up as pending before they start
-            if trial.trial_id not in self.seen and trial.status == "PENDING":
+            if trial.trial_id not in self.seen | self.stored and trial.status == "PENDING":
                 self.seen.add(trial.trial_id)
                 self._status(trial, "pending")
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.seen.add(trial.trial_id)
-        self._status(trial, "running")
+        if trial.trial_id not in self.stored:
+            self._status(trial, "running")
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: Mapping[str, Any], **info: Any) -> None:
-        self._record(trial.trial_id, trial.config, result[PAYLOAD])
+        if result[PAYLOAD] is not None:  # None: stored before a restart (`SweepContext.stored`)
+            self._record(trial.trial_id, trial.config, result[PAYLOAD])
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._status(trial, "error", error=error_message(trial))

@@ -270,7 +270,8 @@ def _tuner(store: Store, spec: SweepSpec, options: SweepOptions, prompts: tuple[
     from spectune.sweeps.trainable import SweepContext, run_trial
     from spectune.workers.trials.pair_worker import TRIAL_CPU_SHARE
 
-    context = SweepContext.of(spec, pools, prompts)
+    stored = _stored_results(store, spec) if options.resume else {}
+    context = SweepContext.of(spec, pools, prompts, stored)
     # the trial only waits on its leased worker, which holds the slot's CPUs and GPUs
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU_SHARE})
     store_callback = StoreCallback(spec.name).attach(store, console)
@@ -279,7 +280,7 @@ def _tuner(store: Store, spec: SweepSpec, options: SweepOptions, prompts: tuple[
     path = experiment_path(spec, options, store.url)
     if options.resume:
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-        return tuner, _reattach_callbacks(tuner, store, console)
+        return tuner, _reattach_callbacks(tuner, store, console, frozenset(stored))
     return tune.Tuner(
         trainable,
         param_space=param_space(spec),
@@ -289,7 +290,19 @@ def _tuner(store: Store, spec: SweepSpec, options: SweepOptions, prompts: tuple[
     ), store_callback
 
 
-def _reattach_callbacks(tuner: Any, store: Store, console: Console) -> Any:
+def _stored_results(store: Store, spec: SweepSpec) -> dict[str, dict[str, Any]]:
+    """Trials the store holds as done, by Tune trial id, with the objectives they reported.
+
+    Tune saves its state every few seconds, so a driver killed just after storing a trial leaves
+    Tune believing it unfinished; a resume reports these instead of running them again."""
+    trials = store.trials_frame(spec.name)
+    done = trials[trials.status == "done"]
+    names = [o.metric for o in spec.objectives]
+    reported = {str(key): store.trial_detail(int(tid))["metrics"] or {} for key, tid in zip(done.trial_key, done.trial_id)}
+    return {key: {name: metrics.get(name) for name in names} for key, metrics in reported.items()}
+
+
+def _reattach_callbacks(tuner: Any, store: Store, console: Console, stored: frozenset[str]) -> Any:
     """Tune restores the callbacks it pickled, without their store and console; give them back.
 
     There is no public accessor for a restored Tuner's RunConfig (ray-project/ray#41364).
@@ -302,7 +315,7 @@ def _reattach_callbacks(tuner: Any, store: Store, console: Console) -> Any:
     writer = None
     for callback in local_tuner.get_run_config().callbacks or []:
         if isinstance(callback, StoreCallback):
-            writer = callback.attach(store, console)
+            writer = callback.attach(store, console, stored)
         elif isinstance(callback, ProgressCallback):
             callback.attach(console)
     if writer is None:

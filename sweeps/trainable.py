@@ -6,7 +6,8 @@ Nothing here writes the database: the driver's `StoreCallback` stores what trial
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -37,13 +38,22 @@ class SweepContext:
     prompts: tuple[Prompt, ...]
     settings: Settings  # made once by the driver from the spec; every trial is measured with it
     objectives: tuple[str, ...]
+    # a resumed sweep: trials the store already holds as done (trial id -> the objectives they reported);
+    # a killed driver stored them after Tune last saved its state, so Tune would run them again
+    stored: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, spec: SweepSpec, pools: dict[str, WorkerPool], prompts: tuple[Prompt, ...]) -> SweepContext:
-        return cls(pools, spec.pair.pair_id, prompts, spec.settings(), tuple(o.metric for o in spec.objectives))
+    def of(cls, spec: SweepSpec, pools: dict[str, WorkerPool], prompts: tuple[Prompt, ...],
+           stored: Mapping[str, Mapping[str, Any]] | None = None) -> SweepContext:
+        return cls(pools, spec.pair.pair_id, prompts, spec.settings(), tuple(o.metric for o in spec.objectives),
+                   dict(stored or {}))
 
 
 def run_trial(config: dict[str, Any], context: SweepContext) -> None:
+    stored = context.stored.get(tune.get_context().get_trial_id())
+    if stored is not None:  # finished before the restart: report what the store holds, run nothing
+        tune.report({**stored, PAYLOAD: None})
+        return
     request = TrialRequest(trial_config(config), context.settings, context.prompts)
     started = time.perf_counter()
     with context.pools[context.pair_id].lease() as worker:

@@ -25,7 +25,8 @@ def main() -> None:
         llm = LLM(model=target, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
                   speculative_config=speculative)
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24))
-        result = {"ok": True, "tokens": [list(o.outputs[0].token_ids) for o in outs]}
+        result = {"ok": True, "tokens": [list(o.outputs[0].token_ids) for o in outs],
+                  "prompt_tokens": [list(o.prompt_token_ids) for o in outs]}
     except Exception as err:  # noqa: BLE001 - the caller reports vLLM's own error
         result = {"ok": False, "error": traceback.format_exception_only(type(err), err)[-1].strip()}
     with open(out, "w") as f:

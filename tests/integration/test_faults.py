@@ -5,7 +5,8 @@
   spec may start again into another store;
 - PostgreSQL stopped mid-sweep and started again: every result is stored (buffered meanwhile);
 - PostgreSQL gone for good at the end: the sweep fails naming the URL (its status could not be
-  set either, which is noted, not raised instead), and `--resume` once it is back stores every result.
+  set either, which is noted, not raised instead), and `--resume` once it is back stores every result
+  from Tune's state, running no trial again and leaving the results already stored as they were.
 
 The PostgreSQL tests run a private server (initdb in a temporary folder, a free port), never the
 shared cluster of `.ci/postgres.sh`, so stopping it disturbs nothing else.
@@ -167,6 +168,17 @@ def pg_count(url: str, sql: str) -> int:
         return 0
 
 
+def finished_rows(url: str) -> dict[str, tuple[object, str]]:
+    """Every trial stored as done: its key -> (finish time, the worker that ran it, host:pid)."""
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql"), connect_timeout=2) as conn:
+        rows = conn.execute("SELECT t.trial_key, t.finished_at, m.extra FROM trials t "
+                            "JOIN trial_metrics m ON m.trial_id = t.id WHERE t.status = 'done'").fetchall()
+    extras = {key: extra if isinstance(extra, dict) else json.loads(extra) for key, _, extra in rows}
+    return {key: (finished_at, extras[key]["worker"]["worker_id"]) for key, finished_at, _ in rows}
+
+
 def stored_metrics(url: str) -> set[int]:
     import psycopg
 
@@ -231,6 +243,9 @@ def test_postgres_gone_at_the_end_fails_naming_the_url_and_resume_stores_everyth
     assert any("could not be set to 'error'" in note for note in notes)  # noted, not raised instead
 
     postgres.start()
+    before = finished_rows(postgres.url)  # stored before the outage
+    assert 1 <= len(before) < 5
+    [first_worker] = {worker for _, worker in before.values()}
     with connect(postgres.url) as store:
         outcome = run_sweep(spec, store, SweepOptions(storage=str(tmp_path / "tune"), resume=True),
                             Console(file=io.StringIO()))
@@ -238,3 +253,12 @@ def test_postgres_gone_at_the_end_fails_naming_the_url_and_resume_stores_everyth
         status = store.get_sweep("gone").status
     assert (outcome.status, outcome.trials, outcome.failed, status) == ("done", 5, 0, "done")
     assert (trials.status == "done").all() and trials.trial_id.isin(stored_metrics(postgres.url)).all()
+
+    # Tune had finished every trial: the resume runs none (the store upserts, so counting rows alone would
+    # pass a resume that ran them again), writes the lost results from Tune's state (each names the first
+    # driver's worker) and leaves the ones stored before the outage as they were
+    [resumed_worker] = outcome.workers
+    assert resumed_worker["trials_run"] == 0
+    after = finished_rows(postgres.url)
+    assert {key: after[key] for key in before} == before
+    assert {worker for _, worker in after.values()} == {first_worker}

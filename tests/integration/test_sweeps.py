@@ -3,15 +3,18 @@
 - a sweep stores every trial once: a failing configuration as `error` with its message,
   the others `done` with metrics and a speedup interval; the worker loaded the pair once and
   timed AR beside every trial;
-- a driver killed mid-sweep resumes with --resume, every trial stored exactly once;
+- a driver killed mid-sweep resumes with --resume, every trial stored exactly once, and only the trials
+  missing from the store run again (those finished before the kill keep their worker and finish time);
 - an unreachable database fails in seconds, before Ray starts;
 - `ray job submit` against a token-authenticated `ray start --head` runs a sweep.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import sqlite3
 import signal
 import socket
 import subprocess
@@ -44,6 +47,14 @@ def write_spec(folder: Path, spec: dict) -> Path:
 def driver_env(ray_tmp: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "RAY_TMPDIR": str(ray_tmp), "OMP_NUM_THREADS": "1",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+
+
+def finished_trials(db: Path) -> dict[str, tuple[str, str]]:
+    """Every trial stored as done: its key -> (finish time, the worker that ran it, host:pid)."""
+    with sqlite3.connect(db, timeout=30) as conn:
+        rows = conn.execute("SELECT t.trial_key, t.finished_at, m.extra FROM trials t "
+                            "JOIN trial_metrics m ON m.trial_id = t.id WHERE t.status = 'done'").fetchall()
+    return {key: (finished_at, json.loads(extra)["worker"]["worker_id"]) for key, finished_at, extra in rows}
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -111,8 +122,10 @@ def test_a_driver_killed_mid_sweep_resumes_and_stores_every_trial_exactly_once(m
             time.sleep(0.2)
     finally:
         kill_group(first)
-    done_before = count(db, "SELECT count(*) FROM trials WHERE status = 'done'")
+    before = finished_trials(db)  # the driver is dead: nothing writes the store now
+    done_before = len(before)
     assert done_before < 5, "the sweep finished before the driver was killed"
+    [first_worker] = {worker for _, worker in before.values()}
     assert count(db, "SELECT count(*) FROM sweeps WHERE name = 'resumed' AND status = 'running'") == 1
 
     second = subprocess.run([*command, "--resume"], env=driver_env(ray_tmp), capture_output=True, text=True,
@@ -128,6 +141,14 @@ def test_a_driver_killed_mid_sweep_resumes_and_stores_every_trial_exactly_once(m
     assert sorted(trials.method) == ["pld", "sps", "sps", "sps", "sps"]
     assert sorted(trials.draft_len.dropna().tolist()) == [1, 2, 3, 4]
     assert count(db, "SELECT count(*) FROM trial_metrics") == 5
+
+    # only the missing trials ran again: a finished one keeps its row as the killed driver stored it
+    # (the store upserts, so counting rows alone would pass a resume that re-ran every trial)
+    after = finished_trials(db)
+    assert {key: after[key] for key in before} == before, "a trial finished before the kill ran again"
+    rerun = {key: worker for key, (_, worker) in after.items() if key not in before}
+    assert len(rerun) == 5 - done_before
+    assert first_worker not in set(rerun.values())  # the resumed driver's own worker ran them
 
 
 def test_an_unreachable_database_fails_fast_before_ray_starts(micro_pair, tmp_path, ray_tmp):

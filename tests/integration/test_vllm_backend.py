@@ -2,9 +2,11 @@
 
 - a sweep of two configurations (no speculation, ngram) at concurrency 1 and 4 into SQLite:
   one trial per point, the baseline's speedup 1.0, latencies positive and ordered, acceptance
-  (from vLLM's /metrics) only where speculation ran, two server starts for four trials;
+  (from vLLM's /metrics) only where speculation ran, two server starts for four trials, every
+  trial (all greedy) certified lossless by spectune's certificate;
 - `spectune serve --sweep NAME --concurrency 4` serves that sweep's best configuration at load 4
-  through the endpoint's app: greedy text equals vLLM's own, streaming, bad inputs get a 4xx;
+  through the endpoint's app: its greedy answer certified against spectune's own greedy decoding of
+  the target, streaming, bad inputs get a 4xx;
 - a server that fails to start, or dies mid-trial, is that trial's error with vLLM's last log
   line, and the worker goes on; a taken port is reported at once.
 
@@ -31,6 +33,7 @@ import pytest
 from spectune.backends import BACKENDS
 from spectune.backends.vllm import VllmServerSettings, vllm_python
 from spectune.config import Settings
+from spectune.lossless import CERTIFIED
 from spectune.pair_ref import PairRef
 from spectune.prompts import load_prompts
 from spectune.store import connect
@@ -99,6 +102,15 @@ def test_a_vllm_sweep_stores_one_trial_per_configuration_and_load(swept) -> None
         assert (trials[column] > 0).all(), column
     assert (trials.p95_latency_s >= trials.p50_latency_s).all() and (trials.ttft_s < trials.p95_latency_s).all()
     assert trials.exact_match_rate.between(0, 1).all()
+    # Every trial is greedy, so each carries the certificate's verdict (spectune's engine loads the target,
+    # `certify` is on by default): the baseline is the reference itself (exact); ngram is certified against it.
+    # The one tolerance: ngram may be `within_tolerance` rather than `exact`, as vLLM verifies several
+    # positions in one forward (and batches 4 requests at load 4), which may round a near-tie the other way;
+    # the certificate accepts that only where every emitted token is the target's argmax within float32
+    # rounding. `lossy` and `unchecked` fail.
+    assert ar.lossless_status.tolist() == ["exact", "exact"]
+    assert ngram.lossless_status.isin(CERTIFIED).all(), ngram[["concurrency", "lossless_status", "worst_margin"]]
+    assert trials.lossless.astype(bool).all()
     assert trials.draft_len.tolist()[2:] == [3, 3]  # num_speculative_tokens fills the draft-length column
     assert detail["hardware"]["vllm_version"] == "0.32.0"
     assert detail["metrics"]["vllm"]["speculative_config"] == {"method": "ngram", **NGRAM}
@@ -165,7 +177,25 @@ def test_the_dashboard_app_draws_the_load_section_and_serves_a_vllm_trial(swept,
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_serve_the_best_vllm_configuration_for_a_load(swept, tmp_path: Path) -> None:
+def served_certificate(pair_dir: Path, prompt: str, served_text: str, n_tokens: int) -> object:
+    """spectune's certificate on a served greedy answer, against spectune's own greedy decoding of the target.
+
+    The answer comes back as text; its tokens are recovered by encoding it (asserted to give back the
+    number of tokens served, so a re-encoding that merges tokens fails rather than passes)."""
+    from spectune.certificate import certify
+    from spectune.engine.loop import Decoder
+    from spectune.methods import METHODS
+    from spectune.pair import load_pair
+
+    pair = load_pair(PairRef.model_validate({"dir": pair_dir}))
+    prompt_ids, served = pair.encode(prompt), pair.encode(served_text)
+    assert len(served) == n_tokens, f"the served text re-encodes to {len(served)} tokens, not {n_tokens}"
+    models = pair.runners()
+    reference = Decoder(models.target, METHODS.build("ar", {}, models), pair.eos_token_id).generate(prompt_ids, n_tokens)
+    return certify(models.target, [prompt_ids], [[served]], [reference.tokens])
+
+
+def test_serve_the_best_vllm_configuration_for_a_load(swept, micro_pair: Path, tmp_path: Path) -> None:
     db, _ = swept
     with connect(f"sqlite:///{db}") as store:
         trials = store.trials_frame("vllm2x2")
@@ -190,6 +220,9 @@ def test_serve_the_best_vllm_configuration_for_a_load(swept, tmp_path: Path) -> 
             body = {"prompt": "def add(a, b):\n", "max_tokens": 16, "temperature": 0}
             plain = http.post("/v1/completions", json=body).json()
             assert plain["usage"]["completion_tokens"] == 16 and plain["choices"][0]["finish_reason"] == "length"
+            # the served greedy answer is the target's own (same tolerance as the sweep's: see above)
+            certificate = served_certificate(micro_pair, body["prompt"], plain["choices"][0]["text"], 16)
+            assert certificate.status.certified, f"served answer: {certificate.status} ({certificate.failures})"
             with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
                 events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
             chunks = [json.loads(e) for e in events[:-1]]

@@ -4,7 +4,9 @@ A random 4-layer target over a 4-token vocabulary; heads trained (in seconds) on
 they agree with it often and the first step accepts 3 drafted tokens in a fair share of runs; then a
 chi-square test of the first four emitted tokens (256 cells, the rare ones pooled) against the exact
 law computed from the target by enumeration. Depth 3 is drafted and accepted: recursive rejection over
-sibling sets below the root is exercised, not only the first level.
+sibling sets below the root is exercised, not only the first level. The methods come from the registry
+(every one that `needs_heads`), and the wrong-q mutant (a drafter recording its parent's q on every
+non-root node) fails the same test for each: it has power.
 """
 
 from pathlib import Path
@@ -23,11 +25,15 @@ from spectune.heads.features import FeatureSpec, Features, feature_pass, fused_l
 from spectune.methods import METHODS
 from spectune.methods.base import Models
 from support import random_llama
+from test_sampling_lossless import WrongQ
 
 V = 4
 PROMPT = [1, 2, 3, 1, 2]
 NEW = 4  # the first step may draft (and accept) depth 3, the bonus is the 4th token
 SAMPLES = 1200
+# the wrong-q mutant shifts only the cells a deep acceptance fills: at 1200 samples medusa's, hydra's and
+# eagle's mutants read p = 0.0075, 0.0034 and 0.0013, above MIN_P; three times as many make each clear
+MUTANT_SAMPLES = 3 * SAMPLES
 MIN_P = 1e-3
 
 
@@ -55,7 +61,7 @@ def heads(target, tmp_path_factory) -> Path:
         tensors = feature_pass(target, own_samples(target, count, spec.seq_len, seed), spec, fused, name, progress=False)
         save_file(tensors, str(folder / f"{name}.safetensors"))
         split[name] = Features(folder / f"{name}.safetensors", 4, fused)
-    for kind in ("medusa", "hydra", "eagle", "eagle3"):
+    for kind in sorted({METHODS.get(name).needs_heads for name in HEADS_METHODS}):
         (folder / kind).mkdir()
         options = options_for(kind, n_heads=3, steps=150, batch=8, lr=3e-3)
         train_from_features(target, options, split["train"], split["heldout"], folder / kind, {}, progress=False)
@@ -75,31 +81,55 @@ def exact_law(target) -> np.ndarray:
     return law
 
 
-CONFIGS = [
-    ("medusa", {"branching": [2, 2, 2]}),
-    ("hydra", {"branching": [2, 1, 1]}),
-    ("eagle", {"budget": 8, "max_depth": 3, "topk": 2}),
-    ("eagle3", {"budget": 6, "max_depth": 3, "topk": 2, "per_pass": 2}),
-]
+HEADS_METHODS = [name for name in METHODS.names() if METHODS.get(name).needs_heads]  # the registry's, not a list here
+# depth-3 trees small enough for a 4-token vocabulary (a method not named here runs with its defaults)
+KNOBS = {
+    "medusa": {"branching": [2, 2, 2]},
+    "hydra": {"branching": [2, 1, 1]},
+    "eagle": {"budget": 8, "max_depth": 3, "topk": 2},
+    "eagle3": {"budget": 6, "max_depth": 3, "topk": 2, "per_pass": 2},
+}
+CONFIGS = [(name, KNOBS.get(name, {})) for name in HEADS_METHODS]
 
 
-@pytest.mark.parametrize("method, knobs", CONFIGS, ids=[m for m, _ in CONFIGS])
-def test_sampled_tokens_follow_the_target_with_deep_nodes_accepted(target, heads, method, knobs):
+def first_tokens(target, heads, method, knobs, mutant=False, samples=SAMPLES) -> tuple[np.ndarray, int]:
+    """Counts of the first NEW tokens over `samples` samples ([V**NEW]) and how many first steps accepted depth 3."""
     models = Models(CausalLM(target), None)
-    drafter = METHODS.build(method, {**knobs, "heads": str(heads / method)}, models)
-    decoder = Decoder(models.target, drafter)
+    drafter = METHODS.build(method, {**knobs, "heads": str(heads / METHODS.get(method).needs_heads)}, models)
+    decoder = Decoder(models.target, WrongQ(drafter) if mutant else drafter)
     sampling = Sampling(temperature=1.0)
     counts = np.zeros(V**NEW)
     deep = 0
-    for seed in range(SAMPLES):
+    for seed in range(samples):
         generation = decoder.generate(PROMPT, NEW, sampling, seed=seed)
         a, b, c, d = generation.tokens
         counts[((a * V + b) * V + c) * V + d] += 1
         deep += generation.steps[0].accepted >= 3
-    assert deep >= 0.05 * SAMPLES, f"{method}: depth 3 was accepted in only {deep} of {SAMPLES} first steps"
-    expected = exact_law(target) * SAMPLES
+    return counts, deep
+
+
+def law_p_value(target, counts: np.ndarray) -> float:
+    expected = exact_law(target) * counts.sum()
     rare = expected < 5  # chi-square wants >= 5 expected per cell: pool the rare ones
     observed = np.append(counts[~rare], counts[rare].sum())
     wanted = np.append(expected[~rare], expected[rare].sum())
-    _, p_value = chisquare(observed, wanted / wanted.sum() * observed.sum())
+    return float(chisquare(observed, wanted / wanted.sum() * observed.sum())[1])
+
+
+def test_the_registry_has_the_four_heads_methods():
+    assert set(HEADS_METHODS) >= {"medusa", "hydra", "eagle", "eagle3"}
+
+
+@pytest.mark.parametrize("method, knobs", CONFIGS, ids=[m for m, _ in CONFIGS])
+def test_sampled_tokens_follow_the_target_with_deep_nodes_accepted(target, heads, method, knobs):
+    counts, deep = first_tokens(target, heads, method, knobs)
+    assert deep >= 0.05 * SAMPLES, f"{method}: depth 3 was accepted in only {deep} of {SAMPLES} first steps"
+    p_value = law_p_value(target, counts)
     assert p_value > MIN_P, f"{method}: chi-square p={p_value:.2g} (deep acceptances {deep})"
+
+
+@pytest.mark.parametrize("method, knobs", CONFIGS, ids=[m for m, _ in CONFIGS])
+def test_the_wrong_q_mutant_is_caught(target, heads, method, knobs):
+    counts, _ = first_tokens(target, heads, method, knobs, mutant=True, samples=MUTANT_SAMPLES)
+    p_value = law_p_value(target, counts)
+    assert p_value < MIN_P, f"{method}: the wrong-q mutant passed (p={p_value:.2g})"

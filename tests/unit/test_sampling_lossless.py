@@ -4,7 +4,8 @@ Part 1 drives the accept rule with synthetic target/draft tables (fast, many sam
 runs the real loop for every method, 8 tokens per sample, on small random models with a small
 vocabulary and a drafter close to the target, so deep nodes are accepted (asserted, as are
 PEARL's lookahead reuse and pre-verify), and tests every position's conditional law; a
-drafter recording a wrong q for every non-root node fails that test (asserted). Chi-square
+drafter recording a wrong q for every non-root node fails that test, for every method that samples its
+drafts (asserted); top-p < 1 runs in the real loop too. Chi-square
 tests with fixed seeds throughout.
 """
 
@@ -132,6 +133,7 @@ def test_accept_rule_preserves_the_target_law(name, shape, draw, top_p):
 
 DECODED = 8  # tokens per sample: trees 7 deep at first, a PEARL lookahead chain reused after two steps
 SAMPLES = 300
+SAMPLES_DEEP = 900  # for a mutant that shifts few positions (MUTANT_SAMPLES)
 REAL_V = 8
 PROMPT = [1, 2, 3, 1, 2]
 
@@ -176,11 +178,13 @@ def exit_close_pair():
 
 class WrongQ(Drafter):
     """The mutant: every non-root node records its parent's draft distribution instead of its own
-    (an off-by-one in the q rows), so the verifier accepts deep nodes at the wrong rate."""
+    (an off-by-one in the q rows), so the verifier accepts deep nodes at the wrong rate.
+    `altered` counts the q rows it changed (none for a drafter whose drafts carry no q)."""
 
     def __init__(self, inner: Drafter) -> None:
         self.inner = inner
         self.max_tree_size = inner.max_tree_size
+        self.altered = 0
 
     def reset(self) -> None:
         self.inner.reset()
@@ -192,6 +196,7 @@ class WrongQ(Drafter):
         q = tree.q.clone()  # [n+1, V]
         for node in range(1, len(tree.parents)):
             q[node] = tree.q[tree.parents[node]]
+        self.altered += len(tree.parents) - 1
         return replace(tree, q=q)
 
     def commit(self, sequence) -> None:
@@ -206,33 +211,55 @@ class WrongQ(Drafter):
     def verifying(self, tree):
         return self.inner.verifying(tree)
 
+    def prefilled(self, hidden) -> None:  # the heads methods draft from the target's prompt features
+        self.inner.prefilled(hidden)
+
+    def draft_modules(self):
+        return self.inner.draft_modules()
+
+    def exit_layer_acceptance(self):
+        return self.inner.exit_layer_acceptance()
+
+    def exit_choices(self):
+        return self.inner.exit_choices()
+
 
 @dataclass(frozen=True)
 class Decoded:
     samples: np.ndarray  # [n, DECODED] token ids
     deepest: int  # the most draft tokens one step accepted
     drafter: Drafter
+    altered: int = 0  # q rows the wrong-q mutant changed
 
 
-def decode_samples(pair, method, knobs, mutant=False) -> Decoded:
+SAMPLED = Sampling(temperature=1.0)
+
+
+def decode_samples(pair, method, knobs, mutant=False, sampling=SAMPLED, samples=SAMPLES) -> Decoded:
     target, drafter = pair
     models = Models(CausalLM(target), CausalLM(drafter))
     built = METHODS.build(method, knobs, models)
-    decoder = Decoder(models.target, WrongQ(built) if mutant else built)
-    sampling, rows, deepest = Sampling(temperature=1.0), [], 0
-    for seed in range(SAMPLES):
+    wrapped = WrongQ(built) if mutant else built
+    decoder = Decoder(models.target, wrapped)
+    rows, deepest = [], 0
+    for seed in range(samples):
         generation = decoder.generate(PROMPT, DECODED, sampling, seed=seed)
         rows.append(generation.tokens)
         deepest = max(deepest, max(step.accepted for step in generation.steps))
-    return Decoded(np.array(rows), deepest, built)
+    return Decoded(np.array(rows), deepest, built, wrapped.altered if mutant else 0)
 
 
-def conditional_law_p_values(target, samples: np.ndarray) -> tuple[float, float]:
-    """(p of the sum over positions, Bonferroni-corrected p of the worst position)."""
+def conditional_law_p_values(target, samples: np.ndarray, sampling=SAMPLED) -> tuple[float, float]:
+    """(p of the sum over positions, Bonferroni-corrected p of the worst position).
+
+    Under top-p the target gives some tokens no mass: a sample holding one is asserted against first
+    (the covariance has no direction for it, so the chi-square alone could not see it)."""
     ids = torch.tensor([PROMPT + list(row) for row in samples])  # [n, P+N]
     with torch.no_grad():
         logits = target(ids).logits[:, len(PROMPT) - 1: len(PROMPT) - 1 + DECODED]  # [n, N, V]
-    p = probabilities(logits, Sampling(temperature=1.0)).double().numpy()  # [n, N, V]
+    p = probabilities(logits, sampling).double().numpy()  # [n, N, V]
+    emitted = np.take_along_axis(p, samples[:, :, None], axis=2)[:, :, 0]  # [n, N] each emitted token's p
+    assert (emitted > 0).all(), f"a token outside the target's top-p set was emitted ({(emitted == 0).sum()} times)"
     total, worst = 0.0, 1.0
     for t in range(DECODED):
         deviation = np.eye(REAL_V)[samples[:, t]].sum(0) - p[:, t].sum(0)  # [V] O - E
@@ -274,12 +301,51 @@ def test_loop_samples_follow_the_target(request, method, knobs):
     assert combined > MIN_P and worst > MIN_P, f"{method}: p={combined:.2g}, worst position p={worst:.2g}"
 
 
-@pytest.mark.parametrize("method, knobs", [("sps", {}), ("tree", {"branching": [3, 2]}), ("layerskip", {}),
-                                           ("specinfer", {}), ("pearl", {"pre_verify": False})])
-def test_the_wrong_q_mutant_is_caught(close_pair, method, knobs):
-    """The same test fails a drafter recording a wrong q for every non-root node: it has power.
-    (pearl without pre-verify: pre-verify cuts most chains after a rejection to one token, so few
-    nodes deep enough for a wrong q to matter are left in 300 samples.)"""
-    decoded = decode_samples(close_pair, method, knobs, mutant=True)
-    combined, worst = conditional_law_p_values(close_pair[0], decoded.samples)
+# The wrong-q mutant runs on every method that samples its drafts (its trees carry q); the methods whose
+# drafts are deterministic (sample-and-match: no q to get wrong) are listed, and checked to carry none.
+DRAFTS_WITHOUT_Q = ("pld", "ngram", "recycling")
+# pearl without pre-verify: pre-verify cuts most chains after a rejection to one token, so few nodes deep
+# enough for a wrong q to matter are left in 300 samples
+MUTANT_KNOBS = {"tree": {"branching": [3, 2]}, "pearl": {"pre_verify": False}, **REPRODUCIBLE}
+# samples the mutant needs to be seen at p < 1e-3 (300 unless named): dytree and del accept deep nodes
+# in fewer samples, so the mutant shifts fewer positions (the p-values at these counts are in the report)
+MUTANT_SAMPLES = {"dytree": SAMPLES_DEEP, "del": SAMPLES_DEEP}
+MUTANT_CONFIGS = [(name, MUTANT_KNOBS.get(name, {})) for name, _ in EVERY_METHOD
+                  if name != "ar" and name not in DRAFTS_WITHOUT_Q]
+
+
+@pytest.mark.parametrize("method, knobs", MUTANT_CONFIGS)
+def test_the_wrong_q_mutant_is_caught(request, method, knobs):
+    """The same test fails a drafter recording a wrong q for every non-root node: it has power."""
+    pair = request.getfixturevalue("exit_close_pair" if method in EXIT_CLOSE else "close_pair")
+    decoded = decode_samples(pair, method, knobs, mutant=True, samples=MUTANT_SAMPLES.get(method, SAMPLES))
+    assert decoded.altered > 0, f"{method}: its drafts carry no q; list it in DRAFTS_WITHOUT_Q"
+    combined, worst = conditional_law_p_values(pair[0], decoded.samples)
     assert min(combined, worst) < MIN_P, f"{method}: the mutant passed (p={combined:.2g}, worst {worst:.2g})"
+
+
+@pytest.mark.parametrize("method", DRAFTS_WITHOUT_Q)
+def test_the_methods_left_out_of_the_mutant_draft_without_q(close_pair, method):
+    assert METHODS.get(method).lossless
+    decoded = decode_samples(close_pair, method, REPRODUCIBLE.get(method, {}), mutant=True, samples=20)
+    assert decoded.altered == 0 and decoded.deepest >= 1
+
+
+# top-p < 1 in the real loop: the draft and the target both truncated, a chain and trees with and without
+# replacement, and a deterministic drafter (sample-and-match); the mutant is caught under top-p too
+TOP_P = Sampling(temperature=1.0, top_p=0.8)
+TOP_P_CONFIGS = [("sps", {}), ("rsd", {}), ("specinfer", {}), ("pld", {"matches": 4, "max_ngram": 1})]
+
+
+@pytest.mark.parametrize("method, knobs", TOP_P_CONFIGS)
+def test_loop_samples_follow_the_target_under_top_p(close_pair, method, knobs):
+    decoded = decode_samples(close_pair, method, knobs, sampling=TOP_P)
+    assert decoded.deepest >= 2, f"{method}: no step accepted a node below depth 1"
+    combined, worst = conditional_law_p_values(close_pair[0], decoded.samples, TOP_P)
+    assert combined > MIN_P and worst > MIN_P, f"{method} top-p 0.8: p={combined:.2g}, worst position p={worst:.2g}"
+
+
+def test_the_wrong_q_mutant_is_caught_under_top_p(close_pair):
+    decoded = decode_samples(close_pair, "sps", {}, mutant=True, sampling=TOP_P)
+    combined, worst = conditional_law_p_values(close_pair[0], decoded.samples, TOP_P)
+    assert min(combined, worst) < MIN_P, f"sps top-p 0.8: the mutant passed (p={combined:.2g}, worst {worst:.2g})"
