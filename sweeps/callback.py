@@ -57,6 +57,12 @@ def error_message(trial: Any) -> str:
     return _last_error_line(trial) or "the trial failed without an error message"
 
 
+def error_node(trial: Any) -> str | None:
+    """The node the failed trial's worker ran on, when the trial could say (a TrialFailed carries it)."""
+    cause = _pickled_error(trial)
+    return cause.node if isinstance(cause, TrialFailed) else None
+
+
 def _pickled_error(trial: Any) -> BaseException | None:
     path = trial.pickled_error_file
     if not path or not os.path.isfile(path):
@@ -167,7 +173,8 @@ class StoreCallback(Callback):
 
     def _record(self, trial_id: str, tune_config: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
         outcome = DecodeResult.from_dict(payload["result"], config=self._config(trial_id, tune_config))
-        self._write(self.store.record_result, self.sweep, trial_id, outcome, payload["hardware"])
+        self._write(self.store.record_result, self.sweep, trial_id, outcome, payload["hardware"],
+                    node=payload.get("node"))
         for baseline in payload["baselines"]:
             self._write(self.store.save_baseline, BaselineResult(**baseline), payload["hardware"],
                         extra={"sweep": self.sweep})
@@ -200,7 +207,7 @@ class StoreCallback(Callback):
         self._record(trial.trial_id, trial.config, result[PAYLOAD])
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._status(trial, "error", error=error_message(trial))
+        self._status(trial, "error", error=error_message(trial), node=error_node(trial))
 
 
 class ProgressCallback(Callback):

@@ -200,19 +200,45 @@ def _check_reachable(address: str) -> None:
         raise SweepFailed(f"cannot reach Ray at {address}: {err.strerror or err}") from None
 
 
-def workers_that_fit(spec: SweepSpec) -> int:
-    """Trial slots the cluster can hold now (a request it cannot meet would leave trials pending forever)."""
+@dataclass(frozen=True)
+class NodeCapacity:
+    """What one live Ray node offers (its totals: a slot must fit on one node, never across two)."""
+
+    name: str
+    cpus: float
+    gpus: float
+
+
+def live_nodes() -> list[NodeCapacity]:
     import ray
 
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    from spectune.cluster import node_name
+
+    return [NodeCapacity(node_name(n["Resources"], n["NodeManagerAddress"]),
+                         n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def slots_on(nodes: list[NodeCapacity], cpus: float, gpus: float) -> int:
+    """Trial slots the nodes hold: each node's own count, summed (a worker is one process on one node)."""
+    def on(node: NodeCapacity) -> int:
+        fit = math.floor(node.cpus / cpus + 1e-9)
+        return min(fit, math.floor(node.gpus / gpus + 1e-9)) if gpus > 0 else fit
+
+    return sum(on(node) for node in nodes)
+
+
+def workers_that_fit(spec: SweepSpec, nodes: list[NodeCapacity] | None = None) -> int:
+    """Trial slots the cluster can hold now; none is an error naming the largest node (a request no
+    node can meet would leave trials pending forever, even where the cluster's total would cover it)."""
+    nodes = live_nodes() if nodes is None else nodes
     need = spec.resources
-    fit = math.floor(cpus / need.cpus + 1e-9)
-    if need.gpus > 0:
-        fit = min(fit, math.floor(gpus / need.gpus + 1e-9))
+    fit = slots_on(nodes, need.cpus, need.gpus)
     if fit < 1:
-        raise SweepFailed(f"resources: a trial needs {need.cpus:g} CPUs and {need.gpus:g} GPUs; "
-                          f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs")
+        largest = max(nodes, key=lambda n: (n.gpus, n.cpus), default=NodeCapacity("none", 0.0, 0.0))
+        raise SweepFailed(f"resources: a trial needs {need.cpus:g} CPUs and {need.gpus:g} GPUs on one node; "
+                          f"the largest of the cluster's {len(nodes)} node(s), {largest.name}, has "
+                          f"{largest.cpus:g} CPUs and {largest.gpus:g} GPUs")
     return min(spec.concurrency, fit)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import ray
 from pydantic import ValidationError
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.queue import Queue
 
 from spectune.config import DecodeConfig, Settings
@@ -67,6 +67,7 @@ class WorkerReady:
     hardware: dict[str, Any]
     load_s: float
     error: str | None = None
+    node: str | None = None  # the Ray node it runs on (`this_node`)
 
 
 @dataclass
@@ -101,6 +102,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def this_node() -> str:
+    """The Ray node this process runs on, as "name/id": the name `spectune cluster up` gave it (else its
+    IP), and the first 8 hex digits of its node id (nodes on one machine share an IP)."""
+    from spectune.cluster import node_name
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return f"{node_name(node['Resources'], node['NodeManagerAddress'])}/{node_id[:8]}"
+    return node_id[:8]
+
+
 def describe_hardware(device: str, threads: int) -> dict[str, Any]:
     import torch
     import transformers
@@ -127,6 +140,7 @@ class PairWorker:
         torch.set_num_threads(threads)  # the trial's CPUs, whatever OMP_NUM_THREADS said
         self.source = source
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.node = this_node()
         self.counters = WorkerCounters()
         self.hardware = describe_hardware(source.device, threads)
         self.settled: set[tuple[str, Settings, float, str]] = set()  # prompt sets this process has decoded once, untimed
@@ -143,10 +157,11 @@ class PairWorker:
         self.load_s = time.perf_counter() - started
 
     def ready(self) -> WorkerReady:
-        return WorkerReady(self.worker_id, self.hardware, self.load_s, self.load_error)
+        return WorkerReady(self.worker_id, self.hardware, self.load_s, self.load_error, self.node)
 
     def stats(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "pair_id": self.source.pair_id, **asdict(self.counters)}
+        return {"worker_id": self.worker_id, "node": self.node, "pair_id": self.source.pair_id,
+                **asdict(self.counters)}
 
     def run(self, request: TrialRequest) -> TrialOutcome:
         from spectune.bench import contender, measure
@@ -205,7 +220,7 @@ class PairWorker:
         return TrialOutcome(self.hardware, self._worker_info(), None, message, (), decode_s)
 
     def _worker_info(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "pair_loads": self.counters.pair_loads,
+        return {"worker_id": self.worker_id, "node": self.node, "pair_loads": self.counters.pair_loads,
                 "trials_run": self.counters.trials_run, "load_s": self.load_s}
 
     def _free_gpu_memory(self) -> None:
@@ -228,8 +243,10 @@ WORKER_RESTARTS = 3
 class WorkerPool:
     """The workers holding one pair; a trial leases one for its duration (a queue of free workers).
 
-    A lease never hands out a dead worker: it waits while Ray restarts one, and retires one that is
-    dead for good (onto `retired`, where the driver's `PoolKeeper` replaces it with `spawn()`).
+    A lease never hands out a dead worker: it skips one that Ray is restarting (trying the others
+    meanwhile: on a cluster that lost a node, a restart may wait for room that never comes), and
+    retires one that is dead for good (onto `retired`, where the driver's `PoolKeeper` replaces it
+    with `spawn()`).
     """
 
     pair_id: str
@@ -239,29 +256,46 @@ class WorkerPool:
     spawn: Callable[[], Any] | None = field(default=None, compare=False, repr=False)  # a new worker, driver side
 
     @contextmanager
-    def lease(self) -> Iterator[Any]:
-        worker = self._live_worker()
+    def lease(self) -> Iterator[Leased]:
+        leased = self._live_worker()
         try:
-            yield worker
+            yield leased
         finally:
-            self.free.put(worker)  # even after it died mid-trial: Ray restarts it; the next lease checks
+            self.free.put(leased.worker)  # even after it died mid-trial: Ray restarts it; the next lease checks
 
-    def _live_worker(self) -> Any:
+    def _live_worker(self) -> Leased:
         while True:
             worker = self.free.get(block=True)
-            if answers(worker):
-                return worker
-            if self.retired is not None:  # dead for good: out of circulation, the keeper replaces it
+            answer = answers(worker, LEASE_PROBE_S)
+            if isinstance(answer, WorkerReady):
+                return Leased(worker, answer.node)
+            if answer == "dead" and self.retired is not None:  # out of circulation, the keeper replaces it
                 self.retired.put(worker)
+            else:  # restarting (or dead with no keeper): back of the queue, the next one is tried
+                self.free.put(worker)
+                time.sleep(LEASE_PROBE_S)
 
 
-def answers(worker: Any) -> bool:
-    """True when the worker answers a call (waiting while Ray restarts it), False when it is dead for good."""
+@dataclass(frozen=True)
+class Leased:
+    worker: Any  # the actor handle
+    node: str | None  # where it ran when leased (`this_node`), for a trial's record
+
+
+LEASE_PROBE_S = 2.0  # a worker that does not answer within this is restarting: try another
+
+
+def answers(worker: Any, timeout_s: float | None = None) -> WorkerReady | str:
+    """The worker's `ready()` when it answers within `timeout_s` (None: waiting while Ray restarts it);
+    "restarting" when it does not answer in time, "dead" when it is dead for good."""
+    call = worker.ready.remote()
     try:
-        ray.get(worker.ready.remote())
+        return ray.get(call, timeout=timeout_s)
+    except GetTimeoutError:
+        ray.cancel(call)
+        return "restarting"
     except RayActorError:
-        return False
-    return True
+        return "dead"
 
 
 class PoolKeeper:
@@ -306,18 +340,32 @@ class PoolKeeper:
 
 def start_pool(source: PairRef, size: int, cpus: float, gpus: float) -> WorkerPool:
     """`size` workers for one pair (they start loading at once); wait with `wait_ready`."""
-    options = {"num_cpus": max(cpus - TRIAL_CPU_SHARE, TRIAL_CPU_SHARE), "num_gpus": gpus,
-               "max_restarts": WORKER_RESTARTS, "max_task_retries": 0}
+    options = {**worker_options(cpus, gpus), "max_restarts": WORKER_RESTARTS, "max_task_retries": 0}
     threads = max(1, round(cpus))
 
     def spawn() -> Any:
         return RemotePairWorker.options(**options).remote(source, threads)
 
+    return pool_of(source.pair_id, spawn, size)
+
+
+def worker_options(cpus: float, gpus: float) -> dict[str, Any]:
+    """A worker holds its slot's CPUs and GPUs; workers spread over nodes (one pair load per node first)."""
+    return {"num_cpus": max(cpus - TRIAL_CPU_SHARE, TRIAL_CPU_SHARE), "num_gpus": gpus, "scheduling_strategy": "SPREAD"}
+
+
+def pool_of(pair_id: str, spawn: Callable[[], Any], size: int) -> WorkerPool:
+    """`size` workers from `spawn` and the queues that lease them. The queues live on the driver's node
+    (the head on a cluster): losing a worker node must not lose the pool's bookkeeping."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)}
     workers = tuple(spawn() for _ in range(size))
-    free = Queue(maxsize=size, actor_options={"num_cpus": 0})
+    free = Queue(maxsize=size, actor_options=here)
     for worker in workers:
         free.put(worker)
-    return WorkerPool(source.pair_id, workers, free, Queue(actor_options={"num_cpus": 0}), spawn)
+    return WorkerPool(pair_id, workers, free, Queue(actor_options=here), spawn)
 
 
 def wait_ready(pool: WorkerPool) -> list[WorkerReady]:
