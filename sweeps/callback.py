@@ -262,3 +262,27 @@ class ProgressCallback(Callback):
             return
         best = f" | best {self.objective} {self.best[0]:.3g}: {self.best[1]}" if self.best else ""
         self.console.print(f"[{len(self.finished)}/{self.total}] {text}{best}", highlight=False, soft_wrap=True)
+
+
+class LeaseReclaimer(Callback):
+    """A trial whose own process died (its node lost) never gives its leased worker back: the driver
+    takes it back (`WorkerPool.reclaim`), or that worker, alive on another node, would idle for good.
+
+    Like the store, the pools are attached at run time and left out of Tune's pickled state.
+    """
+
+    def __init__(self) -> None:
+        self.pools: dict[str, Any] = {}
+        self.reclaimed = 0
+
+    def attach(self, pools: Mapping[str, Any]) -> LeaseReclaimer:
+        self.pools = dict(pools)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"pools": {}, "reclaimed": 0}
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        for pool in self.pools.values():
+            self.reclaimed += bool(pool.reclaim(trial.trial_id))
+

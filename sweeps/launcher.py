@@ -291,7 +291,7 @@ def _tuner(store: Store, spec: SweepSpec, options: SweepOptions, prompts: tuple[
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback  # result.json: what Tune's ResultGrid reads back
 
-    from spectune.sweeps.callback import ProgressCallback, StoreCallback
+    from spectune.sweeps.callback import LeaseReclaimer, ProgressCallback, StoreCallback
     from spectune.sweeps.space import num_samples, param_space, searcher
     from spectune.sweeps.trainable import SweepContext, run_trial
     from spectune.workers.trials.pair_worker import TRIAL_CPU_SHARE
@@ -305,22 +305,23 @@ def _tuner(store: Store, spec: SweepSpec, options: SweepOptions, prompts: tuple[
     path = experiment_path(spec, options, store.url)
     if options.resume:
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-        return tuner, _reattach_callbacks(tuner, store, console)
+        return tuner, _reattach_callbacks(tuner, store, console, pools)
     return tune.Tuner(
         trainable,
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(search_alg=searcher(spec, slots), num_samples=num_samples(spec), reuse_actors=True),
         run_config=tune.RunConfig(name=spec.name, storage_path=path.rsplit("/", 1)[0], verbose=0,
-                                  callbacks=[store_callback, progress, JsonLoggerCallback()]),
+                                  callbacks=[store_callback, progress, LeaseReclaimer().attach(pools),
+                                             JsonLoggerCallback()]),
     ), store_callback
 
 
-def _reattach_callbacks(tuner: Any, store: Store, console: Console) -> Any:
+def _reattach_callbacks(tuner: Any, store: Store, console: Console, pools: dict[str, WorkerPool]) -> Any:
     """Tune restores the callbacks it pickled, without their store and console; give them back.
 
     There is no public accessor for a restored Tuner's RunConfig (ray-project/ray#41364).
     """
-    from spectune.sweeps.callback import ProgressCallback, StoreCallback
+    from spectune.sweeps.callback import LeaseReclaimer, ProgressCallback, StoreCallback
 
     local_tuner = getattr(tuner, "_local_tuner", None)
     if local_tuner is None:
@@ -331,6 +332,8 @@ def _reattach_callbacks(tuner: Any, store: Store, console: Console) -> Any:
             writer = callback.attach(store, console)
         elif isinstance(callback, ProgressCallback):
             callback.attach(console)
+        elif isinstance(callback, LeaseReclaimer):
+            callback.attach(pools)
     if writer is None:
         raise SweepFailed("the restored sweep has no store callback; cannot resume into the store")
     return writer
@@ -363,9 +366,7 @@ def _stop_pool(pool: WorkerPool) -> None:
         ray.wait(stopping, num_returns=len(stopping), timeout=60)
     for worker in pool.workers:
         ray.kill(worker)
-    pool.free.shutdown(force=True)
-    if pool.retired is not None:
-        pool.retired.shutdown(force=True)
+    pool.stop()
 
 
 def _has_method(actor: Any, name: str) -> bool:

@@ -56,11 +56,11 @@ class SweepContext:
 def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     request = TrialRequest(trial_config(config), context.settings, context.prompts)
     started = time.perf_counter()
-    with context.pools[context.pair_id].lease() as leased:
+    with context.pools[context.pair_id].lease(tune.get_context().get_trial_id()) as leased:
         try:
             outcome: TrialOutcome = ray.get(leased.worker.run.remote(request))
         except RayActorError as err:  # the process died mid-trial (OOM-killed, a crash, SIGKILL, its node lost)
-            raise TrialFailed(f"the worker running this trial on node {leased.node} died ({_first_line(err)}); "
+            raise TrialFailed(f"the worker running this trial died on node {leased.node} ({_first_line(err)}); "
                               "Ray restarts it for the next trial", leased.node) from None
     if outcome.error is not None:
         raise TrialFailed(outcome.error, outcome.worker.get("node"))

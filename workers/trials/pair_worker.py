@@ -239,9 +239,57 @@ RemotePairWorker = ray.remote(PairWorker)
 WORKER_RESTARTS = 3
 
 
+class LeaseBook:
+    """The pool's free workers and who holds the others (a Ray actor on the driver's node).
+
+    A lease is recorded under its holder (the Tune trial's id), so the driver can take back the
+    worker of a trial whose own process died, a node lost with it, before it could give it back
+    (`reclaim`): otherwise that worker would never run another trial.
+    """
+
+    def __init__(self, workers: Sequence[Any]) -> None:
+        import asyncio
+
+        self.free: list[Any] = list(workers)
+        self.held: dict[str, Any] = {}
+        self.changed = asyncio.Condition()
+
+    async def take(self, holder: str) -> Any:
+        async with self.changed:
+            await self.changed.wait_for(lambda: bool(self.free))
+            worker = self.free.pop(0)
+            self.held[holder] = worker
+            return worker
+
+    async def put(self, worker: Any, holder: str | None = None) -> None:
+        """`worker` free again (from `holder`, whose lease ends; None: a new or checked worker)."""
+        async with self.changed:
+            if holder is not None:
+                self.held.pop(holder, None)
+            self.free.append(worker)
+            self.changed.notify_all()
+
+    async def drop(self, holder: str) -> None:
+        """`holder`'s lease ends without its worker coming back (it is dead: the keeper replaces it)."""
+        self.held.pop(holder, None)
+
+    async def reclaim(self, holder: str) -> bool:
+        """The worker `holder` still holds, free again (its holder died); False when it held none."""
+        async with self.changed:
+            worker = self.held.pop(holder, None)
+            if worker is None:
+                return False
+            self.free.append(worker)
+            self.changed.notify_all()
+            return True
+
+
+RemoteLeaseBook = ray.remote(LeaseBook)
+
+
 @dataclass
 class WorkerPool:
-    """The workers holding one pair; a trial leases one for its duration (a queue of free workers).
+    """The workers holding one pair; a trial leases one for its duration (`LeaseBook`).
 
     A lease never hands out a dead worker: it skips one that Ray is restarting (trying the others
     meanwhile: on a cluster that lost a node, a restart may wait for room that never comes), and
@@ -251,29 +299,39 @@ class WorkerPool:
 
     pair_id: str
     workers: tuple[Any, ...]  # actor handles (the driver's view: replacements are added here)
-    free: Queue = field(compare=False)
+    free: Any = field(compare=False)  # the LeaseBook actor
     retired: Queue | None = field(default=None, compare=False)
     spawn: Callable[[], Any] | None = field(default=None, compare=False, repr=False)  # a new worker, driver side
 
     @contextmanager
-    def lease(self) -> Iterator[Leased]:
-        leased = self._live_worker()
+    def lease(self, holder: str) -> Iterator[Leased]:
+        leased = self._live_worker(holder)
         try:
             yield leased
-        finally:
-            self.free.put(leased.worker)  # even after it died mid-trial: Ray restarts it; the next lease checks
+        finally:  # even after it died mid-trial: Ray restarts it; the next lease checks
+            ray.get(self.free.put.remote(leased.worker, holder))
 
-    def _live_worker(self) -> Leased:
+    def _live_worker(self, holder: str) -> Leased:
         while True:
-            worker = self.free.get(block=True)
+            worker = ray.get(self.free.take.remote(holder))
             answer = answers(worker, LEASE_PROBE_S)
             if isinstance(answer, WorkerReady):
                 return Leased(worker, answer.node)
             if answer == "dead" and self.retired is not None:  # out of circulation, the keeper replaces it
+                ray.get(self.free.drop.remote(holder))
                 self.retired.put(worker)
             else:  # restarting (or dead with no keeper): back of the queue, the next one is tried
-                self.free.put(worker)
+                ray.get(self.free.put.remote(worker, holder))
                 time.sleep(LEASE_PROBE_S)
+
+    def reclaim(self, holder: str) -> bool:
+        """Driver side: the worker a dead trial still holds goes back to the free ones."""
+        return ray.get(self.free.reclaim.remote(holder))
+
+    def stop(self) -> None:
+        ray.kill(self.free)
+        if self.retired is not None:
+            self.retired.shutdown(force=True)
 
 
 @dataclass(frozen=True)
@@ -335,7 +393,7 @@ class PoolKeeper:
             self.pool.workers = tuple(w for w in self.pool.workers if w != dead) + (fresh,)
             ray.kill(dead)
             self.replaced += 1
-            self.pool.free.put(fresh)
+            ray.get(self.pool.free.put.remote(fresh))
 
 
 def start_pool(source: PairRef, size: int, cpus: float, gpus: float) -> WorkerPool:
@@ -362,10 +420,8 @@ def pool_of(pair_id: str, spawn: Callable[[], Any], size: int) -> WorkerPool:
     here = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False)}
     workers = tuple(spawn() for _ in range(size))
-    free = Queue(maxsize=size, actor_options=here)
-    for worker in workers:
-        free.put(worker)
-    return WorkerPool(pair_id, workers, free, Queue(actor_options=here), spawn)
+    book = RemoteLeaseBook.options(**here).remote(workers)
+    return WorkerPool(pair_id, workers, book, Queue(actor_options=here), spawn)
 
 
 def wait_ready(pool: WorkerPool) -> list[WorkerReady]:
