@@ -102,6 +102,8 @@ def _ray() -> str:
 
 
 def _node_args(name: str, cpus: float, temp_dir: Path) -> list[str]:
+    """Every node has its own Ray folder: nodes sharing one would share `runtime_resources`, and a worker
+    node's runtime-env agent would delete the job's unpacked --working-dir under the driver on the head."""
     node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = free_ports(6)
     resources = {} if name == "head" else {f"{NODE_RESOURCE_PREFIX}{name}": 1}
     return ["--block", "--disable-usage-stats", "--num-cpus", f"{cpus:g}", "--num-gpus", "0",
@@ -142,7 +144,7 @@ def up(nodes: int, cpus: float = 2.0, folder: Path | None = None, timeout_s: flo
     head_args = ["--head", "--port", str(gcs), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                  "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client)]
     processes: list[subprocess.Popen] = []
-    started = [_start_node("head", [*head_args, *_node_args("head", 0, folder / "ray")], folder, env, 0, processes)]
+    started = [_start_node("head", [*head_args, *_node_args("head", 0, folder / "ray-head")], folder, env, 0, processes)]
     cluster = LocalCluster(str(folder), f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", str(token_path),
                            tuple(started))
     cluster.save()  # from here on `down` can stop what started, whatever fails next
@@ -150,7 +152,7 @@ def up(nodes: int, cpus: float = 2.0, folder: Path | None = None, timeout_s: flo
         _wait_for_port(gcs, started[0], processes[0], timeout_s)
         for i in range(1, nodes + 1):
             name = f"worker-{i}"
-            args = ["--address", cluster.address, *_node_args(name, cpus, folder / "ray")]
+            args = ["--address", cluster.address, *_node_args(name, cpus, folder / f"ray-{name}")]
             started.append(_start_node(name, args, folder, env, cpus, processes))
         cluster = LocalCluster(cluster.folder, cluster.address, cluster.dashboard, cluster.token_path, tuple(started))
         cluster.save()
@@ -220,6 +222,9 @@ def down(folder: Path | None = None, grace_s: float = 10.0) -> list[str]:
         time.sleep(0.2)
     for node in cluster.nodes:
         _signal_group(node.pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace_s
+    while any(_group_alive(n.pid) for n in cluster.nodes) and time.monotonic() < deadline:
+        time.sleep(0.2)
     (folder / STATE_FILE).unlink(missing_ok=True)
     return [n.name for n in cluster.nodes]
 

@@ -133,7 +133,7 @@ def test_a_submitted_sweep_spreads_over_both_nodes_each_loading_its_pair_once(mi
     assert set(by_node) == {"worker-1", "worker-2"}, by_node  # both worker nodes ran trials, the head none
     assert all(len(workers) == 1 for workers in by_node.values()), by_node  # one worker, one pair load per node
 
-    shown = run(str(BIN / "spectune"), "results", "spread", "--db", db_url)
+    shown = run(str(BIN / "spectune"), "results", "spread", "--db", db_url, env={"COLUMNS": "200"})
     assert shown.returncode == 0 and "worker-1/" in shown.stdout and "worker-2/" in shown.stdout, shown.stdout
 
     # a slot that no node can hold (2 CPUs; each node has 1, the cluster 2 in all): refused up front
@@ -196,7 +196,7 @@ def test_a_worker_node_killed_mid_sweep_loses_no_trial_and_the_survivor_complete
     assert all("died" in r["error"] for r in errors), [r["error"] for r in errors]
     after = [r for r in rows if r["status"] == "done" and r["started_at"].timestamp() > killed_at + 1]
     assert after and all(r["node"].startswith("worker-1/") for r in after)  # the survivor ran the rest
-    shown = run(str(BIN / "spectune"), "results", "node-lost", "--db", db_url)
+    shown = run(str(BIN / "spectune"), "results", "node-lost", "--db", db_url, env={"COLUMNS": "200"})
     assert shown.returncode == 0 and "node worker-2/" in shown.stdout and "its worker died" in shown.stdout, shown.stdout
 
 
