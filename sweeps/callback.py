@@ -43,7 +43,7 @@ def stored_config(tune_config: Mapping[str, Any]) -> DecodeConfig:
 Write = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]  # a store method bound at run time, its arguments
 
 
-def error_message(trial: Any) -> str:
+def error_message(trial: Any, died_on: str | None = None) -> str:
     """The trial's error as one line: the worker's message for a TrialFailed, else the exception's.
 
     Read from the trial's local error files: when the callback runs they are not yet
@@ -52,6 +52,8 @@ def error_message(trial: Any) -> str:
     cause = _pickled_error(trial)
     if isinstance(cause, TrialFailed):
         return str(cause)
+    if died_on is not None:  # the trial's own process died (its node lost) while it held a worker
+        return f"the trial's process died on node {died_on} ({type(cause).__name__}); its worker was taken back"
     if cause is not None:
         return f"{type(cause).__name__}: {' '.join(str(cause).split())}"
     return _last_error_line(trial) or "the trial failed without an error message"
@@ -113,19 +115,21 @@ class StoreCallback(Callback):
         self.sweep = sweep
         self.store: Any = None  # spectune.store.Store, attached by the launcher
         self.console: Any = None
+        self.reclaimer: LeaseReclaimer | None = None
         self.seen: set[str] = set()
         self.pending: deque[Write] = deque()  # writes not yet stored
         self.configs: dict[str, DecodeConfig] = {}  # trial id -> its configuration with store columns, made once
         self.outage: str | None = None  # why the store is unreachable, while it is
         self._last_try = 0.0
 
-    def attach(self, store: Any, console: Any = None) -> StoreCallback:
-        self.store, self.console = store, console
+    def attach(self, store: Any, console: Any = None, reclaimer: LeaseReclaimer | None = None) -> StoreCallback:
+        """`reclaimer` (listed before this callback) says where a trial whose process died ran."""
+        self.store, self.console, self.reclaimer = store, console, reclaimer
         return self
 
     def __getstate__(self) -> dict[str, Any]:
         # pending writes stay with this driver: a resumed sweep rewrites every result from Tune's state
-        return {"sweep": self.sweep, "store": None, "console": None, "seen": set(), "pending": deque(),
+        return {"sweep": self.sweep, "store": None, "console": None, "reclaimer": None, "seen": set(), "pending": deque(),
                 "configs": {}, "outage": None, "_last_try": 0.0}
 
     # --- writing ------------------------------------------------------------------------------
@@ -207,7 +211,8 @@ class StoreCallback(Callback):
         self._record(trial.trial_id, trial.config, result[PAYLOAD])
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._status(trial, "error", error=error_message(trial), node=error_node(trial))
+        died_on = self.reclaimer.died_on.get(trial.trial_id) if self.reclaimer is not None else None
+        self._status(trial, "error", error=error_message(trial, died_on), node=error_node(trial) or died_on)
 
 
 class ProgressCallback(Callback):
@@ -273,16 +278,18 @@ class LeaseReclaimer(Callback):
 
     def __init__(self) -> None:
         self.pools: dict[str, Any] = {}
-        self.reclaimed = 0
+        self.died_on: dict[str, str] = {}  # trial id -> the node its process died on (read by StoreCallback)
 
     def attach(self, pools: Mapping[str, Any]) -> LeaseReclaimer:
         self.pools = dict(pools)
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"pools": {}, "reclaimed": 0}
+        return {"pools": {}, "died_on": {}}
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         for pool in self.pools.values():
-            self.reclaimed += bool(pool.reclaim(trial.trial_id))
+            node = pool.reclaim(trial.trial_id)
+            if node is not None:
+                self.died_on[trial.trial_id] = node
 

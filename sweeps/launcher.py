@@ -299,7 +299,8 @@ def _tuner(store: Store, spec: SweepSpec, options: SweepOptions, prompts: tuple[
     context = SweepContext.of(spec, pools, prompts)
     # the trial only waits on its leased worker, which holds the slot's CPUs and GPUs
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU_SHARE})
-    store_callback = StoreCallback(spec.name).attach(store, console)
+    reclaimer = LeaseReclaimer().attach(pools)
+    store_callback = StoreCallback(spec.name).attach(store, console, reclaimer)
     first = spec.objectives[0]
     progress = ProgressCallback(spec.trials, first.metric, first.mode).attach(console)
     path = experiment_path(spec, options, store.url)
@@ -311,8 +312,7 @@ def _tuner(store: Store, spec: SweepSpec, options: SweepOptions, prompts: tuple[
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(search_alg=searcher(spec, slots), num_samples=num_samples(spec), reuse_actors=True),
         run_config=tune.RunConfig(name=spec.name, storage_path=path.rsplit("/", 1)[0], verbose=0,
-                                  callbacks=[store_callback, progress, LeaseReclaimer().attach(pools),
-                                             JsonLoggerCallback()]),
+                                  callbacks=[reclaimer, store_callback, progress, JsonLoggerCallback()]),
     ), store_callback
 
 
@@ -326,14 +326,13 @@ def _reattach_callbacks(tuner: Any, store: Store, console: Console, pools: dict[
     local_tuner = getattr(tuner, "_local_tuner", None)
     if local_tuner is None:
         raise SweepFailed("this Ray version keeps a restored Tuner's callbacks out of reach; cannot resume into the store")
-    writer = None
-    for callback in local_tuner.get_run_config().callbacks or []:
+    writer, callbacks = None, local_tuner.get_run_config().callbacks or []
+    reclaimer = next((c.attach(pools) for c in callbacks if isinstance(c, LeaseReclaimer)), None)
+    for callback in callbacks:
         if isinstance(callback, StoreCallback):
-            writer = callback.attach(store, console)
+            writer = callback.attach(store, console, reclaimer)
         elif isinstance(callback, ProgressCallback):
             callback.attach(console)
-        elif isinstance(callback, LeaseReclaimer):
-            callback.attach(pools)
     if writer is None:
         raise SweepFailed("the restored sweep has no store callback; cannot resume into the store")
     return writer

@@ -137,7 +137,9 @@ def up(nodes: int, cpus: float = 2.0, folder: Path | None = None, timeout_s: flo
     token_path = folder / TOKEN_FILE
     token_path.write_text(secrets.token_hex(32))
     token_path.chmod(0o600)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    here = str(Path(sys.executable).parent)  # jobs run `spectune` and `python` of this installation
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
+           "PATH": f"{here}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_AUTH_TOKEN", None)  # the file is the one token
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard, client = free_ports(3)

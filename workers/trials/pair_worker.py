@@ -252,13 +252,14 @@ class LeaseBook:
 
         self.free: list[Any] = list(workers)
         self.held: dict[str, Any] = {}
+        self.holder_node: dict[str, str | None] = {}  # where each holder (a trial's process) runs
         self.changed = asyncio.Condition()
 
-    async def take(self, holder: str) -> Any:
+    async def take(self, holder: str, node: str | None = None) -> Any:
         async with self.changed:
             await self.changed.wait_for(lambda: bool(self.free))
             worker = self.free.pop(0)
-            self.held[holder] = worker
+            self.held[holder], self.holder_node[holder] = worker, node
             return worker
 
     async def put(self, worker: Any, holder: str | None = None) -> None:
@@ -273,15 +274,16 @@ class LeaseBook:
         """`holder`'s lease ends without its worker coming back (it is dead: the keeper replaces it)."""
         self.held.pop(holder, None)
 
-    async def reclaim(self, holder: str) -> bool:
-        """The worker `holder` still holds, free again (its holder died); False when it held none."""
+    async def reclaim(self, holder: str) -> str | None:
+        """The worker `holder` still holds, free again (its holder died): the node the holder ran on
+        ("unknown" if it did not say); None when it held none (its lease ended as it should)."""
         async with self.changed:
             worker = self.held.pop(holder, None)
             if worker is None:
-                return False
+                return None
             self.free.append(worker)
             self.changed.notify_all()
-            return True
+            return self.holder_node.get(holder) or "unknown"
 
 
 RemoteLeaseBook = ray.remote(LeaseBook)
@@ -312,8 +314,9 @@ class WorkerPool:
             ray.get(self.free.put.remote(leased.worker, holder))
 
     def _live_worker(self, holder: str) -> Leased:
+        here = this_node()
         while True:
-            worker = ray.get(self.free.take.remote(holder))
+            worker = ray.get(self.free.take.remote(holder, here))
             answer = answers(worker, LEASE_PROBE_S)
             if isinstance(answer, WorkerReady):
                 return Leased(worker, answer.node)
@@ -324,8 +327,9 @@ class WorkerPool:
                 ray.get(self.free.put.remote(worker, holder))
                 time.sleep(LEASE_PROBE_S)
 
-    def reclaim(self, holder: str) -> bool:
-        """Driver side: the worker a dead trial still holds goes back to the free ones."""
+    def reclaim(self, holder: str) -> str | None:
+        """Driver side: the worker a dead trial still holds goes back to the free ones; the node the
+        trial's process ran on, or None when it held no worker."""
         return ray.get(self.free.reclaim.remote(holder))
 
     def stop(self) -> None:
@@ -428,6 +432,18 @@ def wait_ready(pool: WorkerPool) -> list[WorkerReady]:
     return ray.get([w.ready.remote() for w in pool.workers])
 
 
-def pool_stats(pool: WorkerPool) -> list[dict[str, Any]]:
-    """Each worker's counters (a worker Ray restarted counts from its restart)."""
-    return ray.get([w.stats.remote() for w in pool.workers])
+def pool_stats(pool: WorkerPool, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """The counters of each worker that answers (a worker Ray restarted counts from its restart); one
+    lost with its node, or waiting for room to restart in, is left out rather than waited for."""
+    calls = [w.stats.remote() for w in pool.workers]
+    answered, _ = ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
+    stats = []
+    for call in calls:
+        if call not in answered:
+            ray.cancel(call)
+            continue
+        try:
+            stats.append(ray.get(call))
+        except RayActorError:
+            continue  # it died as it answered
+    return stats
