@@ -154,10 +154,8 @@ def test_a_submitted_sweep_spreads_over_both_nodes_each_loading_its_pair_once(mi
 def _job_status(cluster: LocalCluster, job_id: str) -> str:
     status = run(str(BIN / "ray"), "job", "status", "--address", cluster.dashboard, job_id, env=cluster.env(),
                  timeout=60)
-    for word in ("SUCCEEDED", "FAILED", "STOPPED"):
-        if word in status.stdout:
-            return word
-    return "RUNNING"
+    ended = re.search(rf"Job '{job_id}' (succeeded|failed|stopped)", status.stdout)  # else it runs
+    return ended.group(1).upper() if ended else "RUNNING"
 
 
 def test_a_worker_node_killed_mid_sweep_loses_no_trial_and_the_survivor_completes_it(micro_pair, tmp_path, cluster,
