@@ -168,13 +168,15 @@ def pg_count(url: str, sql: str) -> int:
         return 0
 
 
-def finished_rows(url: str) -> dict[str, tuple[object, str]]:
-    """Every trial stored as done: its key -> (finish time, the worker that ran it, host:pid)."""
+def finished_rows(url: str, sweep: str) -> dict[str, tuple[object, str]]:
+    """Every trial of `sweep` stored as done: its key -> (finish time, the worker that ran it, host:pid).
+    (The private server keeps the earlier tests' sweeps: only this one's rows count.)"""
     import psycopg
 
     with psycopg.connect(url.replace("postgresql+psycopg", "postgresql"), connect_timeout=2) as conn:
         rows = conn.execute("SELECT t.trial_key, t.finished_at, m.extra FROM trials t "
-                            "JOIN trial_metrics m ON m.trial_id = t.id WHERE t.status = 'done'").fetchall()
+                            "JOIN trial_metrics m ON m.trial_id = t.id JOIN sweeps s ON s.id = t.sweep_id "
+                            "WHERE t.status = 'done' AND s.name = %s", (sweep,)).fetchall()
     extras = {key: extra if isinstance(extra, dict) else json.loads(extra) for key, _, extra in rows}
     return {key: (finished_at, extras[key]["worker"]["worker_id"]) for key, finished_at, _ in rows}
 
@@ -243,7 +245,7 @@ def test_postgres_gone_at_the_end_fails_naming_the_url_and_resume_stores_everyth
     assert any("could not be set to 'error'" in note for note in notes)  # noted, not raised instead
 
     postgres.start()
-    before = finished_rows(postgres.url)  # stored before the outage
+    before = finished_rows(postgres.url, "gone")  # stored before the outage
     assert 1 <= len(before) < 5
     [first_worker] = {worker for _, worker in before.values()}
     with connect(postgres.url) as store:
@@ -259,6 +261,6 @@ def test_postgres_gone_at_the_end_fails_naming_the_url_and_resume_stores_everyth
     # driver's worker) and leaves the ones stored before the outage as they were
     [resumed_worker] = outcome.workers
     assert resumed_worker["trials_run"] == 0
-    after = finished_rows(postgres.url)
+    after = finished_rows(postgres.url, "gone")
     assert {key: after[key] for key in before} == before
     assert {worker for _, worker in after.values()} == {first_worker}
