@@ -114,18 +114,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def spectune_serve(config: Path, folder: Path, *extra: str) -> Served:
-    """`spectune serve --config` in its own process (a fresh local Ray), healthy."""
+def spectune_serve(config: Path, folder: Path, *extra: str, api_key: str | None = None,
+                   healthy_within_s: float = 360.0) -> Served:
+    """`spectune serve --config` in its own process (a fresh local Ray), healthy; `api_key` as $SPECTUNE_API_KEY."""
     port = free_port()
     env = {**os.environ, "SPECTUNE_CACHE": str(folder / "cache"), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     env.pop("SPECTUNE_API_KEY", None)
+    if api_key is not None:
+        env["SPECTUNE_API_KEY"] = api_key
     log = folder / "serve.log"
     with log.open("wb") as out:
         process = subprocess.Popen([str(Path(sys.executable).with_name("spectune")), "serve", "--config", str(config),
                                     "--port", str(port), *extra], env=env, stdout=out, stderr=subprocess.STDOUT)
     served = Served(f"http://127.0.0.1:{port}", port, process, log, env)
-    deadline = time.monotonic() + 360
+    deadline = time.monotonic() + healthy_within_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"`spectune serve` exited with {process.returncode}:\n{log.read_text()[-4000:]}")
@@ -136,7 +139,7 @@ def spectune_serve(config: Path, folder: Path, *extra: str) -> Served:
             pass
         time.sleep(1)
     shut_down(served)
-    pytest.fail(f"the endpoint was not healthy within 360 s:\n{log.read_text()[-4000:]}")
+    pytest.fail(f"the endpoint was not healthy within {healthy_within_s:.0f} s:\n{log.read_text()[-4000:]}")
 
 
 @contextmanager

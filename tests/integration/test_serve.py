@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +35,7 @@ from spectune.workers.serve.app import build_app
 from spectune.workers.serve.served_config import (
     Limits, ServeArgs, ServeConfigError, choose, from_config_file,
 )
-from support import alive, descendants
+from support import Served, alive, descendants, shut_down, spectune_serve
 
 PROMPTS = [
     "def add(a, b):\n",
@@ -466,13 +463,8 @@ def test_deployment_options_come_from_flags_and_the_builder_reads_serve_args(mic
 # --- real HTTP against Ray Serve (slow) ---------------------------------------------------
 
 
-@dataclass
-class Endpoint:
-    url: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
-    env: dict[str, str]
+class Endpoint(Served):
+    """A `spectune serve` process whose endpoint wants the test's API key."""
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {API_KEY}"}
@@ -486,52 +478,17 @@ def _spectune() -> str:
     return str(Path(sys.executable).with_name("spectune"))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_until_healthy(endpoint: Endpoint, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if endpoint.process.poll() is not None:
-            pytest.fail(f"`spectune serve` exited with {endpoint.process.returncode}:\n{endpoint.log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{endpoint.url}/healthz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"the endpoint was not healthy within {timeout_s:.0f} s:\n{endpoint.log.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def endpoint(micro_pair: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
     """`spectune serve` in its own process: a fresh local Ray, Serve on 127.0.0.1:<free port>."""
     folder = tmp_path_factory.mktemp("endpoint")
-    config = write_config(folder, micro_pair)
-    port = _free_port()
-    env = {**os.environ, "SPECTUNE_CACHE": str(folder / "cache"), "SPECTUNE_API_KEY": API_KEY,
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    log = folder / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([_spectune(), "serve", "--config", str(config), "--port", str(port),
-                                    "--max-tokens-limit", "900", "--num-cpus", "1"],
-                                   env=env, stdout=out, stderr=subprocess.STDOUT)
-    started = Endpoint(f"http://127.0.0.1:{port}", port, process, log, env)
+    served = spectune_serve(write_config(folder, micro_pair), folder, "--max-tokens-limit", "900", "--num-cpus", "1",
+                            api_key=API_KEY, healthy_within_s=300)
+    started = Endpoint(served.url, served.port, served.process, served.log, served.env)
     try:
-        _wait_until_healthy(started, timeout_s=300)
         yield started
     finally:
-        if process.poll() is None:
-            started.stop()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.terminate()
-            process.wait(timeout=30)
+        shut_down(started)
 
 
 @pytest.fixture(scope="module")
