@@ -59,7 +59,7 @@ TABLE_COLUMNS = {  # display order: what users compare first, then the cost deta
     "on_front": "on front", "tree_tokens_per_step": "tree tok/step",
     "draft_calls_per_step": "draft passes/step", "draft_share": "draft share",
     "ms_per_token": "ms/token", "tokens_per_s": "tok/s", "method": "method", "served": "served",
-    "error": "error", "hardware": "hardware",
+    "error": "error", "hardware": "hardware", "node": "node",
 }
 SORTABLE = ("speedup", "mean_accepted_tokens", "acceptance_rate", "tree_tokens_per_step",
             "draft_calls_per_step", "draft_share", "ms_per_token", "tokens_per_s", "trial_id")

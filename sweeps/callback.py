@@ -43,7 +43,7 @@ def stored_config(tune_config: Mapping[str, Any]) -> DecodeConfig:
 Write = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]  # a store method bound at run time, its arguments
 
 
-def error_message(trial: Any) -> str:
+def error_message(trial: Any, died_on: str | None = None) -> str:
     """The trial's error as one line: the worker's message for a TrialFailed, else the exception's.
 
     Read from the trial's local error files: when the callback runs they are not yet
@@ -52,9 +52,17 @@ def error_message(trial: Any) -> str:
     cause = _pickled_error(trial)
     if isinstance(cause, TrialFailed):
         return str(cause)
+    if died_on is not None:  # the trial's own process died (its node lost) while it held a worker
+        return f"the trial's process died on node {died_on} ({type(cause).__name__}); its worker was taken back"
     if cause is not None:
         return f"{type(cause).__name__}: {' '.join(str(cause).split())}"
     return _last_error_line(trial) or "the trial failed without an error message"
+
+
+def error_node(trial: Any) -> str | None:
+    """The node the failed trial's worker ran on, when the trial could say (a TrialFailed carries it)."""
+    cause = _pickled_error(trial)
+    return cause.node if isinstance(cause, TrialFailed) else None
 
 
 def _pickled_error(trial: Any) -> BaseException | None:
@@ -107,6 +115,7 @@ class StoreCallback(Callback):
         self.sweep = sweep
         self.store: Any = None  # spectune.store.Store, attached by the launcher
         self.console: Any = None
+        self.reclaimer: LeaseReclaimer | None = None
         self.seen: set[str] = set()
         self.pending: deque[Write] = deque()  # writes not yet stored
         self.configs: dict[str, DecodeConfig] = {}  # trial id -> its configuration with store columns, made once
@@ -114,13 +123,16 @@ class StoreCallback(Callback):
         self._last_try = 0.0
         self.stored: frozenset[str] = frozenset()  # a resumed sweep: trials the store holds as done, left as they are
 
-    def attach(self, store: Any, console: Any = None, stored: frozenset[str] = frozenset()) -> StoreCallback:
-        self.store, self.console, self.stored = store, console, stored
+    def attach(self, store: Any, console: Any = None, reclaimer: LeaseReclaimer | None = None,
+               stored: frozenset[str] = frozenset()) -> StoreCallback:
+        """`reclaimer` (listed before this callback) says where a trial whose process died ran; `stored`: a resumed
+        sweep's trials the store already holds as done (left as they are)."""
+        self.store, self.console, self.reclaimer, self.stored = store, console, reclaimer, stored
         return self
 
     def __getstate__(self) -> dict[str, Any]:
         # pending writes stay with this driver: a resumed sweep rewrites every result from Tune's state
-        return {"sweep": self.sweep, "store": None, "console": None, "seen": set(), "pending": deque(),
+        return {"sweep": self.sweep, "store": None, "console": None, "reclaimer": None, "seen": set(), "pending": deque(),
                 "configs": {}, "outage": None, "_last_try": 0.0, "stored": frozenset()}
 
     # --- writing ------------------------------------------------------------------------------
@@ -169,7 +181,8 @@ class StoreCallback(Callback):
 
     def _record(self, trial_id: str, tune_config: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
         outcome = DecodeResult.from_dict(payload["result"], config=self._config(trial_id, tune_config))
-        self._write(self.store.record_result, self.sweep, trial_id, outcome, payload["hardware"])
+        self._write(self.store.record_result, self.sweep, trial_id, outcome, payload["hardware"],
+                    node=payload.get("node"))
         for baseline in payload["baselines"]:
             self._write(self.store.save_baseline, BaselineResult(**baseline), payload["hardware"],
                         extra={"sweep": self.sweep})
@@ -204,7 +217,8 @@ class StoreCallback(Callback):
             self._record(trial.trial_id, trial.config, result[PAYLOAD])
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._status(trial, "error", error=error_message(trial))
+        died_on = self.reclaimer.died_on.get(trial.trial_id) if self.reclaimer is not None else None
+        self._status(trial, "error", error=error_message(trial, died_on), node=error_node(trial) or died_on)
 
 
 class ProgressCallback(Callback):
@@ -259,3 +273,29 @@ class ProgressCallback(Callback):
             return
         best = f" | best {self.objective} {self.best[0]:.3g}: {self.best[1]}" if self.best else ""
         self.console.print(f"[{len(self.finished)}/{self.total}] {text}{best}", highlight=False, soft_wrap=True)
+
+
+class LeaseReclaimer(Callback):
+    """A trial whose own process died (its node lost) never gives its leased worker back: the driver
+    takes it back (`WorkerPool.reclaim`), or that worker, alive on another node, would idle for good.
+
+    Like the store, the pools are attached at run time and left out of Tune's pickled state.
+    """
+
+    def __init__(self) -> None:
+        self.pools: dict[str, Any] = {}
+        self.died_on: dict[str, str] = {}  # trial id -> the node its process died on (read by StoreCallback)
+
+    def attach(self, pools: Mapping[str, Any]) -> LeaseReclaimer:
+        self.pools = dict(pools)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"pools": {}, "died_on": {}}
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        for pool in self.pools.values():
+            node = pool.reclaim(trial.trial_id)
+            if node is not None:
+                self.died_on[trial.trial_id] = node
+

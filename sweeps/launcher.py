@@ -200,19 +200,45 @@ def _check_reachable(address: str) -> None:
         raise SweepFailed(f"cannot reach Ray at {address}: {err.strerror or err}") from None
 
 
-def workers_that_fit(spec: SweepSpec) -> int:
-    """Trial slots the cluster can hold now (a request it cannot meet would leave trials pending forever)."""
+@dataclass(frozen=True)
+class NodeCapacity:
+    """What one live Ray node offers (its totals: a slot must fit on one node, never across two)."""
+
+    name: str
+    cpus: float
+    gpus: float
+
+
+def live_nodes() -> list[NodeCapacity]:
     import ray
 
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    from spectune.cluster import node_name
+
+    return [NodeCapacity(node_name(n["Resources"], n["NodeManagerAddress"]),
+                         n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def slots_on(nodes: list[NodeCapacity], cpus: float, gpus: float) -> int:
+    """Trial slots the nodes hold: each node's own count, summed (a worker is one process on one node)."""
+    def on(node: NodeCapacity) -> int:
+        fit = math.floor(node.cpus / cpus + 1e-9)
+        return min(fit, math.floor(node.gpus / gpus + 1e-9)) if gpus > 0 else fit
+
+    return sum(on(node) for node in nodes)
+
+
+def workers_that_fit(spec: SweepSpec, nodes: list[NodeCapacity] | None = None) -> int:
+    """Trial slots the cluster can hold now; none is an error naming the largest node (a request no
+    node can meet would leave trials pending forever, even where the cluster's total would cover it)."""
+    nodes = live_nodes() if nodes is None else nodes
     need = spec.resources
-    fit = math.floor(cpus / need.cpus + 1e-9)
-    if need.gpus > 0:
-        fit = min(fit, math.floor(gpus / need.gpus + 1e-9))
+    fit = slots_on(nodes, need.cpus, need.gpus)
     if fit < 1:
-        raise SweepFailed(f"resources: a trial needs {need.cpus:g} CPUs and {need.gpus:g} GPUs; "
-                          f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs")
+        largest = max(nodes, key=lambda n: (n.gpus, n.cpus), default=NodeCapacity("none", 0.0, 0.0))
+        raise SweepFailed(f"resources: a trial needs {need.cpus:g} CPUs and {need.gpus:g} GPUs on one node; "
+                          f"the largest of the cluster's {len(nodes)} node(s), {largest.name}, has "
+                          f"{largest.cpus:g} CPUs and {largest.gpus:g} GPUs")
     return min(spec.concurrency, fit)
 
 
@@ -265,7 +291,7 @@ def _tuner(store: Store, spec: SweepSpec, options: SweepOptions, prompts: tuple[
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback  # result.json: what Tune's ResultGrid reads back
 
-    from spectune.sweeps.callback import ProgressCallback, StoreCallback
+    from spectune.sweeps.callback import LeaseReclaimer, ProgressCallback, StoreCallback
     from spectune.sweeps.space import num_samples, param_space, searcher
     from spectune.sweeps.trainable import SweepContext, run_trial
     from spectune.workers.trials.pair_worker import TRIAL_CPU_SHARE
@@ -274,19 +300,20 @@ def _tuner(store: Store, spec: SweepSpec, options: SweepOptions, prompts: tuple[
     context = SweepContext.of(spec, pools, prompts, stored)
     # the trial only waits on its leased worker, which holds the slot's CPUs and GPUs
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU_SHARE})
-    store_callback = StoreCallback(spec.name).attach(store, console)
+    reclaimer = LeaseReclaimer().attach(pools)
+    store_callback = StoreCallback(spec.name).attach(store, console, reclaimer)
     first = spec.objectives[0]
     progress = ProgressCallback(spec.trials, first.metric, first.mode).attach(console)
     path = experiment_path(spec, options, store.url)
     if options.resume:
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-        return tuner, _reattach_callbacks(tuner, store, console, frozenset(stored))
+        return tuner, _reattach_callbacks(tuner, store, console, pools, frozenset(stored))
     return tune.Tuner(
         trainable,
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(search_alg=searcher(spec, slots), num_samples=num_samples(spec), reuse_actors=True),
         run_config=tune.RunConfig(name=spec.name, storage_path=path.rsplit("/", 1)[0], verbose=0,
-                                  callbacks=[store_callback, progress, JsonLoggerCallback()]),
+                                  callbacks=[reclaimer, store_callback, progress, JsonLoggerCallback()]),
     ), store_callback
 
 
@@ -302,20 +329,22 @@ def _stored_results(store: Store, spec: SweepSpec) -> dict[str, dict[str, Any]]:
     return {key: {name: metrics.get(name) for name in names} for key, metrics in reported.items()}
 
 
-def _reattach_callbacks(tuner: Any, store: Store, console: Console, stored: frozenset[str]) -> Any:
+def _reattach_callbacks(tuner: Any, store: Store, console: Console, pools: dict[str, WorkerPool],
+                        stored: frozenset[str]) -> Any:
     """Tune restores the callbacks it pickled, without their store and console; give them back.
 
     There is no public accessor for a restored Tuner's RunConfig (ray-project/ray#41364).
     """
-    from spectune.sweeps.callback import ProgressCallback, StoreCallback
+    from spectune.sweeps.callback import LeaseReclaimer, ProgressCallback, StoreCallback
 
     local_tuner = getattr(tuner, "_local_tuner", None)
     if local_tuner is None:
         raise SweepFailed("this Ray version keeps a restored Tuner's callbacks out of reach; cannot resume into the store")
-    writer = None
-    for callback in local_tuner.get_run_config().callbacks or []:
+    writer, callbacks = None, local_tuner.get_run_config().callbacks or []
+    reclaimer = next((c.attach(pools) for c in callbacks if isinstance(c, LeaseReclaimer)), None)
+    for callback in callbacks:
         if isinstance(callback, StoreCallback):
-            writer = callback.attach(store, console, stored)
+            writer = callback.attach(store, console, reclaimer, stored)
         elif isinstance(callback, ProgressCallback):
             callback.attach(console)
     if writer is None:
@@ -350,9 +379,7 @@ def _stop_pool(pool: WorkerPool) -> None:
         ray.wait(stopping, num_returns=len(stopping), timeout=60)
     for worker in pool.workers:
         ray.kill(worker)
-    pool.free.shutdown(force=True)
-    if pool.retired is not None:
-        pool.retired.shutdown(force=True)
+    pool.stop()
 
 
 def _has_method(actor: Any, name: str) -> bool:

@@ -26,7 +26,17 @@ PAYLOAD = "spectune"  # the reported key holding metrics, hardware and baseline 
 
 
 class TrialFailed(RuntimeError):
-    """The trial's configuration could not be measured; the message says why (stored as the trial's error)."""
+    """The trial's configuration could not be measured; the message says why (stored as the trial's error).
+
+    `node` is the Ray node the trial's worker ran on, when known: the store records it beside the error.
+    """
+
+    def __init__(self, message: str, node: str | None = None) -> None:
+        super().__init__(message)
+        self.node = node
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Tune pickles it to the trial's error file: keep the node
+        return (TrialFailed, (str(self), self.node))
 
 
 @dataclass(frozen=True)
@@ -56,14 +66,14 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         return
     request = TrialRequest(trial_config(config), context.settings, context.prompts)
     started = time.perf_counter()
-    with context.pools[context.pair_id].lease() as worker:
+    with context.pools[context.pair_id].lease(tune.get_context().get_trial_id()) as leased:
         try:
-            outcome: TrialOutcome = ray.get(worker.run.remote(request))
-        except RayActorError as err:  # the process died mid-trial (OOM-killed, a crash, SIGKILL)
-            raise TrialFailed(f"the worker running this trial died ({_first_line(err)}); "
-                              "Ray restarts it for the next trial") from None
+            outcome: TrialOutcome = ray.get(leased.worker.run.remote(request))
+        except RayActorError as err:  # the process died mid-trial (OOM-killed, a crash, SIGKILL, its node lost)
+            raise TrialFailed(f"the worker running this trial died on node {leased.node} ({_first_line(err)}); "
+                              "Ray restarts it for the next trial", leased.node) from None
     if outcome.error is not None:
-        raise TrialFailed(outcome.error)
+        raise TrialFailed(outcome.error, outcome.worker.get("node"))
     tune.report(trial_report(outcome, context.objectives, time.perf_counter() - started))
 
 
@@ -81,5 +91,6 @@ def trial_report(outcome: TrialOutcome, objectives: tuple[str, ...], wall_s: flo
     row = result.as_dict()
     return {
         **{name: row.get(name) for name in objectives},
-        PAYLOAD: {"result": row, "hardware": outcome.hardware, "baselines": [asdict(b) for b in outcome.baselines]},
+        PAYLOAD: {"result": row, "hardware": outcome.hardware, "node": outcome.worker.get("node"),
+                  "baselines": [asdict(b) for b in outcome.baselines]},
     }

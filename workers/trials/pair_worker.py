@@ -27,7 +27,7 @@ from typing import Any
 
 import ray
 from pydantic import ValidationError
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.queue import Queue
 
 from spectune.config import DecodeConfig, Settings
@@ -67,6 +67,7 @@ class WorkerReady:
     hardware: dict[str, Any]
     load_s: float
     error: str | None = None
+    node: str | None = None  # the Ray node it runs on (`this_node`)
 
 
 @dataclass
@@ -101,6 +102,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def this_node() -> str:
+    """The Ray node this process runs on, as "name/id": the name `spectune cluster up` gave it (else its
+    IP), and the first 8 hex digits of its node id (nodes on one machine share an IP)."""
+    from spectune.cluster import node_name
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return f"{node_name(node['Resources'], node['NodeManagerAddress'])}/{node_id[:8]}"
+    return node_id[:8]
+
+
 def describe_hardware(device: str, threads: int) -> dict[str, Any]:
     import torch
     import transformers
@@ -127,6 +140,7 @@ class PairWorker:
         torch.set_num_threads(threads)  # the trial's CPUs, whatever OMP_NUM_THREADS said
         self.source = source
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.node = this_node()
         self.counters = WorkerCounters()
         self.hardware = describe_hardware(source.device, threads)
         self.settled: set[tuple[str, Settings, float, str]] = set()  # prompt sets this process has decoded once, untimed
@@ -143,10 +157,11 @@ class PairWorker:
         self.load_s = time.perf_counter() - started
 
     def ready(self) -> WorkerReady:
-        return WorkerReady(self.worker_id, self.hardware, self.load_s, self.load_error)
+        return WorkerReady(self.worker_id, self.hardware, self.load_s, self.load_error, self.node)
 
     def stats(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "pair_id": self.source.pair_id, **asdict(self.counters)}
+        return {"worker_id": self.worker_id, "node": self.node, "pair_id": self.source.pair_id,
+                **asdict(self.counters)}
 
     def run(self, request: TrialRequest) -> TrialOutcome:
         from spectune.bench import contender, measure
@@ -205,7 +220,7 @@ class PairWorker:
         return TrialOutcome(self.hardware, self._worker_info(), None, message, (), decode_s)
 
     def _worker_info(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "pair_loads": self.counters.pair_loads,
+        return {"worker_id": self.worker_id, "node": self.node, "pair_loads": self.counters.pair_loads,
                 "trials_run": self.counters.trials_run, "load_s": self.load_s}
 
     def _free_gpu_memory(self) -> None:
@@ -224,44 +239,125 @@ RemotePairWorker = ray.remote(PairWorker)
 WORKER_RESTARTS = 3
 
 
+class LeaseBook:
+    """The pool's free workers and who holds the others (a Ray actor on the driver's node).
+
+    A lease is recorded under its holder (the Tune trial's id), so the driver can take back the
+    worker of a trial whose own process died, a node lost with it, before it could give it back
+    (`reclaim`): otherwise that worker would never run another trial.
+    """
+
+    def __init__(self, workers: Sequence[Any]) -> None:
+        import asyncio
+
+        self.free: list[Any] = list(workers)
+        self.held: dict[str, Any] = {}
+        self.holder_node: dict[str, str | None] = {}  # where each holder (a trial's process) runs
+        self.changed = asyncio.Condition()
+
+    async def take(self, holder: str, node: str | None = None) -> Any:
+        async with self.changed:
+            await self.changed.wait_for(lambda: bool(self.free))
+            worker = self.free.pop(0)
+            self.held[holder], self.holder_node[holder] = worker, node
+            return worker
+
+    async def put(self, worker: Any, holder: str | None = None) -> None:
+        """`worker` free again (from `holder`, whose lease ends; None: a new or checked worker)."""
+        async with self.changed:
+            if holder is not None:
+                self.held.pop(holder, None)
+            self.free.append(worker)
+            self.changed.notify_all()
+
+    async def drop(self, holder: str) -> None:
+        """`holder`'s lease ends without its worker coming back (it is dead: the keeper replaces it)."""
+        self.held.pop(holder, None)
+
+    async def reclaim(self, holder: str) -> str | None:
+        """The worker `holder` still holds, free again (its holder died): the node the holder ran on
+        ("unknown" if it did not say); None when it held none (its lease ended as it should)."""
+        async with self.changed:
+            worker = self.held.pop(holder, None)
+            if worker is None:
+                return None
+            self.free.append(worker)
+            self.changed.notify_all()
+            return self.holder_node.get(holder) or "unknown"
+
+
+RemoteLeaseBook = ray.remote(LeaseBook)
+
+
 @dataclass
 class WorkerPool:
-    """The workers holding one pair; a trial leases one for its duration (a queue of free workers).
+    """The workers holding one pair; a trial leases one for its duration (`LeaseBook`).
 
-    A lease never hands out a dead worker: it waits while Ray restarts one, and retires one that is
-    dead for good (onto `retired`, where the driver's `PoolKeeper` replaces it with `spawn()`).
+    A lease never hands out a dead worker: it skips one that Ray is restarting (trying the others
+    meanwhile: on a cluster that lost a node, a restart may wait for room that never comes), and
+    retires one that is dead for good (onto `retired`, where the driver's `PoolKeeper` replaces it
+    with `spawn()`).
     """
 
     pair_id: str
     workers: tuple[Any, ...]  # actor handles (the driver's view: replacements are added here)
-    free: Queue = field(compare=False)
+    free: Any = field(compare=False)  # the LeaseBook actor
     retired: Queue | None = field(default=None, compare=False)
     spawn: Callable[[], Any] | None = field(default=None, compare=False, repr=False)  # a new worker, driver side
 
     @contextmanager
-    def lease(self) -> Iterator[Any]:
-        worker = self._live_worker()
+    def lease(self, holder: str) -> Iterator[Leased]:
+        leased = self._live_worker(holder)
         try:
-            yield worker
-        finally:
-            self.free.put(worker)  # even after it died mid-trial: Ray restarts it; the next lease checks
+            yield leased
+        finally:  # even after it died mid-trial: Ray restarts it; the next lease checks
+            ray.get(self.free.put.remote(leased.worker, holder))
 
-    def _live_worker(self) -> Any:
+    def _live_worker(self, holder: str) -> Leased:
+        here = this_node()
         while True:
-            worker = self.free.get(block=True)
-            if answers(worker):
-                return worker
-            if self.retired is not None:  # dead for good: out of circulation, the keeper replaces it
+            worker = ray.get(self.free.take.remote(holder, here))
+            answer = answers(worker, LEASE_PROBE_S)
+            if isinstance(answer, WorkerReady):
+                return Leased(worker, answer.node)
+            if answer == "dead" and self.retired is not None:  # out of circulation, the keeper replaces it
+                ray.get(self.free.drop.remote(holder))
                 self.retired.put(worker)
+            else:  # restarting (or dead with no keeper): back of the queue, the next one is tried
+                ray.get(self.free.put.remote(worker, holder))
+                time.sleep(LEASE_PROBE_S)
+
+    def reclaim(self, holder: str) -> str | None:
+        """Driver side: the worker a dead trial still holds goes back to the free ones; the node the
+        trial's process ran on, or None when it held no worker."""
+        return ray.get(self.free.reclaim.remote(holder))
+
+    def stop(self) -> None:
+        ray.kill(self.free)
+        if self.retired is not None:
+            self.retired.shutdown(force=True)
 
 
-def answers(worker: Any) -> bool:
-    """True when the worker answers a call (waiting while Ray restarts it), False when it is dead for good."""
+@dataclass(frozen=True)
+class Leased:
+    worker: Any  # the actor handle
+    node: str | None  # where it ran when leased (`this_node`), for a trial's record
+
+
+LEASE_PROBE_S = 2.0  # a worker that does not answer within this is restarting: try another
+
+
+def answers(worker: Any, timeout_s: float | None = None) -> WorkerReady | str:
+    """The worker's `ready()` when it answers within `timeout_s` (None: waiting while Ray restarts it);
+    "restarting" when it does not answer in time, "dead" when it is dead for good."""
+    call = worker.ready.remote()
     try:
-        ray.get(worker.ready.remote())
+        return ray.get(call, timeout=timeout_s)
+    except GetTimeoutError:
+        ray.cancel(call)
+        return "restarting"
     except RayActorError:
-        return False
-    return True
+        return "dead"
 
 
 class PoolKeeper:
@@ -301,29 +397,53 @@ class PoolKeeper:
             self.pool.workers = tuple(w for w in self.pool.workers if w != dead) + (fresh,)
             ray.kill(dead)
             self.replaced += 1
-            self.pool.free.put(fresh)
+            ray.get(self.pool.free.put.remote(fresh))
 
 
 def start_pool(source: PairRef, size: int, cpus: float, gpus: float) -> WorkerPool:
     """`size` workers for one pair (they start loading at once); wait with `wait_ready`."""
-    options = {"num_cpus": max(cpus - TRIAL_CPU_SHARE, TRIAL_CPU_SHARE), "num_gpus": gpus,
-               "max_restarts": WORKER_RESTARTS, "max_task_retries": 0}
+    options = {**worker_options(cpus, gpus), "max_restarts": WORKER_RESTARTS, "max_task_retries": 0}
     threads = max(1, round(cpus))
 
     def spawn() -> Any:
         return RemotePairWorker.options(**options).remote(source, threads)
 
+    return pool_of(source.pair_id, spawn, size)
+
+
+def worker_options(cpus: float, gpus: float) -> dict[str, Any]:
+    """A worker holds its slot's CPUs and GPUs; workers spread over nodes (one pair load per node first)."""
+    return {"num_cpus": max(cpus - TRIAL_CPU_SHARE, TRIAL_CPU_SHARE), "num_gpus": gpus, "scheduling_strategy": "SPREAD"}
+
+
+def pool_of(pair_id: str, spawn: Callable[[], Any], size: int) -> WorkerPool:
+    """`size` workers from `spawn` and the queues that lease them. The queues live on the driver's node
+    (the head on a cluster): losing a worker node must not lose the pool's bookkeeping."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)}
     workers = tuple(spawn() for _ in range(size))
-    free = Queue(maxsize=size, actor_options={"num_cpus": 0})
-    for worker in workers:
-        free.put(worker)
-    return WorkerPool(source.pair_id, workers, free, Queue(actor_options={"num_cpus": 0}), spawn)
+    book = RemoteLeaseBook.options(**here).remote(workers)
+    return WorkerPool(pair_id, workers, book, Queue(actor_options=here), spawn)
 
 
 def wait_ready(pool: WorkerPool) -> list[WorkerReady]:
     return ray.get([w.ready.remote() for w in pool.workers])
 
 
-def pool_stats(pool: WorkerPool) -> list[dict[str, Any]]:
-    """Each worker's counters (a worker Ray restarted counts from its restart)."""
-    return ray.get([w.stats.remote() for w in pool.workers])
+def pool_stats(pool: WorkerPool, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """The counters of each worker that answers (a worker Ray restarted counts from its restart); one
+    lost with its node, or waiting for room to restart in, is left out rather than waited for."""
+    calls = [w.stats.remote() for w in pool.workers]
+    answered, _ = ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
+    stats = []
+    for call in calls:
+        if call not in answered:
+            ray.cancel(call)
+            continue
+        try:
+            stats.append(ray.get(call))
+        except RayActorError:
+            continue  # it died as it answered
+    return stats

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.util.queue import Queue
 
 from spectune.backends.vllm import NO_SPECULATION, VLLM_METHODS, EngineKnobs, VllmServerSettings, vllm_python
 from spectune.config import DecodeConfig, Settings
@@ -39,7 +38,8 @@ from spectune.prompts import Prompt
 from spectune.lossless import decide
 from spectune.results import DecodeResult, PromptStats, RepeatStats, StepCounts
 from spectune.workers.trials.pair_worker import (
-    TRIAL_CPU_SHARE, TrialOutcome, TrialRequest, WorkerPool, WorkerReady, describe_hardware, error_text,
+    TrialOutcome, TrialRequest, WorkerPool, WorkerReady, describe_hardware, error_text, pool_of,
+    this_node, worker_options,
 )
 from spectune.workers.vllm.load import PassRecord, RequestFailed, Sampling, latencies, run_pass
 from spectune.workers.vllm.metrics import SpecCounters, read_counters
@@ -73,6 +73,7 @@ class VllmWorker:
         self.settings = settings
         self.python = vllm_python()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.node = this_node()
         self.counters = VllmCounters()
         self.hardware = {**describe_hardware("cuda" if self.gpu else "cpu", threads),
                          "backend": "vllm", "vllm_version": vllm_version(self.python)}
@@ -107,10 +108,10 @@ class VllmWorker:
         return None
 
     def ready(self) -> WorkerReady:
-        return WorkerReady(self.worker_id, self.hardware, 0.0, self.load_error)
+        return WorkerReady(self.worker_id, self.hardware, 0.0, self.load_error, self.node)
 
     def stats(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "pair_id": self.source.pair_id, **asdict(self.counters)}
+        return {"worker_id": self.worker_id, "node": self.node, "pair_id": self.source.pair_id, **asdict(self.counters)}
 
     def shutdown(self) -> None:
         for role in list(self.servers):
@@ -275,7 +276,7 @@ class VllmWorker:
         return TrialOutcome(self.hardware, self._info(), None, message, (), decode_s)
 
     def _info(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "server_starts": self.counters.server_starts,
+        return {"worker_id": self.worker_id, "node": self.node, "server_starts": self.counters.server_starts,
                 "trials_run": self.counters.trials_run}
 
 
@@ -355,11 +356,14 @@ RemoteVllmWorker = ray.remote(VllmWorker)
 
 
 def start_vllm_pool(source: PairRef, size: int, cpus: float, gpus: float, settings: VllmServerSettings) -> WorkerPool:
-    """`size` vLLM workers for one pair (servers start with their first trial); wait with `wait_ready`."""
-    options = {"num_cpus": max(cpus - TRIAL_CPU_SHARE, TRIAL_CPU_SHARE), "num_gpus": gpus}
+    """`size` vLLM workers for one pair (servers start with their first trial); wait with `wait_ready`.
+
+    A worker that dies is not restarted in place (its vLLM servers died with it): a lease retires it
+    and the driver's `PoolKeeper` starts a fresh one, as for spectune's own workers."""
+    options = {**worker_options(cpus, gpus), "max_restarts": 0, "max_task_retries": 0}
     threads = max(1, round(cpus))
-    workers = tuple(RemoteVllmWorker.options(**options).remote(source, threads, gpus, settings) for _ in range(size))
-    free = Queue(maxsize=size, actor_options={"num_cpus": 0})
-    for worker in workers:
-        free.put(worker)
-    return WorkerPool(source.pair_id, workers, free)
+
+    def spawn() -> Any:
+        return RemoteVllmWorker.options(**options).remote(source, threads, gpus, settings)
+
+    return pool_of(source.pair_id, spawn, size)

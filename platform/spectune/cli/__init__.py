@@ -11,6 +11,7 @@ from spectune.cli import serve_cmd
 from spectune.cli import trees_cmd
 from spectune.cli import sweep_cmd
 from spectune.cli import heads_cmd
+from spectune.cli import cluster_cmd
 
 app = typer.Typer(
     name="spectune",
@@ -31,6 +32,7 @@ app.add_typer(trees_cmd.app, name="trees")
 app.command("sweep")(sweep_cmd.sweep)
 app.command("demo")(sweep_cmd.demo)
 app.add_typer(heads_cmd.app, name="heads")
+app.add_typer(cluster_cmd.app, name="cluster")
 
 
 def main() -> None:

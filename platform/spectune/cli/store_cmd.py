@@ -136,6 +136,7 @@ def _print_results(sweep: str, status: str, df: Any, front: Any, objectives: dic
     if "speedup" in metrics and df["speedup_ci_low"].notna().any():
         metrics.insert(metrics.index("speedup") + 1, "speedup_ci")
     knobs = [c for c in _TABLE_COLUMNS if df[c].notna().any()]  # only knobs this sweep turns
+    knobs += ["node"] if df["node"].notna().any() else []  # a sweep spread over a cluster: where each ran
     table = Table(title=f"{sweep} ({status}): " + ", ".join(f"{m} {v}" for m, v in objectives.items()),
                   box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for col in ("", "id", "status", *knobs, *metrics):
@@ -152,7 +153,16 @@ def _print_results(sweep: str, status: str, df: Any, front: Any, objectives: dic
     n_err = int((df["status"] == "error").sum())
     typer.echo(f"{len(df)} trials, {int(front.sum())} on the front"
                + (f", {n_err} failed" if n_err else ""))
+    for line in failed_nodes(df):
+        typer.echo(line)
     _print_by_load(df)
+
+
+def failed_nodes(df: Any) -> list[str]:
+    """One line per node whose worker died under a trial (its trials failed with "worker ... died")."""
+    died = df[(df["status"] == "error") & df["node"].notna() & df["error"].fillna("").str.contains(" died ")]
+    return [f"node {node}: its worker died, {n} trial(s) failed there (see their errors)"
+            for node, n in died.groupby("node").size().items()]
 
 
 def _print_by_load(df: Any) -> None:

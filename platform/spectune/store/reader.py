@@ -26,7 +26,7 @@ _FRAME_METRICS = tuple(f for f in METRIC_FIELDS if f not in ("method", "config")
 FRAME_COLUMNS = (
     ("trial_id", "sweep", "trial_key", "status", "error") + KNOB_FIELDS
     + ("served", "started_at", "finished_at", "hardware", "device", "cpu_model", "gpu_model",
-       "hostname", "config")
+       "hostname", "node", "config")
     + _FRAME_METRICS + ("extra", "recorded_at")
 )
 
@@ -100,7 +100,7 @@ def _frame_row(t: Trial, sweep: str, m: TrialMetrics | None, hw: Hardware | None
         "error": t.error, **{k: getattr(t, k) for k in KNOB_FIELDS},
         "served": t.id in served, "started_at": t.started_at, "finished_at": t.finished_at,
         "hardware": hardware_summary(hw), "config": t.config,
-        **{f: getattr(hw, f, None) for f in ("device", "cpu_model", "gpu_model", "hostname")},
+        **{f: getattr(hw, f, None) for f in ("device", "cpu_model", "gpu_model", "hostname")}, "node": t.node,
         **{f: getattr(m, f, None) for f in _FRAME_METRICS + ("extra", "recorded_at")},
     }
     if row["method"] is None and m is not None:
@@ -184,7 +184,7 @@ class StoreReader:
             served = s.scalar(sa.select(Serving.slot).where(Serving.trial_id == trial_id).limit(1))
             return {
                 "trial_id": t.id, "sweep": s.get_one(Sweep, t.sweep_id).name,
-                "trial_key": t.trial_key, "status": t.status, "error": t.error,
+                "trial_key": t.trial_key, "status": t.status, "error": t.error, "node": t.node,
                 "config": t.config, "knobs": {k: getattr(t, k) for k in KNOB_FIELDS},
                 "started_at": t.started_at, "finished_at": t.finished_at,
                 "served": served is not None,

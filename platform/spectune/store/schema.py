@@ -138,6 +138,7 @@ class Trial(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     hardware_id: Mapped[int | None] = mapped_column(sa.ForeignKey("hardware.id"), index=True)
+    node: Mapped[str | None] = mapped_column(sa.String(128))  # the Ray node that ran it, "name/node-id" (0003)
 
 
 class TrialMetrics(Base):

@@ -157,13 +157,16 @@ class StoreWriter:
                 raise UnknownSweep(f"no sweep named {name!r}")
 
     def upsert_trial(self, sweep_name: str, trial_key: str, config: DecodeConfig | None,
-                     status: str = "pending", *, error: str | None = None) -> int:
+                     status: str = "pending", *, error: str | None = None, node: str | None = None) -> int:
         """Insert or update the trial ``(sweep, trial_key)``; its id. Safe to call again.
 
-        ``config`` None: a trial known only by its key (nothing else recorded yet)."""
+        ``config`` None: a trial known only by its key (nothing else recorded yet). ``node``: the Ray
+        node that ran it, when known (a known node is never overwritten by an unknown one)."""
         _check_status(status, TRIAL_STATUSES, "trial")
         cfg = jsonable(config.as_dict()) if config is not None else {}
         values = {"config": cfg, **knob_columns(config), "status": status, "error": error}
+        if node is not None:
+            values["node"] = node
         values.update(self._stamps(status))
         with self.writes.begin() as s:
             sid = sweep_id(s, sweep_name)
@@ -191,12 +194,12 @@ class StoreWriter:
                       fill=tuple(knobs))
 
     def record_result(self, sweep_name: str, trial_key: str, result: DecodeResult,
-                      hardware: Mapping[str, Any] | None) -> int:
-        """Store a trial's result (replacing earlier ones) and mark it done; its id."""
+                      hardware: Mapping[str, Any] | None, *, node: str | None = None) -> int:
+        """Store a trial's result (replacing earlier ones) and mark it done; its id. ``node``: the Ray node that ran it."""
         cols, per_prompt = split_metrics(result_row(result))
         with self.writes.begin() as s:
             hw = hardware_id(s, hardware) if hardware else None
-            update = {"status": "done", "error": None, "hardware_id": hw, **self._stamps("done")}
+            update = {"status": "done", "error": None, "hardware_id": hw, "node": node, **self._stamps("done")}
             tid = self._trial_row(s, sweep_name, trial_key, result.config, update)
             row = {**cols, "recorded_at": utcnow()}
             upsert(s, TrialMetrics.__table__, {"trial_id": tid, **row}, ["trial_id"], row,
