@@ -24,13 +24,14 @@ from typing import Any
 
 import sqlalchemy as sa
 from ray import cloudpickle
+from ray.exceptions import RayActorError
 from ray.tune import Callback
 from rich.console import Console
 
 from spectune.config import DecodeConfig
 from spectune.results import BaselineResult, DecodeResult
 from spectune.sweeps.space import trial_config
-from spectune.sweeps.trainable import PAYLOAD, TrialFailed
+from spectune.sweeps.trainable import PAYLOAD, TrialFailed, first_line
 
 
 def stored_config(tune_config: Mapping[str, Any]) -> DecodeConfig:
@@ -52,8 +53,10 @@ def error_message(trial: Any, died_on: str | None = None) -> str:
     cause = _pickled_error(trial)
     if isinstance(cause, TrialFailed):
         return str(cause)
-    if died_on is not None:  # the trial's own process died (its node lost) while it held a worker
-        return f"the trial's process died on node {died_on} ({type(cause).__name__}); its worker was taken back"
+    if died_on is not None:  # the trial's own process died (its node lost) after asking for a worker
+        return f"the trial's process died on node {died_on} ({type(cause).__name__}); any worker it held was taken back"
+    if isinstance(cause, RayActorError):  # it died before asking for a worker: where it ran is not known
+        return f"the trial's process died before it leased a worker (its node lost?): {first_line(cause)}"
     if cause is not None:
         return f"{type(cause).__name__}: {' '.join(str(cause).split())}"
     return _last_error_line(trial) or "the trial failed without an error message"

@@ -242,10 +242,16 @@ def workers_that_fit(spec: SweepSpec, nodes: list[NodeCapacity] | None = None) -
     return min(spec.concurrency, fit)
 
 
+def _room_for(spec: SweepSpec) -> int:
+    """Workers the live nodes hold room for now, up to the spec's concurrency (0 while none fits)."""
+    need = spec.resources
+    return min(spec.concurrency, slots_on(live_nodes(), need.cpus, need.gpus))
+
+
 def _run(store: Store, spec: SweepSpec, prompts: tuple[Prompt, ...], options: SweepOptions, console: Console) -> SweepOutcome:
     import ray
 
-    from spectune.workers.trials.pair_worker import PoolKeeper, pool_stats, wait_ready
+    from spectune.workers.trials.pair_worker import PoolKeeper, check_software, pool_stats, wait_ready
 
     started_ray = _start_ray(options.address)
     pool, created = None, False
@@ -256,15 +262,20 @@ def _run(store: Store, spec: SweepSpec, prompts: tuple[Prompt, ...], options: Sw
         console.print(f"sweep {spec.name}: {spec.trials} trials, {spec.search} search, {slots} worker(s) "
                       f"loading {pair.target}", highlight=False, soft_wrap=True)
         pool = _start_workers(spec, slots)
-        for ready in wait_ready(pool):
-            if ready.error:
-                raise SweepFailed(f"worker {ready.worker_id} cannot load the pair: {ready.error}")
+        ready = wait_ready(pool)
+        for answer in ready:
+            if answer.error:
+                raise SweepFailed(f"worker {answer.worker_id} cannot load the pair: {answer.error}")
+        if problem := check_software(ready):  # a node running other code would fail trials in obscure ways
+            raise SweepFailed(problem)
         # the sweep enters the store only once it can run: a failed start leaves nothing to clean up
         store.create_sweep(spec.name, spec.model_dump(mode="json"), resume=options.resume)
         created = True
         store.set_sweep_status(spec.name, "running")
-        with _quiet_tune(), PoolKeeper(pool):
-            tuner, writer = _tuner(store, spec, options, prompts, {pair.pair_id: pool}, slots, console)
+        with _quiet_tune(), PoolKeeper(pool, wanted=lambda: _room_for(spec)):
+            # Tune runs up to the spec's concurrency: trials beyond the workers wait for a lease, so a
+            # node joining mid-sweep (the keeper starts workers on it) is used at once
+            tuner, writer = _tuner(store, spec, options, prompts, {pair.pair_id: pool}, spec.concurrency, console)
             results = tuner.fit()
         if options.resume:  # results an earlier driver could not store (it gave up on the database)
             writer.reconcile(results)

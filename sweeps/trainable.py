@@ -65,19 +65,19 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         tune.report({**stored, PAYLOAD: None})
         return
     request = TrialRequest(trial_config(config), context.settings, context.prompts)
-    started = time.perf_counter()
     with context.pools[context.pair_id].lease(tune.get_context().get_trial_id()) as leased:
+        started = time.perf_counter()  # from the lease: a trial may wait for a free worker first
         try:
             outcome: TrialOutcome = ray.get(leased.worker.run.remote(request))
         except RayActorError as err:  # the process died mid-trial (OOM-killed, a crash, SIGKILL, its node lost)
-            raise TrialFailed(f"the worker running this trial died on node {leased.node} ({_first_line(err)}); "
+            raise TrialFailed(f"the worker running this trial died on node {leased.node} ({first_line(err)}); "
                               "Ray restarts it for the next trial", leased.node) from None
     if outcome.error is not None:
         raise TrialFailed(outcome.error, outcome.worker.get("node"))
     tune.report(trial_report(outcome, context.objectives, time.perf_counter() - started))
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
 

@@ -78,6 +78,46 @@ def default_folder() -> Path:
     return Path("/tmp") / f"spectune-cluster-{os.getuid()}"
 
 
+def software() -> dict[str, str]:
+    """What a node runs, to compare with the driver's (`mismatch`): spectune's version and a fingerprint of
+    its code (an edited checkout keeps its version number), Ray's and Python's versions."""
+    import hashlib
+    import importlib.metadata
+    import platform
+
+    import ray
+
+    import spectune
+
+    digest = hashlib.sha1()
+    for root in sorted({Path(p) for p in spectune.__path__} | _subpackage_dirs()):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.read_bytes())
+    return {"spectune": f"{importlib.metadata.version('spectune')}+{digest.hexdigest()[:10]}",
+            "ray": ray.__version__, "python": platform.python_version()}
+
+
+def _subpackage_dirs() -> set[Path]:
+    """The folders of spectune's subpackages that live outside platform/spectune (workers, sweeps, dashboard)."""
+    import importlib
+
+    folders = set()
+    for name in ("spectune.workers", "spectune.sweeps"):
+        module = importlib.import_module(name)
+        folders |= {Path(p) for p in module.__path__}
+    return folders
+
+
+def mismatch(driver: dict[str, str], node: dict[str, str], where: str) -> str | None:
+    """One line naming what `where` runs differently from the driver, or None when they agree."""
+    differ = [f"{name} {node.get(name, 'unknown')} (the driver: {version})" for name, version in driver.items()
+              if node.get(name) != version]
+    if not differ:
+        return None
+    return (f"{where} runs {', '.join(differ)}: install the same spectune, Ray and Python on every node "
+            "(`pip install` of one commit) and restart it")
+
+
 def node_name(resources: dict[str, float], fallback: str) -> str:
     """A node's name: its `spectune_node_<name>` resource when `cluster up` started it, else `fallback`."""
     for key in resources:
@@ -163,6 +203,32 @@ def up(nodes: int, cpus: float = 2.0, folder: Path | None = None, timeout_s: flo
         down(folder)
         raise
     return cluster
+
+
+def add_node(folder: Path | None = None, cpus: float = 2.0, timeout_s: float = 180.0) -> NodeProcess:
+    """One more worker node joining the running cluster in `folder` (named worker-N+1), alive when this returns.
+
+    For trying what a real cluster does when a machine joins mid-sweep: the sweep's pool keeper
+    starts workers on it, and new trials use them."""
+    folder = (folder or default_folder()).resolve()
+    cluster = LocalCluster.load(folder)
+    env = {**os.environ, **cluster.env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_ADDRESS", None)
+    name = f"worker-{sum(n.name.startswith('worker-') for n in cluster.nodes) + 1}"
+    processes: list[subprocess.Popen] = []
+    args = ["--address", cluster.address, *_node_args(name, cpus, folder / f"ray-{name}")]
+    node = _start_node(name, args, folder, env, cpus, processes)
+    grown = LocalCluster(cluster.folder, cluster.address, cluster.dashboard, cluster.token_path, (*cluster.nodes, node))
+    grown.save()  # `down` stops it too, whatever happens next
+    deadline = time.monotonic() + timeout_s
+    while name not in {n["name"] for n in alive_nodes(grown)}:
+        if processes[0].poll() is not None:
+            raise ClusterError(f"node {name} exited while starting; see {node.log}: {_tail(node.log)}")
+        if time.monotonic() > deadline:
+            raise ClusterError(f"node {name} was not alive within {timeout_s:.0f} s; see {node.log}")
+        time.sleep(1.0)
+    return node
 
 
 def _wait_for_port(port: int, head: NodeProcess, process: subprocess.Popen, timeout_s: float) -> None:

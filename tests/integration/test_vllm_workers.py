@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 def test_a_dead_vllm_worker_is_replaced_by_the_pool_keeper(micro_pair, ray_tmp, monkeypatch) -> None:
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
     monkeypatch.setenv("SPECTUNE_VLLM_PYTHON", "/nonexistent/vllm/python")  # each worker starts in a second
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if ray.is_initialized():  # an earlier test's driver connection in this process: this test needs its own
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster found
     try:
         pool = start_vllm_pool(PairRef(target=str(micro_pair / "target")), 1, 1.0, 0.0, VllmServerSettings())
         [first] = wait_ready(pool)

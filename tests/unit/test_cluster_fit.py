@@ -52,3 +52,33 @@ def test_a_node_is_named_by_its_spectune_resource_else_the_fallback() -> None:
 def test_a_trial_failure_keeps_its_node_through_pickling() -> None:
     error = pickle.loads(pickle.dumps(TrialFailed("the worker died", "worker-2/abcd1234")))
     assert (str(error), error.node) == ("the worker died", "worker-2/abcd1234")
+
+
+def test_a_node_running_other_code_is_named_with_what_differs() -> None:
+    from spectune.cluster import mismatch, software
+
+    here = software()
+    assert set(here) == {"spectune", "ray", "python"} and "+" in here["spectune"]  # version + code fingerprint
+    assert mismatch(here, dict(here), "node worker-1") is None
+    other = {**here, "spectune": "0.0.9+0123456789"}
+    problem = mismatch(here, other, "node worker-2/abcd1234")
+    assert problem.startswith("node worker-2/abcd1234 runs spectune 0.0.9+0123456789 (the driver: ")
+    assert "install the same spectune, Ray and Python on every node" in problem and "\n" not in problem
+    assert "ray" not in problem.split("(the driver")[0].split("runs", 1)[1]  # only what differs is named
+    missing = mismatch(here, {}, "node worker-3")  # a worker too old to report: every item named as unknown
+    assert "spectune unknown" in missing and "ray unknown" in missing and "python unknown" in missing
+
+
+def test_the_code_fingerprint_follows_the_source_not_just_the_version(tmp_path, monkeypatch) -> None:
+    import spectune
+    from spectune import cluster
+
+    before = cluster.software()["spectune"]
+    copy = tmp_path / "spectune"
+    import shutil
+
+    shutil.copytree(spectune.__path__[0], copy, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    (copy / "edited.py").write_text("X = 1\n")  # an edited checkout of the same version
+    monkeypatch.setattr(spectune, "__path__", [str(copy)])
+    after = cluster.software()["spectune"]
+    assert before.split("+")[0] == after.split("+")[0] and before != after

@@ -319,9 +319,11 @@ class CompletionDeployment:
 
 def bind(served: ServedConfig, limits: Limits, api_key: str | None, *, replicas: int | None = None,
          autoscaling: dict[str, Any] | None = None, num_cpus: float | None = None,
-         num_gpus: float | None = None) -> serve.Application:
+         num_gpus: float | None = None, max_replicas_per_node: int | None = None) -> serve.Application:
     """The Serve application for `served`: its backend's deployment options, and these where given."""
     options: dict[str, Any] = BACKENDS.get(served.backend).serving.deployment_options()
+    if max_replicas_per_node is not None:  # 1: every replica on its own node, so losing one node loses one replica
+        options["max_replicas_per_node"] = max_replicas_per_node
     if autoscaling is not None:
         options["autoscaling_config"] = autoscaling
     elif replicas is not None:
@@ -342,6 +344,9 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
 
 def deploy(app: serve.Application, *, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False) -> None:
-    """Start Serve's HTTP proxy on host:port (127.0.0.1 unless told otherwise) and run `app` at /."""
-    serve.start(http_options={"host": host, "port": port})
+    """Start Serve's HTTP proxy on host:port (127.0.0.1 unless told otherwise) and run `app` at /.
+
+    One proxy, on the head node: the endpoint's address is the head's, replicas on any node answer
+    through it, and nodes sharing one machine (`spectune cluster up`) do not fight over the port."""
+    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)

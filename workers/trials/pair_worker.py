@@ -68,6 +68,7 @@ class WorkerReady:
     load_s: float
     error: str | None = None
     node: str | None = None  # the Ray node it runs on (`this_node`)
+    software: dict[str, str] = field(default_factory=dict)  # spectune / Ray / Python there (`cluster.software`)
 
 
 @dataclass
@@ -114,6 +115,24 @@ def this_node() -> str:
     return node_id[:8]
 
 
+def software() -> dict[str, str]:
+    from spectune.cluster import software as of_this_process
+
+    return of_this_process()
+
+
+def check_software(ready: Sequence[WorkerReady]) -> str | None:
+    """The first worker whose node runs other code than the driver (`cluster.mismatch`), else None."""
+    from spectune.cluster import mismatch
+
+    here = software()
+    for answer in ready:
+        problem = mismatch(here, answer.software, f"node {answer.node or answer.worker_id}")
+        if problem is not None:
+            return problem
+    return None
+
+
 def describe_hardware(device: str, threads: int) -> dict[str, Any]:
     import torch
     import transformers
@@ -141,6 +160,7 @@ class PairWorker:
         self.source = source
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.node = this_node()
+        self.software = software()
         self.counters = WorkerCounters()
         self.hardware = describe_hardware(source.device, threads)
         self.settled: set[tuple[str, Settings, float, str]] = set()  # prompt sets this process has decoded once, untimed
@@ -157,7 +177,7 @@ class PairWorker:
         self.load_s = time.perf_counter() - started
 
     def ready(self) -> WorkerReady:
-        return WorkerReady(self.worker_id, self.hardware, self.load_s, self.load_error, self.node)
+        return WorkerReady(self.worker_id, self.hardware, self.load_s, self.load_error, self.node, self.software)
 
     def stats(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "node": self.node, "pair_id": self.source.pair_id,
@@ -253,13 +273,19 @@ class LeaseBook:
         self.free: list[Any] = list(workers)
         self.held: dict[str, Any] = {}
         self.holder_node: dict[str, str | None] = {}  # where each holder (a trial's process) runs
+        self.gone: set[str] = set()  # holders the driver saw die: they take nothing more
         self.changed = asyncio.Condition()
 
     async def take(self, holder: str, node: str | None = None) -> Any:
+        """A free worker for `holder` (waiting for one). Where the holder runs is noted from the moment it
+        asks, so a holder that dies while waiting is still placed (`reclaim`)."""
+        self.holder_node[holder] = node
         async with self.changed:
-            await self.changed.wait_for(lambda: bool(self.free))
+            await self.changed.wait_for(lambda: bool(self.free) or holder in self.gone)
+            if holder in self.gone:  # it died while waiting: its request must not take a worker for good
+                return None
             worker = self.free.pop(0)
-            self.held[holder], self.holder_node[holder] = worker, node
+            self.held[holder] = worker
             return worker
 
     async def put(self, worker: Any, holder: str | None = None) -> None:
@@ -275,14 +301,16 @@ class LeaseBook:
         self.held.pop(holder, None)
 
     async def reclaim(self, holder: str) -> str | None:
-        """The worker `holder` still holds, free again (its holder died): the node the holder ran on
-        ("unknown" if it did not say); None when it held none (its lease ended as it should)."""
+        """`holder` died: the worker it still holds is free again. The node it ran on ("unknown" if it did
+        not say); None when it never asked for a worker."""
         async with self.changed:
+            self.gone.add(holder)
             worker = self.held.pop(holder, None)
-            if worker is None:
+            if worker is not None:
+                self.free.append(worker)
+            self.changed.notify_all()  # and wakes its own request, if it was still waiting
+            if worker is None and holder not in self.holder_node:
                 return None
-            self.free.append(worker)
-            self.changed.notify_all()
             return self.holder_node.get(holder) or "unknown"
 
 
@@ -317,6 +345,8 @@ class WorkerPool:
         here = this_node()
         while True:
             worker = ray.get(self.free.take.remote(holder, here))
+            if worker is None:  # the driver saw this trial die (`reclaim`): nothing more is handed to it
+                raise RuntimeError(f"trial {holder} was reclaimed by the driver while it waited for a worker")
             answer = answers(worker, LEASE_PROBE_S)
             if isinstance(answer, WorkerReady):
                 return Leased(worker, answer.node)
@@ -368,10 +398,14 @@ class PoolKeeper:
             tuner.fit()
     """
 
-    def __init__(self, pool: WorkerPool, poll_s: float = 0.5) -> None:
+    def __init__(self, pool: WorkerPool, poll_s: float = 0.5, wanted: Callable[[], int] | None = None,
+                 nodes_every_s: float = 5.0) -> None:
         self.pool = pool
         self.poll_s = poll_s
+        self.wanted = wanted  # workers the cluster holds room for now (a node joined: more)
+        self.nodes_every_s = nodes_every_s
         self.replaced = 0
+        self.added = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spectune-pool-keeper", daemon=True)
 
@@ -388,7 +422,11 @@ class PoolKeeper:
     def _run(self) -> None:
         from ray.util.queue import Empty
 
+        looked = time.monotonic()
         while not self._stop.is_set():
+            if self.wanted is not None and time.monotonic() - looked >= self.nodes_every_s:
+                self._grow()
+                looked = time.monotonic()
             try:
                 dead = self.pool.retired.get(block=True, timeout=self.poll_s)
             except Empty:
@@ -398,6 +436,27 @@ class PoolKeeper:
             ray.kill(dead)
             self.replaced += 1
             ray.get(self.pool.free.put.remote(fresh))
+
+    def _grow(self) -> None:
+        """A node joined (the cluster holds room for more workers than the pool has): start them, and hand
+        each out once it has loaded the pair. One that cannot load it is stopped, and growing ends there."""
+        for _ in range(self.wanted() - len(self.pool.workers)):
+            fresh = self.pool.spawn()
+            self.pool.workers = (*self.pool.workers, fresh)
+            try:
+                ready = ray.get(fresh.ready.remote(), timeout=GROW_READY_S)
+            except (GetTimeoutError, RayActorError):
+                ready = None
+            if ready is None or ready.error is not None:
+                self.pool.workers = tuple(w for w in self.pool.workers if w != fresh)
+                ray.kill(fresh)
+                self.wanted = None
+                return
+            self.added += 1
+            ray.get(self.pool.free.put.remote(fresh))
+
+
+GROW_READY_S = 600.0  # a worker on a joined node loads the pair within this
 
 
 def start_pool(source: PairRef, size: int, cpus: float, gpus: float) -> WorkerPool:

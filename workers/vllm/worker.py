@@ -39,7 +39,7 @@ from spectune.lossless import decide
 from spectune.results import DecodeResult, PromptStats, RepeatStats, StepCounts
 from spectune.workers.trials.pair_worker import (
     TrialOutcome, TrialRequest, WorkerPool, WorkerReady, describe_hardware, error_text, pool_of,
-    this_node, worker_options,
+    software, this_node, worker_options,
 )
 from spectune.workers.vllm.load import PassRecord, RequestFailed, Sampling, latencies, run_pass
 from spectune.workers.vllm.metrics import SpecCounters, read_counters
@@ -74,6 +74,7 @@ class VllmWorker:
         self.python = vllm_python()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.node = this_node()
+        self.software = software()
         self.counters = VllmCounters()
         self.hardware = {**describe_hardware("cuda" if self.gpu else "cpu", threads),
                          "backend": "vllm", "vllm_version": vllm_version(self.python)}
@@ -108,7 +109,7 @@ class VllmWorker:
         return None
 
     def ready(self) -> WorkerReady:
-        return WorkerReady(self.worker_id, self.hardware, 0.0, self.load_error, self.node)
+        return WorkerReady(self.worker_id, self.hardware, 0.0, self.load_error, self.node, self.software)
 
     def stats(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "node": self.node, "pair_id": self.source.pair_id, **asdict(self.counters)}

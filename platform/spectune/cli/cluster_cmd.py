@@ -40,6 +40,21 @@ def up(
     typer.echo(f"stop it: spectune cluster down{'' if folder is None else f' --dir {shlex.quote(str(folder))}'}")
 
 
+@app.command("add")
+def add(
+    cpus: float = typer.Option(2.0, "--cpus", min=0.001, help="Logical CPUs the new worker node offers"),
+    folder: Path = typer.Option(None, "--dir", help=FOLDER_HELP),
+) -> None:
+    """Join one more worker node to the running cluster (a sweep in progress starts workers on it)."""
+    from spectune.cluster import ClusterError, add_node
+
+    try:
+        node = add_node(folder, cpus)
+    except ClusterError as err:
+        fail(str(err))
+    typer.echo(f"node {node.name} joined with {cpus:g} CPUs; log {node.log}")
+
+
 @app.command("down")
 def down(folder: Path = typer.Option(None, "--dir", help=FOLDER_HELP)) -> None:
     """Stop every node `cluster up` started (their process groups only: no other Ray on the machine)."""

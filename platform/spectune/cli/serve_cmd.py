@@ -41,6 +41,8 @@ def serve(
     port: int | None = typer.Option(None, help=f"HTTP port (default {DEFAULT_PORT}); with --stop: only this one."),
     replicas: int = typer.Option(1, min=1, help="Replicas (each loads the pair once)."),
     max_replicas: int | None = typer.Option(None, help="Autoscale from --replicas up to this many under load."),
+    max_replicas_per_node: int | None = typer.Option(None, min=1, help="At most this many replicas on one Ray node "
+                                                     "(1: losing a node loses one replica)."),
     num_cpus: float = typer.Option(1.0, min=0.0, help="CPUs per replica (also its torch threads)."),
     num_gpus: float = typer.Option(0.0, min=0.0, help="GPUs per replica (fractions share a GPU)."),
     device: str | None = typer.Option(None, help="cpu, cuda, ... (default: cuda when the replica has a GPU)."),
@@ -76,7 +78,7 @@ def serve(
     autoscaling = None if max_replicas is None else {
         "min_replicas": replicas, "max_replicas": max_replicas, "target_ongoing_requests": decode_threads}
     app = bind(served, args.limits, args.resolved_api_key, replicas=replicas, autoscaling=autoscaling,
-               num_cpus=num_cpus, num_gpus=num_gpus)
+               num_cpus=num_cpus, num_gpus=num_gpus, max_replicas_per_node=max_replicas_per_node)
     if address is not None:
         _start_ray(address, replicas * num_cpus, replicas * num_gpus)
         _deploy_or_fail(app, host, port)
