@@ -12,12 +12,14 @@ each load, when a sweep has such trials. The tables (`spectune.backends.load_tab
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 
 from spectune.backends.load_table import best_per_load, served_rows
+from spectune.backends.vllm_schedule import LoadSchedule, ScheduleError, derive
 from spectune.pareto import front_step_line
 
 PALETTE = ("#3969AC", "#E68310", "#11A579", "#CF1C90", "#7F3C8D", "#F2B701", "#E73F74",
@@ -25,8 +27,9 @@ PALETTE = ("#3969AC", "#E68310", "#11A579", "#CF1C90", "#7F3C8D", "#F2B701", "#E
 FONT = {"family": "Inter, 'Source Sans Pro', 'DejaVu Sans', sans-serif", "size": 13}
 
 
-def speedup_vs_concurrency_figure(df: pd.DataFrame) -> go.Figure:
-    """Speedup against concurrency, one line per configuration (the curve that shows where it stops paying)."""
+def speedup_vs_concurrency_figure(df: pd.DataFrame, schedule: LoadSchedule | None = None) -> go.Figure:
+    """Speedup against concurrency, one line per configuration (the curve that shows where it stops paying);
+    with `schedule`, its batch-size bands shaded behind, each labelled with its k."""
     rows = served_rows(df)
     fig = go.Figure()
     for i, (label, group) in enumerate(rows.groupby("configuration", sort=True)):
@@ -42,10 +45,23 @@ def speedup_vs_concurrency_figure(df: pd.DataFrame) -> go.Figure:
     fig.update_layout(template="plotly_white", font=FONT, height=420,
                       margin={"l": 10, "r": 10, "t": 30, "b": 10},
                       legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0})
+    if schedule is not None:
+        _shade_bands(fig, schedule, int(rows["concurrency"].max()))
     fig.update_xaxes(title="requests in flight (concurrency)", type="log", dtick=0.30103,
                      tickvals=sorted(set(rows["concurrency"].dropna().astype(int))) or None)
     fig.update_yaxes(title="speedup over no speculation (x)", tickformat=".2f")
     return fig
+
+
+def _shade_bands(fig: go.Figure, schedule: LoadSchedule, top_load: int) -> None:
+    """The schedule's bands as shaded spans (their edges halfway between batch sizes, on the log axis)."""
+    for i, band in enumerate(schedule.bands):
+        if band.first > top_load * 2:
+            break  # past the measured loads: the last band runs on to max_num_seqs
+        low, high = math.log10(max(band.first - 0.5, 0.5)), math.log10(min(band.last, top_load * 2) + 0.5)
+        fig.add_vrect(x0=10 ** low, x1=10 ** high, fillcolor=PALETTE[i % len(PALETTE)] if band.k else "#BBBBBB",
+                      opacity=0.10, line_width=0, layer="below",
+                      annotation_text=f"k={band.k}" if band.k else "no speculation", annotation_position="top left")
 
 
 def latency_front_figure(df: pd.DataFrame) -> go.Figure:
@@ -79,9 +95,26 @@ def render_load(shown: pd.DataFrame, sweep: str, chart_config: dict[str, Any]) -
     st.markdown("#### Speculation under load")
     st.caption("One trial per (configuration, concurrency). The speedup's denominator is the no-speculation "
                "server at the same load, measured pass for pass beside it.")
+    schedule, why_not = schedule_of(shown, sweep)
     left, right = st.columns(2, gap="large")
     with left:
-        st.plotly_chart(speedup_vs_concurrency_figure(shown), key=f"load_speedup_{sweep}", config=chart_config)
+        st.plotly_chart(speedup_vs_concurrency_figure(shown, schedule), key=f"load_speedup_{sweep}",
+                        config=chart_config)
     with right:
         st.plotly_chart(latency_front_figure(shown), key=f"load_front_{sweep}", config=chart_config)
     st.dataframe(best_per_load(shown), hide_index=True, width="stretch")
+    if schedule is not None:
+        st.markdown(f"**vLLM schedule** ({schedule.method}, the shaded bands): paste into "
+                    "`vllm serve --speculative-config`, or `spectune serve --sweep "
+                    f"{sweep} --schedule`")
+        st.code(schedule.to_json(), language="json")
+    else:
+        st.caption(f"No vLLM schedule: {why_not}")
+
+
+def schedule_of(shown: pd.DataFrame, sweep: str) -> tuple[LoadSchedule | None, str]:
+    """The sweep's schedule (`spectune vllm schedule`), or None and why there is none."""
+    try:
+        return derive(shown, sweep), ""
+    except (ScheduleError, ValueError) as err:
+        return None, str(err)

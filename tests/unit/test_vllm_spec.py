@@ -70,7 +70,7 @@ def test_stored_configs_carry_backend_concurrency_and_the_draft_length_column():
     ({"space": {"eagle": {"model": ["/heads"], "speculative_token_tree": [[[0], [1]]]}}},
      "has no tree drafts"),
     ({"space": {"ngram": {"num_speculative_tokens_per_batch_size": [[[2, 8, 2]]]}}},
-     "the first range must start at batch size 1"),
+     "the first band must start at batch size 1"),
     ({"space": {"ngram": {"num_speculative_tokens": [2], "num_speculative_tokens_per_batch_size": [[[1, 4, 5]]]}}},
      "k = 5 is above num_speculative_tokens (2), which vLLM would silently cut it to"),
     ({"backend": "sglang"}, "backend: unknown backend 'sglang'; known backends: spectune, vllm"),

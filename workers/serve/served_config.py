@@ -38,7 +38,7 @@ class ServedSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["config_file", "trial", "best_of_sweep", "marked_in_dashboard"]
+    kind: Literal["config_file", "trial", "best_of_sweep", "schedule_of_sweep", "marked_in_dashboard"]
     path: str | None = None
     db: str | None = None  # password masked
     trial_id: int | None = None
@@ -46,6 +46,7 @@ class ServedSource(BaseModel):
     objective: str | None = None
     mode: Literal["max", "min"] | None = None
     concurrency: int | None = None  # the load the best trial was picked at
+    trials: tuple[int, ...] = ()  # schedule_of_sweep: the trials its bands rest on
 
 
 class ServedConfig(BaseModel):
@@ -92,6 +93,9 @@ class ServeArgs(BaseModel):
     mode: Literal["max", "min"] | None = None
     include_unchecked: bool = False  # with sweep: sampling trials (lossless by rule, unchecked) may win too
     concurrency: int | None = Field(None, ge=1, description="with sweep: the best trial measured at this load")
+    schedule: bool = Field(False, description="with sweep (a vLLM load sweep): its per-load schedule of k "
+                                              "(`spectune vllm schedule`), not one trial")
+    min_speedup: float = Field(1.0, ge=0.0, description="with schedule: what a k's speedup interval must clear")
     db: str | None = None
     device: str | None = None
     max_tokens_limit: int = Field(512, ge=1)
@@ -106,6 +110,8 @@ class ServeArgs(BaseModel):
             raise ValueError(f"choose one of config, trial or sweep, not {' and '.join(given)}")
         if self.concurrency is not None and self.sweep is None:
             raise ValueError("concurrency picks the best of a sweep's trials at that load: give it with sweep")
+        if self.schedule and (self.sweep is None or self.concurrency is not None):
+            raise ValueError("schedule serves a load sweep's per-load schedule: give it with sweep, without concurrency")
         return self
 
     @property
@@ -194,6 +200,8 @@ def _section_of(sections: Mapping[str, Any], backend: str) -> dict[str, Any]:
 
 
 def from_store(args: ServeArgs) -> ServedConfig:
+    if args.schedule:
+        return from_schedule(args)
     from spectune.store.db import connect
     from spectune.store.errors import StoreError
 
@@ -215,6 +223,33 @@ def from_store(args: ServeArgs) -> ServedConfig:
         return _served(pair.absolute(), config, source, trial_metrics=_metric_summary(detail["metrics"]), server=server)
     except (ValidationError, ValueError) as err:
         raise ServeConfigError(f"{where}: {_reason(err)}") from None
+
+
+def from_schedule(args: ServeArgs) -> ServedConfig:
+    """A vLLM load sweep's schedule (`spectune.backends.vllm_schedule`) as the vLLM backend's configuration."""
+    from spectune.backends.vllm_schedule import BACKEND, derive
+    from spectune.store.db import connect
+    from spectune.store.errors import StoreError
+
+    try:
+        with connect(args.db) as store:
+            sweep = store.get_sweep(args.sweep)
+            if sweep is None:
+                raise ServeConfigError(f"no sweep named {args.sweep!r} in {store.url} (see `spectune sweeps list`)")
+            chosen = derive(store.trials_frame(args.sweep), args.sweep, min_speedup=args.min_speedup)
+            db = store.url
+    except StoreError as err:
+        raise ServeConfigError(str(err)) from None
+    except ValueError as err:
+        raise ServeConfigError(f"sweep {args.sweep!r}: {err}") from None
+    source = ServedSource(kind="schedule_of_sweep", db=db, sweep=args.sweep, trials=chosen.trials)
+    try:
+        pair = PairRef.model_validate(_pair_of_spec(sweep.spec))
+        config = BACKENDS.get(BACKEND).config(chosen.method, chosen.served_knobs())
+        return _served(pair.absolute(), config, source, name=f"{pair.name}/vllm:{chosen.method}(schedule)",
+                       server=_settings_of_spec(sweep.spec, BACKEND))
+    except (ValidationError, ValueError) as err:
+        raise ServeConfigError(f"the schedule of sweep {args.sweep!r}: {_reason(err)}") from None
 
 
 def _pick_trial(store: Any, args: ServeArgs) -> tuple[int, ServedSource]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -70,26 +70,39 @@ class SpeculativeKnobs(EngineKnobs):
 
     @model_validator(mode="after")
     def schedule_rules(self) -> SpeculativeKnobs:
-        """vLLM's rules for the schedule (validate_and_normalize_dynamic_sd_schedule), checked up front."""
-        schedule = self.num_speculative_tokens_per_batch_size
-        if schedule is None:
-            return self
-        if not schedule:
-            raise ValueError("num_speculative_tokens_per_batch_size must not be empty")
-        ordered = sorted(schedule)
-        if ordered[0][0] != 1:
-            raise ValueError("num_speculative_tokens_per_batch_size: the first range must start at batch size 1")
-        previous = 0
-        for first, last, k in ordered:
-            if not 1 <= first <= last or k < 0:
-                raise ValueError(f"num_speculative_tokens_per_batch_size: ({first}, {last}, {k}) needs 1 <= first <= last, k >= 0")
-            if first <= previous:
-                raise ValueError("num_speculative_tokens_per_batch_size: batch-size ranges overlap")
-            if k > self.num_speculative_tokens:
-                raise ValueError(f"num_speculative_tokens_per_batch_size: k = {k} is above num_speculative_tokens "
-                                 f"({self.num_speculative_tokens}), which vLLM would silently cut it to")
-            previous = last
+        if self.num_speculative_tokens_per_batch_size is not None:
+            check_bands(self.num_speculative_tokens_per_batch_size, self.num_speculative_tokens)
         return self
+
+
+def check_bands(bands: Sequence[Sequence[int]], k_max: int | None = None, max_num_seqs: int | None = None) -> None:
+    """`num_speculative_tokens_per_batch_size`'s rules, checked before a server starts: vLLM's own
+    (`validate_and_normalize_dynamic_sd_schedule`: the first band starts at 1, none overlaps, k >= 0),
+    and ours: no gap between bands (vLLM would silently carry the k before it), no k above
+    num_speculative_tokens (vLLM would silently cut it), and, given, the last band ends at max_num_seqs."""
+    if not bands:
+        raise ValueError("num_speculative_tokens_per_batch_size must not be empty")
+    previous = 0
+    for band in sorted(tuple(b) for b in bands):
+        if len(band) != 3:
+            raise ValueError(f"num_speculative_tokens_per_batch_size: {list(band)} is not [first, last, k]")
+        first, last, k = (int(v) for v in band)
+        if not 1 <= first <= last or k < 0:
+            raise ValueError(f"num_speculative_tokens_per_batch_size: ({first}, {last}, {k}) needs 1 <= first <= last, k >= 0")
+        if first <= previous:
+            raise ValueError(f"num_speculative_tokens_per_batch_size: ({first}, {last}, {k}) overlaps the band "
+                             f"ending at {previous}")
+        if first > previous + 1:
+            where = "the first band must start at batch size 1" if previous == 0 else (
+                f"batch sizes {previous + 1}..{first - 1} fall in no band")
+            raise ValueError(f"num_speculative_tokens_per_batch_size: {where}")
+        if k_max is not None and k > k_max:
+            raise ValueError(f"num_speculative_tokens_per_batch_size: k = {k} is above num_speculative_tokens "
+                             f"({k_max}), which vLLM would silently cut it to")
+        previous = last
+    if max_num_seqs is not None and previous != max_num_seqs:
+        raise ValueError(f"num_speculative_tokens_per_batch_size: the bands end at {previous}, not at "
+                         f"max_num_seqs ({max_num_seqs})")
 
 
 class NgramKnobs(SpeculativeKnobs):

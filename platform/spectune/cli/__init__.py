@@ -12,6 +12,7 @@ from spectune.cli import trees_cmd
 from spectune.cli import sweep_cmd
 from spectune.cli import heads_cmd
 from spectune.cli import cluster_cmd
+from spectune.cli import vllm_cmd
 
 app = typer.Typer(
     name="spectune",
@@ -33,6 +34,7 @@ app.command("sweep")(sweep_cmd.sweep)
 app.command("demo")(sweep_cmd.demo)
 app.add_typer(heads_cmd.app, name="heads")
 app.add_typer(cluster_cmd.app, name="cluster")
+app.add_typer(vllm_cmd.app, name="vllm")
 
 
 def main() -> None:

@@ -34,6 +34,10 @@ def serve(
                                            "(lossless by the method's rule, outputs unchecked) may win too."),
     concurrency: int | None = typer.Option(None, min=1, help="With --sweep: the best trial measured at this many "
                                            "requests in flight (a vLLM sweep's load axis)."),
+    schedule: bool = typer.Option(False, "--schedule", help="With --sweep (a vLLM load sweep): serve its per-load "
+                                  "schedule of speculative tokens (`spectune vllm schedule`)."),
+    min_speedup: float = typer.Option(1.0, min=0.0, help="With --schedule: a k serves a load only where its "
+                                      "speedup's 95% interval lies above this."),
     trial: int | None = typer.Option(None, help="Serve this trial (id from `spectune results`)."),
     config: Path | None = typer.Option(None, help="YAML file: pair (micro | PAIR_DIR | {target, drafter}), method, knobs."),
     db: str | None = typer.Option(None, help="Store URL or SQLite path (default: $SPECTUNE_DB or ~/.cache/spectune/spectune.db)."),
@@ -62,7 +66,7 @@ def serve(
 
     try:
         args = ServeArgs(config=str(config) if config else None, trial=trial, sweep=sweep, objective=objective,
-                         mode=mode, include_unchecked=include_unchecked, concurrency=concurrency, db=db, device=device, max_tokens_limit=max_tokens_limit,
+                         mode=mode, include_unchecked=include_unchecked, concurrency=concurrency, schedule=schedule, min_speedup=min_speedup, db=db, device=device, max_tokens_limit=max_tokens_limit,
                          decode_threads=decode_threads, api_key=api_key)
         served = choose(args)
     except ValidationError as err:

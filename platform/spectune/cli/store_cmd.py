@@ -24,7 +24,7 @@ sweeps_app = typer.Typer(help="Sweeps recorded in the results store.", no_args_i
 _DB_HELP = "Database URL or SQLite path (default: $SPECTUNE_DB or ~/.cache/spectune/spectune.db)."
 
 
-def _open(db: str | None) -> Any:
+def open_store(db: str | None) -> Any:
     """The store, or exit 2 with one line when the database cannot be reached."""
     from spectune.store import StoreUnavailable, connect
 
@@ -99,7 +99,7 @@ def results(
     sweep = sweep_opt or sweep_arg
     if sweep is None:
         fail("name the sweep: spectune results --sweep NAME (spectune sweeps list shows them)")
-    store = _open(db)
+    store = open_store(db)
     row = store.get_sweep(sweep)
     if row is None:
         known = ", ".join(s.name for s in store.list_sweeps()) or "none"
@@ -219,7 +219,7 @@ def list_sweeps(
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Every sweep, newest first, with trial counts by status."""
-    store = _open(db)
+    store = open_store(db)
     sweeps = store.list_sweeps()
     if json_out:
         typer.echo(json.dumps([{
