@@ -1,0 +1,154 @@
+"""`rasd`: retrieval-augmented speculative decoding (Quan et al. 2025).
+
+Each step drafts two trees and verifies one:
+
+1. the drafter model grows a dynamic tree (dytree's best-first expansion by path probability:
+   `draft_nodes` nodes, at most `draft_depth` deep, `draft_topk` children a node);
+2. retrieval finds the longest suffix of the committed sequence (`min_ngram`..`max_ngram` tokens)
+   in the datastore — the prompt and the output so far, and the corpus `datastore` points at, if
+   any — and keeps the `retrieved` most frequent continuations of `retrieval_depth` tokens;
+3. `spectune.trees.fusion` merges the continuations into the drafter's tree by longest prefix
+   match and prunes the result to the `budget` best nodes.
+
+The score pruning ranks by (RASD's): a drafter node's path probability, and for retrieved
+nodes the continuations' share of the retrieval counts times the drafter's probability of
+their first token (the draft model's distribution prunes the retrieval tree); a node both
+propose takes the larger.
+
+Lossless. The fused tree is deterministic (q = None): retrieved tokens are drawn from no
+distribution, so the whole tree is verified as one-hot proposals — greedy match at temperature
+0, sample-and-match at temperature > 0 (PLD's and the n-gram table's rule), which is exact for
+any tree of distinct siblings fixed before verification. The drafter's part is therefore its
+top-k at every temperature: a sampled draw verified as a one-hot proposal would be accepted no
+more often than p(token), less than the top-k's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field, model_validator
+
+from spectune.engine.drafter import DraftContext, StepOutcome
+from spectune.engine.runner import CausalLM
+from spectune.engine.sampling import Sampling
+from spectune.trees.draft import DraftTree
+from spectune.trees.fusion import Retrieved, ScoredTree, fuse, prune
+from spectune.methods.base import Knobs, Models
+from spectune.methods.datastore import NgramIndex, corpus_index, read_texts, target_tokenizer
+from spectune.methods.draft_cache import ModelDrafter
+from spectune.methods.dytree import DyTreeKnobs, Expansion, grow
+from spectune.methods.registry import METHODS
+
+GREEDY = Sampling()  # the drafter's part of the tree is its top-k at every temperature (see the module docstring)
+
+
+class RasdKnobs(Knobs):
+    datastore: str | None = Field(
+        None, description="a UTF-8 text file, or a folder of them, to retrieve from besides the prompt and the "
+        "output so far (None: those alone); tokenized and indexed once per build")
+    retrieval_depth: int = Field(8, ge=1, le=64, description="tokens per retrieved continuation")
+    retrieved: int = Field(4, ge=1, le=64, description="continuations fused per step, the most frequent first")
+    min_ngram: int = Field(1, ge=1, le=16, description="shortest suffix n-gram retrieval matches")
+    max_ngram: int = Field(4, ge=1, le=16, description="longest suffix n-gram retrieval matches (longest found wins)")
+    draft_depth: int = Field(4, ge=1, le=64, description="the drafter tree's deepest position (a pass per level)")
+    draft_topk: int = Field(4, ge=1, le=64, description="most children the drafter proposes under one node")
+    draft_nodes: int = Field(16, ge=1, le=512, description="nodes of the drafter's dynamic tree before fusion")
+    budget: int = Field(24, ge=1, le=1024, description="fusion budget: nodes of the fused tree verified per step")
+
+    def tree_knobs(self) -> str:
+        return f"budget={self.budget}"
+
+    @model_validator(mode="after")
+    def ordered(self) -> "RasdKnobs":
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})")
+        return self
+
+    def drafter_tree(self) -> DyTreeKnobs:
+        return DyTreeKnobs(budget=self.draft_nodes, max_depth=self.draft_depth, topk=self.draft_topk)
+
+
+class RasdDrafter(ModelDrafter):
+    """The drafter's dynamic tree fused with retrieval; `corpus` is indexed once, at build."""
+
+    def __init__(self, lm: CausalLM, knobs: RasdKnobs, corpus: NgramIndex | None) -> None:
+        super().__init__(lm)
+        self.knobs = knobs
+        self.tree_knobs = knobs.drafter_tree()
+        self.corpus = corpus
+        self.sequence_index = NgramIndex(knobs.min_ngram, knobs.max_ngram)
+        self.max_tree_size = knobs.budget
+        self.stats: Counter[str] = Counter()  # verified / accepted nodes that retrieval alone proposed
+        self._retrieval_only: tuple[bool, ...] = ()
+
+    def reset(self) -> None:
+        super().reset()
+        self.sequence_index = NgramIndex(self.knobs.min_ngram, self.knobs.max_ngram)
+
+    def draft(self, context: DraftContext) -> DraftTree:
+        sequence = context.sequence
+        self.sequence_index.extend(sequence[len(self.sequence_index):])  # the prompt first, then what was committed
+        if context.max_depth == 0:
+            return DraftTree.root_only(sequence[-1])
+        root_logits = self.start(sequence)  # [V] the drafter's logits after the root
+        drafted, calls = self._drafter_tree(sequence[-1], root_logits, min(self.knobs.draft_depth, context.max_depth))
+        first_probs = torch.softmax(root_logits.float(), dim=-1)  # [V] prunes retrieval by the drafter's view
+        retrieved = self._retrieve(sequence, min(self.knobs.retrieval_depth, context.max_depth), first_probs)
+        fused = prune(fuse(drafted, retrieved), self.knobs.budget)
+        self._retrieval_only = fused.from_retrieval()
+        return fused.draft_tree(calls)
+
+    def _drafter_tree(self, root: int, root_logits: torch.Tensor, depth_limit: int) -> tuple[ScoredTree, int]:
+        expansion = Expansion(root, self.tree_knobs, depth_limit, GREEDY, torch.Generator())
+        tree = grow(expansion, root_logits, lambda new: self.feed(expansion.tree, new))
+        self.finish(expansion.tree)
+        grown = expansion.tree
+        return ScoredTree.drafted(grown.tokens, grown.parents, expansion.values), tree.draft_calls
+
+    def _retrieve(self, sequence: Sequence[int], depth: int, first_probs: torch.Tensor) -> list[Retrieved]:
+        """The `retrieved` continuations of highest share (summed over the sources), weighted by the
+        drafter's probability of their first token."""
+        shares = _shares(self.sequence_index.continuations(sequence, depth, recent=True))
+        if self.corpus is not None:
+            for continuation, share in _shares(self.corpus.continuations(sequence, depth, recent=False)).items():
+                shares[continuation] = shares.get(continuation, 0.0) + share
+        ranked = sorted(shares.items(), key=lambda item: -item[1])[: self.knobs.retrieved]  # stable: ties keep order
+        return [Retrieved(tokens, share * float(first_probs[tokens[0]])) for tokens, share in ranked]
+
+    def observe(self, outcome: StepOutcome) -> None:
+        only = self._retrieval_only
+        self.stats["steps"] += 1
+        self.stats["retrieved_nodes"] += sum(only)
+        self.stats["accepted_retrieved"] += sum(only[node] for node in outcome.verdict.path[1:])
+
+
+def _shares(counts: Counter[tuple[int, ...]]) -> dict[tuple[int, ...], float]:
+    """Each non-empty continuation's share of the occurrences counted."""
+    total = sum(counts.values())
+    return {tokens: count / total for tokens, count in counts.items() if tokens}
+
+
+@METHODS.register(
+    "rasd",
+    RasdKnobs,
+    needs_drafter=True,
+    summary="the drafter's dynamic tree fused with continuations retrieved from the prompt, the output and an "
+    "optional corpus (longest prefix match), pruned to a node budget by draft probability and retrieval counts",
+    paper="Quan et al. 2025, RASD: retrieval-augmented speculative decoding (ACL Findings)",
+    cost="one drafter pass per round, at most draft_depth; n-gram lookups; budget + 1 tokens verified",
+    rule="greedy match; sample-and-match (a deterministic fused tree: the drafter's top-k and retrieved tokens)",
+    columns={"draft_len": ("retrieval_depth", "draft_depth"), "node_budget": ("budget",)},
+)
+def build_rasd(knobs: RasdKnobs, models: Models) -> RasdDrafter:
+    corpus = None
+    if knobs.datastore is not None:
+        try:
+            texts = read_texts(knobs.datastore)  # a bad path is named before anything else is loaded
+            tokenizer = target_tokenizer(models.target.model, knobs.datastore)
+            corpus = corpus_index(texts, tokenizer, knobs.min_ngram, knobs.max_ngram, knobs.datastore)
+        except ValueError as err:
+            raise ValueError(f"rasd: {err}") from None
+    return RasdDrafter(models.drafter, knobs, corpus)
