@@ -275,6 +275,7 @@ EXTRA_CONFIGS = [
     ("tree", {"branching": [3, 2]}),
     ("pld", {"matches": 4, "max_ngram": 1}),  # a trie of continuations from the second step on
     ("pearl", {"gamma": 2}),  # short chains: full acceptance, lookahead reuse and pre-verify within 8 tokens
+    ("rasd", {"draft_nodes": 2, "draft_depth": 1, "retrieval_depth": 6, "budget": 10}),  # mostly retrieved nodes
 ]
 # del times its costs on this machine by default, so its choices (and whether it drafts deep) would
 # follow the machine's load; layer costs keep them, and this test, reproducible
@@ -303,7 +304,7 @@ def test_loop_samples_follow_the_target(request, method, knobs):
 
 # The wrong-q mutant runs on every method that samples its drafts (its trees carry q); the methods whose
 # drafts are deterministic (sample-and-match: no q to get wrong) are listed, and checked to carry none.
-DRAFTS_WITHOUT_Q = ("pld", "ngram", "recycling")
+DRAFTS_WITHOUT_Q = ("pld", "ngram", "recycling", "rasd")  # rasd: its fused tree mixes in retrieved tokens
 # pearl without pre-verify: pre-verify cuts most chains after a rejection to one token, so few nodes deep
 # enough for a wrong q to matter are left in 300 samples
 MUTANT_KNOBS = {"tree": {"branching": [3, 2]}, "pearl": {"pre_verify": False}, **REPRODUCIBLE}
@@ -334,7 +335,7 @@ def test_the_methods_left_out_of_the_mutant_draft_without_q(close_pair, method):
 # top-p < 1 in the real loop: the draft and the target both truncated, a chain and trees with and without
 # replacement, and a deterministic drafter (sample-and-match); the mutant is caught under top-p too
 TOP_P = Sampling(temperature=1.0, top_p=0.8)
-TOP_P_CONFIGS = [("sps", {}), ("rsd", {}), ("specinfer", {}), ("pld", {"matches": 4, "max_ngram": 1})]
+TOP_P_CONFIGS = [("sps", {}), ("rsd", {}), ("specinfer", {}), ("pld", {"matches": 4, "max_ngram": 1}), ("rasd", {})]
 
 
 @pytest.mark.parametrize("method, knobs", TOP_P_CONFIGS)
