@@ -5,8 +5,9 @@ Each step drafts two trees and verifies one:
 1. the drafter model grows a dynamic tree (dytree's best-first expansion by path probability:
    `draft_nodes` nodes, at most `draft_depth` deep, `draft_topk` children a node);
 2. retrieval finds the longest suffix of the committed sequence (`min_ngram`..`max_ngram` tokens)
-   in the datastore — the prompt and the output so far, and the corpus `datastore` points at, if
-   any — and keeps the `retrieved` most frequent continuations of `retrieval_depth` tokens;
+   in the datastore and keeps up to `retrieved` continuations of `retrieval_depth` tokens, the most
+   frequent first: those of the prompt and the output so far, then, for the slots left, those of
+   the corpus `datastore` points at (if any);
 3. `spectune.trees.fusion` merges the continuations into the drafter's tree by longest prefix
    match and prunes the result to the `budget` best nodes.
 
@@ -109,13 +110,15 @@ class RasdDrafter(ModelDrafter):
         return ScoredTree.drafted(grown.tokens, grown.parents, expansion.values), tree.draft_calls
 
     def _retrieve(self, sequence: Sequence[int], depth: int, first_probs: torch.Tensor) -> list[Retrieved]:
-        """The `retrieved` continuations of highest share (summed over the sources), weighted by the
-        drafter's probability of their first token."""
-        shares = _shares(self.sequence_index.continuations(sequence, depth, recent=True))
-        if self.corpus is not None:
-            for continuation, share in _shares(self.corpus.continuations(sequence, depth, recent=False)).items():
-                shares[continuation] = shares.get(continuation, 0.0) + share
-        ranked = sorted(shares.items(), key=lambda item: -item[1])[: self.knobs.retrieved]  # stable: ties keep order
+        """Up to `retrieved` continuations, the sequence's own first (the nearest text repeats most; on the
+        micro pair, mixing the corpus in by share lowered tau), then the corpus's, each source's by share;
+        weighted by the drafter's probability of their first token."""
+        ranked = _ranked(self.sequence_index.continuations(sequence, depth, recent=True), self.knobs.retrieved)
+        room = self.knobs.retrieved - len(ranked)
+        if self.corpus is not None and room > 0:
+            seen = {tokens for tokens, _ in ranked}
+            found = self.corpus.continuations(sequence, depth, recent=False)
+            ranked += [(tokens, share) for tokens, share in _ranked(found, len(found)) if tokens not in seen][:room]
         return [Retrieved(tokens, share * float(first_probs[tokens[0]])) for tokens, share in ranked]
 
     def observe(self, outcome: StepOutcome) -> None:
@@ -125,10 +128,11 @@ class RasdDrafter(ModelDrafter):
         self.stats["accepted_retrieved"] += sum(only[node] for node in outcome.verdict.path[1:])
 
 
-def _shares(counts: Counter[tuple[int, ...]]) -> dict[tuple[int, ...], float]:
-    """Each non-empty continuation's share of the occurrences counted."""
+def _ranked(counts: Counter[tuple[int, ...]], most: int) -> list[tuple[tuple[int, ...], float]]:
+    """The `most` non-empty continuations of largest share of the occurrences counted (ties: counting order)."""
     total = sum(counts.values())
-    return {tokens: count / total for tokens, count in counts.items() if tokens}
+    shares = [(tokens, count / total) for tokens, count in counts.items() if tokens]
+    return sorted(shares, key=lambda item: -item[1])[:most]
 
 
 @METHODS.register(
