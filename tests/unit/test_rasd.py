@@ -17,7 +17,7 @@ from spectune.methods.datastore import BOUNDARY, NgramIndex, read_texts
 from spectune.pair import load_pair
 from spectune.pair_ref import PairRef
 from spectune.trees.draft import tree_layout
-from spectune.trees.fusion import Retrieved, ScoredTree, fuse, prune
+from spectune.trees.fusion import Retrieved, ScoredTree, extend_leaves, fuse, prune
 from support import random_llama
 
 # the drafter's tree: root 0 -> 1 (p .6) -> 2 (p .3); root -> 3 (p .2)
@@ -116,6 +116,31 @@ def _path(tree: ScoredTree, node: int) -> tuple[int, ...]:
         path.append(tree.tokens[node])
         node = tree.parents[node]
     return tuple(reversed(path))
+
+
+# --- the sampling form: retrieved chains below the drafter's leaves only ------------------------------------
+
+
+def test_sampled_fusion_hangs_a_continuation_below_the_leaf_it_reaches():
+    fused = extend_leaves(DRAFTED, [Retrieved((1, 2, 7, 8), 0.5)], room=10)
+    assert fused.tokens == (0, 1, 2, 3, 7, 8) and fused.parents == (-1, 0, 1, 0, 2, 4)
+    assert fused.retrieval_scores == (0.0, 0.5, 0.5, 0.0, 0.5, 0.5)
+
+
+def test_sampled_fusion_never_adds_a_sibling_to_the_drafters_draws():
+    # 5 would sit beside the draw 1 under the root; 1 -> 9 beside the draw 2 under node 1: both dropped
+    fused = extend_leaves(DRAFTED, [Retrieved((5, 6), 0.9), Retrieved((1, 9), 0.8)], room=10)
+    assert fused.tokens == DRAFTED.tokens and fused.parents == DRAFTED.parents
+
+
+def test_sampled_fusion_gives_every_added_node_one_child_and_keeps_to_its_room():
+    fused = extend_leaves(DRAFTED, [Retrieved((3, 4, 5), 0.5), Retrieved((3, 6), 0.4), Retrieved((3, 4, 5, 8), 0.3),
+                                    Retrieved((1, 2, 7, 7, 7), 0.2)], room=4)
+    # (3, 6) would branch beside the chain's 4: dropped; (3, 4, 5, 8) extends the chain's end; the last gets one node
+    assert fused.tokens == (0, 1, 2, 3, 4, 5, 8, 7) and fused.parents == (-1, 0, 1, 0, 3, 4, 5, 2)
+    children = tree_layout(fused.parents).children
+    assert all(len(children[node]) <= 1 for node in range(len(DRAFTED.tokens), len(fused.tokens)))
+    assert extend_leaves(DRAFTED, [Retrieved((3, 4, 5), 0.5)], room=0).tokens == DRAFTED.tokens
 
 
 # --- the n-gram index -----------------------------------------------------------------------------------
@@ -252,3 +277,28 @@ def test_without_a_datastore_the_prompt_is_the_datastore(micro):
     expected = tuple(ids[len(first): len(first) + 5])
     paths = {tuple(tree.tokens[n] for n in path[1:]) for path in tree_layout(tree.parents).paths}
     assert any(path[:5] == expected for path in paths), "the prompt's own continuation is not a path of the tree"
+
+
+def test_a_sampled_draft_puts_a_one_hot_row_above_every_retrieved_token(random_pair):
+    """At temperature > 0 every node's children are the drafter's draws from its q row, or one retrieved token
+    under a one-hot row (the rejection rule's deterministic proposal). The drafter draws its whole vocabulary
+    of 16 under the root here, so the retrieved continuation always starts on a drawn leaf and hangs below it."""
+    knobs = {"draft_nodes": 16, "draft_topk": 16, "draft_depth": 1, "retrieval_depth": 4, "budget": 24}
+    drafter = METHODS.build("rasd", knobs, random_pair)
+    sequence = (1, 2, 3, 4, 5, 1, 2)  # "1 2" was followed by 3 4 5 1
+    for seed in range(4):
+        drafter.reset()
+        tree = drafter.draft(DraftContext(sequence, Sampling(temperature=1.0), torch.Generator().manual_seed(seed),
+                                          max_depth=16))
+        retrieved = drafter._retrieval_only  # the nodes retrieval alone added
+        assert tree.q is not None and sum(retrieved) == 3 and tree.size == 19
+        children = tree_layout(tree.parents).children
+        assert sorted(tree.tokens[k] for k in children[0]) == list(range(16))  # the draws, in draw order
+        assert torch.allclose(tree.q[0].sum(), torch.tensor(1.0)) and tree.q[0].max() < 1.0
+        start = next(k for k in children[0] if tree.tokens[k] == 3)
+        chain = [start]
+        while children[chain[-1]]:
+            (only,) = children[chain[-1]]
+            assert retrieved[only] and tree.q[chain[-1], tree.tokens[only]] == 1.0 and tree.q[chain[-1]].sum() == 1.0
+            chain.append(only)
+        assert [tree.tokens[n] for n in chain] == [3, 4, 5, 1]

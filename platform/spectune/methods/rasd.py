@@ -9,19 +9,27 @@ Each step drafts two trees and verifies one:
    frequent first: those of the prompt and the output so far, then, for the slots left, those of
    the corpus `datastore` points at (if any);
 3. `spectune.trees.fusion` merges the continuations into the drafter's tree by longest prefix
-   match and prunes the result to the `budget` best nodes.
+   match and prunes the result to the `budget` best nodes (at temperature 0; when sampling, see
+   below).
 
 The score pruning ranks by (RASD's): a drafter node's path probability, and for retrieved
 nodes the continuations' share of the retrieval counts times the drafter's probability of
 their first token (the draft model's distribution prunes the retrieval tree); a node both
 propose takes the larger.
 
-Lossless. The fused tree is deterministic (q = None): retrieved tokens are drawn from no
-distribution, so the whole tree is verified as one-hot proposals — greedy match at temperature
-0, sample-and-match at temperature > 0 (PLD's and the n-gram table's rule), which is exact for
-any tree of distinct siblings fixed before verification. The drafter's part is therefore its
-top-k at every temperature: a sampled draw verified as a one-hot proposal would be accepted no
-more often than p(token), less than the top-k's.
+Lossless by the rules the tree methods already use (engine/accept.py's recursive rejection):
+
+- temperature 0: the drafter's part is its top-k, the fused tree is pruned to the budget and
+  verified by greedy match;
+- temperature > 0: the fused tree mixes the drafter's sampled nodes (drawn without replacement
+  from its q, as dytree draws them, and never pruned by the drawn tokens' own probabilities, which
+  would bias the proposal) with retrieved tokens, which were drawn from no distribution. A
+  retrieved token is a one-hot proposal (q = 1 at the token: accepted with probability p(token),
+  the residual is p without it, PLD's sample-and-match), and one-hot rows cannot share a node with
+  draws from q, so retrieval adds nodes only as one-child chains below the drafter's leaves
+  (`spectune.trees.fusion.extend_leaves`), while a continuation that matches a sampled branch still
+  shares its nodes. Every node's children are then the draws from its q row or one token under a
+  one-hot row.
 """
 
 from __future__ import annotations
@@ -36,14 +44,14 @@ from spectune.engine.drafter import DraftContext, StepOutcome
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
 from spectune.trees.draft import DraftTree
-from spectune.trees.fusion import Retrieved, ScoredTree, fuse, prune
+from spectune.trees.fusion import Retrieved, ScoredTree, extend_leaves, fuse, prune
 from spectune.methods.base import Knobs, Models
 from spectune.methods.datastore import NgramIndex, corpus_index, read_texts, target_tokenizer
 from spectune.methods.draft_cache import ModelDrafter
 from spectune.methods.dytree import DyTreeKnobs, Expansion, grow
 from spectune.methods.registry import METHODS
 
-GREEDY = Sampling()  # the drafter's part of the tree is its top-k at every temperature (see the module docstring)
+GREEDY = Sampling()  # the drafter's top-k at temperature 0
 
 
 class RasdKnobs(Knobs):
@@ -69,7 +77,7 @@ class RasdKnobs(Knobs):
         return self
 
     def drafter_tree(self) -> DyTreeKnobs:
-        return DyTreeKnobs(budget=self.draft_nodes, max_depth=self.draft_depth, topk=self.draft_topk)
+        return DyTreeKnobs(budget=min(self.draft_nodes, self.budget), max_depth=self.draft_depth, topk=self.draft_topk)
 
 
 class RasdDrafter(ModelDrafter):
@@ -78,7 +86,7 @@ class RasdDrafter(ModelDrafter):
     def __init__(self, lm: CausalLM, knobs: RasdKnobs, corpus: NgramIndex | None) -> None:
         super().__init__(lm)
         self.knobs = knobs
-        self.tree_knobs = knobs.drafter_tree()
+        self.tree_knobs = knobs.drafter_tree()  # its node count capped at the fusion budget
         self.corpus = corpus
         self.sequence_index = NgramIndex(knobs.min_ngram, knobs.max_ngram)
         self.max_tree_size = knobs.budget
@@ -95,19 +103,47 @@ class RasdDrafter(ModelDrafter):
         if context.max_depth == 0:
             return DraftTree.root_only(sequence[-1])
         root_logits = self.start(sequence)  # [V] the drafter's logits after the root
-        drafted, calls = self._drafter_tree(sequence[-1], root_logits, min(self.knobs.draft_depth, context.max_depth))
+        depth_limit = min(self.knobs.draft_depth, context.max_depth)
         first_probs = torch.softmax(root_logits.float(), dim=-1)  # [V] prunes retrieval by the drafter's view
         retrieved = self._retrieve(sequence, min(self.knobs.retrieval_depth, context.max_depth), first_probs)
+        if context.sampling.greedy:
+            return self._fused_greedy(self._grow(sequence[-1], root_logits, depth_limit, GREEDY, context.rng),
+                                      retrieved)
+        return self._fused_sampled(self._grow(sequence[-1], root_logits, depth_limit, context.sampling, context.rng),
+                                   retrieved)
+
+    def _grow(self, root: int, root_logits: torch.Tensor, depth_limit: int, sampling: Sampling,
+              rng: torch.Generator) -> tuple[Expansion, int]:
+        """The drafter's dynamic tree (its own draws when sampling) and the drafter passes it took."""
+        expansion = Expansion(root, self.tree_knobs, depth_limit, sampling, rng)
+        calls = grow(expansion, root_logits, lambda new: self.feed(expansion.tree, new)).draft_calls
+        self.finish(expansion.tree)
+        return expansion, calls
+
+    def _fused_greedy(self, grown: tuple[Expansion, int], retrieved: list[Retrieved]) -> DraftTree:
+        """Temperature 0: fuse, prune to the budget; deterministic (greedy match)."""
+        expansion, calls = grown
+        drafted = ScoredTree.drafted(expansion.tree.tokens, expansion.tree.parents, expansion.values)
         fused = prune(fuse(drafted, retrieved), self.knobs.budget)
         self._retrieval_only = fused.from_retrieval()
         return fused.draft_tree(calls)
 
-    def _drafter_tree(self, root: int, root_logits: torch.Tensor, depth_limit: int) -> tuple[ScoredTree, int]:
-        expansion = Expansion(root, self.tree_knobs, depth_limit, GREEDY, torch.Generator())
-        tree = grow(expansion, root_logits, lambda new: self.feed(expansion.tree, new))
-        self.finish(expansion.tree)
-        grown = expansion.tree
-        return ScoredTree.drafted(grown.tokens, grown.parents, expansion.values), tree.draft_calls
+    def _fused_sampled(self, grown: tuple[Expansion, int], retrieved: list[Retrieved]) -> DraftTree:
+        """Temperature > 0: the drafter's sampled tree as drawn, retrieved chains below its leaves (up to the
+        budget); q holds the drafter's rows and a one-hot row above every retrieved token."""
+        expansion, calls = grown
+        tree = expansion.tree
+        drafted = ScoredTree.drafted(tree.tokens, tree.parents, expansion.values)
+        fused = extend_leaves(drafted, retrieved, self.knobs.budget - drafted.size)
+        self._retrieval_only = fused.from_retrieval()
+        vocab = next(iter(tree.q_rows.values())).shape[-1]
+        q = torch.zeros(len(fused.tokens), vocab)  # [n+1, V] rows of leaves stay zero (never read)
+        for node, row in tree.q_rows.items():
+            q[node] = row
+        for node in range(len(tree.tokens), len(fused.tokens)):  # a retrieved node: its parent's only child
+            q[fused.parents[node]] = 0.0
+            q[fused.parents[node], fused.tokens[node]] = 1.0  # one-hot: accepted with probability p(token)
+        return DraftTree(fused.tokens, fused.parents, q, calls)
 
     def _retrieve(self, sequence: Sequence[int], depth: int, first_probs: torch.Tensor) -> list[Retrieved]:
         """Up to `retrieved` continuations, the sequence's own first (the nearest text repeats most; on the
@@ -143,7 +179,8 @@ def _ranked(counts: Counter[tuple[int, ...]], most: int) -> list[tuple[tuple[int
     "optional corpus (longest prefix match), pruned to a node budget by draft probability and retrieval counts",
     paper="Quan et al. 2025, RASD: retrieval-augmented speculative decoding (ACL Findings)",
     cost="one drafter pass per round, at most draft_depth; n-gram lookups; budget + 1 tokens verified",
-    rule="greedy match; sample-and-match (a deterministic fused tree: the drafter's top-k and retrieved tokens)",
+    rule="greedy: top-k siblings and retrieved tokens, match; sampling: the drafter's Gumbel-top-k draws, recursive "
+    "rejection, retrieved tokens as one-hot proposals (chains below the drafter's leaves)",
     columns={"draft_len": ("retrieval_depth", "draft_depth"), "node_budget": ("budget",)},
 )
 def build_rasd(knobs: RasdKnobs, models: Models) -> RasdDrafter:

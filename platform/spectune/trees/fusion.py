@@ -7,6 +7,10 @@ Pure functions over plain data (no model):
                               its nodes, and only the part after the first mismatch adds nodes
     prune(tree, budget)       keep the `budget` nodes of highest score, best first from the root, so
                               the kept nodes always form a tree (a node is kept only with its parent)
+    extend_leaves(drafted, retrieved, room)
+                              the sampling form of fusion: a continuation follows the drafter's sampled
+                              branches and adds nodes only as a one-child chain below a leaf, so every
+                              node's children are either the drafter's draws or one retrieved token
 
 A node's score is the larger of its two estimates that it is accepted: the drafter's path
 probability (the product of draft probabilities from the root, as EAGLE-2 and DySpec rank
@@ -126,3 +130,34 @@ def prune(tree: ScoredTree, budget: int) -> ScoredTree:
         tuple(tree.draft_scores[n] for n in kept),
         tuple(tree.retrieval_scores[n] for n in kept),
     )
+
+
+def extend_leaves(drafted: ScoredTree, retrieved: Sequence[Retrieved], room: int) -> ScoredTree:
+    """Fuse for a tree whose drafter nodes were sampled (verified against the drafter's q): each continuation,
+    in the order given, follows matching nodes; where it first differs, its rest hangs below that node as a
+    chain only if the node has no child yet (a drafter leaf, or the end of a chain), else it is dropped;
+    at most `room` nodes are added in all. A drafter node never gains a sibling of its draws, so the
+    rejection rule sees, under every node, either the draws from its q or one deterministic token (a
+    one-hot proposal); which nodes get a chain depends on their path, never on draws below them.
+    """
+    tokens, parents = list(drafted.tokens), list(drafted.parents)
+    draft_scores, retrieval_scores = list(drafted.draft_scores), list(drafted.retrieval_scores)
+    children: list[list[int]] = [[] for _ in tokens]
+    for node in range(1, len(tokens)):
+        children[parents[node]].append(node)
+    for continuation in retrieved:
+        node, rest = 0, list(continuation.tokens)
+        while rest and (child := next((c for c in children[node] if tokens[c] == rest[0]), None)) is not None:
+            retrieval_scores[child] += continuation.weight
+            node, rest = child, rest[1:]
+        if children[node]:
+            continue  # it leaves the tree beside a drafted child: no room for a sibling of the draws
+        for token in rest[: room - (len(tokens) - len(drafted.tokens))]:
+            tokens.append(token)
+            parents.append(node)
+            draft_scores.append(0.0)
+            retrieval_scores.append(continuation.weight)
+            children.append([])
+            children[node].append(len(tokens) - 1)
+            node = len(tokens) - 1
+    return ScoredTree(tuple(tokens), tuple(parents), tuple(draft_scores), tuple(retrieval_scores))
