@@ -177,7 +177,11 @@ def _ranked(counts: Counter[tuple[int, ...]], most: int) -> list[tuple[tuple[int
     needs_drafter=True,
     summary="the drafter's dynamic tree fused with continuations retrieved from the prompt, the output and an "
     "optional corpus (longest prefix match), pruned to a node budget by draft probability and retrieval counts",
-    paper="Quan et al. 2025, RASD: retrieval-augmented speculative decoding (ACL Findings)",
+    paper="Quan et al. 2025, RASD: retrieval-augmented speculative decoding (ACL Findings); claims state-of-the-art "
+    "speedups on DocQA, summarization, code and in-domain QA, fusing a draft model's (or EAGLE-2's) tree with PLD or "
+    "REST retrieval. Measured here on the micro pair (24 shipped prompts, 64 tokens, spectune bench): greedy tau 5.9 "
+    "with or without a stdlib datastore (dytree 3.7, pld 2.1); at T=1 tau 2.5 (dytree 2.4): micro's flat drafter "
+    "seldom draws a retrieved start",
     cost="one drafter pass per round, at most draft_depth; n-gram lookups; budget + 1 tokens verified",
     rule="greedy: top-k siblings and retrieved tokens, match; sampling: the drafter's Gumbel-top-k draws, recursive "
     "rejection, retrieved tokens as one-hot proposals (chains below the drafter's leaves)",
