@@ -143,7 +143,8 @@ def corpus_index(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, min_n
     """Tokenize and index the datastore's documents (`read_texts(path)`) once; no n-gram spans two."""
     index = NgramIndex(min_n, max_n)
     for text in texts:
-        index.extend(tokenizer.encode(text, add_special_tokens=False))
+        # verbose=False: no "longer than the model's context" warning, the corpus is never fed to a model
+        index.extend(tokenizer.encode(text, add_special_tokens=False, verbose=False))
         index.extend([BOUNDARY])
     if not index.starts:
         raise ValueError(f"datastore {path}: its text holds no {min_n}-token n-gram to retrieve from")
