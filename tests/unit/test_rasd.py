@@ -290,7 +290,7 @@ def test_a_sampled_draft_puts_a_one_hot_row_above_every_retrieved_token(random_p
         drafter.reset()
         tree = drafter.draft(DraftContext(sequence, Sampling(temperature=1.0), torch.Generator().manual_seed(seed),
                                           max_depth=16))
-        retrieved = drafter._retrieval_only  # the nodes retrieval alone added
+        retrieved = drafter.retrieval_only  # the nodes retrieval alone added
         assert tree.q is not None and sum(retrieved) == 3 and tree.size == 19
         children = tree_layout(tree.parents).children
         assert sorted(tree.tokens[k] for k in children[0]) == list(range(16))  # the draws, in draw order

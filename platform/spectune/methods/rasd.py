@@ -57,7 +57,8 @@ GREEDY = Sampling()  # the drafter's top-k at temperature 0
 class RasdKnobs(Knobs):
     datastore: str | None = Field(
         None, description="a UTF-8 text file, or a folder of them, to retrieve from besides the prompt and the "
-        "output so far (None: those alone); tokenized and indexed once per build")
+        "output so far (None: those alone); a path where the drafter is built (a sweep's workers, a serve "
+        "replica), tokenized with the target's tokenizer and indexed once per build")
     retrieval_depth: int = Field(8, ge=1, le=64, description="tokens per retrieved continuation")
     retrieved: int = Field(4, ge=1, le=64, description="continuations fused per step, the most frequent first")
     min_ngram: int = Field(1, ge=1, le=16, description="shortest suffix n-gram retrieval matches")
@@ -91,7 +92,7 @@ class RasdDrafter(ModelDrafter):
         self.sequence_index = NgramIndex(knobs.min_ngram, knobs.max_ngram)
         self.max_tree_size = knobs.budget
         self.stats: Counter[str] = Counter()  # verified / accepted nodes that retrieval alone proposed
-        self._retrieval_only: tuple[bool, ...] = ()
+        self.retrieval_only: tuple[bool, ...] = ()  # per node of the last draft: retrieval alone proposed it
 
     def reset(self) -> None:
         super().reset()
@@ -125,7 +126,7 @@ class RasdDrafter(ModelDrafter):
         expansion, calls = grown
         drafted = ScoredTree.drafted(expansion.tree.tokens, expansion.tree.parents, expansion.values)
         fused = prune(fuse(drafted, retrieved), self.knobs.budget)
-        self._retrieval_only = fused.from_retrieval()
+        self.retrieval_only = fused.from_retrieval()
         return fused.draft_tree(calls)
 
     def _fused_sampled(self, grown: tuple[Expansion, int], retrieved: list[Retrieved]) -> DraftTree:
@@ -135,7 +136,7 @@ class RasdDrafter(ModelDrafter):
         tree = expansion.tree
         drafted = ScoredTree.drafted(tree.tokens, tree.parents, expansion.values)
         fused = extend_leaves(drafted, retrieved, self.knobs.budget - drafted.size)
-        self._retrieval_only = fused.from_retrieval()
+        self.retrieval_only = fused.from_retrieval()
         vocab = next(iter(tree.q_rows.values())).shape[-1]
         q = torch.zeros(len(fused.tokens), vocab)  # [n+1, V] rows of leaves stay zero (never read)
         for node, row in tree.q_rows.items():
@@ -158,7 +159,7 @@ class RasdDrafter(ModelDrafter):
         return [Retrieved(tokens, share * float(first_probs[tokens[0]])) for tokens, share in ranked]
 
     def observe(self, outcome: StepOutcome) -> None:
-        only = self._retrieval_only
+        only = self.retrieval_only
         self.stats["steps"] += 1
         self.stats["retrieved_nodes"] += sum(only)
         self.stats["accepted_retrieved"] += sum(only[node] for node in outcome.verdict.path[1:])
