@@ -6,6 +6,7 @@ every method but prompt lookup (PLD finds few matches there)."""
 import pytest
 
 from spectune.engine.loop import Decoder
+from spectune.models.corpus import stdlib_root
 from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
 from spectune.pair import load_pair
@@ -25,6 +26,8 @@ EXTRA_CONFIGS = [
     ("eagle", {"budget": 24, "max_depth": 5, "topk": 2}),
     ("eagle3", {"budget": 6, "per_pass": 1}),
     ("del", {}),  # its default: costs timed on this machine (see SHALLOW)
+    ("rasd", {"datastore": str(stdlib_root() / "textwrap.py")}),  # a file of the micro pair's training corpus
+    ("rasd", {"retrieval_depth": 12, "retrieved": 8, "draft_nodes": 4, "draft_depth": 2, "budget": 16}),
 ]
 # del times its costs on this machine by default; layer costs make its choices, and the depth check, reproducible
 REPRODUCIBLE = {"del": {"cost": "layers"}}

@@ -275,6 +275,8 @@ EXTRA_CONFIGS = [
     ("tree", {"branching": [3, 2]}),
     ("pld", {"matches": 4, "max_ngram": 1}),  # a trie of continuations from the second step on
     ("pearl", {"gamma": 2}),  # short chains: full acceptance, lookahead reuse and pre-verify within 8 tokens
+    # a drafter tree one deep: every node accepted below depth 1 is a retrieved one (a one-hot q row)
+    ("rasd", {"draft_nodes": 2, "draft_depth": 1, "retrieval_depth": 6, "budget": 10}),
 ]
 # del times its costs on this machine by default, so its choices (and whether it drafts deep) would
 # follow the machine's load; layer costs keep them, and this test, reproducible
@@ -307,9 +309,10 @@ DRAFTS_WITHOUT_Q = ("pld", "ngram", "recycling")
 # pearl without pre-verify: pre-verify cuts most chains after a rejection to one token, so few nodes deep
 # enough for a wrong q to matter are left in 300 samples
 MUTANT_KNOBS = {"tree": {"branching": [3, 2]}, "pearl": {"pre_verify": False}, **REPRODUCIBLE}
-# samples the mutant needs to be seen at p < 1e-3 (300 unless named): dytree and del accept deep nodes
-# in fewer samples, so the mutant shifts fewer positions (the p-values at these counts are in the report)
-MUTANT_SAMPLES = {"dytree": SAMPLES_DEEP, "del": SAMPLES_DEEP}
+# samples the mutant needs to be seen at p < 1e-3 (300 unless named): dytree, del and rasd (dytree's tree
+# with retrieved chains below its leaves) accept deep nodes in fewer samples, so the mutant shifts fewer
+# positions (the p-values at these counts are in the report; rasd at 300: p=0.019)
+MUTANT_SAMPLES = {"dytree": SAMPLES_DEEP, "del": SAMPLES_DEEP, "rasd": SAMPLES_DEEP}
 MUTANT_CONFIGS = [(name, MUTANT_KNOBS.get(name, {})) for name, _ in EVERY_METHOD
                   if name != "ar" and name not in DRAFTS_WITHOUT_Q]
 
@@ -334,7 +337,7 @@ def test_the_methods_left_out_of_the_mutant_draft_without_q(close_pair, method):
 # top-p < 1 in the real loop: the draft and the target both truncated, a chain and trees with and without
 # replacement, and a deterministic drafter (sample-and-match); the mutant is caught under top-p too
 TOP_P = Sampling(temperature=1.0, top_p=0.8)
-TOP_P_CONFIGS = [("sps", {}), ("rsd", {}), ("specinfer", {}), ("pld", {"matches": 4, "max_ngram": 1})]
+TOP_P_CONFIGS = [("sps", {}), ("rsd", {}), ("specinfer", {}), ("pld", {"matches": 4, "max_ngram": 1}), ("rasd", {})]
 
 
 @pytest.mark.parametrize("method, knobs", TOP_P_CONFIGS)
