@@ -3,7 +3,8 @@ exported heads checkpoint as vLLM's speculative draft, decode greedily, print on
 
     python vllm_heads_check.py TARGET METHOD HEADS K PROMPTS_JSON OUT_JSON
 
-METHOD "none" decodes without speculation (the reference). The result goes to OUT_JSON (vLLM's own
+METHOD "none" decodes without speculation (the reference); "speculators" loads HEADS as the model itself (a
+`speculators` checkpoint names its target and draft length; TARGET is unused). The result goes to OUT_JSON (vLLM's own
 processes write to stdout too); on failure it carries vLLM's error.
 """
 
@@ -20,13 +21,19 @@ def main() -> None:
     out = sys.argv[6]
     from vllm import LLM, SamplingParams
 
-    speculative = None if method == "none" else {"method": method, "model": heads, "num_speculative_tokens": k}
+    speculative = None if method in ("none", "speculators") else {"method": method, "model": heads,
+                                                                  "num_speculative_tokens": k}
+    model = heads if method == "speculators" else target
     try:
-        llm = LLM(model=target, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
+        llm = LLM(model=model, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
                   speculative_config=speculative)
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24))
+        used = llm.llm_engine.vllm_config.speculative_config
         result = {"ok": True, "tokens": [list(o.outputs[0].token_ids) for o in outs],
-                  "prompt_tokens": [list(o.prompt_token_ids) for o in outs]}
+                  "prompt_tokens": [list(o.prompt_token_ids) for o in outs],
+                  "speculative": None if used is None else {"method": used.method,
+                                                            "num_speculative_tokens": used.num_speculative_tokens},
+                  "verifier": llm.llm_engine.vllm_config.model_config.model}
     except Exception as err:  # noqa: BLE001 - the caller reports vLLM's own error
         result = {"ok": False, "error": traceback.format_exception_only(type(err), err)[-1].strip()}
     with open(out, "w") as f:

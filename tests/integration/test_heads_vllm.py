@@ -64,3 +64,32 @@ def test_vllm_loads_the_export_and_decodes_like_its_own_ar(micro_pair, micro_hea
     certificate = certify(CausalLM(AutoModelForCausalLM.from_pretrained(micro_pair / "target").eval()),
                           reference["prompt_tokens"], [[out] for out in result["tokens"]], reference["tokens"])
     assert certificate.status.certified, f"{method}: {certificate.status} ({certificate.failures})"
+
+
+@pytest.mark.timeout(900)
+def test_vllm_serves_the_speculators_export_as_its_own_model(micro_pair, micro_heads, reference, tmp_path):
+    """`spectune heads export --format speculators`: vLLM takes the folder as the model, finds the target to verify
+    with and the draft length in it, and decodes like its own AR (certified, as above)."""
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "eagle3-speculators"
+    spectune = str(Path(sys.executable).with_name("spectune"))
+    exported = subprocess.run([spectune, "heads", "export", str(micro_heads / "eagle3"), "--format", "speculators",
+                               "--tokens", "3", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0 and f"vllm serve {out}" in exported.stdout, exported.stdout + exported.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["speculators_config"]["verifier"]["name_or_path"] == str((micro_pair / "target").resolve())
+    result = run_vllm(micro_pair / "target", "speculators", out, tmp_path / "result.json")
+    assert result["ok"], result["error"]
+    assert result["speculative"] == {"method": "eagle3", "num_speculative_tokens": 3}  # read from the export
+    assert Path(result["verifier"]).resolve() == (micro_pair / "target").resolve()
+    assert result["prompt_tokens"] == reference["prompt_tokens"]
+    certificate = certify(CausalLM(AutoModelForCausalLM.from_pretrained(micro_pair / "target").eval()),
+                          reference["prompt_tokens"], [[out] for out in result["tokens"]], reference["tokens"])
+    assert certificate.status.certified, f"speculators eagle3: {certificate.status} ({certificate.failures})"
+    refused = subprocess.run([spectune, "heads", "export", str(micro_heads / "medusa"), "--format", "speculators",
+                              "--out", str(tmp_path / "m")], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "COLUMNS": "300"})
+    assert refused.returncode != 0 and "holds eagle3 heads only, not medusa" in " ".join(refused.stderr.split())

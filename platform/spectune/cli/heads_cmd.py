@@ -55,10 +55,16 @@ def train(
 @app.command("export")
 def export(
     heads: Path = typer.Argument(..., help="A heads folder (<pair>/heads/<kind>) of kind medusa, eagle or eagle3."),
-    out: Path | None = typer.Option(None, help="Where to write (default: <pair>/heads/<kind>-vllm)."),
+    out: Path | None = typer.Option(None, help="Where to write (default: <pair>/heads/<kind>-vllm, or "
+                                    "<kind>-speculators with --format speculators)."),
+    format: str = typer.Option("vllm", "--format", help="vllm: the folder vLLM's speculative_config loads as its "
+                               "draft; speculators: the `speculators` checkpoint (EAGLE-3), which `vllm serve FOLDER` "
+                               "loads with its target"),
+    tokens: int | None = typer.Option(None, "--tokens", min=1, help="With speculators: the draft length it "
+                                      "proposes (default: the positions the heads were trained for)."),
 ) -> None:
-    """Write trained heads in the checkpoint format vLLM's speculative_config loads (train already does this)."""
-    from spectune.heads.export import export_vllm
+    """Write trained heads in a format vLLM loads (train already writes the vllm one)."""
+    from spectune.heads.export import export_speculators, export_vllm
     from spectune.heads.load import load_heads
     from spectune.heads.spec import HeadsError, read_spec
     from spectune.pair import load_pair
@@ -68,8 +74,17 @@ def export(
         spec = read_spec(heads)
         loaded = load_pair(parse_pair({"target": spec.target.name}))
         found = load_heads(str(heads), spec.kind, loaded.target)
-        folder = export_vllm(out or heads.parent / f"{spec.kind}-vllm", spec, found.module, found.vocab, loaded.target)
+        if format == "speculators":
+            folder = export_speculators(out or heads.parent / f"{spec.kind}-speculators", spec, found.module,
+                                        found.vocab, loaded.target, tokens)
+        elif format == "vllm":
+            folder = export_vllm(out or heads.parent / f"{spec.kind}-vllm", spec, found.module, found.vocab, loaded.target)
+        else:
+            raise typer.BadParameter(f"unknown format {format!r}; formats: vllm, speculators", param_hint="--format")
     except (PairError, HeadsError, ValueError) as err:
         raise typer.BadParameter(str(err)) from None
+    if format == "speculators":
+        typer.echo(f"speculators {spec.kind} checkpoint: {folder}  (serve it: vllm serve {folder})")
+        return
     typer.echo(f"vLLM {spec.kind} checkpoint: {folder}  (speculative_config: "
                f'{{"method": "{spec.kind}", "model": "{folder}"}})')

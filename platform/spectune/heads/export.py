@@ -42,6 +42,9 @@ from spectune.heads.spec import HeadsError, HeadsSpec
 from spectune.heads.vocab import DraftVocab
 
 VLLM_METHOD = {"medusa": "medusa", "eagle": "eagle", "eagle3": "eagle3"}  # kinds vLLM loads (Hydra: none)
+SPECULATORS = ("eagle3",)  # kinds vLLM 0.32 reads in the speculators format
+SPECULATORS_VLLM = "0.32"
+SPECULATORS_VERSION = "0.9.0"  # the `speculators` release whose config layout this writes
 WEIGHTS = "model.safetensors"
 EAGLE_LAYER = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
@@ -53,12 +56,50 @@ def export_vllm(folder: Path, spec: HeadsSpec, module: nn.Module, vocab: DraftVo
     """Write `spec.kind` heads as vLLM loads them into `folder` (replaced whole: a hidden copy, then a rename)."""
     if spec.kind not in VLLM_METHOD:
         raise HeadsError(f"vLLM has no {spec.kind} speculative method; exportable kinds: {', '.join(VLLM_METHOD)}")
-    folder = Path(folder)
+    writer = {"medusa": _medusa, "eagle": _eagle, "eagle3": _eagle3}[spec.kind]
+    config, weights = writer(spec, module, vocab, model)
+    return _write(Path(folder), config, weights, model)
+
+
+def export_speculators(folder: Path, spec: HeadsSpec, module: nn.Module, vocab: DraftVocab, model,
+                       speculative_tokens: int | None = None) -> Path:
+    """Write EAGLE-3 heads in the `speculators` format (the `speculators` package's checkpoints): vLLM loads
+    the folder itself as the model (`vllm serve FOLDER`), reading the target to verify with from
+    `speculators_config.verifier` and the draft length from its proposal method.
+
+    What vLLM 0.32 reads of it (`transformers_utils/configs/speculators/`): `speculators_model_type`
+    (eagle3; its registry holds no eagle-1 or medusa), `transformer_layer_config` (the draft layer's
+    Llama config), the EAGLE-3 fields beside it (draft_vocab_size, target_hidden_size,
+    norm_before_residual, which it defaults to True, so it is written), and
+    `speculators_config.proposal_methods[0].speculative_tokens`. Weights as `speculators` names
+    them (`layers.0.*`, not the EAGLE reference code's `midlayer.*`)."""
+    if spec.kind not in SPECULATORS:
+        raise HeadsError(f"the speculators format (as vLLM {SPECULATORS_VLLM} reads it) holds {', '.join(SPECULATORS)} "
+                         f"heads only, not {spec.kind}")
+    layer, weights = _eagle3(spec, module, vocab, model)
+    eagle3 = {key: layer.pop(key) for key in ("draft_vocab_size", "target_hidden_size", "eagle_aux_hidden_state_layer_ids")}
+    layer.pop("eagle_config")
+    verifier = str(Path(str(model.name_or_path)).resolve()) if Path(str(model.name_or_path)).exists() else spec.target.name
+    config = {
+        "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
+        "speculators_version": SPECULATORS_VERSION, "transformer_layer_config": layer, **eagle3,
+        "norm_before_residual": False, "norm_before_fc": False,  # our layer norms the hidden state after the residual
+        "speculators_config": {
+            "algorithm": "eagle3", "default_proposal_method": "greedy",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": speculative_tokens or spec.n_heads,
+                                  "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+            "verifier": {"name_or_path": verifier, "architectures": list(model.config.architectures or [])},
+        },
+    }
+    renamed = {name.replace("midlayer.", "layers.0."): tensor for name, tensor in weights.items()}
+    return _write(Path(folder), config, renamed, model)
+
+
+def _write(folder: Path, config: dict, weights: dict, model) -> Path:
+    """config.json, the weights and the target's tokenizer into `folder`, replaced whole (a hidden copy, then a rename)."""
     staging = folder.with_name(f".{folder.name}.new")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    writer = {"medusa": _medusa, "eagle": _eagle, "eagle3": _eagle3}[spec.kind]
-    config, weights = writer(spec, module, vocab, model)
     dtype = str(model.dtype).removeprefix("torch.")
     (staging / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(staging / WEIGHTS))
