@@ -25,10 +25,16 @@ def train(
     batch: int | None = typer.Option(None, help="Windows per training step."),
     lr: float | None = typer.Option(None, help="Peak learning rate."),
     seed: int = typer.Option(0, help="Seed of the windows, the init and the batches."),
+    text: str = typer.Option("stdlib", help="What the feature pass reads: stdlib (the standard library's code), "
+                             "chat (the target's own answers to chat requests, generated once and cached: what "
+                             "the heads will be asked), or mixed (both; judged on chat)."),
+    answers: int = typer.Option(256, min=1, help="With chat/mixed: training requests the target answers."),
+    answer_tokens: int = typer.Option(160, min=8, help="With chat/mixed: the longest answer, in tokens."),
     force: bool = typer.Option(False, help="Retrain even when cached heads match."),
 ) -> None:
-    """One teacher-forced feature pass of the target over the stdlib corpus (cached), then each kind from it."""
+    """One teacher-forced feature pass of the target over a text (cached), then each kind from it."""
     from spectune.heads.build import options_for, train_heads
+    from spectune.heads.chat_text import ChatText
     from spectune.heads.features import FeatureSpec
     from spectune.heads.spec import KINDS, HeadsError
     from spectune.pair import load_pair
@@ -43,7 +49,10 @@ def train(
     try:
         ref = parse_pair(pair).model_copy(update={"drafter": None, "dtype": dtype})
         loaded = load_pair(ref)
-        features = FeatureSpec(seq_len=seq_len, train_windows=windows, heldout_windows=heldout_windows, seed=seed)
+        if text not in ("stdlib", "chat", "mixed"):
+            raise ValueError(f"--text must be stdlib, chat or mixed, not {text!r}")
+        features = FeatureSpec(seq_len=seq_len, train_windows=windows, heldout_windows=heldout_windows, seed=seed,
+                               text=text, chat=ChatText(answers=answers, answer_tokens=answer_tokens))
         for name in kinds:
             options = options_for(name, n_heads=heads, draft_vocab=draft_vocab, steps=steps, batch=batch, lr=lr, seed=seed)
             folder = train_heads(loaded.target, loaded.tokenizer, options, features, out, force=force)

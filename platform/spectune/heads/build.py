@@ -74,7 +74,7 @@ def train_heads(model, tokenizer, options: HeadsOptions, features: FeatureSpec, 
         raise HeadsError(f"target {model.name_or_path} is not a pair folder's target/: give the heads folder (--out)")
     out = prepare_out(out)
     printed = target_print(model)
-    request = {"version": HEADS_VERSION, "options": asdict(options), "features": asdict(features),
+    request = {"version": HEADS_VERSION, "options": asdict(options), "features": features.described(),
                "target": printed.model_dump(), "dtype": str(model.dtype)}
     with build_lock(out):
         card = read_card(out)
@@ -85,7 +85,7 @@ def train_heads(model, tokenizer, options: HeadsOptions, features: FeatureSpec, 
         started = time.perf_counter()
         train, heldout, corpus = cached_features(out.parent / "features", model, tokenizer, features, printed.weights, progress)
         about = {"features": {"path": str(train.path.parent), "seconds": round(time.perf_counter() - started, 2),
-                              **asdict(features), "fused_layers": list(train.fused)},
+                              **features.described(), "fused_layers": list(train.fused)},
                  "corpus": corpus.describe()}
         train_from_features(model, options, train, heldout, out, {"request": request, **about}, progress)
     return out

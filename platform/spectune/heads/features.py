@@ -1,12 +1,15 @@
 """One teacher-forced pass of the target over the corpus: what every kind of head learns from, cached.
 
-For windows of the standard-library corpus (`spectune.models.corpus`, on every machine) tokenized
-by the pair's own tokenizer, the pass keeps, in bf16 on disk:
+For windows of a text tokenized by the pair's own tokenizer, the pass keeps, in bf16 on disk:
 
     tokens  [N, T]        int32    the window
     last    [N, T, d]     bf16     the final norm's output at every token (what Medusa/Hydra/EAGLE read)
     fused   [N, T, 3, d]  bf16     a low, a middle and a high block output (EAGLE-3), when L >= 4
     top_ids / top_logits [N, T, k] the target's k best next tokens and their logits (the heads' targets)
+
+The text (`FeatureSpec.text`): `stdlib`, the standard-library corpus (`spectune.models.corpus`, on
+every machine); `chat`, the target's own answers to chat requests (`spectune.heads.chat_text`:
+self-distillation, what the heads will be asked); `mixed`, both for training, judged on chat.
 
 A train and a held-out split (the corpus's own file split), in one safetensors file each, beside the
 pair under `heads/features/<digest>/`; the digest covers everything the pass depends on, so a
@@ -19,13 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from spectune.heads.chat_text import ChatText, answer_windows, chat_answers
 from spectune.models.corpus import Corpus, load_corpus
 from spectune.models.seeding import derive_seed
 
@@ -54,9 +59,19 @@ class FeatureSpec:
     max_heldout_bytes: int = 1_000_000
     seed: int = 0
     batch: int = 4
+    text: Literal["stdlib", "chat", "mixed"] = "stdlib"
+    chat: ChatText = field(default_factory=ChatText)  # how the chat answers are made (text chat / mixed)
+
+    def described(self) -> dict:
+        """As a dict; a stdlib pass without the text keys, as it was before chat text existed (so heads and
+        feature caches made then stay valid)."""
+        keyed = asdict(self)
+        if self.text == "stdlib":
+            keyed.pop("text"), keyed.pop("chat")
+        return keyed
 
     def digest(self, target_print: str, dtype: str) -> str:
-        keyed = {**asdict(self), "batch": None, "target": target_print, "dtype": dtype, "version": FEATURES_VERSION}
+        keyed = {**self.described(), "batch": None, "target": target_print, "dtype": dtype, "version": FEATURES_VERSION}
         return hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -134,11 +149,29 @@ def cached_features(folder: Path, model, tokenizer, spec: FeatureSpec, target_pr
     splits = {"train": spec.train_windows, "heldout": spec.heldout_windows}
     if not all((out / f"{split}.safetensors").is_file() for split in splits):
         out.mkdir(parents=True, exist_ok=True)
-        streams = window_streams(corpus, tokenizer, spec.seq_len, tokenizer.eos_token_id)
-        for split, count in splits.items():
-            chosen = pick_windows(streams[split], count, spec.seed, split)
+        for split, chosen in text_windows(Path(folder), model, tokenizer, spec, corpus, target_print, progress).items():
             tensors = feature_pass(model, chosen, spec, fused, f"features {split}", progress)
             tmp = out / f".{split}.safetensors.tmp"
-            save_file(tensors, str(tmp), metadata={"fused": json.dumps(fused), "last": str(last)})
+            save_file(tensors, str(tmp), metadata={"fused": json.dumps(fused), "last": str(last), "text": spec.text})
             os.replace(tmp, out / f"{split}.safetensors")
     return Features(out / "train.safetensors", last, fused), Features(out / "heldout.safetensors", last, fused), corpus
+
+
+def text_windows(folder: Path, model, tokenizer, spec: FeatureSpec, corpus: Corpus, target_print: str,
+                 progress: bool) -> dict[str, torch.Tensor]:
+    """The [n, T] windows of each split the feature pass runs over, from `spec.text`."""
+    eos = tokenizer.eos_token_id
+    stdlib: dict[str, torch.Tensor] = {}
+    if spec.text != "chat":
+        streams = window_streams(corpus, tokenizer, spec.seq_len, eos)
+        stdlib = {split: pick_windows(streams[split], count, spec.seed, split)
+                  for split, count in (("train", spec.train_windows), ("heldout", spec.heldout_windows))}
+    if spec.text == "stdlib":
+        return stdlib
+    answers = chat_answers(folder, model, tokenizer, spec.chat, corpus, spec.seed, target_print, progress)
+    chat = {split: answer_windows(answers[split], spec.seq_len, eos) for split in answers}
+    heldout = chat["heldout"][: spec.heldout_windows]
+    if heldout.shape[0] == 0:
+        raise ValueError(f"the held-out chat answers fill no window of {spec.seq_len} tokens: raise chat.heldout")
+    train = chat["train"] if spec.text == "chat" else torch.cat([stdlib["train"], chat["train"]])
+    return {"train": train, "heldout": heldout}  # chat windows: every answer once, in order

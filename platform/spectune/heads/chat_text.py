@@ -1,0 +1,155 @@
+"""What heads learn from when they will be asked chat requests: the target's own answers (self-distillation).
+
+EAGLE, Medusa and Hydra train on the target's answers to conversations, not on arbitrary text: a
+draft learns the distribution it will be asked to predict. Here the instructions come from the
+categories of the shipped chat set (`spectune.models.distill_data`: made from the stdlib's own
+functions and seeded arithmetic, train and held-out from the corpus's two file splits, so none is a
+benchmark prompt); the target answers them through its chat template, greedily and (every
+`sampled_every`-th) by sampling at `temperature`, seeded per batch.
+
+The answers are cached beside the pair (`heads/features/chat-<digest>.jsonl`, one line per batch
+after a header naming the target and tokenizer), so an interrupted generation resumes where it
+stopped and a second training reads them back. A cache whose header names another target or
+tokenizer is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from spectune.heads.spec import HeadsError
+from spectune.models.corpus import Corpus
+from spectune.models.distill_data import instructions
+from spectune.models.seeding import derive_seed
+
+CHAT_TEXT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ChatText:
+    answers: int = 256  # training instructions the target answers
+    heldout: int = 32  # held-out instructions (the card's agreement is measured on their answers)
+    answer_tokens: int = 160  # the most new tokens per answer
+    sampled_every: int = 2  # every n-th batch is sampled at `temperature` (0: all greedy)
+    temperature: float = 0.7
+    batch: int = 16  # answers generated at once (length-sorted, left-padded)
+
+
+@dataclass(frozen=True)
+class Answer:
+    category: str
+    prompt: list[int]  # the chat-templated request
+    answer: list[int]  # the target's reply (ends with eos when it stopped on its own)
+    sampled: bool
+
+
+def tokenizer_print(tokenizer) -> str:
+    """A fingerprint of the vocabulary and chat template: answers made with another tokenizer are other tokens."""
+    keyed = json.dumps([sorted(tokenizer.get_vocab().items()), getattr(tokenizer, "chat_template", None)])
+    return hashlib.sha1(keyed.encode()).hexdigest()[:16]
+
+
+def chat_answers(folder: Path, model, tokenizer, text: ChatText, corpus: Corpus, seed: int, target_print: str,
+                 progress: bool = True) -> dict[str, list[Answer]]:
+    """The target's answers, train and held-out, from the cache in `folder` (generated where missing)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise HeadsError(f"target {model.name_or_path} has no chat template: train its heads on --text stdlib")
+    header = {"version": CHAT_TEXT_VERSION, "target": target_print, "tokenizer": tokenizer_print(tokenizer),
+              "dtype": str(model.dtype), "text": asdict(text), "seed": seed}
+    digest = hashlib.sha1(json.dumps(header, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(folder) / f"chat-{digest}.jsonl"
+    done = _read(path, header)
+    asked = {"train": instructions(corpus.train, text.answers, seed),
+             "heldout": instructions(corpus.heldout, text.heldout, seed + 1)}
+    return {split: _answered(path, model, tokenizer, text, seed, split, prompts, done, progress)
+            for split, prompts in asked.items()}
+
+
+def _read(path: Path, header: dict) -> dict[tuple[str, int], list[Answer]]:
+    """The batches already answered: {(split, batch index): answers}; a new file gets the header."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(header, sort_keys=True) + "\n")
+        return {}
+    lines = path.read_text().splitlines()
+    found = json.loads(lines[0]) if lines else {}
+    for key in ("target", "tokenizer", "dtype"):
+        if found.get(key) != header[key]:
+            raise HeadsError(f"chat text cache {path} was made by {key} {found.get(key)!r}, not this target's "
+                             f"{header[key]!r}: delete it or train with this target's own cache")
+    done = {}
+    for kept, line in enumerate(lines[1:], start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:  # cut by an interruption: dropped (with anything after it), its batch made again
+            path.write_text("\n".join(lines[:kept]) + "\n")
+            break
+        done[(record["split"], record["batch"])] = [Answer(**a) for a in record["answers"]]
+    return done
+
+
+def _answered(path: Path, model, tokenizer, text: ChatText, seed: int, split: str,
+              prompts: list[tuple[str, str]], done: dict, progress: bool) -> list[Answer]:
+    from tqdm.auto import tqdm
+
+    encoded = [(category, _chat_ids(tokenizer, request)) for category, request in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][1]), i))
+    batches = [order[i : i + text.batch] for i in range(0, len(order), text.batch)]
+    answers: dict[int, Answer] = {}
+    for index, batch in enumerate(tqdm(batches, desc=f"target answers ({split})", disable=not progress,
+                                       dynamic_ncols=True)):
+        made = done.get((split, index))
+        if made is None:
+            sampled = text.sampled_every > 0 and index % text.sampled_every == text.sampled_every - 1
+            replies = generate(model, tokenizer, [encoded[i][1] for i in batch], text.answer_tokens,
+                               text.temperature if sampled else 0.0, derive_seed(seed, f"chat:{split}:{index}"))
+            made = [Answer(encoded[i][0], encoded[i][1], reply, sampled) for i, reply in zip(batch, replies)]
+            with path.open("a") as out:  # one line per batch: an interruption loses at most this one
+                out.write(json.dumps({"split": split, "batch": index, "answers": [asdict(a) for a in made]}) + "\n")
+        answers.update(zip(batch, made))
+    return [answers[i] for i in range(len(encoded))]
+
+
+def _chat_ids(tokenizer, request: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=True,
+                                        add_generation_prompt=True, return_dict=False)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+             seed: int) -> list[list[int]]:
+    """The target's replies to `prompts` (left-padded into one batch): greedy at temperature 0, else sampled
+    with a generator seeded by `seed` (the same batch gives the same replies)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # [B, width]
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # [B, width]
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
+        "do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+    torch.manual_seed(seed)  # generate draws from torch's global generator
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                         **sampling)  # [B, width + new]
+    replies = []
+    for row in out[:, width:].tolist():
+        end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+        replies.append(row[:end])
+    return replies
+
+
+def answer_windows(answers: list[Answer], seq_len: int, eos: int | None) -> torch.Tensor:
+    """The requests and their answers as one stream (each exchange ended by eos), cut into [n, seq_len] windows."""
+    ids: list[int] = []
+    for a in answers:
+        ids.extend(a.prompt)
+        ids.extend(a.answer)
+        if eos is not None and (not a.answer or a.answer[-1] != eos):
+            ids.append(eos)
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.int32).view(n, seq_len)  # [n, T]
