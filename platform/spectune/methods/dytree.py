@@ -28,12 +28,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from spectune.engine.drafter import DraftContext
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling, probabilities, sample_without_replacement
 from spectune.trees.draft import DraftTree
+from spectune.trees.files import load_profile
+from spectune.trees.sequoia import PRIOR_ACCEPTANCE, check_acceptance, hardware_aware_tree
 from spectune.methods.base import Knobs, Models
 from spectune.methods.draft_cache import ModelDrafter
 from spectune.methods.growing import GrowingTree
@@ -41,13 +43,39 @@ from spectune.methods.registry import METHODS
 
 
 class DyTreeKnobs(Knobs):
-    budget: int = Field(16, ge=1, le=512, description="draft nodes per step (root excluded)")
-    max_depth: int = Field(6, ge=1, le=64, description="deepest draft position")
+    budget: int = Field(16, ge=1, le=512, description="draft nodes per step (root excluded); with profile_file, the cap")
+    max_depth: int = Field(6, ge=1, le=64, description="deepest draft position; with profile_file, the cap")
     topk: int = Field(4, ge=1, le=64, description="most children drafted under one node")
     per_pass: int = Field(8, ge=1, le=512, description="most nodes added per drafter forward (one round)")
+    profile_file: str | None = Field(
+        None, description="JSON from `spectune trees profile` (this worker's t(n)): budget and depth become the "
+                          "size and depth fastest per token on it (Sequoia's model), at most budget and max_depth")
+    acceptance: list[float] | None = Field(
+        None, description="with profile_file: p[k] per child rank (`spectune trees measure`; default: Sequoia's prior)")
+
+    @model_validator(mode="after")
+    def profile_readable(self) -> DyTreeKnobs:
+        if self.acceptance is not None:
+            check_acceptance(self.acceptance)
+        if self.acceptance is not None and self.profile_file is None:
+            raise ValueError("acceptance sizes the tree from a profile: give profile_file with it")
+        self.sized()  # an unreadable profile, or one too short for the cap, fails here, not mid-sweep
+        return self
+
+    def sized(self) -> DyTreeKnobs:
+        """These knobs with budget and max_depth taken from the profile's t(n) when one is given: the
+        hardware's answer to how wide a tree pays (wide in bf16 on CPUs with cheap wide forwards)."""
+        if self.profile_file is None:
+            return self
+        tree = hardware_aware_tree(tuple(self.acceptance or PRIOR_ACCEPTANCE), self.budget, self.max_depth,
+                                   load_profile(self.profile_file))
+        return self.model_copy(update={"budget": tree.size, "max_depth": tree.depth, "profile_file": None,
+                                       "acceptance": None})
 
     def tree_knobs(self) -> str:
-        return f"budget={self.budget}"
+        sized = self.sized()
+        chosen = f" (sized from {self.profile_file})" if self.profile_file else ""
+        return f"budget={sized.budget}{chosen}"
 
 
 @dataclass(frozen=True)
@@ -216,4 +244,4 @@ class DyTreeDrafter(ModelDrafter):
     columns={"node_budget": ("budget",)},
 )
 def build_dytree(knobs: DyTreeKnobs, models: Models) -> DyTreeDrafter:
-    return DyTreeDrafter(models.drafter, knobs)
+    return DyTreeDrafter(models.drafter, knobs.sized())

@@ -124,7 +124,7 @@ class EagleDrafter(Drafter):
 
 
 def _build(kind: str, knobs: EagleKnobs, models: Models) -> EagleDrafter:
-    return EagleDrafter(load_heads(knobs.heads, kind, models.target.model), knobs)
+    return EagleDrafter(load_heads(knobs.heads, kind, models.target.model), knobs.sized())
 
 
 @METHODS.register(

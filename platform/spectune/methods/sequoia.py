@@ -9,16 +9,12 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from spectune.trees.sequoia import SequoiaTree, check_acceptance, hardware_aware_tree, optimal_tree
+from spectune.trees.sequoia import PRIOR_ACCEPTANCE, SequoiaTree, check_acceptance, hardware_aware_tree, optimal_tree
 from spectune.trees.shapes import paths_shape
 from spectune.methods.base import Knobs, Models
 from spectune.methods.model_drafter import TemplateDrafter
 from spectune.methods.registry import METHODS
 from spectune.trees.files import load_acceptance, load_profile
-
-# A prior for pairs nobody has measured yet: a fair drafter's top-1 agreement and a thin tail.
-# Measure the real vector with `spectune trees measure`; it moves the tree a lot.
-PRIOR_ACCEPTANCE = (0.6, 0.12, 0.05, 0.03, 0.02, 0.01)
 
 
 class SequoiaKnobs(Knobs):
