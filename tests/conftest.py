@@ -29,7 +29,7 @@ def micro_pair() -> Path:
 
 @pytest.fixture(scope="session")
 def micro_heads(micro_pair: Path) -> Path:
-    """Medusa, Hydra, EAGLE and EAGLE-3 heads for the micro pair, in ``<pair>/heads/<kind>`` where the methods
+    """Medusa, Hydra, EAGLE, EAGLE-3 and Falcon heads for the micro pair, in ``<pair>/heads/<kind>`` where the methods
     find them, trained once (a small feature pass and ~100 steps each, seconds) and cached like the pair."""
     from spectune.heads.build import options_for, train_heads
     from spectune.heads.features import FeatureSpec

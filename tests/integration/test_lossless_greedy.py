@@ -24,6 +24,8 @@ EXTRA_CONFIGS = [
     ("hydra", {"branching": [3, 2, 1, 1]}),
     ("eagle", {"budget": 24, "max_depth": 5, "topk": 2}),
     ("eagle3", {"budget": 6, "per_pass": 1}),
+    ("falcon", {"branching": [3, 2, 1, 2, 1, 1], "passes": 2}),  # two blocks of 3: the second pass under several nodes
+    ("falcon", {"budget": 12, "topk": 2, "passes": 3}),
     ("del", {}),  # its default: costs timed on this machine (see SHALLOW)
 ]
 # del times its costs on this machine by default; layer costs make its choices, and the depth check, reproducible
@@ -39,7 +41,7 @@ CATEGORIES = ("code", "docs", "repe")
 
 
 @pytest.fixture(scope="module")
-def pair(micro_pair, micro_heads):  # the heads methods (medusa, hydra, eagle, eagle3) find theirs in the pair
+def pair(micro_pair, micro_heads):  # the heads methods (medusa, hydra, eagle, eagle3, falcon) find theirs in the pair
     return load_pair(PairRef.model_validate({"dir": micro_pair}))
 
 

@@ -32,6 +32,7 @@ TOO_BIG = {
     "hydra": {"branching": [4, 4]},
     "eagle": {"budget": 20},
     "eagle3": {"budget": 20},
+    "falcon": {"budget": 20},
 }
 
 # methods that by construction cannot propose a tree the context could not verify, and why

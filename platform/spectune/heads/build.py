@@ -132,7 +132,7 @@ def _train(model, options: HeadsOptions, train, heldout, printed, progress: bool
         with torch.no_grad():
             module.lm_head.weight.copy_(frozen.readout)  # the target's rows: EAGLE-3's own head starts as (and stays) them
     predict = _predictor(options, module, frozen)
-    learn = _predictor(options, module, frozen, training=True)
+    learn = _predictor(options, module, frozen, learning=True)
     role = f"heads:{options.kind}"
     stats = training.fit(module, lambda w: training.prediction_loss(learn(data, w), vocab), data["tokens"].shape[0],
                          training.TrainOptions(options.steps, options.batch, options.lr, options.seed), role, progress)
@@ -141,10 +141,10 @@ def _train(model, options: HeadsOptions, train, heldout, printed, progress: bool
     return spec, module, vocab, stats, scores
 
 
-def _predictor(options: HeadsOptions, module, frozen, training: bool = False):
-    """Draft logits per position for a batch of windows; `training`: as trained (falcon glances), else as drafted."""
+def _predictor(options: HeadsOptions, module, frozen, learning: bool = False):
+    """Draft logits per position for a batch of windows; `learning`: as trained (falcon glances), else as drafted."""
     if options.kind == "falcon":
-        return lambda data, w: falcon_predictions(module, frozen, data, w, glance=training)
+        return lambda data, w: falcon_predictions(module, frozen, data, w, glance=learning)
     if options.kind == "medusa":
         return lambda data, w: training.medusa_predictions(module, frozen, data, w)
     if options.kind == "hydra":
