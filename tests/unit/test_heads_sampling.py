@@ -88,7 +88,7 @@ KNOBS = {
     "hydra": {"branching": [2, 1, 1]},
     "eagle": {"budget": 8, "max_depth": 3, "topk": 2},
     "eagle3": {"budget": 6, "max_depth": 3, "topk": 2, "per_pass": 2},
-    "falcon": {"branching": [2, 2, 2]},  # blocks of 2: depth 3 is the second pass's, drafted from the first's output
+    "falcon": {"branching": [3, 2, 1]},  # blocks of 2: depth 3 is the second pass's, drafted from the first's output
 }
 HEADS_SIZE = {"falcon": 2}  # n_heads where not 3: falcon's block
 CONFIGS = [(name, KNOBS.get(name, {})) for name in HEADS_METHODS]

@@ -29,7 +29,7 @@ CASES = {
     "hydra": ({"branching": [3, 2], "heads": "/somewhere"}, KnobColumns(tree_shape="[3,2]")),
     "eagle": ({"budget": 24}, KnobColumns(node_budget=24)),
     "eagle3": ({"budget": 12, "topk": 3}, KnobColumns(node_budget=12)),
-    "falcon": ({"block": 3, "passes": 2, "budget": 20}, KnobColumns(draft_len=6, node_budget=20)),
+    "falcon": ({"block": 3, "passes": 2, "budget": 20}, KnobColumns(draft_len=5, node_budget=20)),  # 20 ranked nodes reach depth 5 of 6
 }
 
 
