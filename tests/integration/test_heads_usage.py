@@ -44,6 +44,9 @@ def spec(pair, method, knobs):
 def test_a_sweep_spec_checks_the_heads_before_anything_starts(micro_pair, micro_heads, tmp_path):
     assert spec(micro_pair, "eagle", {"budget": [8, 16]}).space["eagle"]
     assert spec(micro_pair, "medusa", {"tree_size": [8], "heads": [str(micro_heads / "medusa")]})
+    assert spec(micro_pair, "falcon", {"block": [3], "passes": [1, 2], "budget": [8, 16]}).space["falcon"]
+    with pytest.raises(SpecError, match=r"space.falcon: .*holds eagle heads, not falcon"):
+        spec(micro_pair, "falcon", {"heads": [str(micro_heads / "eagle")]})
     with pytest.raises(SpecError, match=r"space.hydra: .*holds medusa heads, not hydra"):
         spec(micro_pair, "hydra", {"heads": [str(micro_heads / "medusa")]})
     bare = tmp_path / "pair"
