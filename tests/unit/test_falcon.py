@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from spectune.engine.runner import CausalLM
 from spectune.heads.build import options_for, train_from_features
-from spectune.heads.falcon import falcon_predictions, feed_and_block_mask, training_masks
+from spectune.heads.falcon import TRAIN_PASSES, falcon_predictions, feed_and_block_mask, training_masks
 from spectune.heads.features import Features, FeatureSpec, feature_pass, fused_layers
 from spectune.heads.load import load_heads, new_module, save_weights, target_print
 from spectune.heads.spec import HeadsSpec, write_spec
@@ -115,7 +115,7 @@ def test_training_is_deterministic(tmp_path):
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     card = json.loads((tmp_path / "a" / "card.json").read_text())
-    assert len(card["agreement"]["top1"]) == 2 * K  # one per draft depth: block x the passes trained
+    assert len(card["agreement"]["top1"]) == options.n_heads * TRAIN_PASSES  # one per depth: block x passes trained
 
 
 # --- bad input --------------------------------------------------------------------------------------

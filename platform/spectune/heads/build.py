@@ -52,7 +52,7 @@ DEFAULTS = {  # sized for the tiny pair: a few minutes per kind on 2 CPU cores
     "hydra": HeadsOptions("hydra", n_heads=4),
     "eagle": HeadsOptions("eagle", n_heads=3),
     "eagle3": HeadsOptions("eagle3", n_heads=3),
-    "falcon": HeadsOptions("falcon", n_heads=3, n_layers=2),  # blocks of 3 tokens, two decoder layers
+    "falcon": HeadsOptions("falcon", n_heads=2, n_layers=2),  # blocks of 2 tokens (Falcon's k), two decoder layers
 }
 
 

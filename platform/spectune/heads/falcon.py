@@ -33,7 +33,8 @@ from spectune.heads.modules import FalconDraft
 from spectune.heads.train import Frozen, Predictions
 from spectune.trees.draft import additive_mask
 
-TRAIN_PASSES = 2  # passes unrolled in training: pass 1 teacher-forced, pass 2 on pass 1's own outputs
+TRAIN_PASSES = 3  # passes unrolled in training (pass 1 teacher-forced, each next on its predecessor's outputs):
+# as many as the method drafts by default, so pass 3 has seen pass 2's blocks in training
 GLANCE_RATIO = 0.5  # share of pass p's slots given the truth, per unit of pass p-1's miss rate
 
 

@@ -46,7 +46,7 @@ class FalconKnobs(Knobs):
     heads: str | None = Field(None, description="heads folder (default: <pair>/heads/falcon beside the pair's target/)")
     block: int | None = Field(None, ge=1, le=16, description="tokens drafted per pass: the block the heads were "
                               "trained for (default: theirs; another is refused)")
-    passes: int = Field(2, ge=1, le=8, description="drafter passes per step: the tree is at most block x passes deep")
+    passes: int = Field(3, ge=1, le=8, description="drafter passes per step: the tree is at most block x passes deep")
     budget: int = Field(24, ge=1, le=512, description="draft nodes per step (the ranked template's size)")
     topk: int = Field(4, ge=1, le=len(RANK_WEIGHTS), description="most children under one node (a block position's top-k)")
     branching: list[int] | None = Field(None, description="per-depth branching instead of the ranked template")
