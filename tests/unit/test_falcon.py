@@ -95,7 +95,8 @@ def test_the_drafters_passes_equal_the_training_forward(tmp_path):
             if p:
                 outs.update(drafter._next_blocks(tree, [node], outs, anchor, n))
             for i in range(K):
-                torch.testing.assert_close(outs[node].logits[i], trained.logits[p * K + i][0, block], rtol=1e-4, atol=1e-4)
+                expected = trained.logits[p * K + i][0, block]  # [V] depth p·k + i + 1 of the block
+                torch.testing.assert_close(outs[node].logits[i], expected, rtol=1e-4, atol=1e-4)
             mine = node
             for token in tokens[n + p * K + 1 : n + p * K + K + 1]:  # the true tokens of this block, as a chain
                 anchor[node] = mine

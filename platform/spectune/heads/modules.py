@@ -210,5 +210,6 @@ class FalconDraft(nn.Module):
         x = self.fc(torch.cat([embeds, features], dim=-1))  # [B, n, d]
         cos_sin = self.rotary(x, positions)
         for layer in self.layers:
-            x = layer(x, attention_mask=mask, position_ids=positions, cache=cache, position_embeddings=cos_sin)  # [B, n, d]
+            x = layer(x, attention_mask=mask, position_ids=positions, cache=cache,
+                      position_embeddings=cos_sin)  # [B, n, d]
         return x

@@ -48,7 +48,8 @@ class FalconKnobs(Knobs):
                               "trained for (default: theirs; another is refused)")
     passes: int = Field(3, ge=1, le=8, description="drafter passes per step: the tree is at most block x passes deep")
     budget: int = Field(24, ge=1, le=512, description="draft nodes per step (the ranked template's size)")
-    topk: int = Field(4, ge=1, le=len(RANK_WEIGHTS), description="most children under one node (a block position's top-k)")
+    topk: int = Field(4, ge=1, le=len(RANK_WEIGHTS),
+                      description="most children under one node (a block position's top-k)")
     branching: list[int] | None = Field(None, description="per-depth branching instead of the ranked template")
     paths: list[list[int]] | None = Field(None, description="Medusa-style path list instead of the ranked template")
 
@@ -164,7 +165,8 @@ class FalconDrafter(Drafter):
         if n != len(sequence) - 1:
             raise RuntimeError(f"falcon: features of {n} positions for a sequence of {len(sequence)} tokens")
         if features is not None:
-            self.recent = features[-self.block:] if self.recent is None else torch.cat([self.recent, features])[-self.block:]
+            known = features if self.recent is None else torch.cat([self.recent, features])
+            self.recent = known[-self.block:]  # [<= k, d]
         if n < self.block:  # too short a sequence for a block: feed what there is and draft nothing
             if features is not None:
                 self._run(features, sequence[self.committed + 1 : n + 1], list(range(self.committed, n)),
@@ -224,12 +226,14 @@ class FalconDrafter(Drafter):
             picks = sample_without_replacement(q, len(slots), context.rng)
         return [tree.add(token, node, slot) for token, slot in zip(picks, slots)]
 
-    def _run(self, features: torch.Tensor, tokens: list[int], positions: list[int], allowed: torch.Tensor) -> torch.Tensor:
+    def _run(self, features: torch.Tensor, tokens: list[int], positions: list[int], allowed: torch.Tensor
+             ) -> torch.Tensor:
         """One forward of the draft layers over rows appended to the cache; [rows, d] predicted features."""
         device = features.device
         embeds = self.heads.embeddings(torch.tensor([tokens], device=device))  # [1, m, d]
         mask = additive_mask(allowed, 0, features.dtype).to(device)  # [1, 1, m, cache + m]
-        out = self.net(features[None].to(embeds.dtype), embeds, torch.tensor([positions], device=device), mask, self.cache.hf)
+        at = torch.tensor([positions], device=device)  # [1, m]
+        out = self.net(features[None].to(embeds.dtype), embeds, at, mask, self.cache.hf)  # [1, m, d]
         self.cache.appended(tokens)
         return out[0]
 
