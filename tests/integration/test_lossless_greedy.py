@@ -25,6 +25,8 @@ EXTRA_CONFIGS = [
     ("hydra", {"branching": [3, 2, 1, 1]}),
     ("eagle", {"budget": 24, "max_depth": 5, "topk": 2}),
     ("eagle3", {"budget": 6, "per_pass": 1}),
+    ("falcon", {"branching": [3, 2, 2, 1, 1, 1]}),  # blocks of 2: passes 2 and 3 under several nodes each
+    ("falcon", {"budget": 12, "topk": 2, "passes": 2}),
     ("del", {}),  # its default: costs timed on this machine (see SHALLOW)
     ("rasd", {"datastore": str(stdlib_root() / "textwrap.py")}),  # a file of the micro pair's training corpus
     ("rasd", {"retrieval_depth": 12, "retrieved": 8, "draft_nodes": 4, "draft_depth": 2, "budget": 16}),
@@ -42,7 +44,7 @@ CATEGORIES = ("code", "docs", "repe")
 
 
 @pytest.fixture(scope="module")
-def pair(micro_pair, micro_heads):  # the heads methods (medusa, hydra, eagle, eagle3) find theirs in the pair
+def pair(micro_pair, micro_heads):  # the heads methods (medusa, hydra, eagle, eagle3, falcon) find theirs in the pair
     return load_pair(PairRef.model_validate({"dir": micro_pair}))
 
 

@@ -1,4 +1,4 @@
-"""Lossless sampling with trained heads: the tokens medusa, hydra, eagle and eagle3 emit follow the target's law.
+"""Lossless sampling with trained heads: the tokens medusa, hydra, eagle, eagle3 and falcon emit follow the target's law.
 
 A random 4-layer target over a 4-token vocabulary; heads trained (in seconds) on its own samples, so
 they agree with it often and the first step accepts 3 drafted tokens in a fair share of runs; then a
@@ -63,7 +63,7 @@ def heads(target, tmp_path_factory) -> Path:
         split[name] = Features(folder / f"{name}.safetensors", 4, fused)
     for kind in sorted({METHODS.get(name).needs_heads for name in HEADS_METHODS}):
         (folder / kind).mkdir()
-        options = options_for(kind, n_heads=3, steps=150, batch=8, lr=3e-3)
+        options = options_for(kind, n_heads=HEADS_SIZE.get(kind, 3), steps=150, batch=8, lr=3e-3)
         train_from_features(target, options, split["train"], split["heldout"], folder / kind, {}, progress=False)
     return folder
 
@@ -88,7 +88,9 @@ KNOBS = {
     "hydra": {"branching": [2, 1, 1]},
     "eagle": {"budget": 8, "max_depth": 3, "topk": 2},
     "eagle3": {"budget": 6, "max_depth": 3, "topk": 2, "per_pass": 2},
+    "falcon": {"branching": [3, 2, 1]},  # blocks of 2: depth 3 is the second pass's, drafted from the first's output
 }
+HEADS_SIZE = {"falcon": 2}  # n_heads where not 3: falcon's block
 CONFIGS = [(name, KNOBS.get(name, {})) for name in HEADS_METHODS]
 
 

@@ -30,6 +30,7 @@ CASES = {
     "eagle": ({"budget": 24}, KnobColumns(node_budget=24)),
     "eagle3": ({"budget": 12, "topk": 3}, KnobColumns(node_budget=12)),
     "rasd": ({"retrieval_depth": 6, "draft_depth": 3, "budget": 20}, KnobColumns(draft_len=6, node_budget=20)),
+    "falcon": ({"block": 3, "passes": 2, "budget": 20}, KnobColumns(draft_len=5, node_budget=20)),  # 20 ranked nodes reach depth 5 of 6
 }
 
 
@@ -55,6 +56,10 @@ def test_columns_take_the_first_knob_given_and_leave_defaults_out(tmp_path):
     coerced = METHODS.config("dytree", {"budget": 12.0})  # pydantic accepts an integral float for an int knob
     assert coerced.knobs == {"budget": 12.0} and coerced.columns.node_budget == 12
     assert type(coerced.columns.node_budget) is int
+    # a column derived from several knobs (falcon's draft_len: its tree's depth), only once they say it
+    assert METHODS.config("falcon", {}).columns == KnobColumns()
+    assert METHODS.config("falcon", {"branching": [4, 2, 1, 1]}).columns == KnobColumns(draft_len=4, tree_shape="[4,2,1,1]")
+    assert METHODS.config("falcon", {"block": 2, "passes": 3, "budget": 4, "topk": 1}).columns.draft_len == 4
 
 
 def test_config_refuses_bad_knobs_like_knobs_does():

@@ -33,6 +33,7 @@ TOO_BIG = {
     "eagle": {"budget": 20},
     "eagle3": {"budget": 20},
     "rasd": {"budget": 20},  # the fusion budget
+    "falcon": {"budget": 20},
 }
 
 # methods that by construction cannot propose a tree the context could not verify, and why

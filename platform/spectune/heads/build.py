@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from spectune.heads import train as training
+from spectune.heads.falcon import falcon_predictions
 from spectune.heads.features import FeatureSpec, cached_features, fused_layers
 from spectune.heads.load import check_supported, new_module, save_weights, target_print
 from spectune.heads.spec import HEADS_VERSION, KINDS, HeadsError, HeadsSpec, default_folder, write_spec
@@ -37,8 +38,8 @@ class HeadsOptions:
     """One kind's sizes and training schedule (defaults per kind in DEFAULTS)."""
 
     kind: str
-    n_heads: int  # medusa/hydra: heads (draft depth); eagle/eagle3: unrolled training steps
-    n_layers: int = 1
+    n_heads: int  # medusa/hydra: heads (draft depth); eagle/eagle3: unrolled training steps; falcon: the block
+    n_layers: int = 1  # medusa/hydra: residual layers per head; eagle*: 1; falcon: decoder layers
     draft_vocab: int = 0  # tokens the heads may propose; 0 = the whole vocabulary
     steps: int = 300
     batch: int = 4
@@ -51,6 +52,7 @@ DEFAULTS = {  # sized for the tiny pair: a few minutes per kind on 2 CPU cores
     "hydra": HeadsOptions("hydra", n_heads=4),
     "eagle": HeadsOptions("eagle", n_heads=3),
     "eagle3": HeadsOptions("eagle3", n_heads=3),
+    "falcon": HeadsOptions("falcon", n_heads=2, n_layers=2),  # blocks of 2 tokens (Falcon's k), two decoder layers
 }
 
 
@@ -130,15 +132,19 @@ def _train(model, options: HeadsOptions, train, heldout, printed, progress: bool
         with torch.no_grad():
             module.lm_head.weight.copy_(frozen.readout)  # the target's rows: EAGLE-3's own head starts as (and stays) them
     predict = _predictor(options, module, frozen)
+    learn = _predictor(options, module, frozen, learning=True)
     role = f"heads:{options.kind}"
-    stats = training.fit(module, lambda w: training.prediction_loss(predict(data, w), vocab), data["tokens"].shape[0],
+    stats = training.fit(module, lambda w: training.prediction_loss(learn(data, w), vocab), data["tokens"].shape[0],
                          training.TrainOptions(options.steps, options.batch, options.lr, options.seed), role, progress)
     held = heldout.load()
     scores = training.agreement(lambda w: predict(held, w), held["tokens"].shape[0], vocab, AGREEMENT_TOPK)
     return spec, module, vocab, stats, scores
 
 
-def _predictor(options: HeadsOptions, module, frozen):
+def _predictor(options: HeadsOptions, module, frozen, learning: bool = False):
+    """Draft logits per position for a batch of windows; `learning`: as trained (falcon glances), else as drafted."""
+    if options.kind == "falcon":
+        return lambda data, w: falcon_predictions(module, frozen, data, w, glance=learning)
     if options.kind == "medusa":
         return lambda data, w: training.medusa_predictions(module, frozen, data, w)
     if options.kind == "hydra":

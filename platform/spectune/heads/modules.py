@@ -16,6 +16,10 @@ the vLLM 0.32 model that loads its export runs it, so an exported head computes 
   pre-norm block outputs); the layer's attention reads [input_norm(embedding), hidden_norm(h)]
   (2d wide); a final norm and the heads' own LM head over the draft vocabulary (`d2t` maps it to
   the target's ids). vLLM `llama_eagle3.py`.
+- Falcon (Gao et al. 2024): EAGLE's input (fc over [embedding, feature]) through a few Llama decoder
+  layers (two by default), but each output predicts the feature `block` positions ahead, so the
+  last `block` entries, read together as a block, draft `block` tokens in one pass
+  (semi-autoregressive). vLLM has no Falcon; these stay spectune's.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, PretrainedConfig
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
 
 
 # --- Medusa and Hydra ---------------------------------------------------------------------------
@@ -99,10 +109,10 @@ class HydraHeads(nn.Module):
 # --- EAGLE and EAGLE-3 --------------------------------------------------------------------------
 
 
-def eagle_config(target: PretrainedConfig) -> LlamaConfig:
-    """The draft layer's config: the target's attention and MLP shapes, one layer, SDPA attention."""
+def eagle_config(target: PretrainedConfig, n_layers: int = 1) -> LlamaConfig:
+    """The draft layers' config: the target's attention and MLP shapes, `n_layers` layers, SDPA attention."""
     config = LlamaConfig(**copy.deepcopy(target.to_dict()))
-    config.num_hidden_layers = 1
+    config.num_hidden_layers = n_layers
     config._attn_implementation = "sdpa"
     return config
 
@@ -174,3 +184,32 @@ class EagleDraft(nn.Module):
         if self.version == 1:
             return x, x
         return self.norm(x), x
+
+
+# --- Falcon ---------------------------------------------------------------------------------------
+
+
+class FalconDraft(nn.Module):
+    """fc([embedding of token j+1, feature j]) through `n_layers` Llama decoder layers: entry j's output is the
+    predicted feature at j + block (read out by the target's frozen LM head). How entries attend (causal for
+    committed ones, a block seeing itself whole) is the mask's business: `spectune.heads.falcon`."""
+
+    def __init__(self, config: LlamaConfig, block: int) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.block = block
+        self.config = config
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, layer_idx=i) for i in range(config.num_hidden_layers))
+        self.rotary = LlamaRotaryEmbedding(config)  # no parameters
+
+    def forward(self, features: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                cache=None) -> torch.Tensor:
+        """features, embeds [B, n, d]; positions [B, n]; mask [B|1, 1, n, past+n] additive; cache: a transformers
+        cache of `n_layers` layers holding the past (or None). Returns the predicted features [B, n, d]."""
+        x = self.fc(torch.cat([embeds, features], dim=-1))  # [B, n, d]
+        cos_sin = self.rotary(x, positions)
+        for layer in self.layers:
+            x = layer(x, attention_mask=mask, position_ids=positions, cache=cache,
+                      position_embeddings=cos_sin)  # [B, n, d]
+        return x

@@ -27,6 +27,12 @@ class Knobs(BaseModel):
         if len(given) > 1:
             raise ValueError(f"give one of {', '.join(names)} (got {', '.join(given)})")
 
+    def derived_columns(self) -> dict[str, int | str]:
+        """Store knob columns (`spectune.config.KnobColumns` fields) computed from several knobs, for a column
+        no single knob gives (falcon's draft_len = its tree's depth, block x passes at most); a column a given
+        knob fills (`Method.columns`) takes precedence. Default: none."""
+        return {}
+
     def tree_knobs(self) -> str:
         """`name=value` of the knobs that set the draft tree's size, for the build-time context check's
         message (`MethodRegistry.build`). Default: every knob given; methods with a tree knob name it."""

@@ -101,7 +101,8 @@ class MethodRegistry:
 
 def knob_columns(method: Method, given: Mapping[str, Any], validated: Knobs) -> KnobColumns:
     """Each column from the first of its knobs the user gave a non-None value (as validated: ints as int,
-    a branching or path list as compact JSON, a paths file as its name); None where none was given."""
+    a branching or path list as compact JSON, a paths file as its name), else from the knobs'
+    `derived_columns()`; None where neither gives one."""
     filled: dict[str, Any] = {}
     for column, names in method.columns.items():
         knob = next((k for k in names if given.get(k) is not None), None)
@@ -112,6 +113,10 @@ def knob_columns(method: Method, given: Mapping[str, Any], validated: Knobs) -> 
             filled[column] = int(value)
         else:
             filled[column] = value if isinstance(value, str) else json.dumps(_plain(value), separators=(",", ":"))
+    for column, value in validated.derived_columns().items():
+        if column not in COLUMNS:
+            raise ValueError(f"method {method.name!r}: derived column {column!r} is no knob column")
+        filled.setdefault(column, value)
     return KnobColumns(**filled)
 
 
