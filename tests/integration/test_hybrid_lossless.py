@@ -1,7 +1,8 @@
 """Lossless greedy on the hybrid pair (a Bamba target of Mamba-2 and attention layers): every method that
 declares hybrid support, over the shipped prompts, equals AR token for token, and really drafts (steps that
 accept two or more draft tokens occur). A rejected draft rolls the SSM states back from the recorded
-per-token states; an accepted prefix keeps the state after its last token."""
+per-token states; an accepted prefix keeps the state after its last token; a tree goes through the SSM layers
+by STree (every node's state from its parent's), its commit keeping the accepted node's state."""
 
 import pytest
 
@@ -18,6 +19,10 @@ CONFIGS = [
     ("sps", {"draft_len": 6, "schedule": "heuristic"}),
     ("pld", {}),
     ("pld", {"max_ngram": 2, "draft_len": 4}),
+    ("pld", {"matches": 4, "draft_len": 6}),  # a trie: a tree through the SSM layers (STree)
+    ("tree", {}),
+    ("tree", {"branching": [4, 2, 2, 1]}),
+    ("dytree", {}),
 ]
 
 

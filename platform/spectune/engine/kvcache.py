@@ -21,6 +21,8 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
+from spectune.engine.ssm_tree import CommittedState, NodeStates
+
 RECORD_EVERY_TOKEN = 1 << 30  # per-token states the SSM scan records per forward: all of them (it takes the min)
 
 
@@ -30,12 +32,16 @@ class KVCache:
     def __init__(self, config: PretrainedConfig) -> None:
         self._cache = DynamicCache(config=config)
         self._tokens: list[int] = []
-        self._ssm_layers = tuple(
-            layer for layer in self._cache.layers if isinstance(layer, LinearAttentionCacheLayerMixin)
-        )
+        self._ssm = {
+            index: layer for index, layer in enumerate(self._cache.layers)
+            if isinstance(layer, LinearAttentionCacheLayerMixin)
+        }
+        self._ssm_layers = tuple(self._ssm.values())
         for layer in self._ssm_layers:
             layer.activate_past_recording(recurrent_states_to_keep=RECORD_EVERY_TOKEN)
         self._since_commit = 0  # tokens appended since the last commit: how far the SSM states can roll back
+        self._tree_nodes: dict[int, NodeStates] = {}  # a verified tree's per-node SSM states, until its commit
+        self._tree_start = 0  # the slot of that tree's root
 
     @property
     def hybrid(self) -> bool:
@@ -54,24 +60,72 @@ class KVCache:
     def __len__(self) -> int:
         return len(self._tokens)
 
-    def appended(self, token_ids: Sequence[int]) -> None:
-        """Record the tokens a forward call just appended (the cache itself grew inside the model)."""
+    @property
+    def ssm_layers(self) -> int:
+        return len(self._ssm)
+
+    def committed_ssm(self) -> dict[int, CommittedState]:
+        """Each SSM layer's state at the committed prefix (what a tree's root follows); {} before any token."""
+        committed = {}
+        for index, layer in self._ssm.items():
+            if not layer.has_previous_state[0]:
+                continue
+            kernel = layer.conv_kernel_size[0]
+            window = layer.conv_states[0][0, :, -kernel:]  # [C, <=K] the record may hold more; short prompts less
+            window = torch.nn.functional.pad(window, (kernel - window.shape[-1], 0))  # [C, K]
+            committed[index] = CommittedState(window, layer.recurrent_states[0][0])  # state [H, P, N]
+        return committed
+
+    def appended(self, token_ids: Sequence[int], tree_nodes: dict[int, NodeStates] | None = None) -> None:
+        """Record the tokens a forward call just appended (the cache itself grew inside the model).
+
+        `tree_nodes`: the forward verified a tree, its SSM layers computed every node's state (STree) and
+        left their own state untouched; the commit (`keep`) takes the accepted node's.
+        """
         self._tokens.extend(token_ids)
         self._since_commit += len(token_ids)
+        if tree_nodes is not None:
+            self._tree_nodes = dict(tree_nodes)
+            self._tree_start = len(self._tokens) - len(token_ids)
+            for layer in self._ssm_layers:
+                layer.cumulative_length_linear.add_(len(token_ids))
         assert self._cache.get_seq_length() == len(self._tokens), "cache and token record out of step"
 
     def truncate(self, length: int) -> None:
         """Drop every slot from `length` on (a hybrid: no further back than its last commit)."""
         if not 0 <= length <= len(self):
             raise ValueError(f"cannot truncate a cache of {len(self)} slots to {length}")
+        if self._tree_nodes:
+            self._keep_tree_node(length - 1, length)
+        elif self.hybrid:
+            self._roll_back_ssm(len(self) - length)
+        self._crop_attention(length)
+
+    def _crop_attention(self, length: int) -> None:
         removed = len(self) - length
-        if self.hybrid:
-            self._roll_back_ssm(removed)
         if removed:
             for layer in self._cache.layers:
                 if not isinstance(layer, LinearAttentionCacheLayerMixin):
                     layer.crop(-removed)  # transformers 5: a negative count removes that many slots
             del self._tokens[length:]
+
+    @torch.inference_mode()  # the SSM states are inference tensors
+    def _keep_tree_node(self, slot: int, length: int) -> None:
+        """The SSM layers take the state after the tree node in `slot` (the slot before the tree: the
+        committed state they still hold) and commit there, `length` tokens long; the tree's record goes."""
+        node = slot - self._tree_start
+        if node < -1:
+            raise ValueError(f"cannot roll this hybrid's SSM state back before the verified tree (slot {self._tree_start})")
+        for index, layer in self._ssm.items():
+            if node >= 0:
+                nodes = self._tree_nodes[index]
+                _set_ssm_state(layer, nodes.windows[node][None], nodes.states[node][None])
+            if layer.has_previous_state[0]:
+                layer.conv_states[0] = layer.conv_states[0][..., -layer.conv_kernel_size[0]:]  # drop a prefill's record
+                layer.recurrent_states_history[0] = []
+            layer.cumulative_length_linear.fill_(length)
+        self._tree_nodes = {}
+        self._since_commit = 0
 
     def _roll_back_ssm(self, removed: int) -> None:
         """Restore each SSM layer's state after all but the last `removed` tokens, and commit there."""
@@ -95,22 +149,26 @@ class KVCache:
         if slots == list(range(len(slots))):
             self.truncate(start + len(slots))  # a prefix: plain rollback, no copy
             return
-        if self.hybrid:
+        if self.hybrid and not self._tree_nodes:
             raise ValueError(
                 f"cannot keep tree slots {slots} of a hybrid target's cache: its SSM layers hold one state per "
-                "sequence, not per tree node"
+                "sequence, not per tree node (verify the tree with its SSM states: `CausalLM.verify`)"
             )
         if any(b <= a for a, b in zip(slots, slots[1:])) or start + slots[-1] >= len(self):
             raise ValueError(f"slots {slots} must ascend and lie inside the cache ({len(self)} slots)")
         index = torch.tensor(slots) + start  # [k]
+        if self._tree_nodes:
+            self._keep_tree_node(start + slots[-1], start + len(slots))  # the SSM layers: the last kept node's state
         for layer in self._cache.layers:
+            if isinstance(layer, LinearAttentionCacheLayerMixin):
+                continue
             index = index.to(layer.keys.device)
             # keys/values: [B, H, S, D]; gather first so the write never reads an overwritten slot
             layer.keys[..., start : start + len(slots), :] = layer.keys[..., index, :]
             layer.values[..., start : start + len(slots), :] = layer.values[..., index, :]
         kept = [self._tokens[start + s] for s in slots]
         self._tokens[start : start + len(slots)] = kept
-        self.truncate(start + len(slots))
+        self._crop_attention(start + len(slots))
 
     def common_prefix(self, sequence: Sequence[int]) -> int:
         """Length of the longest prefix shared by the cached tokens and `sequence`."""
@@ -120,3 +178,12 @@ class KVCache:
                 break
             n += 1
         return n
+
+
+def _set_ssm_state(layer: LinearAttentionCacheLayerMixin, window: torch.Tensor, state: torch.Tensor) -> None:
+    """Make an SSM layer's conv window [1, C, K] and recurrent state [1, H, P, N] these (a first one initialises)."""
+    if not layer.is_recurrent_states_initialized[0]:
+        layer.lazy_initialization(conv_states=window, recurrent_states=state, conv_kernel_size=window.shape[-1])
+    layer.conv_states[0] = window.clone()
+    layer.recurrent_states[0].copy_(state)
+    layer.has_previous_state[0] = True
