@@ -23,6 +23,9 @@ CONFIGS = [
     ("tree", {}),
     ("tree", {"branching": [4, 2, 2, 1]}),
     ("dytree", {}),
+    ("stree", {}),
+    ("stree", {"verify": "branches"}),
+    ("stree", {"verify": "branches", "branching": [4, 2, 2, 1]}),
 ]
 
 

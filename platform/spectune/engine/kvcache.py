@@ -42,6 +42,7 @@ class KVCache:
         self._since_commit = 0  # tokens appended since the last commit: how far the SSM states can roll back
         self._tree_nodes: dict[int, NodeStates] = {}  # a verified tree's per-node SSM states, until its commit
         self._tree_start = 0  # the slot of that tree's root
+        self._stash: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # node -> layer -> its state
 
     @property
     def hybrid(self) -> bool:
@@ -108,6 +109,43 @@ class KVCache:
                 if not isinstance(layer, LinearAttentionCacheLayerMixin):
                     layer.crop(-removed)  # transformers 5: a negative count removes that many slots
             del self._tokens[length:]
+
+    @torch.inference_mode()
+    def stash_branch(self, nodes: Sequence[int], start: int) -> None:
+        """After a chain forward of one tree branch (`nodes`, root first) from slot `start` (the naive
+        branch-by-branch verification): set each node's keys/values and SSM state aside, roll back to `start`."""
+        count = len(nodes)
+        for index, layer in enumerate(self._cache.layers):
+            if index in self._ssm:
+                kernel = layer.conv_kernel_size[0]
+                inputs = torch.nn.functional.pad(layer.conv_states[0][0], (kernel, 0))  # [C, K + recorded]
+                after = layer.recurrent_states_history[0][1:] + [layer.recurrent_states[0]]  # state after each token
+                total = inputs.shape[-1]
+                for k, node in enumerate(nodes):
+                    end = total - (count - 1 - k)
+                    self._stash.setdefault(node, {})[index] = (inputs[:, end - kernel : end], after[k - count][0])
+            else:
+                for k, node in enumerate(nodes):
+                    slot = start + k
+                    kv = (layer.keys[..., slot : slot + 1, :], layer.values[..., slot : slot + 1, :])  # [B, H, 1, D]
+                    self._stash.setdefault(node, {})[index] = kv
+        self.truncate(start)
+
+    @torch.inference_mode()
+    def place_tree(self, tokens: Sequence[int]) -> None:
+        """After every branch is stashed: append the tree's nodes as one tree forward would have (attention
+        keys/values in node order; the SSM layers' per-node states, for the commit to pick from)."""
+        nodes = [self._stash[node] for node in range(len(tokens))]
+        tree_nodes = {}
+        for index, layer in enumerate(self._cache.layers):
+            if index in self._ssm:
+                windows = torch.stack([node[index][0] for node in nodes])  # [n, C, K]
+                tree_nodes[index] = NodeStates(windows, torch.stack([node[index][1] for node in nodes]))  # [n, H, P, N]
+            else:
+                layer.keys = torch.cat([layer.keys] + [node[index][0] for node in nodes], dim=-2)  # [B, H, S+n, D]
+                layer.values = torch.cat([layer.values] + [node[index][1] for node in nodes], dim=-2)
+        self._stash = {}
+        self.appended(tokens, tree_nodes)
 
     @torch.inference_mode()  # the SSM states are inference tensors
     def _keep_tree_node(self, slot: int, length: int) -> None:

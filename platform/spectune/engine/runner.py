@@ -12,7 +12,8 @@ from transformers import PreTrainedModel
 
 from spectune.engine.budget import context_length
 from spectune.engine.kvcache import KVCache
-from spectune.engine.ssm_tree import TreeScan, enable_tree_scan, scanning
+from spectune.engine.ssm_tree import TreeScan, enable_tree_scan, scanning, verifying_branch_by_branch
+from spectune.trees.draft import tree_layout
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,13 @@ class CausalLM:
         last_only: bool,
         layers: tuple[int, ...],
     ) -> Verification:
-        ids = torch.tensor([list(tokens)], device=self.device)  # [1, n]
         if positions is None:
             positions = torch.arange(len(self.cache), len(self.cache) + len(tokens)).unsqueeze(0)  # [1, n]
-        capture = {"output_hidden_states": list(layers)} if layers else {}  # hidden_states[l]: output of block l
         tree = self._tree_scan(positions, mask)
+        if tree is not None and verifying_branch_by_branch():
+            return self._verify_branches(tokens, tree.parents, positions, layers)
+        ids = torch.tensor([list(tokens)], device=self.device)  # [1, n]
+        capture = {"output_hidden_states": list(layers)} if layers else {}  # hidden_states[l]: output of block l
         with scanning(tree) if tree is not None else contextlib.nullcontext():
             out = self.model(
                 input_ids=ids,
@@ -122,6 +125,22 @@ class CausalLM:
         self.cache.appended(tokens, tree.nodes if tree is not None else None)
         hidden = {layer: out.hidden_states[layer][0] for layer in layers}  # layer -> [n, d]
         return Verification(out.logits[0].float(), hidden)  # logits [n, V]
+
+    def _verify_branches(
+        self, tokens: Sequence[int], parents: tuple[int, ...], positions: torch.Tensor, layers: tuple[int, ...]
+    ) -> Verification:
+        """The naive baseline of STree: one chain forward per root-to-leaf branch from the committed state;
+        the cache then holds the tree as one STree forward leaves it. Logits [n, V] at every node."""
+        if layers:
+            raise ValueError("branch-by-branch verification hands back no hidden layers")
+        past, logits = len(self.cache), [None] * len(tokens)
+        for branch in tree_layout(parents).paths:
+            out = self._run([tokens[i] for i in branch], positions[:, list(branch)], None, False, ())
+            for row, node in enumerate(branch):
+                logits[node] = out.logits[row]  # [V]; shared nodes recomputed, the same values
+            self.cache.stash_branch(branch, past)
+        self.cache.place_tree(tokens)
+        return Verification(torch.stack(logits), {})  # [n, V]
 
     def _tree_scan(self, positions: torch.Tensor, mask: torch.Tensor | None) -> TreeScan | None:
         """For a tree through a hybrid's SSM layers: the tree (parents from the positions and mask) and the

@@ -62,6 +62,23 @@ class TreeScan:
 
 
 _TREE: ContextVar[TreeScan | None] = ContextVar("spectune_tree_scan", default=None)
+_BRANCHES: ContextVar[bool] = ContextVar("spectune_branch_by_branch", default=False)
+
+
+@contextlib.contextmanager
+def branch_by_branch() -> Iterator[None]:
+    """Within: a hybrid target verifies a tree the naive way STree is measured against, one chain forward
+    per root-to-leaf branch from the committed state (shared prefixes recomputed); a drafter enters it in
+    `verifying(tree)`."""
+    token = _BRANCHES.set(True)
+    try:
+        yield
+    finally:
+        _BRANCHES.reset(token)
+
+
+def verifying_branch_by_branch() -> bool:
+    return _BRANCHES.get()
 
 
 @contextlib.contextmanager

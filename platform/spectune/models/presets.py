@@ -127,19 +127,19 @@ PRESETS: dict[str, Preset] = {
     ),
     "hybrid-tiny": Preset(
         name="hybrid-tiny",
-        vocab_size=2048,
-        max_train_bytes=4_000_000,
+        vocab_size=1024,
+        max_train_bytes=3_000_000,
         max_heldout_bytes=300_000,
-        target=ModelSpec(n_layers=6, hidden_size=192, n_heads=4, intermediate_size=512,
-                         steps=300, batch=8, seq_len=256, lr=2e-3,
-                         ssm=SsmSpec(attention_layers=(2, 5), heads=6, head_dim=64, state_size=32)),
-        drafter=ModelSpec(n_layers=1, hidden_size=96, n_heads=2, intermediate_size=256,
-                          steps=300, batch=8, seq_len=256, lr=3e-3),
+        target=ModelSpec(n_layers=6, hidden_size=128, n_heads=4, intermediate_size=352,
+                         steps=300, batch=4, seq_len=256, lr=2e-3,
+                         ssm=SsmSpec(attention_layers=(2, 5), heads=4, head_dim=64, state_size=16)),
+        drafter=ModelSpec(n_layers=1, hidden_size=64, n_heads=2, intermediate_size=176,
+                          steps=300, batch=4, seq_len=256, lr=3e-3),
         eval_windows=32,
         eval_seq_len=256,
         bf16_autocast=False,
-        description="hybrid demo pair: 6-layer d=192 Bamba target (attention at layers 3 and 6, Mamba-2 elsewhere), "
-        "1-layer d=96 Llama drafter, vocab 2048",
+        description="hybrid demo pair: 6-layer d=128 Bamba target (attention at layers 3 and 6, Mamba-2 elsewhere), "
+        "1-layer d=64 Llama drafter, vocab 1024",
     ),
 }
 
