@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spectune.engine.runner import CausalLM
-from spectune.engine.ssm_tree import enable_tree_scan, tree_ssd
+from spectune.engine.ssm_tree import branch_by_branch, enable_tree_scan, tree_ssd
 from spectune.trees.draft import tree_inputs, tree_layout
 from support import random_bamba
 
@@ -139,3 +139,20 @@ def test_a_tree_on_a_model_whose_recurrent_layers_are_no_mamba2_is_refused():
     model.model.layers[2].mamba = Opaque()
     with pytest.raises(ValueError, match="cannot verify a draft tree on BambaForCausalLM: 1 of its 2 recurrent layers"):
         enable_tree_scan(model, 2)
+
+
+def test_branch_by_branch_verification_equals_the_tree_forward():
+    """The naive baseline: one chain forward per branch gives the logits STree gives, and leaves a cache whose
+    commit of any path equals a fresh prefill of it."""
+    parents, tokens = (-1, 0, 0, 1, 1, 3, 2), [9, 4, 5, 6, 7, 8, 10]
+    for path in ([0, 1, 3, 5], [0, 2, 6], [0, 1, 4], [0]):
+        stree, naive = CausalLM(MODEL), CausalLM(MODEL)
+        for lm in (stree, naive):
+            lm.forward([3, 4, 5, 6, 7])
+        inputs = tree_inputs(parents, 5)
+        expected = stree.forward(tokens, inputs.positions, inputs.mask)  # [7, V]
+        with branch_by_branch():
+            logits = naive.forward(tokens, inputs.positions, inputs.mask)  # [7, V]
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+        naive.cache.keep(5, path)
+        assert_same_state(naive, fresh_prefill(naive.cache.tokens))
