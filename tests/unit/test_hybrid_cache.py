@@ -72,6 +72,17 @@ def test_rollback_reaches_back_to_the_last_commit_only():
         lm.cache.truncate(1)
 
 
+def test_a_prefill_is_not_rolled_back_into_and_later_verifications_are():
+    lm = CausalLM(MODEL)
+    lm.prefill([3, 4, 5, 6])  # the chunked scan: only its end state recorded
+    lm.forward([7, 8])  # a verification: every token's state recorded
+    lm.cache.truncate(5)
+    assert_same_state(lm, fresh_prefill([3, 4, 5, 6, 7]))
+    lm.prefill([9, 10])
+    with pytest.raises(ValueError, match="recorded the states of only the last 0"):
+        lm.cache.truncate(6)
+
+
 def test_tree_compaction_of_a_hybrid_chain_forward_is_refused():
     lm = CausalLM(MODEL)
     lm.forward([3, 4, 5, 6])  # a chain forward: no per-node states to keep a branch by

@@ -111,6 +111,7 @@ class CausalLM:
         if tree is not None and verifying_branch_by_branch():
             return self._verify_branches(tokens, tree.parents, positions, layers)
         ids = torch.tensor([list(tokens)], device=self.device)  # [1, n]
+        self.cache.recording(every_token=not last_only)  # a verification may be rolled back into; a prefill not
         capture = {"output_hidden_states": list(layers)} if layers else {}  # hidden_states[l]: output of block l
         with scanning(tree) if tree is not None else contextlib.nullcontext():
             out = self.model(
