@@ -60,3 +60,21 @@ def test_hybrid_greedy_output_equals_ar(pair, prompts, reference, method, knobs)
         assert generation.tokens == expected, f"{method} {knobs} prompt {pid}: differs at token {first_diff}"
         deep += sum(s.accepted >= 2 for s in generation.steps)
     assert deep > 0, f"{method} {knobs}: no step accepted 2+ draft tokens"
+
+
+def test_concurrent_decoders_over_one_hybrid_model_stay_lossless(pair, prompts, reference):
+    """Serving runs decoders in threads over one loaded model: STree's tree rides in a ContextVar, so a tree
+    verification in one thread never turns another thread's chain or prefill into a tree scan."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    configs = [("stree", {}), ("sps", {}), ("stree", {"verify": "branches"}), ("pld", {"matches": 4})]
+
+    def decode(config):
+        models = pair.runners()
+        decoder = Decoder(models.target, METHODS.build(*config, models), pair.eos_token_id)
+        return [(pid, decoder.generate(ids, MAX_NEW).tokens) for pid, ids in prompts[:8]]
+
+    with ThreadPoolExecutor(max_workers=len(configs)) as pool:
+        for config, outputs in zip(configs, pool.map(decode, configs)):
+            for pid, tokens in outputs:
+                assert tokens == reference[pid], f"{config} prompt {pid}"

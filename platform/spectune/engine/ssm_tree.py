@@ -33,7 +33,12 @@ from torch import nn
 
 from spectune.trees.draft import ancestor_matrix
 
-MAMBA2_PARTS = ("in_proj", "conv1d", "act", "A_log", "D", "dt_bias", "norm", "out_proj", "layer_idx", "time_step_limit")
+# what the tree scan reads off a mixer: transformers' Mamba-2 mixers (Bamba's, and the FalconH1, NemotronH and
+# GraniteMoeHybrid copies of it) carry all of these
+MAMBA2_PARTS = (
+    "in_proj", "conv1d", "act", "A_log", "D", "dt_bias", "norm", "out_proj", "layer_idx", "time_step_limit",
+    "num_heads", "head_dim", "n_groups", "ssm_state_size", "intermediate_size", "conv_dim",
+)
 
 
 @dataclass(frozen=True)
