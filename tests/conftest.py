@@ -33,6 +33,16 @@ STEPS = {"falcon": 300}
 
 
 @pytest.fixture(scope="session")
+def hybrid_micro_pair() -> Path:
+    """The hybrid-micro pair (seed 0: a Bamba SSM-attention target, a Llama drafter), built once (~15 s)
+    and cached like micro (``pairs/hybrid-micro-seed0``)."""
+    from spectune.models.build import build_pair
+    from spectune.models.presets import default_pair_dir
+
+    return build_pair("hybrid-micro", default_pair_dir("hybrid-micro", 0), seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
 def micro_heads(micro_pair: Path) -> Path:
     """Medusa, Hydra, EAGLE, EAGLE-3 and Falcon heads for the micro pair, in ``<pair>/heads/<kind>`` where the methods
     find them, trained once (a small feature pass and ~100 steps each, seconds) and cached like the pair."""

@@ -1,4 +1,4 @@
-"""Small helpers shared by tests: random (untrained) Llama models of any vocabulary size; sweep specs
+"""Small helpers shared by tests: random (untrained) Llama and Bamba (hybrid SSM-attention) models; sweep specs
 and store counts for the sweep tests; a real `spectune serve` in its own process (`spectune_serve`)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import httpx
 import pytest
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import BambaConfig, BambaForCausalLM, LlamaConfig, LlamaForCausalLM
 
 
 def random_llama(seed: int, vocab: int = 16, layers: int = 2, hidden: int = 32, context: int = 256) -> LlamaForCausalLM:
@@ -34,6 +34,22 @@ def random_llama(seed: int, vocab: int = 16, layers: int = 2, hidden: int = 32, 
         max_position_embeddings=context,
     )
     model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # sharper distributions than the default init, so drafts sometimes win
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def random_bamba(seed: int, vocab: int = 32, hidden: int = 32, chunk: int = 4) -> BambaForCausalLM:
+    """A random hybrid: layers SSM, attention, SSM (Mamba-2 mixers of 4 heads x 16, state 8, conv 4).
+    A small `chunk` makes the chunked scan cross chunk boundaries even on short prompts."""
+    torch.manual_seed(seed)
+    config = BambaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=4,
+        mamba_d_head=2 * hidden // 4, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+        mamba_chunk_size=chunk, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+    )
+    model = BambaForCausalLM(config).eval()
     with torch.no_grad():  # sharper distributions than the default init, so drafts sometimes win
         model.lm_head.weight.mul_(8.0)
     return model

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from spectune.engine.budget import pair_context
@@ -101,4 +102,7 @@ def _load_model(path_or_id: str, device: str, dtype: torch.dtype) -> PreTrainedM
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, use_safetensors=True)
     except OSError as err:
         raise PairError(f"cannot load model {path_or_id}: {err}") from None
+    except (ValueError, KeyError) as err:  # an architecture this transformers does not know (a newer hybrid, say)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PairError(f"cannot load model {path_or_id} with transformers {transformers.__version__}: {reason}") from None
     return model.to(device).eval()

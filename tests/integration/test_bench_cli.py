@@ -120,3 +120,21 @@ def test_drafter_with_another_vocabulary_is_refused(micro_pair, tmp_path):
     result = bench("--target", micro_pair / "target", "--drafter", other)
     assert result.exit_code == 2
     assert "uses a different tokenizer" in result.output
+
+
+def test_bench_takes_a_hybrid_pair(hybrid_micro_pair):
+    """A hybrid SSM-attention pair: chains and STree (and its branch-by-branch baseline) decode it losslessly."""
+    result = bench("--pair", hybrid_micro_pair, "--limit", 2, "--max-new-tokens", 12, "--repeats", 1, "--warmup", 0,
+                   "--method", "sps", "--method", "stree", "--set", "verify=branches", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["method"] for r in rows] == ["ar", "sps", "stree"]
+    assert all(r["lossless"] is True for r in rows)
+
+
+def test_a_method_that_cannot_decode_a_hybrid_is_refused_in_one_line(hybrid_micro_pair):
+    result = bench("--pair", hybrid_micro_pair, "--limit", 1, "--max-new-tokens", 4, "--repeats", 1, "--warmup", 0,
+                   "--method", "layerskip")
+    assert result.exit_code == 2, result.output
+    assert "method 'layerskip' cannot decode a hybrid SSM-attention target: it drafts with" in result.output
+    assert "Traceback" not in result.output

@@ -106,6 +106,22 @@ def test_a_sweep_stores_every_trial_once_and_the_worker_loads_the_pair_once(micr
 
 
 @pytest.mark.slow
+def test_a_sweep_takes_a_hybrid_pair(hybrid_micro_pair, tmp_path, ray_tmp, monkeypatch):
+    """STree against its branch-by-branch baseline and a chain on the hybrid-micro pair, stored like any sweep's;
+    a method that cannot decode a hybrid is stored as an error naming why."""
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    space = {"sps": {}, "stree": {"verify": ["tree", "branches"]}, "layerskip": {}}
+    spec = parse_spec(sweep_spec("hybrid", hybrid_micro_pair, space))
+    with connect(f"sqlite:///{tmp_path / 'sweeps.db'}") as store:
+        outcome = run_sweep(spec, store, SweepOptions(storage=str(tmp_path / "tune")))
+        trials = store.trials_frame("hybrid")
+    assert (outcome.status, outcome.trials, outcome.failed) == ("done", 4, 1)
+    done, failed = trials[trials.status == "done"], trials[trials.status == "error"]
+    assert sorted(done.method) == ["sps", "stree", "stree"] and done.lossless.all() and (done.speedup > 0).all()
+    assert "method 'layerskip' cannot decode a hybrid SSM-attention target" in failed.error.iloc[0]
+
+
+@pytest.mark.slow
 def test_a_driver_killed_mid_sweep_resumes_and_stores_every_trial_exactly_once(micro_pair, tmp_path, ray_tmp):
     space = {"sps": {"draft_len": [1, 2, 3, 4]}, "pld": {}}
     path = write_spec(tmp_path, sweep_spec("resumed", micro_pair, space, max_new_tokens=48,

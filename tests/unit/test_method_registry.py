@@ -19,6 +19,7 @@ CASES = {
     "del": ({"max_draft_len": 4, "max_exit_layer": 2}, KnobColumns()),
     "pld": ({"draft_len": 7, "matches": 2}, KnobColumns(draft_len=7)),
     "tree": ({"branching": [3, 2, 1]}, KnobColumns(tree_shape="[3,2,1]")),
+    "stree": ({"branching": [3, 2, 1], "verify": "branches"}, KnobColumns(tree_shape="[3,2,1]")),
     "rsd": ({"branching": [2, 1], "width": 5}, KnobColumns(tree_shape="[2,1]")),
     "specinfer": ({"width": 4, "depth": 2}, KnobColumns()),
     "ngram": ({"paths": [[0], [0, 0], [1]], "n": 4}, KnobColumns(tree_shape="[[0],[0,0],[1]]")),

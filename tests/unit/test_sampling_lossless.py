@@ -27,7 +27,7 @@ from spectune.trees.draft import DraftTree
 from spectune.methods import METHODS
 from spectune.methods.base import Models
 from spectune.engine.runner import CausalLM
-from support import random_llama
+from support import random_bamba, random_llama
 
 V = 4
 MIN_P = 1e-3  # chi-square p-value below which we call the distributions different
@@ -301,6 +301,35 @@ def test_loop_samples_follow_the_target(request, method, knobs):
             assert stats["reused"] > 0, f"pearl: no lookahead chain was reused ({stats})"
     combined, worst = conditional_law_p_values(pair[0], decoded.samples)
     assert combined > MIN_P and worst > MIN_P, f"{method}: p={combined:.2g}, worst position p={worst:.2g}"
+
+
+@pytest.fixture(scope="module")
+def hybrid_close_pair():
+    """A hybrid target (SSM, attention, SSM layers) over REAL_V tokens, and an unrelated random Llama drafter:
+    q differs from p everywhere, yet over REAL_V tokens drafts are still accepted below depth 1."""
+    target = random_bamba(seed=1, vocab=REAL_V, chunk=2)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.5)
+    return target, random_llama(seed=2, vocab=REAL_V, layers=1, hidden=32)
+
+
+HYBRID_CONFIGS = [
+    ("sps", {"draft_len": 3}),
+    ("pld", {"matches": 4, "max_ngram": 1}),
+    ("stree", {"branching": [3, 2, 1]}),
+    ("stree", {"branching": [3, 2, 1], "verify": "branches"}),
+    ("dytree", {}),
+]
+
+
+@pytest.mark.parametrize("method, knobs", HYBRID_CONFIGS)
+def test_loop_samples_on_a_hybrid_target_follow_it(hybrid_close_pair, method, knobs):
+    """Chains roll the SSM states back, trees go through STree (or branch by branch): the emitted tokens follow
+    the hybrid target's law, with nodes below depth 1 accepted."""
+    decoded = decode_samples(hybrid_close_pair, method, knobs)
+    assert decoded.deepest >= 2, f"{method}: no step accepted a node below depth 1"
+    combined, worst = conditional_law_p_values(hybrid_close_pair[0], decoded.samples)
+    assert combined > MIN_P and worst > MIN_P, f"{method} {knobs}: p={combined:.2g}, worst position p={worst:.2g}"
 
 
 # The wrong-q mutant runs on every method that samples its drafts (its trees carry q); the methods whose

@@ -22,6 +22,7 @@ TOO_BIG = {
     "del": {"max_draft_len": 20, "cost": "layers"},
     "pld": {"draft_len": 10, "matches": 2},
     "tree": {"branching": [4, 4]},
+    "stree": {"branching": [4, 4]},
     "rsd": {"width": 20, "depth": 1},
     "specinfer": {"width": 5, "depth": 4},
     "ngram": {"tree_size": 20},

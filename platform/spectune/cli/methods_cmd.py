@@ -18,7 +18,7 @@ from rich.text import Text
 if TYPE_CHECKING:
     from spectune.methods.base import Method
 
-COLUMNS = ("method", "summary", "paper", "knobs", "cost per step", "lossless rule")
+COLUMNS = ("method", "summary", "paper", "knobs", "cost per step", "lossless rule", "hybrid SSM-attention target")
 
 
 def methods(markdown: bool = typer.Option(False, "--markdown", help="Print docs/methods.md.")) -> None:
@@ -53,6 +53,7 @@ def method_block(method: Method) -> Group:
     rows.add_row("knobs", _knob_rows(method))
     rows.add_row("cost", method.cost)
     rows.add_row("rule", method.rule)
+    rows.add_row("hybrid", method.hybrid_support())
     return Group(heading, rows)
 
 
@@ -103,7 +104,7 @@ def method_rows() -> list[tuple[str, ...]]:
         method = METHODS.get(name)
         knobs = ", ".join(f"`{k}`={f.default!r}" for k, f in method.knobs.model_fields.items()) or "-"
         rule = method.rule if method.lossless else f"**LOSSY**: {method.rule}"
-        rows.append((f"`{name}`", method.summary, method.paper, knobs, method.cost, rule))
+        rows.append((f"`{name}`", method.summary, method.paper, knobs, method.cost, rule, method.hybrid_support()))
     return rows
 
 

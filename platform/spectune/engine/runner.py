@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import contextlib
+
 import torch
 from transformers import PreTrainedModel
 
 from spectune.engine.budget import context_length
 from spectune.engine.kvcache import KVCache
+from spectune.engine.ssm_tree import TreeScan, enable_tree_scan, scanning, verifying_branch_by_branch
+from spectune.trees.draft import tree_layout
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class CausalLM:
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model.eval()
         self.cache = KVCache(model.config)
+        self._trees_enabled = False  # a hybrid's Mamba-2 mixers verify trees once `enable_tree_scan` ran
 
     @property
     def device(self) -> torch.device:
@@ -65,6 +70,9 @@ class CausalLM:
         """Append `tokens` (a draft tree: positions [1, n], mask [1, 1, n, past+n] or None for a chain);
         return their logits and the outputs of decoder blocks `hidden_layers` (each in 1..L).
 
+        A hybrid target verifies a tree (a mask) through its SSM layers by STree (`ssm_tree`): every
+        node's state from its parent's, kept for the commit; a chain through their own scan.
+
         Layers 1..L-1 hand back a block's output before any norm (the residual stream: what vLLM's
         EAGLE-3 auxiliary layers read); layer L hands back the final norm's output, the feature the
         LM head reads (what vLLM hands EAGLE and Medusa heads, and what EAGLE's drafter predicts).
@@ -97,22 +105,53 @@ class CausalLM:
         last_only: bool,
         layers: tuple[int, ...],
     ) -> Verification:
-        ids = torch.tensor([list(tokens)], device=self.device)  # [1, n]
         if positions is None:
             positions = torch.arange(len(self.cache), len(self.cache) + len(tokens)).unsqueeze(0)  # [1, n]
+        tree = self._tree_scan(positions, mask)
+        if tree is not None and verifying_branch_by_branch():
+            return self._verify_branches(tokens, tree.parents, positions, layers)
+        ids = torch.tensor([list(tokens)], device=self.device)  # [1, n]
+        self.cache.recording(every_token=not last_only)  # a verification may be rolled back into; a prefill not
         capture = {"output_hidden_states": list(layers)} if layers else {}  # hidden_states[l]: output of block l
-        out = self.model(
-            input_ids=ids,
-            position_ids=positions.to(self.device),
-            attention_mask=None if mask is None else mask.to(self.device, self.dtype),
-            cache=self.cache.hf,
-            use_cache=True,
-            logits_to_keep=1 if last_only else 0,
-            **capture,
-        )
-        self.cache.appended(tokens)
+        with scanning(tree) if tree is not None else contextlib.nullcontext():
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions.to(self.device),
+                attention_mask=None if mask is None else mask.to(self.device, self.dtype),
+                cache=self.cache.hf,
+                use_cache=True,
+                logits_to_keep=1 if last_only else 0,
+                **capture,
+            )
+        self.cache.appended(tokens, tree.nodes if tree is not None else None)
         hidden = {layer: out.hidden_states[layer][0] for layer in layers}  # layer -> [n, d]
         return Verification(out.logits[0].float(), hidden)  # logits [n, V]
+
+    def _verify_branches(
+        self, tokens: Sequence[int], parents: tuple[int, ...], positions: torch.Tensor, layers: tuple[int, ...]
+    ) -> Verification:
+        """The naive baseline of STree: one chain forward per root-to-leaf branch from the committed state;
+        the cache then holds the tree as one STree forward leaves it. Logits [n, V] at every node."""
+        if layers:
+            raise ValueError("branch-by-branch verification hands back no hidden layers")
+        past, logits = len(self.cache), [None] * len(tokens)
+        for branch in tree_layout(parents).paths:
+            out = self._run([tokens[i] for i in branch], positions[:, list(branch)], None, False, ())
+            for row, node in enumerate(branch):
+                logits[node] = out.logits[row]  # [V]; shared nodes recomputed, the same values
+            self.cache.stash_branch(branch, past)
+        self.cache.place_tree(tokens)
+        return Verification(torch.stack(logits), {})  # [n, V]
+
+    def _tree_scan(self, positions: torch.Tensor, mask: torch.Tensor | None) -> TreeScan | None:
+        """For a tree through a hybrid's SSM layers: the tree (parents from the positions and mask) and the
+        committed states it grows from; None for a chain or an all-attention model."""
+        if mask is None or not self.cache.hybrid:
+            return None
+        if not self._trees_enabled:
+            enable_tree_scan(self.model, self.cache.ssm_layers)
+            self._trees_enabled = True
+        return TreeScan(tree_parents(positions, mask), self.cache.committed_ssm())
 
     def extend_to(self, sequence: Sequence[int]) -> torch.Tensor:
         """Make the cache hold exactly `sequence`, reusing its longest matching prefix; [V] logits after it."""
@@ -121,3 +160,18 @@ class CausalLM:
         keep = min(self.cache.common_prefix(sequence), len(sequence) - 1)  # always feed >= 1 token for logits
         self.cache.truncate(keep)
         return self.forward(sequence[keep:], last_only=True)[-1]  # [V]
+
+
+def tree_parents(positions: torch.Tensor, mask: torch.Tensor) -> tuple[int, ...]:
+    """The tree a verification mask encodes: each node's parent is its deepest visible earlier node.
+
+    positions: [1, n] past + depth; mask: [1, 1, n, past+n] additive (0 = visible). The root's parent is -1.
+    """
+    n = positions.shape[-1]
+    visible = mask[0, 0, :, -n:] == 0  # [n, n] node i sees j: j is i or an ancestor
+    depth = positions[0] - positions[0, 0]  # [n]
+    parents = []
+    for node in range(n):
+        above = [j for j in range(node) if visible[node, j]]
+        parents.append(max(above, key=lambda j: int(depth[j])) if above else -1)
+    return tuple(parents)

@@ -68,3 +68,9 @@ class Method:
     # store column (a spectune.config.KnobColumns field) -> the method's knobs that fill it, first non-None wins
     columns: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     needs_heads: str | None = None  # the kind of trained heads it drafts with (medusa, hydra, eagle, eagle3)
+    hybrid: bool = False  # decodes a hybrid SSM-attention target (its drafts and commits are all the SSM states allow)
+    hybrid_refusal: str = ""  # why not, when it does not (one clause, for the build-time error and `spectune methods`)
+
+    def hybrid_support(self) -> str:
+        """`spectune methods`' line on hybrid SSM-attention targets."""
+        return "yes" if self.hybrid else f"no: {self.hybrid_refusal}"

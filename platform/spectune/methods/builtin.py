@@ -1,7 +1,8 @@
-"""The engine's first methods: ar (the baseline), sps, tree, pld."""
+"""The engine's first methods: ar (the baseline), sps, tree, stree (the tree on hybrid targets), pld."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Literal
 
@@ -9,6 +10,7 @@ import torch
 from pydantic import Field, model_validator
 
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
+from spectune.engine.ssm_tree import branch_by_branch
 from spectune.trees.shapes import chain_shape
 from spectune.trees.draft import DraftTree
 from spectune.methods.base import Knobs, Models
@@ -37,6 +39,7 @@ class Autoregressive(Drafter):
     "ar",
     ArKnobs,
     needs_drafter=False,
+    hybrid=True,
     summary="plain autoregressive decoding, the baseline",
     paper="-",
     cost="0 drafter passes; 1 token verified",
@@ -85,6 +88,7 @@ class ChainDrafter(TemplateDrafter):
     "sps",
     SpsKnobs,
     needs_drafter=True,
+    hybrid=True,
     summary="a chain of k tokens from the drafter model; fixed k or the +2/-1 heuristic",
     paper="Leviathan et al. 2023; Chen et al. 2023",
     cost="k drafter passes (first one over the uncached suffix); k+1 tokens verified",
@@ -108,6 +112,7 @@ class TreeKnobs(TemplateKnobs):
     "tree",
     TreeKnobs,
     needs_drafter=True,
+    hybrid=True,
     summary="static tree (per-depth branching, [3, 2, 1] by default; a Medusa path list or a ranked template) "
     "filled by the drafter's top-k",
     paper="SpecInfer (Miao et al. 2024) token trees; Medusa path lists (Cai et al. 2024)",
@@ -117,6 +122,47 @@ class TreeKnobs(TemplateKnobs):
 )
 def build_tree(knobs: TreeKnobs, models: Models) -> TemplateDrafter:
     return TemplateDrafter(models.drafter, knobs.shape())
+
+
+# --- stree ------------------------------------------------------------------------------------
+
+
+class StreeKnobs(TreeKnobs):
+    """The tree method's templates, and how a hybrid target verifies them."""
+
+    verify: Literal["tree", "branches"] = Field(
+        "tree",
+        description="tree: STree, one forward, every SSM node state from its parent's; branches: the naive "
+        "baseline, one chain forward per root-to-leaf branch (all-attention targets: one tree forward either way)",
+    )
+
+
+class StreeDrafter(TemplateDrafter):
+    """The static tree drafter; with verify=branches it has the target verify its trees branch by branch."""
+
+    def __init__(self, models: Models, knobs: StreeKnobs) -> None:
+        super().__init__(models.drafter, knobs.shape())
+        self.knobs = knobs
+
+    def verifying(self, tree: DraftTree) -> contextlib.AbstractContextManager[None]:
+        return branch_by_branch() if self.knobs.verify == "branches" else contextlib.nullcontext()
+
+
+@METHODS.register(
+    "stree",
+    StreeKnobs,
+    needs_drafter=True,
+    hybrid=True,
+    summary="the static tree of `tree` on a hybrid SSM-attention target, its SSM layers verifying every node in one "
+    "forward from the accumulated state transitions; verify=branches: the naive branch-by-branch baseline",
+    paper="STree (Wu et al. 2025), tree speculative decoding for state-space models and hybrids",
+    cost="depth drafter passes; tree size + 1 tokens verified in one target forward (branches: one forward per "
+    "leaf, shared prefixes recomputed)",
+    rule="greedy match; recursive rejection over siblings drawn without replacement",
+    columns=TEMPLATE_COLUMNS,
+)
+def build_stree(knobs: StreeKnobs, models: Models) -> StreeDrafter:
+    return StreeDrafter(models, knobs)
 
 
 # --- pld --------------------------------------------------------------------------------------
@@ -202,6 +248,7 @@ def continuation_trie(root: int, continuations: Sequence[Sequence[int]]) -> Draf
     "pld",
     PldKnobs,
     needs_drafter=False,
+    hybrid=True,
     summary="copy what followed the last earlier match of the suffix n-gram (no model); matches > 1: a trie of several",
     paper="Saxena 2023, prompt lookup decoding",
     cost="0 drafter passes; draft_len + 1 tokens verified (a trie: at most matches x draft_len + 1)",

@@ -237,6 +237,7 @@ class DyTreeDrafter(ModelDrafter):
     "dytree",
     DyTreeKnobs,
     needs_drafter=True,
+    hybrid=True,
     summary="dynamic tree: expand the slot with the highest path probability (heap) until the node budget is spent",
     paper="Xiong et al. 2024, DySpec (dynamic token trees)",
     cost="one drafter pass per round, at most max_depth (like a static tree that deep); budget + 1 tokens verified",

@@ -131,6 +131,10 @@ def _build(kind: str, knobs: EagleKnobs, models: Models) -> EagleDrafter:
     "eagle",
     EagleKnobs,
     needs_drafter=False,
+    hybrid=(
+        "its trained heads draft from the target's layer outputs, which no heads trained on a hybrid were "
+        "checked on"
+    ),
     needs_heads="eagle",
     summary="EAGLE / EAGLE-2: one trained decoder layer drafting in the target's feature space (its final-norm "
     "output), a dynamic tree grown by draft confidence under a node budget",
@@ -147,6 +151,10 @@ def build_eagle(knobs: EagleKnobs, models: Models) -> EagleDrafter:
     "eagle3",
     EagleKnobs,
     needs_drafter=False,
+    hybrid=(
+        "its trained heads draft from the target's layer outputs, which no heads trained on a hybrid were "
+        "checked on"
+    ),
     needs_heads="eagle3",
     summary="EAGLE-3: the draft layer reads a fusion of a low, a middle and a high target layer and predicts tokens "
     "(trained on its own outputs), with its own LM head over the draft vocabulary; EAGLE-2's dynamic tree",

@@ -148,6 +148,10 @@ def _build(kind: str, drafter: type[FeatureHeadsDrafter], knobs: HeadsTreeKnobs,
     "medusa",
     HeadsTreeKnobs,
     needs_drafter=False,
+    hybrid=(
+        "its trained heads draft from the target's layer outputs, which no heads trained on a hybrid were "
+        "checked on"
+    ),
     needs_heads="medusa",
     summary="Medusa-1: K residual heads on the target's final feature, head k proposing depth k of a static tree",
     paper="Cai et al. 2024, Medusa (multiple decoding heads)",
@@ -163,6 +167,10 @@ def build_medusa(knobs: HeadsTreeKnobs, models: Models) -> MedusaDrafter:
     "hydra",
     HeadsTreeKnobs,
     needs_drafter=False,
+    hybrid=(
+        "its trained heads draft from the target's layer outputs, which no heads trained on a hybrid were "
+        "checked on"
+    ),
     needs_heads="hydra",
     summary="Hydra: heads on the target's final feature that also read the tokens drafted before them (a static tree)",
     paper="Ankner et al. 2024, Hydra (sequentially-dependent draft heads)",

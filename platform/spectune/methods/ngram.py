@@ -110,6 +110,7 @@ class NgramDrafter(Drafter):
     "ngram",
     NgramKnobs,
     needs_drafter=False,
+    hybrid=True,
     summary="online n-gram table over the prompt and the target's outputs; a tree of the most frequent "
     "continuations, backing off to shorter contexts",
     paper="ADED (Liu et al. 2024, adaptive n-gram drafting); STAND (Song et al. 2025)",

@@ -345,6 +345,10 @@ class PearlDrafter(ModelDrafter):
     "pearl",
     PearlKnobs,
     needs_drafter=True,
+    hybrid=(
+        "its verifier re-extends the target's cache from an older prefix, further back than a hybrid's SSM "
+        "state rolls"
+    ),
     summary="PEARL: drafter and target in parallel threads; post-verify drafts the next chain while the target "
     "verifies, pre-verify checks the first draft token while the rest is drafted",
     paper="Liu et al. 2024, PEARL: Parallel Speculative Decoding with Adaptive Draft Length",

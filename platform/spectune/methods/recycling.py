@@ -104,6 +104,7 @@ class TokenRecycling(Drafter):
     "recycling",
     RecyclingKnobs,
     needs_drafter=False,
+    hybrid=True,
     summary="Token Recycling: a [V, k] matrix of the target's top-k next tokens per token, "
     "read by BFS over a static tree template",
     paper="Luo et al. 2024, Turning Trash into Treasure (Token Recycling)",

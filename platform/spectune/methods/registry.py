@@ -37,6 +37,7 @@ class MethodRegistry:
         lossless: bool = True,
         columns: Mapping[str, tuple[str, ...]] | None = None,
         needs_heads: str | None = None,
+        hybrid: bool | str = "it was not checked against a hybrid target's SSM states",
     ) -> Callable[[Callable[[Knobs, Models], Drafter]], Callable[[Knobs, Models], Drafter]]:
         """Register a method's factory; the texts feed `spectune methods` and docs/methods.md.
 
@@ -44,6 +45,8 @@ class MethodRegistry:
         method's knobs that fill it, first non-None wins: {"draft_len": ("gamma",)}.
         `needs_heads` names the kind of heads trained for the target the method drafts with
         (`spectune heads train --kind KIND`; the factory finds and checks them).
+        `hybrid`: True when it decodes a hybrid SSM-attention target (chains roll the SSM states back,
+        trees go through STree), else why not (one clause); a hybrid target refuses it at build.
         """
         columns = {column: tuple(names) for column, names in (columns or {}).items()}
         for column, names in columns.items():
@@ -55,7 +58,7 @@ class MethodRegistry:
 
         def decorate(build: Callable[[Knobs, Models], Drafter]) -> Callable[[Knobs, Models], Drafter]:
             self._methods.register(Method(name, knobs, build, needs_drafter, lossless, summary, paper, cost, rule,
-                                          columns, needs_heads))
+                                          columns, needs_heads, hybrid is True, "" if hybrid is True else hybrid))
             return build
 
         return decorate
@@ -93,6 +96,8 @@ class MethodRegistry:
         knobs = self.knobs(name, values)
         if method.needs_drafter and (models is None or models.drafter is None):
             raise ValueError(f"method {name!r} drafts with a drafter model; pass --drafter")
+        if models is not None and models.target.cache.hybrid and not method.hybrid:
+            raise ValueError(f"method {name!r} cannot decode a hybrid SSM-attention target: {method.hybrid_refusal}")
         drafter = method.build(knobs, models)
         if models is not None:
             check_tree_fits(f"{name}: {knobs.tree_knobs()}", drafter.max_tree_size, models.context)

@@ -95,6 +95,10 @@ class LayerSkipDrafter(TemplateDrafter):
     "layerskip",
     LayerSkipKnobs,
     needs_drafter=False,
+    hybrid=(
+        "it drafts with the target's own first layers, whose SSM states would run ahead of the committed "
+        "prefix (the engine snapshots only the whole target's)"
+    ),
     summary="self-speculation: a chain drafted by the target's own first l layers and its head (shared weights)",
     paper="Elhoushi et al. 2024, LayerSkip",
     cost="d passes of l target layers (+ head); d+1 tokens verified",
@@ -373,6 +377,10 @@ class DynamicExitDrafter(Drafter):
     "del",
     DelKnobs,
     needs_drafter=False,
+    hybrid=(
+        "it drafts with the target's own first layers, whose SSM states would run ahead of the committed "
+        "prefix (the engine snapshots only the whole target's)"
+    ),
     summary="self-speculation choosing exit layer l and length d each round from shadow-token acceptance",
     paper="Zarch et al. 2025, DEL: context-aware dynamic exit layer",
     cost="d passes of l target layers (+ head), (l, d) chosen per round; d+1 tokens verified; "

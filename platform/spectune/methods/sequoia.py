@@ -63,6 +63,7 @@ class SequoiaKnobs(Knobs):
     "sequoia",
     SequoiaKnobs,
     needs_drafter=True,
+    hybrid=True,
     summary="Sequoia's DP-optimal static tree for a node budget (optionally hardware-aware), drafted by top-k",
     paper="Chen et al. 2024, Sequoia (scalable, robust, hardware-aware speculative decoding)",
     cost="tree depth drafter passes (one per level); at most budget + 1 tokens verified",

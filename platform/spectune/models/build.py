@@ -4,7 +4,8 @@ No machine here can download weights, so the project builds its own pairs on a c
 every machine has (the Python standard library's source, see :mod:`.corpus`):
 
 1. a byte-level BPE tokenizer (``tokenizers``), shared by both models;
-2. a *target* ``LlamaForCausalLM`` trained with an early-exit loss on every layer
+2. a *target* ``LlamaForCausalLM`` (the hybrid presets: a ``BambaForCausalLM`` of Mamba-2 and
+   attention layers, plain next-token loss) trained with an early-exit loss on every layer
    (LayerSkip-style), so that exiting after layer ``l`` through the final norm and the
    shared ``lm_head`` gives usable logits (self-speculation, DEL exit layers);
 3. a 1-layer *drafter* ``LlamaForCausalLM`` with plain next-token loss;
@@ -114,9 +115,10 @@ def build_pair(
         # 1. corpus + tokenizer (tokenized once, shared by both models)
         corpus, tokens = _load_and_tokenize(p, progress)
         bf16 = p.bf16_autocast and bf16_supported()
-        # 2. target with early-exit loss on every layer
+        # 2. target with early-exit loss on every layer (a hybrid target: plain next-token loss, nothing
+        # self-speculates on it)
         target = _train_and_evaluate("target", target_spec, p, seed, tokens,
-                                     early_exit=True, bf16=bf16, progress=progress)
+                                     early_exit=target_spec.ssm is None, bf16=bf16, progress=progress)
         # 3. drafter, plain next-token loss
         drafter = _train_and_evaluate("drafter", drafter_spec, p, seed, tokens,
                                       early_exit=False, bf16=bf16, progress=progress)

@@ -5,15 +5,13 @@ saving the models so that a reader never sees a half-written pair.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 from .card import BUILDER_VERSION, read_card
-from .presets import ModelSpec, Preset
+from .presets import ModelSpec, Preset, preset_spec
 
 ROLES = ("target", "drafter")
 
@@ -67,7 +65,7 @@ def _card_matches(card: dict, preset: Preset, seed: int, target: ModelSpec, draf
             or card.get("seed") != seed
             or card["target"]["train_steps"] != target.steps
             or card["drafter"]["train_steps"] != drafter.steps
-            or card.get("preset_spec") != json.loads(json.dumps(asdict(preset)))
+            or card.get("preset_spec") != preset_spec(preset)
         )
     except (KeyError, TypeError):
         return False

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import platform
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .evaluate import EVAL_SEED
-from .presets import ModelSpec, Preset
+from .presets import ModelSpec, Preset, preset_spec
 from .tokenizer import EOS_ID, EOS_TOKEN, PAD_ID, PAD_TOKEN
 
 if TYPE_CHECKING:
@@ -51,6 +50,7 @@ def count_params(model) -> int:
 
 def _model_card_entry(spec: ModelSpec, model, stats: dict) -> dict:
     return {
+        "architecture": model.config.model_type,  # llama; bamba for a hybrid target
         "n_layers": spec.n_layers,
         "hidden_size": spec.hidden_size,
         "n_heads": spec.n_heads,
@@ -131,5 +131,5 @@ def make_card(p: Preset, seed: int, steps: int | None, corpus: Corpus, tokens: T
         "total_seconds": round(total_seconds, 2),
         "environment": _environment(),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "preset_spec": asdict(p),
+        "preset_spec": preset_spec(p),
     }

@@ -6,15 +6,35 @@ preset goes into the pair's card and a cached pair built from another spec is re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import json
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from spectune.paths import cache_dir
 
 
 @dataclass(frozen=True)
+class SsmSpec:
+    """The Mamba-2 mixers of a hybrid target: which layers keep attention, and the SSM's geometry.
+
+    A target with an `SsmSpec` is a transformers `BambaForCausalLM` (see :mod:`.training` for why
+    Bamba): every layer not in `attention_layers` is a Mamba-2 mixer of `heads` x `head_dim`
+    channels (= expand x hidden_size), a state of `state_size` per channel, a causal conv of
+    `conv_kernel`, and the chunked scan's `chunk_size`.
+    """
+
+    attention_layers: tuple[int, ...]  # 0-based indices of the attention layers; the rest are SSM
+    heads: int
+    head_dim: int
+    state_size: int
+    conv_kernel: int = 4
+    expand: int = 2
+    chunk_size: int = 64
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """Architecture and training schedule of one model of a pair."""
+    """Architecture and training schedule of one model of a pair (a Llama; a Bamba hybrid when `ssm` is set)."""
 
     n_layers: int
     hidden_size: int
@@ -28,6 +48,7 @@ class ModelSpec:
     min_lr_frac: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    ssm: SsmSpec | None = None  # None: every layer is attention (Llama)
 
 
 @dataclass(frozen=True)
@@ -84,7 +105,53 @@ PRESETS: dict[str, Preset] = {
         bf16_autocast=True,
         description="demo pair: 6-layer d=384 target, 1-layer d=128 drafter, vocab 4096",
     ),
+    # The hybrid pairs: a Bamba target whose layers alternate Mamba-2 mixers and attention (SSM first), and a
+    # plain Llama drafter on the same tokenizer. The target trains with plain next-token loss (no early
+    # exits: nothing self-speculates on a hybrid). hybrid-micro is for tests (seconds); hybrid-tiny for the
+    # STree benchmark (a few minutes on 2 cores).
+    "hybrid-micro": Preset(
+        name="hybrid-micro",
+        vocab_size=512,
+        max_train_bytes=400_000,
+        max_heldout_bytes=60_000,
+        target=ModelSpec(n_layers=4, hidden_size=64, n_heads=2, intermediate_size=176,
+                         steps=240, batch=4, seq_len=128, lr=3e-3,
+                         ssm=SsmSpec(attention_layers=(1, 3), heads=4, head_dim=32, state_size=16)),
+        drafter=ModelSpec(n_layers=1, hidden_size=64, n_heads=2, intermediate_size=176,
+                          steps=160, batch=4, seq_len=128, lr=3e-3),
+        eval_windows=8,
+        eval_seq_len=128,
+        bf16_autocast=False,
+        description="hybrid test pair: 4-layer d=64 Bamba target (SSM, attention, SSM, attention), 1-layer d=64 "
+        "Llama drafter, vocab 512",
+    ),
+    "hybrid-tiny": Preset(
+        name="hybrid-tiny",
+        vocab_size=1024,
+        max_train_bytes=3_000_000,
+        max_heldout_bytes=300_000,
+        target=ModelSpec(n_layers=6, hidden_size=128, n_heads=4, intermediate_size=352,
+                         steps=300, batch=4, seq_len=256, lr=2e-3,
+                         ssm=SsmSpec(attention_layers=(2, 5), heads=4, head_dim=64, state_size=16)),
+        drafter=ModelSpec(n_layers=1, hidden_size=64, n_heads=2, intermediate_size=176,
+                          steps=300, batch=4, seq_len=256, lr=3e-3),
+        eval_windows=32,
+        eval_seq_len=256,
+        bf16_autocast=False,
+        description="hybrid demo pair: 6-layer d=128 Bamba target (attention at layers 3 and 6, Mamba-2 elsewhere), "
+        "1-layer d=64 Llama drafter, vocab 1024",
+    ),
 }
+
+
+def preset_spec(preset: Preset) -> dict:
+    """The preset as the card records it (JSON types): a model without an SSM part has no `ssm` key, so the
+    cards of the all-attention pairs read as they did before hybrids existed (their builds stay cached)."""
+    spec = json.loads(json.dumps(asdict(preset)))
+    for role in ("target", "drafter"):
+        if spec[role]["ssm"] is None:
+            del spec[role]["ssm"]
+    return spec
 
 
 def get_preset(preset: str) -> Preset:

@@ -34,10 +34,13 @@ class TrainedModel:
 
 
 def make_config(spec: ModelSpec, vocab_size: int, max_position_embeddings: int = 1024):
+    """A `LlamaConfig`, or for a spec with an `ssm` part the hybrid's `BambaConfig` (:func:`hybrid_config`)."""
     from transformers import LlamaConfig
 
     if spec.hidden_size % spec.n_heads:
         raise ValueError(f"hidden_size {spec.hidden_size} is not divisible by n_heads {spec.n_heads}")
+    if spec.ssm is not None:
+        return hybrid_config(spec, vocab_size, max_position_embeddings)
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
@@ -55,13 +58,64 @@ def make_config(spec: ModelSpec, vocab_size: int, max_position_embeddings: int =
     )
 
 
+def hybrid_config(spec: ModelSpec, vocab_size: int, max_position_embeddings: int):
+    """The hybrid target's `BambaConfig`: Llama-style blocks whose mixer is Mamba-2 or attention per layer.
+
+    Why Bamba (transformers 5.25, CPU, no CUDA kernels), of the Mamba-2 hybrids transformers ships:
+    its decoder block is Llama's with the mixer swapped per layer, so the engine's per-block hidden
+    outputs, positions and 4-D tree masks mean what they mean for the Llama pairs (the attention
+    layers take the mask; a 4-D mask gives the SSM layers none); the torch fallback of its mixer
+    (chunked SSD scan, single-step state update, reference causal conv) runs here, and a forward
+    continuing a cache matches a full forward to 6e-7 in fp32; its cache is transformers' own
+    `DynamicCache`, whose SSM layers can record per-token states for rollback; and
+    `AutoModelForCausalLM.from_pretrained` loads it. Jamba's mixer is Mamba-1; Zamba2 shares one
+    attention block across depths (fed the embeddings again), FalconH1 runs attention and SSM side by
+    side in every layer with muP multipliers, GraniteMoeHybrid and NemotronH add MoE or MLP-only
+    layers: more than the experiment needs, with nothing the engine would use.
+    """
+    from transformers import BambaConfig
+
+    ssm = spec.ssm
+    assert ssm is not None
+    if ssm.heads * ssm.head_dim != ssm.expand * spec.hidden_size:
+        raise ValueError(f"SSM heads x head_dim ({ssm.heads} x {ssm.head_dim}) must equal expand x hidden_size "
+                         f"({ssm.expand} x {spec.hidden_size})")
+    if not all(0 <= layer < spec.n_layers for layer in ssm.attention_layers):
+        raise ValueError(f"attention layers {ssm.attention_layers} must lie in 0..{spec.n_layers - 1}")
+    return BambaConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.n_layers,
+        num_attention_heads=spec.n_heads,
+        num_key_value_heads=spec.n_heads,
+        attn_layer_indices=list(ssm.attention_layers),
+        mamba_n_heads=ssm.heads,
+        mamba_d_head=ssm.head_dim,
+        mamba_n_groups=1,
+        mamba_d_state=ssm.state_size,
+        mamba_d_conv=ssm.conv_kernel,
+        mamba_expand=ssm.expand,
+        mamba_chunk_size=ssm.chunk_size,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        use_cache=True,
+    )
+
+
 def new_model(spec: ModelSpec, preset: Preset, seed: int, role: str):
-    """A freshly initialised ``LlamaForCausalLM``, its init seeded from ``seed`` and ``role``."""
-    from transformers import GenerationConfig, LlamaForCausalLM
+    """A freshly initialised ``LlamaForCausalLM`` (``BambaForCausalLM`` for a hybrid spec), its init seeded
+    from ``seed`` and ``role``."""
+    from transformers import BambaForCausalLM, GenerationConfig, LlamaForCausalLM
 
     config = make_config(spec, preset.vocab_size, preset.max_position_embeddings)
+    model_class = LlamaForCausalLM if spec.ssm is None else BambaForCausalLM
     with seeded_deterministic(derive_seed(seed, role + ":init")):
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     model.generation_config = GenerationConfig(bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     return model
 
