@@ -175,3 +175,18 @@ def test_every_search_hands_the_trial_one_shape_the_typed_configurations_flat_fo
         assert config["trial"] == expected.as_dict() == {"method": "sps", "draft_len": 4, "temperature": 0.7}
         assert trial_config(config) == expected
     assert DecodeConfig("tree", {"branching": [2, 1]}, 0.7).label() == "tree(branching=[2,1])@T=0.7"
+
+
+def test_the_demo_sweeps_the_heads_trained_beside_the_pair_and_says_how_to_train_them(tmp_path) -> None:
+    """`make demo`'s front shows trained heads when they are cached (issue 19), else a note on training them."""
+    from spectune.cli.sweep_cmd import _with_cached_heads
+
+    space = {"pld": {"draft_len": [3, 5]}}
+    same, note = _with_cached_heads(tmp_path, space)
+    assert same == space and "spectune heads train --pair smollm2 --kind eagle3 --text chat" in note
+    for kind in ("eagle3", "medusa"):
+        (tmp_path / "heads" / kind).mkdir(parents=True)
+        (tmp_path / "heads" / kind / "heads.safetensors").write_bytes(b"")
+    (tmp_path / "heads" / "eagle").mkdir()  # a folder without weights: not trained (an interrupted build)
+    grown, none = _with_cached_heads(tmp_path, space)
+    assert grown == {"pld": {"draft_len": [3, 5]}, "eagle3": {}, "medusa": {}} and none is None

@@ -121,7 +121,26 @@ def _demo_smollm2(distill: bool, db: str | None) -> tuple[Any, str | None]:
             note = (f"not swept: {', '.join(skipped)} (they draft with SmolLM2's distilled drafter, not built yet). "
                     "Add them: `spectune demo --distill` (or `spectune models distill --pair smollm2`, 15-30 min "
                     "once on 2 cores), then run the demo again.")
+        data["space"], heads_note = _with_cached_heads(folder, data["space"])
+        note = " ".join(n for n in (note, heads_note) if n) or None
         return _run_demo(store, data, db), note
+
+
+DEMO_HEADS = ("eagle3", "eagle", "medusa", "hydra", "falcon")  # the heads methods the demo sweeps when trained
+
+
+def _with_cached_heads(folder: Path, space: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The demo's space plus every heads method whose heads are trained beside the pair (default knobs);
+    a note on how to train them when none are (they are the lever on a real model: see docs/heads.md)."""
+    from spectune.methods import METHODS
+
+    trained = [kind for kind in DEMO_HEADS if kind in METHODS.names()
+               and (folder / "heads" / kind / "heads.safetensors").is_file()]
+    if trained:
+        return {**space, **{kind: {} for kind in trained if kind not in space}}, None
+    return space, ("not swept: the trained-heads methods (eagle3, eagle, medusa, ...): none are trained for "
+                   "SmolLM2 yet. Train EAGLE-3 on its own chat answers with `spectune heads train --pair smollm2 "
+                   "--kind eagle3 --text chat` (once, cached), then run the demo again.")
 
 
 def _demo_tiny(pair: Path, db: str | None) -> Any:
