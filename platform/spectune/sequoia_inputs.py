@@ -22,7 +22,7 @@ from spectune.engine.sampling import Sampling
 from spectune.methods.model_drafter import TemplateDrafter
 from spectune.pair import Pair
 from spectune.prompts import Prompt
-from spectune.trees.draft import DraftTree, tree_layout
+from spectune.trees.draft import DraftTree, VerifyExtras, tree_layout
 from spectune.trees.shapes import branching_shape
 
 # --- measuring p[k] -----------------------------------------------------------------------------
@@ -54,6 +54,9 @@ class RankRecorder(Drafter):
 
     def verifying(self, tree: DraftTree) -> contextlib.AbstractContextManager[None]:
         return self.inner.verifying(tree)
+
+    def verify_extras(self, tree: DraftTree) -> VerifyExtras | None:
+        return self.inner.verify_extras(tree)
 
     def commit(self, sequence: Sequence[int]) -> None:
         self.inner.commit(sequence)

@@ -211,6 +211,9 @@ class WrongQ(Drafter):
     def verifying(self, tree):
         return self.inner.verifying(tree)
 
+    def verify_extras(self, tree):  # ppd's prompt tokens ride in the verification forward
+        return self.inner.verify_extras(tree)
+
     def prefilled(self, hidden) -> None:  # the heads methods draft from the target's prompt features
         self.inner.prefilled(hidden)
 

@@ -84,14 +84,17 @@ class Decoder:
             context = DraftContext(tuple(sequence), sampling, rng, max_depth=max_new_tokens - produced - 1)
             tree = self.drafter.draft(context)  # 1. draft: tokens + parents (+ q when sampling)
             layers = self.drafter.hidden_layers()  # decoder layers whose outputs the drafter wants back
+            extras = self.drafter.verify_extras(tree)  # non-candidate positions after the nodes (PPD), or None
             past = len(self.target.cache)
-            inputs = tree_inputs(tree.parents, past, self.target.dtype)  # 2. tree inputs: mask, positions
-            with self.drafter.verifying(tree):  # 3. verify: ONE target forward over every node
-                verified = self.target.verify(tree.tokens, inputs.positions, inputs.mask, layers)
+            parents = tree.parents if extras is None else extras.joined(tree.parents)
+            inputs = tree_inputs(parents, past, self.target.dtype)  # 2. tree inputs: mask, positions
+            with self.drafter.verifying(tree):  # 3. verify: ONE target forward over every node (and extra)
+                verified = self.target.verify(tree.tokens, inputs.positions, inputs.mask, layers,
+                                              None if extras is None else extras.embeddings)
             logits = verified.logits  # [n+1, V]; verified.hidden: {layer: [n+1, d]}
             verdict = accept(tree, logits, sampling, rng)  # 4. accept: path + bonus
             emitted = self._commit(tree, verdict, past, sequence)  # 5. commit: caches hold the accepted prefix
-            self.drafter.observe(StepOutcome(tree, verdict, logits, verified.hidden))
+            self.drafter.observe(StepOutcome(tree, verdict, logits, verified.hidden, verified.extras))
             emitted, stop = self._cut(emitted, max_new_tokens - produced)
             produced += len(emitted)
             yield Emitted(emitted, _record(tree, verdict, kept=len(emitted)))
@@ -106,7 +109,7 @@ class Decoder:
             self.drafter.prefilled(prefill.hidden)  # {layer: [p, d]}, or {} when it asked for none
 
     def _commit(self, tree: DraftTree, verdict: Verdict, past: int, sequence: list[int]) -> list[int]:
-        self.target.cache.keep(past, verdict.path)  # root + accepted nodes stay; the bonus is the next root
+        self.target.cache.keep(past, verdict.path)  # root + accepted nodes stay (extras never: on no path)
         emitted = [tree.tokens[i] for i in verdict.path[1:]] + [verdict.bonus]
         sequence.extend(emitted)
         self.drafter.commit(sequence)

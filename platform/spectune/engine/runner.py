@@ -12,6 +12,18 @@ from spectune.engine.budget import context_length
 from spectune.engine.kvcache import KVCache
 
 
+EXTRA_SLOT = -1  # the token id the cache records for an extra position (no token: an input embedding)
+
+
+@dataclass(frozen=True)
+class ExtraOutputs:
+    """The verification forward's outputs at the extra positions (`Drafter.verify_extras`), apart from the
+    tree's [n+1, V] logits that acceptance reads."""
+
+    logits: torch.Tensor  # [m, V] float
+    hidden: Mapping[int, torch.Tensor]  # {layer l: [m, d]}, the layers asked for
+
+
 @dataclass(frozen=True)
 class Verification:
     """What the target's verification forward hands back."""
@@ -19,6 +31,7 @@ class Verification:
     logits: torch.Tensor  # [n, V] float, at every verified token
     hidden: Mapping[int, torch.Tensor]  # layer l -> [n, d] output of decoder block l (1-based), as asked;
     # l = L (the last block) is the final norm's output, what the LM head reads (transformers' last hidden state)
+    extras: ExtraOutputs | None = None  # at the extra positions after the n tokens, when `verify` was given some
 
 
 class CausalLM:
@@ -61,9 +74,14 @@ class CausalLM:
         positions: torch.Tensor,
         mask: torch.Tensor | None,
         hidden_layers: Sequence[int] = (),
+        extras: torch.Tensor | None = None,
     ) -> Verification:
         """Append `tokens` (a draft tree: positions [1, n], mask [1, 1, n, past+n] or None for a chain);
         return their logits and the outputs of decoder blocks `hidden_layers` (each in 1..L).
+
+        `extras` [m, d]: input embeddings of m more positions after the n tokens (positions and mask then
+        cover n+m); their outputs come back apart, in `Verification.extras`, and their cache slots hold
+        EXTRA_SLOT until the caller's `cache.keep` / `truncate` drops them.
 
         Layers 1..L-1 hand back a block's output before any norm (the residual stream: what vLLM's
         EAGLE-3 auxiliary layers read); layer L hands back the final norm's output, the feature the
@@ -73,7 +91,12 @@ class CausalLM:
         ContextVar: nothing is hooked for this call alone, and concurrent forwards of the same
         model in other threads neither see nor disturb what this one collects.
         """
-        return self._run(tokens, positions, mask, False, self._layers(hidden_layers))
+        verified = self._run(tokens, positions, mask, False, self._layers(hidden_layers), extras)
+        if extras is None:
+            return verified
+        n = len(tokens)
+        return Verification(verified.logits[:n], {layer: h[:n] for layer, h in verified.hidden.items()},
+                            ExtraOutputs(verified.logits[n:], {layer: h[n:] for layer, h in verified.hidden.items()}))
 
     def prefill(self, tokens: Sequence[int], hidden_layers: Sequence[int] = ()) -> Verification:
         """Append `tokens` after the cache (a chain); logits after the last one only ([1, V]) and, at every
@@ -96,13 +119,15 @@ class CausalLM:
         mask: torch.Tensor | None,
         last_only: bool,
         layers: tuple[int, ...],
+        extras: torch.Tensor | None = None,
     ) -> Verification:
         ids = torch.tensor([list(tokens)], device=self.device)  # [1, n]
         if positions is None:
             positions = torch.arange(len(self.cache), len(self.cache) + len(tokens)).unsqueeze(0)  # [1, n]
         capture = {"output_hidden_states": list(layers)} if layers else {}  # hidden_states[l]: output of block l
+        inputs = {"input_ids": ids} if extras is None else {"inputs_embeds": self._embed(ids, extras)}
         out = self.model(
-            input_ids=ids,
+            **inputs,
             position_ids=positions.to(self.device),
             attention_mask=None if mask is None else mask.to(self.device, self.dtype),
             cache=self.cache.hf,
@@ -110,9 +135,14 @@ class CausalLM:
             logits_to_keep=1 if last_only else 0,
             **capture,
         )
-        self.cache.appended(tokens)
+        self.cache.appended(list(tokens) + [EXTRA_SLOT] * (0 if extras is None else extras.shape[0]))
         hidden = {layer: out.hidden_states[layer][0] for layer in layers}  # layer -> [n, d]
         return Verification(out.logits[0].float(), hidden)  # logits [n, V]
+
+    def _embed(self, ids: torch.Tensor, extras: torch.Tensor) -> torch.Tensor:
+        """[1, n] token ids and [m, d] extra embeddings -> [1, n+m, d] inputs."""
+        embedded = self.model.get_input_embeddings()(ids)  # [1, n, d]
+        return torch.cat([embedded, extras.to(embedded.device, embedded.dtype)[None]], dim=1)  # [1, n+m, d]
 
     def extend_to(self, sequence: Sequence[int]) -> torch.Tensor:
         """Make the cache hold exactly `sequence`, reusing its longest matching prefix; [V] logits after it."""
