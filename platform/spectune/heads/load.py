@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from spectune.heads.features import fused_layers
-from spectune.heads.modules import EagleDraft, HydraHeads, MedusaHeads, eagle_config
+from spectune.heads.modules import EagleDraft, HydraHeads, MedusaHeads, PromptTokens, eagle_config
 from spectune.heads.spec import TRAIN_HINT, WEIGHTS_FILE, HeadsError, HeadsSpec, TargetPrint, check_config, default_folder, read_spec
 from spectune.heads.vocab import DraftVocab
 
@@ -52,6 +52,9 @@ def check_supported(kind: str, model: PreTrainedModel) -> None:
     if kind in ("eagle", "eagle3") and model_type not in EAGLE_ARCHITECTURES:
         raise HeadsError(f"{kind} heads are one Llama decoder layer (vLLM's Eagle{'3' if kind == 'eagle3' else ''}"
                          f"LlamaForCausalLM); the target is a {model_type} model ({type(model).__name__})")
+    if kind == "ppd" and getattr(model.config, "model_type", "") not in EAGLE_ARCHITECTURES:
+        raise HeadsError(f"ppd's prompt tokens ride in the target's tree-masked forward (a Llama-style model: 4-D mask, "
+                         f"position ids, input embeddings); the target is a {model.config.model_type} model")
     if kind == "eagle3" and not fused_layers(model.config.num_hidden_layers):
         raise HeadsError(f"eagle3 fuses a low, a middle and a high layer below the last; the target has only "
                          f"{model.config.num_hidden_layers} layers (eagle3 needs >= 4)")
@@ -64,6 +67,8 @@ def new_module(spec: HeadsSpec, config) -> nn.Module:
         return MedusaHeads(hidden, spec.n_heads, spec.n_layers)
     if spec.kind == "hydra":
         return HydraHeads(hidden, spec.n_heads, spec.n_layers)
+    if spec.kind == "ppd":
+        return PromptTokens(hidden, spec.n_heads, float(getattr(config, "initializer_range", 0.02)))
     version = 1 if spec.kind == "eagle" else 3
     return EagleDraft(eagle_config(config), version, len(spec.feature_layers), spec.draft_vocab_size)
 
