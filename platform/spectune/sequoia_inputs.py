@@ -18,6 +18,7 @@ from torch import nn
 
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.loop import Decoder
+from spectune.engine.runner import ExtraOutputs
 from spectune.engine.sampling import Sampling
 from spectune.methods.model_drafter import TemplateDrafter
 from spectune.pair import Pair
@@ -57,6 +58,9 @@ class RankRecorder(Drafter):
 
     def verify_extras(self, tree: DraftTree) -> VerifyExtras | None:
         return self.inner.verify_extras(tree)
+
+    def prefilled_extras(self, outputs: ExtraOutputs) -> None:
+        self.inner.prefilled_extras(outputs)
 
     def commit(self, sequence: Sequence[int]) -> None:
         self.inner.commit(sequence)

@@ -111,3 +111,26 @@ def test_extras_that_hang_below_themselves_are_refused():
         assert "node 6 has parent 7" in str(err)
     else:
         raise AssertionError("an extra hanging under a later position was accepted")
+
+
+class _PrefillPrompted(_Prompted):
+    def __init__(self, d: int) -> None:
+        super().__init__(d)
+        self.at_prefill: list[torch.Tensor] = []
+
+    def prefilled_extras(self, outputs) -> None:
+        self.at_prefill.append(outputs.logits)
+
+
+def test_the_prefill_runs_the_extras_under_its_last_token_and_drops_them():
+    target = random_llama(seed=7, vocab=16, layers=2)
+    drafter = _PrefillPrompted(32)
+    lm = CausalLM(target)
+    Decoder(lm, drafter).generate(PROMPT, 1)
+    (got,) = drafter.at_prefill
+    embed = target.get_input_embeddings()
+    with torch.no_grad():
+        chained = torch.cat([embed(torch.tensor([PROMPT[:-1]])), drafter.embeddings[None]], dim=1)
+        reference = target(inputs_embeds=chained).logits[0, -2:]  # [2, V] the extras after the prompt but its root
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+    assert EXTRA_SLOT not in lm.cache.tokens

@@ -89,9 +89,16 @@ class Drafter(ABC):
         """Extra, non-candidate positions to append after `tree`'s nodes in its verification forward (PPD's
         prompt tokens): their logits and hidden states come back in `observe(outcome)` as `outcome.extras`;
         they are never accepted nor kept in the cache. Called after `draft()`; the drafter's `max_tree_size`
-        must count them. Default: none.
+        must count them.
+
+        Also asked once at the prompt's prefill, with the last prefilled token as a root-only tree: extras that
+        form a chain under it run in the prefill's forward and come back in `prefilled_extras`. Default: none.
         """
         return None
+
+    def prefilled_extras(self, outputs: ExtraOutputs) -> None:
+        """What the extras asked for at the prefill (`verify_extras` of the last prefilled token) gave: [m, V]
+        logits and the layers `hidden_layers()` named. Default: nothing asked, nothing to read."""
 
     def verifying(self, tree: DraftTree) -> contextlib.AbstractContextManager[None]:
         """Entered right before the target's verification forward of `tree`, exited right after, even on error.

@@ -105,8 +105,20 @@ class Decoder:
         self.target.reset()
         self.drafter.reset()
         if len(sequence) > 1:  # prefill all but the root; a drafter reading the target's features gets the prompt's
-            prefill = self.target.prefill(sequence[:-1], self.drafter.hidden_layers())
+            extras = self._prefill_extras(sequence[-2])
+            prefill = self.target.prefill(sequence[:-1], self.drafter.hidden_layers(), extras)
             self.drafter.prefilled(prefill.hidden)  # {layer: [p, d]}, or {} when it asked for none
+            if prefill.extras is not None:
+                self.drafter.prefilled_extras(prefill.extras)
+
+    def _prefill_extras(self, last: int) -> torch.Tensor | None:
+        """[m, d] extras the drafter hangs under the last prefilled token (a chain, as the prefill is), or None."""
+        extras = self.drafter.verify_extras(DraftTree.root_only(last))
+        if extras is None:
+            return None
+        if not tree_layout(extras.joined((-1,))).is_chain:
+            raise ValueError(f"extras at the prefill must form a chain under its last token, got parents {extras.parents}")
+        return extras.embeddings
 
     def _commit(self, tree: DraftTree, verdict: Verdict, past: int, sequence: list[int]) -> list[int]:
         self.target.cache.keep(past, verdict.path)  # root + accepted nodes stay (extras never: on no path)

@@ -66,7 +66,7 @@ class CausalLM:
         last_only: bool = False,
     ) -> torch.Tensor:
         """Append `tokens` to the cache; return their logits [n, V] (or [1, V] with last_only)."""
-        return self._run(tokens, positions, mask, last_only, ()).logits
+        return self._run(tokens, positions, mask, 1 if last_only else 0, ()).logits
 
     def verify(
         self,
@@ -91,18 +91,29 @@ class CausalLM:
         ContextVar: nothing is hooked for this call alone, and concurrent forwards of the same
         model in other threads neither see nor disturb what this one collects.
         """
-        verified = self._run(tokens, positions, mask, False, self._layers(hidden_layers), extras)
+        verified = self._run(tokens, positions, mask, 0, self._layers(hidden_layers), extras)
         if extras is None:
             return verified
         n = len(tokens)
         return Verification(verified.logits[:n], {layer: h[:n] for layer, h in verified.hidden.items()},
                             ExtraOutputs(verified.logits[n:], {layer: h[n:] for layer, h in verified.hidden.items()}))
 
-    def prefill(self, tokens: Sequence[int], hidden_layers: Sequence[int] = ()) -> Verification:
+    def prefill(self, tokens: Sequence[int], hidden_layers: Sequence[int] = (), extras: torch.Tensor | None = None
+                ) -> Verification:
         """Append `tokens` after the cache (a chain); logits after the last one only ([1, V]) and, at every
         token, the outputs of `hidden_layers` as `verify` hands them back (drafters that read the target's
-        features need the prompt's too)."""
-        return self._run(tokens, None, None, True, self._layers(hidden_layers))
+        features need the prompt's too).
+
+        `extras` [m, d]: a chain of extra positions after the last token (its logits and hidden states come back
+        in `Verification.extras`); they are dropped from the cache before this returns."""
+        if extras is None:
+            return self._run(tokens, None, None, 1, self._layers(hidden_layers))
+        m = extras.shape[0]
+        out = self._run(tokens, None, None, m + 1, self._layers(hidden_layers), extras)
+        self.cache.truncate(len(self.cache) - m)
+        n = len(tokens)
+        return Verification(out.logits[:1], {layer: h[:n] for layer, h in out.hidden.items()},
+                            ExtraOutputs(out.logits[1:], {layer: h[n:] for layer, h in out.hidden.items()}))
 
     def _layers(self, hidden_layers: Sequence[int]) -> tuple[int, ...]:
         layers = tuple(sorted(set(hidden_layers)))
@@ -117,13 +128,14 @@ class CausalLM:
         tokens: Sequence[int],
         positions: torch.Tensor | None,
         mask: torch.Tensor | None,
-        last_only: bool,
+        keep: int,  # logits of the last `keep` positions; 0: every position
         layers: tuple[int, ...],
         extras: torch.Tensor | None = None,
     ) -> Verification:
         ids = torch.tensor([list(tokens)], device=self.device)  # [1, n]
-        if positions is None:
-            positions = torch.arange(len(self.cache), len(self.cache) + len(tokens)).unsqueeze(0)  # [1, n]
+        if positions is None:  # a chain (the extras too)
+            n = len(tokens) + (0 if extras is None else extras.shape[0])
+            positions = torch.arange(len(self.cache), len(self.cache) + n).unsqueeze(0)  # [1, n]
         capture = {"output_hidden_states": list(layers)} if layers else {}  # hidden_states[l]: output of block l
         inputs = {"input_ids": ids} if extras is None else {"inputs_embeds": self._embed(ids, extras)}
         out = self.model(
@@ -132,7 +144,7 @@ class CausalLM:
             attention_mask=None if mask is None else mask.to(self.device, self.dtype),
             cache=self.cache.hf,
             use_cache=True,
-            logits_to_keep=1 if last_only else 0,
+            logits_to_keep=keep,
             **capture,
         )
         self.cache.appended(list(tokens) + [EXTRA_SLOT] * (0 if extras is None else extras.shape[0]))

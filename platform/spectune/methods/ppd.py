@@ -10,7 +10,8 @@ Here, each step:
 - the prompt tokens ride in the verification forward as the engine's extra positions
   (`Drafter.verify_extras`): m chained prompts under *every* tree node, since any node may be the last
   accepted one; they are never accepted nor kept in the cache, and the tree's logits are those without them;
-- the prompts under the last accepted node give the next step's candidates: depth k's top ranks from
+- the prompts under the last accepted node (at the first step: after the prompt, in its prefill) give the
+  next step's candidates: depth k's top ranks from
   prompt k (greedy), or drawn without replacement from its distribution (sampling; recorded as q, so the
   engine's recursive rejection keeps it lossless);
 - the tree is a static sparse tree: the `budget` best rank paths under the per-position, per-rank
@@ -30,6 +31,7 @@ import torch
 from pydantic import Field, model_validator
 
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
+from spectune.engine.runner import ExtraOutputs
 from spectune.heads.load import LoadedHeads, load_heads
 from spectune.methods.base import Knobs, Models
 from spectune.methods.growing import GrowingTree
@@ -87,7 +89,7 @@ class PpdDrafter(Drafter):
     @torch.inference_mode()
     def draft(self, context: DraftContext) -> DraftTree:
         depth_limit = min(self.shape.depth, context.max_depth)
-        if depth_limit == 0 or self.per_depth is None:  # the first step: no prompts ran yet (they run in this one)
+        if depth_limit == 0 or self.per_depth is None:  # a one-token prompt's first step: no prompts ran yet
             return DraftTree.root_only(context.sequence[-1])
         return fill_by_level(self.shape, context.sequence[-1], depth_limit, self._level_logits, self.heads, context)
 
@@ -98,6 +100,9 @@ class PpdDrafter(Drafter):
         nodes, m = len(tree.tokens), self.prompts
         parents = [node if k == 0 else nodes + node * m + k - 1 for node in range(nodes) for k in range(m)]
         return VerifyExtras(self.embeddings.repeat(nodes, 1), tuple(parents))  # [(n+1)·m, d], m chained per node
+
+    def prefilled_extras(self, outputs: ExtraOutputs) -> None:
+        self.per_depth = outputs.logits  # [m, V] the prompts after the prompt's last token: the first tree's depths
 
     def observe(self, outcome: StepOutcome) -> None:
         last = outcome.verdict.path[-1]  # its logits gave the bonus, the next root: its prompts draft after it
