@@ -88,6 +88,7 @@ KNOBS = {
     "hydra": {"branching": [2, 1, 1]},
     "eagle": {"budget": 8, "max_depth": 3, "topk": 2},
     "eagle3": {"budget": 6, "max_depth": 3, "topk": 2, "per_pass": 2},
+    "ppd": {"budget": 8},  # the best 8 rank paths of its card: 3 deep on this target
 }
 CONFIGS = [(name, KNOBS.get(name, {})) for name in HEADS_METHODS]
 
