@@ -29,6 +29,7 @@ CASES = {
     "hydra": ({"branching": [3, 2], "heads": "/somewhere"}, KnobColumns(tree_shape="[3,2]")),
     "eagle": ({"budget": 24}, KnobColumns(node_budget=24)),
     "eagle3": ({"budget": 12, "topk": 3}, KnobColumns(node_budget=12)),
+    "ppd": ({"budget": 12, "prompts": 2}, KnobColumns(node_budget=12, draft_len=2)),
 }
 
 

@@ -32,6 +32,7 @@ TOO_BIG = {
     "hydra": {"branching": [4, 4]},
     "eagle": {"budget": 20},
     "eagle3": {"budget": 20},
+    "ppd": {"budget": 3},  # 3 nodes + 3 prompt tokens under each of the 4 (root included): 15 positions
 }
 
 # methods that by construction cannot propose a tree the context could not verify, and why
