@@ -134,3 +134,12 @@ def test_the_prefill_runs_the_extras_under_its_last_token_and_drops_them():
         reference = target(inputs_embeds=chained).logits[0, -2:]  # [2, V] the extras after the prompt but its root
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
     assert EXTRA_SLOT not in lm.cache.tokens
+
+
+def test_the_extras_count_in_the_tokens_verified_per_step():
+    from spectune.metrics import step_metrics
+
+    target = random_llama(seed=6, vocab=16, layers=2)
+    generation = Decoder(CausalLM(target), _Prompted(32)).generate(PROMPT, 4)
+    assert [s.extras for s in generation.steps] == [2, 2, 2, 2]
+    assert step_metrics([generation]).tree_tokens_per_step == 3.0  # the root and two extras each step

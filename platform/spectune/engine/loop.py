@@ -20,7 +20,7 @@ from spectune.engine.budget import check_fits
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
-from spectune.trees.draft import DraftTree, tree_inputs, tree_layout
+from spectune.trees.draft import DraftTree, VerifyExtras, tree_inputs, tree_layout
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class StepRecord:
     depth: int  # deepest draft position offered
     accepted: int  # draft tokens accepted and emitted (none cut after eos counts)
     draft_calls: int
+    extras: int = 0  # extra positions the verification forward also ran (Drafter.verify_extras), never accepted
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class Decoder:
             self.drafter.observe(StepOutcome(tree, verdict, logits, verified.hidden, verified.extras))
             emitted, stop = self._cut(emitted, max_new_tokens - produced)
             produced += len(emitted)
-            yield Emitted(emitted, _record(tree, verdict, kept=len(emitted)))
+            yield Emitted(emitted, _record(tree, verdict, kept=len(emitted), extras=extras))
             if stop:
                 return
 
@@ -138,8 +139,9 @@ class Decoder:
         check_fits(prompt_len, max_new_tokens, self.drafter.max_tree_size, self.target.max_positions)
 
 
-def _record(tree: DraftTree, verdict: Verdict, kept: int) -> StepRecord:
+def _record(tree: DraftTree, verdict: Verdict, kept: int, extras: VerifyExtras | None) -> StepRecord:
     """The step's counts; of its accepted draft tokens only the `kept` first emitted ones count
     (the rest fell after an eos: the output never holds them)."""
     depth = tree_layout(tree.parents).depth
-    return StepRecord(tree.size, depth, min(verdict.accepted, kept), tree.draft_calls)
+    return StepRecord(tree.size, depth, min(verdict.accepted, kept), tree.draft_calls,
+                      0 if extras is None else len(extras.parents))
