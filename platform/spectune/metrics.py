@@ -21,7 +21,7 @@ def step_metrics(generations: Sequence[Generation]) -> StepCounts:
         mean_accepted_tokens=new_tokens / target_calls if target_calls else None,
         acceptance_rate=sum(s.accepted for s in steps) / drafted if drafted else None,
         acceptance_by_position=tuple(acceptance_by_position(steps)),
-        tree_tokens_per_step=sum(s.drafted + 1 for s in steps) / target_calls if target_calls else None,
+        tree_tokens_per_step=sum(s.drafted + 1 + s.extras for s in steps) / target_calls if target_calls else None,
         draft_calls_per_step=sum(s.draft_calls for s in steps) / target_calls if target_calls else None,
     )
 

@@ -18,11 +18,12 @@ from torch import nn
 
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.loop import Decoder
+from spectune.engine.runner import ExtraOutputs
 from spectune.engine.sampling import Sampling
 from spectune.methods.model_drafter import TemplateDrafter
 from spectune.pair import Pair
 from spectune.prompts import Prompt
-from spectune.trees.draft import DraftTree, tree_layout
+from spectune.trees.draft import DraftTree, VerifyExtras, tree_layout
 from spectune.trees.shapes import branching_shape
 
 # --- measuring p[k] -----------------------------------------------------------------------------
@@ -54,6 +55,12 @@ class RankRecorder(Drafter):
 
     def verifying(self, tree: DraftTree) -> contextlib.AbstractContextManager[None]:
         return self.inner.verifying(tree)
+
+    def verify_extras(self, tree: DraftTree) -> VerifyExtras | None:
+        return self.inner.verify_extras(tree)
+
+    def prefilled_extras(self, outputs: ExtraOutputs) -> None:
+        self.inner.prefilled_extras(outputs)
 
     def commit(self, sequence: Sequence[int]) -> None:
         self.inner.commit(sequence)

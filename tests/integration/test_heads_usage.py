@@ -17,24 +17,28 @@ def test_bench_runs_every_heads_method_lossless(micro_pair, micro_heads):
     args = ["bench", "--pair", str(micro_pair), "--limit", "3", "--max-new-tokens", "16", "--repeats", "1",
             "--warmup", "0", "--json"]
     for method, knob in (("medusa", "tree_size=8"), ("hydra", "branching=[2,2]"), ("eagle", "budget=8"),
-                         ("eagle3", "budget=8"), ("falcon", "budget=8")):
+                         ("eagle3", "budget=8"), ("falcon", "budget=8"), ("ppd", "budget=8")):
         args += ["--method", method, "--set", f"{method}.{knob}"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = {r["method"]: r for r in (json.loads(line) for line in result.stdout.splitlines() if line.startswith("{"))}
-    assert set(rows) == {"ar", "medusa", "hydra", "eagle", "eagle3", "falcon"}
-    for method in ("medusa", "hydra", "eagle", "eagle3", "falcon"):
+    assert set(rows) == {"ar", "medusa", "hydra", "eagle", "eagle3", "falcon", "ppd"}
+    for method in ("medusa", "hydra", "eagle", "eagle3", "falcon", "ppd"):
         assert rows[method]["lossless"] is True and rows[method]["mismatches"] == 0, method
         assert rows[method]["mean_accepted_tokens"] > 1.0, method  # the heads draft something the target accepts
 
 
 def test_the_card_scores_agreement_per_head_position(micro_heads):
-    for kind, positions in (("medusa", 4), ("hydra", 4), ("eagle", 3), ("eagle3", 3), ("falcon", 6)):  # falcon: 3 passes of 2
+    for kind, positions in (("medusa", 4), ("hydra", 4), ("eagle", 3), ("eagle3", 3), ("falcon", 6),  # falcon: 3 passes of 2
+                            ("ppd", 3)):
         card = json.loads((micro_heads / kind / "card.json").read_text())
         assert len(card["agreement"]["top1"]) == len(card["agreement"]["topk"]) == positions, kind
         assert all(0 <= a <= b <= 1 for a, b in zip(card["agreement"]["top1"], card["agreement"]["topk"]))
         assert card["agreement"]["top1"][0] > 0.05, kind  # better than chance over 512 tokens
     assert (micro_heads / "eagle-vllm" / "config.json").is_file() and not (micro_heads / "hydra-vllm").exists()
+    assert not (micro_heads / "ppd-vllm").exists()  # vLLM has no parallel prompt decoding
+    by_rank = json.loads((micro_heads / "ppd" / "card.json").read_text())["agreement"]["by_rank"]
+    assert len(by_rank) == 3 and all(sum(row) <= 1 + 1e-6 for row in by_rank)  # what ppd's sparse tree reads
 
 
 def spec(pair, method, knobs):
@@ -43,6 +47,7 @@ def spec(pair, method, knobs):
 
 def test_a_sweep_spec_checks_the_heads_before_anything_starts(micro_pair, micro_heads, tmp_path):
     assert spec(micro_pair, "eagle", {"budget": [8, 16]}).space["eagle"]
+    assert spec(micro_pair, "ppd", {"budget": [8, 16], "prompts": [2, 3]}).space["ppd"]
     assert spec(micro_pair, "medusa", {"tree_size": [8], "heads": [str(micro_heads / "medusa")]})
     assert spec(micro_pair, "falcon", {"block": [3], "passes": [1, 2], "budget": [8, 16]}).space["falcon"]
     with pytest.raises(SpecError, match=r"space.falcon: .*holds eagle heads, not falcon"):

@@ -85,7 +85,7 @@ def test_every_drafter_in_methods_is_a_drafter():
 
 def test_the_base_declares_every_optional_ability_with_its_default():
     drafter = Autoregressive()
-    assert drafter.hidden_layers() == () and drafter.draft_modules() == ()
+    assert drafter.hidden_layers() == () and drafter.draft_modules() == () and drafter.verify_extras(None) is None
     assert drafter.exit_layer_acceptance() == {} and drafter.exit_choices() == {}
     with drafter.verifying(None):
         pass

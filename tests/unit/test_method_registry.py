@@ -32,6 +32,7 @@ CASES = {
     "eagle3": ({"budget": 12, "topk": 3}, KnobColumns(node_budget=12)),
     "rasd": ({"retrieval_depth": 6, "draft_depth": 3, "budget": 20}, KnobColumns(draft_len=6, node_budget=20)),
     "falcon": ({"block": 3, "passes": 2, "budget": 20}, KnobColumns(draft_len=5, node_budget=20)),  # 20 ranked nodes reach depth 5 of 6
+    "ppd": ({"budget": 12, "prompts": 2}, KnobColumns(node_budget=12, draft_len=2)),
 }
 
 

@@ -211,6 +211,12 @@ class WrongQ(Drafter):
     def verifying(self, tree):
         return self.inner.verifying(tree)
 
+    def verify_extras(self, tree):  # ppd's prompt tokens ride in the verification forward (and the prefill's)
+        return self.inner.verify_extras(tree)
+
+    def prefilled_extras(self, outputs) -> None:
+        self.inner.prefilled_extras(outputs)
+
     def prefilled(self, hidden) -> None:  # the heads methods draft from the target's prompt features
         self.inner.prefilled(hidden)
 

@@ -4,6 +4,7 @@ The loop calls, each step,
 
     draft(context) -> DraftTree           # phase 1
     hidden_layers() -> layers to hand back  # which decoder-layer outputs the coming verification returns
+    verify_extras(tree) -> extras or None  # non-candidate positions the verification forward also runs
     with verifying(tree): <target forward> # phase 3, inside the drafter's resource switch
     commit(sequence)                       # phase 5, drafter side
     observe(outcome)                       # what the step showed: verdict, target logits, those layer outputs
@@ -25,8 +26,9 @@ import torch
 from torch import nn
 
 from spectune.engine.accept import Verdict
+from spectune.engine.runner import ExtraOutputs
 from spectune.engine.sampling import Sampling
-from spectune.trees.draft import DraftTree
+from spectune.trees.draft import DraftTree, VerifyExtras
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class StepOutcome:
     target_logits: torch.Tensor  # [n+1, V] for drafters that learn from the target (Token Recycling)
     hidden: Mapping[int, torch.Tensor] = field(default_factory=dict)  # {layer l: [n+1, d]} output of block l (1-based)
     # at every tree node, for the layers `hidden_layers()` asked for this step (else empty)
+    extras: ExtraOutputs | None = None  # what the step's `verify_extras` positions gave; None when it asked for none
 
 
 class Drafter(ABC):
@@ -81,6 +84,21 @@ class Drafter(ABC):
         the layers `hidden_layers()` named after `reset()`, at every prompt token. Not called for a
         one-token prompt. Default: nothing to read (drafters that draft from the target's features,
         EAGLE and Medusa, build their state from it)."""
+
+    def verify_extras(self, tree: DraftTree) -> VerifyExtras | None:
+        """Extra, non-candidate positions to append after `tree`'s nodes in its verification forward (PPD's
+        prompt tokens): their logits and hidden states come back in `observe(outcome)` as `outcome.extras`;
+        they are never accepted nor kept in the cache. Called after `draft()`; the drafter's `max_tree_size`
+        must count them.
+
+        Also asked once at the prompt's prefill, with the last prefilled token as a root-only tree: extras that
+        form a chain under it run in the prefill's forward and come back in `prefilled_extras`. Default: none.
+        """
+        return None
+
+    def prefilled_extras(self, outputs: ExtraOutputs) -> None:
+        """What the extras asked for at the prefill (`verify_extras` of the last prefilled token) gave: [m, V]
+        logits and the layers `hidden_layers()` named. Default: nothing asked, nothing to read."""
 
     def verifying(self, tree: DraftTree) -> contextlib.AbstractContextManager[None]:
         """Entered right before the target's verification forward of `tree`, exited right after, even on error.

@@ -20,7 +20,7 @@ from spectune.engine.budget import check_fits
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
-from spectune.trees.draft import DraftTree, tree_inputs, tree_layout
+from spectune.trees.draft import DraftTree, VerifyExtras, tree_inputs, tree_layout
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class StepRecord:
     depth: int  # deepest draft position offered
     accepted: int  # draft tokens accepted and emitted (none cut after eos counts)
     draft_calls: int
+    extras: int = 0  # extra positions the verification forward also ran (Drafter.verify_extras), never accepted
 
 
 @dataclass(frozen=True)
@@ -84,17 +85,20 @@ class Decoder:
             context = DraftContext(tuple(sequence), sampling, rng, max_depth=max_new_tokens - produced - 1)
             tree = self.drafter.draft(context)  # 1. draft: tokens + parents (+ q when sampling)
             layers = self.drafter.hidden_layers()  # decoder layers whose outputs the drafter wants back
+            extras = self.drafter.verify_extras(tree)  # non-candidate positions after the nodes (PPD), or None
             past = len(self.target.cache)
-            inputs = tree_inputs(tree.parents, past, self.target.dtype)  # 2. tree inputs: mask, positions
-            with self.drafter.verifying(tree):  # 3. verify: ONE target forward over every node
-                verified = self.target.verify(tree.tokens, inputs.positions, inputs.mask, layers)
+            parents = tree.parents if extras is None else extras.joined(tree.parents)
+            inputs = tree_inputs(parents, past, self.target.dtype)  # 2. tree inputs: mask, positions
+            with self.drafter.verifying(tree):  # 3. verify: ONE target forward over every node (and extra)
+                verified = self.target.verify(tree.tokens, inputs.positions, inputs.mask, layers,
+                                              None if extras is None else extras.embeddings)
             logits = verified.logits  # [n+1, V]; verified.hidden: {layer: [n+1, d]}
             verdict = accept(tree, logits, sampling, rng)  # 4. accept: path + bonus
             emitted = self._commit(tree, verdict, past, sequence)  # 5. commit: caches hold the accepted prefix
-            self.drafter.observe(StepOutcome(tree, verdict, logits, verified.hidden))
+            self.drafter.observe(StepOutcome(tree, verdict, logits, verified.hidden, verified.extras))
             emitted, stop = self._cut(emitted, max_new_tokens - produced)
             produced += len(emitted)
-            yield Emitted(emitted, _record(tree, verdict, kept=len(emitted)))
+            yield Emitted(emitted, _record(tree, verdict, kept=len(emitted), extras=extras))
             if stop:
                 return
 
@@ -102,11 +106,23 @@ class Decoder:
         self.target.reset()
         self.drafter.reset()
         if len(sequence) > 1:  # prefill all but the root; a drafter reading the target's features gets the prompt's
-            prefill = self.target.prefill(sequence[:-1], self.drafter.hidden_layers())
+            extras = self._prefill_extras(sequence[-2])
+            prefill = self.target.prefill(sequence[:-1], self.drafter.hidden_layers(), extras)
             self.drafter.prefilled(prefill.hidden)  # {layer: [p, d]}, or {} when it asked for none
+            if prefill.extras is not None:
+                self.drafter.prefilled_extras(prefill.extras)
+
+    def _prefill_extras(self, last: int) -> torch.Tensor | None:
+        """[m, d] extras the drafter hangs under the last prefilled token (a chain, as the prefill is), or None."""
+        extras = self.drafter.verify_extras(DraftTree.root_only(last))
+        if extras is None:
+            return None
+        if not tree_layout(extras.joined((-1,))).is_chain:
+            raise ValueError(f"extras at the prefill must form a chain under its last token, got parents {extras.parents}")
+        return extras.embeddings
 
     def _commit(self, tree: DraftTree, verdict: Verdict, past: int, sequence: list[int]) -> list[int]:
-        self.target.cache.keep(past, verdict.path)  # root + accepted nodes stay; the bonus is the next root
+        self.target.cache.keep(past, verdict.path)  # root + accepted nodes stay (extras never: on no path)
         emitted = [tree.tokens[i] for i in verdict.path[1:]] + [verdict.bonus]
         sequence.extend(emitted)
         self.drafter.commit(sequence)
@@ -123,8 +139,9 @@ class Decoder:
         check_fits(prompt_len, max_new_tokens, self.drafter.max_tree_size, self.target.max_positions)
 
 
-def _record(tree: DraftTree, verdict: Verdict, kept: int) -> StepRecord:
+def _record(tree: DraftTree, verdict: Verdict, kept: int, extras: VerifyExtras | None) -> StepRecord:
     """The step's counts; of its accepted draft tokens only the `kept` first emitted ones count
     (the rest fell after an eos: the output never holds them)."""
     depth = tree_layout(tree.parents).depth
-    return StepRecord(tree.size, depth, min(verdict.accepted, kept), tree.draft_calls)
+    return StepRecord(tree.size, depth, min(verdict.accepted, kept), tree.draft_calls,
+                      0 if extras is None else len(extras.parents))

@@ -16,6 +16,18 @@ from spectune.engine.ssm_tree import TreeScan, enable_tree_scan, scanning, verif
 from spectune.trees.draft import tree_layout
 
 
+EXTRA_SLOT = -1  # the token id the cache records for an extra position (no token: an input embedding)
+
+
+@dataclass(frozen=True)
+class ExtraOutputs:
+    """The verification forward's outputs at the extra positions (`Drafter.verify_extras`), apart from the
+    tree's [n+1, V] logits that acceptance reads."""
+
+    logits: torch.Tensor  # [m, V] float
+    hidden: Mapping[int, torch.Tensor]  # {layer l: [m, d]}, the layers asked for
+
+
 @dataclass(frozen=True)
 class Verification:
     """What the target's verification forward hands back."""
@@ -23,6 +35,7 @@ class Verification:
     logits: torch.Tensor  # [n, V] float, at every verified token
     hidden: Mapping[int, torch.Tensor]  # layer l -> [n, d] output of decoder block l (1-based), as asked;
     # l = L (the last block) is the final norm's output, what the LM head reads (transformers' last hidden state)
+    extras: ExtraOutputs | None = None  # at the extra positions after the n tokens, when `verify` was given some
 
 
 class CausalLM:
@@ -58,7 +71,7 @@ class CausalLM:
         last_only: bool = False,
     ) -> torch.Tensor:
         """Append `tokens` to the cache; return their logits [n, V] (or [1, V] with last_only)."""
-        return self._run(tokens, positions, mask, last_only, ()).logits
+        return self._run(tokens, positions, mask, 1 if last_only else 0, ()).logits
 
     def verify(
         self,
@@ -66,12 +79,17 @@ class CausalLM:
         positions: torch.Tensor,
         mask: torch.Tensor | None,
         hidden_layers: Sequence[int] = (),
+        extras: torch.Tensor | None = None,
     ) -> Verification:
         """Append `tokens` (a draft tree: positions [1, n], mask [1, 1, n, past+n] or None for a chain);
         return their logits and the outputs of decoder blocks `hidden_layers` (each in 1..L).
 
         A hybrid target verifies a tree (a mask) through its SSM layers by STree (`ssm_tree`): every
         node's state from its parent's, kept for the commit; a chain through their own scan.
+
+        `extras` [m, d]: input embeddings of m more positions after the n tokens (positions and mask then
+        cover n+m); their outputs come back apart, in `Verification.extras`, and their cache slots hold
+        EXTRA_SLOT until the caller's `cache.keep` / `truncate` drops them.
 
         Layers 1..L-1 hand back a block's output before any norm (the residual stream: what vLLM's
         EAGLE-3 auxiliary layers read); layer L hands back the final norm's output, the feature the
@@ -81,13 +99,29 @@ class CausalLM:
         ContextVar: nothing is hooked for this call alone, and concurrent forwards of the same
         model in other threads neither see nor disturb what this one collects.
         """
-        return self._run(tokens, positions, mask, False, self._layers(hidden_layers))
+        verified = self._run(tokens, positions, mask, 0, self._layers(hidden_layers), extras)
+        if extras is None:
+            return verified
+        n = len(tokens)
+        return Verification(verified.logits[:n], {layer: h[:n] for layer, h in verified.hidden.items()},
+                            ExtraOutputs(verified.logits[n:], {layer: h[n:] for layer, h in verified.hidden.items()}))
 
-    def prefill(self, tokens: Sequence[int], hidden_layers: Sequence[int] = ()) -> Verification:
+    def prefill(self, tokens: Sequence[int], hidden_layers: Sequence[int] = (), extras: torch.Tensor | None = None
+                ) -> Verification:
         """Append `tokens` after the cache (a chain); logits after the last one only ([1, V]) and, at every
         token, the outputs of `hidden_layers` as `verify` hands them back (drafters that read the target's
-        features need the prompt's too)."""
-        return self._run(tokens, None, None, True, self._layers(hidden_layers))
+        features need the prompt's too).
+
+        `extras` [m, d]: a chain of extra positions after the last token (its logits and hidden states come back
+        in `Verification.extras`); they are dropped from the cache before this returns."""
+        if extras is None:
+            return self._run(tokens, None, None, 1, self._layers(hidden_layers))
+        m = extras.shape[0]
+        out = self._run(tokens, None, None, m + 1, self._layers(hidden_layers), extras)
+        self.cache.truncate(len(self.cache) - m)
+        n = len(tokens)
+        return Verification(out.logits[:1], {layer: h[:n] for layer, h in out.hidden.items()},
+                            ExtraOutputs(out.logits[1:], {layer: h[n:] for layer, h in out.hidden.items()}))
 
     def _layers(self, hidden_layers: Sequence[int]) -> tuple[int, ...]:
         layers = tuple(sorted(set(hidden_layers)))
@@ -102,30 +136,41 @@ class CausalLM:
         tokens: Sequence[int],
         positions: torch.Tensor | None,
         mask: torch.Tensor | None,
-        last_only: bool,
+        keep: int,  # logits of the last `keep` positions; 0: every position
         layers: tuple[int, ...],
+        extras: torch.Tensor | None = None,
     ) -> Verification:
-        if positions is None:
-            positions = torch.arange(len(self.cache), len(self.cache) + len(tokens)).unsqueeze(0)  # [1, n]
+        if positions is None:  # a chain (the extras too)
+            n = len(tokens) + (0 if extras is None else extras.shape[0])
+            positions = torch.arange(len(self.cache), len(self.cache) + n).unsqueeze(0)  # [1, n]
         tree = self._tree_scan(positions, mask)
         if tree is not None and verifying_branch_by_branch():
+            if extras is not None:
+                raise ValueError("branch-by-branch verification takes no extra positions")
             return self._verify_branches(tokens, tree.parents, positions, layers)
         ids = torch.tensor([list(tokens)], device=self.device)  # [1, n]
-        self.cache.recording(every_token=not last_only)  # a verification may be rolled back into; a prefill not
+        self.cache.recording(every_token=keep != 1)  # a verification may be rolled back into; a prefill not
         capture = {"output_hidden_states": list(layers)} if layers else {}  # hidden_states[l]: output of block l
+        inputs = {"input_ids": ids} if extras is None else {"inputs_embeds": self._embed(ids, extras)}
         with scanning(tree) if tree is not None else contextlib.nullcontext():
             out = self.model(
-                input_ids=ids,
+                **inputs,
                 position_ids=positions.to(self.device),
                 attention_mask=None if mask is None else mask.to(self.device, self.dtype),
                 cache=self.cache.hf,
                 use_cache=True,
-                logits_to_keep=1 if last_only else 0,
+                logits_to_keep=keep,
                 **capture,
             )
-        self.cache.appended(tokens, tree.nodes if tree is not None else None)
+        slots = list(tokens) + [EXTRA_SLOT] * (0 if extras is None else extras.shape[0])
+        self.cache.appended(slots, tree.nodes if tree is not None else None)
         hidden = {layer: out.hidden_states[layer][0] for layer in layers}  # layer -> [n, d]
         return Verification(out.logits[0].float(), hidden)  # logits [n, V]
+
+    def _embed(self, ids: torch.Tensor, extras: torch.Tensor) -> torch.Tensor:
+        """[1, n] token ids and [m, d] extra embeddings -> [1, n+m, d] inputs."""
+        embedded = self.model.get_input_embeddings()(ids)  # [1, n, d]
+        return torch.cat([embedded, extras.to(embedded.device, embedded.dtype)[None]], dim=1)  # [1, n+m, d]
 
     def _verify_branches(
         self, tokens: Sequence[int], parents: tuple[int, ...], positions: torch.Tensor, layers: tuple[int, ...]
@@ -136,7 +181,7 @@ class CausalLM:
             raise ValueError("branch-by-branch verification hands back no hidden layers")
         past, logits = len(self.cache), [None] * len(tokens)
         for branch in tree_layout(parents).paths:
-            out = self._run([tokens[i] for i in branch], positions[:, list(branch)], None, False, ())
+            out = self._run([tokens[i] for i in branch], positions[:, list(branch)], None, 0, ())
             for row, node in enumerate(branch):
                 logits[node] = out.logits[row]  # [V]; shared nodes recomputed, the same values
             self.cache.stash_branch(branch, past)

@@ -31,6 +31,7 @@ from spectune.models.card import read_card, write_card
 from spectune.models.seeding import derive_seed, seeded_deterministic
 
 AGREEMENT_TOPK = 4  # the card's top-k agreement: the target's argmax among the heads' 4 best
+PPD_RANKS = 8  # ppd scores 8 ranks per position: its sparse tree reads the card's per-position, per-rank acceptance
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,18 @@ DEFAULTS = {  # sized for the tiny pair: a few minutes per kind on 2 CPU cores
     "eagle": HeadsOptions("eagle", n_heads=3),
     "eagle3": HeadsOptions("eagle3", n_heads=3),
     "falcon": HeadsOptions("falcon", n_heads=2, n_layers=2),  # blocks of 2 tokens (Falcon's k), two decoder layers
+    "ppd": HeadsOptions("ppd", n_heads=3, lr=1e-2),  # n_heads: prompt tokens (PPD's paper: 3)
 }
 
 
 def options_for(kind: str, **overrides: Any) -> HeadsOptions:
     if kind not in DEFAULTS:
         raise HeadsError(f"unknown heads kind {kind!r}; kinds: {', '.join(KINDS)}")
-    return replace(DEFAULTS[kind], **{k: v for k, v in overrides.items() if v is not None})
+    options = replace(DEFAULTS[kind], **{k: v for k, v in overrides.items() if v is not None})
+    if kind == "ppd" and options.draft_vocab:
+        raise HeadsError("ppd's prompt tokens are read out by the target's own LM head over its whole vocabulary: "
+                         "no draft vocabulary (--draft-vocab 0)")
+    return options
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -131,20 +137,24 @@ def _train(model, options: HeadsOptions, train, heldout, printed, progress: bool
     if options.kind == "eagle3":
         with torch.no_grad():
             module.lm_head.weight.copy_(frozen.readout)  # the target's rows: EAGLE-3's own head starts as (and stays) them
-    predict = _predictor(options, module, frozen)
-    learn = _predictor(options, module, frozen, learning=True)
+    predict = _predictor(options, module, frozen, model)
+    learn = _predictor(options, module, frozen, model, learning=True)
     role = f"heads:{options.kind}"
-    stats = training.fit(module, lambda w: training.prediction_loss(learn(data, w), vocab), data["tokens"].shape[0],
-                         training.TrainOptions(options.steps, options.batch, options.lr, options.seed), role, progress)
     held = heldout.load()
-    scores = training.agreement(lambda w: predict(held, w), held["tokens"].shape[0], vocab, AGREEMENT_TOPK)
+    with training.frozen_weights(model):  # ppd backpropagates through the target: into the prompts only
+        stats = training.fit(module, lambda w: training.prediction_loss(learn(data, w), vocab), data["tokens"].shape[0],
+                             training.TrainOptions(options.steps, options.batch, options.lr, options.seed), role, progress)
+        scores = training.agreement(lambda w: predict(held, w), held["tokens"].shape[0], vocab,
+                                    AGREEMENT_TOPK if options.kind != "ppd" else PPD_RANKS)
     return spec, module, vocab, stats, scores
 
 
-def _predictor(options: HeadsOptions, module, frozen, learning: bool = False):
+def _predictor(options: HeadsOptions, module, frozen, model, learning: bool = False):
     """Draft logits per position for a batch of windows; `learning`: as trained (falcon glances), else as drafted."""
     if options.kind == "falcon":
         return lambda data, w: falcon_predictions(module, frozen, data, w, glance=learning)
+    if options.kind == "ppd":
+        return lambda data, w: training.ppd_predictions(module, model, data, w)
     if options.kind == "medusa":
         return lambda data, w: training.medusa_predictions(module, frozen, data, w)
     if options.kind == "hydra":

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from spectune.heads.features import fused_layers
-from spectune.heads.modules import EagleDraft, FalconDraft, HydraHeads, MedusaHeads, eagle_config
+from spectune.heads.modules import EagleDraft, FalconDraft, HydraHeads, MedusaHeads, PromptTokens, eagle_config
 from spectune.heads.spec import TRAIN_HINT, WEIGHTS_FILE, HeadsError, HeadsSpec, TargetPrint, check_config, default_folder, read_spec
 from spectune.heads.vocab import DraftVocab
 
@@ -55,6 +55,9 @@ def check_supported(kind: str, model: PreTrainedModel) -> None:
     if kind == "falcon" and model_type not in EAGLE_ARCHITECTURES:
         raise HeadsError(f"falcon heads are Llama decoder layers shaped like the target's; the target is a "
                          f"{model_type} model ({type(model).__name__})")
+    if kind == "ppd" and getattr(model.config, "model_type", "") not in EAGLE_ARCHITECTURES:
+        raise HeadsError(f"ppd's prompt tokens ride in the target's tree-masked forward (a Llama-style model: 4-D mask, "
+                         f"position ids, input embeddings); the target is a {model.config.model_type} model")
     if kind == "eagle3" and not fused_layers(model.config.num_hidden_layers):
         raise HeadsError(f"eagle3 fuses a low, a middle and a high layer below the last; the target has only "
                          f"{model.config.num_hidden_layers} layers (eagle3 needs >= 4)")
@@ -69,6 +72,8 @@ def new_module(spec: HeadsSpec, config) -> nn.Module:
         return HydraHeads(hidden, spec.n_heads, spec.n_layers)
     if spec.kind == "falcon":
         return FalconDraft(eagle_config(config, spec.n_layers), block=spec.n_heads)
+    if spec.kind == "ppd":
+        return PromptTokens(hidden, spec.n_heads, float(getattr(config, "initializer_range", 0.02)))
     version = 1 if spec.kind == "eagle" else 3
     return EagleDraft(eagle_config(config), version, len(spec.feature_layers), spec.draft_vocab_size)
 

@@ -12,6 +12,9 @@ the vLLM 0.32 model that loads its export runs it, so an exported head computes 
   predicting the next feature, read out by the target's frozen LM head, drafting autoregressively
   in feature space. vLLM `llama_eagle.py`: fc without bias, layer 0 without its input norm, no final
   norm; the layer's output is both the next feature and what the LM head reads.
+- PPD (Chen et al. 2024, parallel prompt decoding): m trainable prompt-token embeddings, the only
+  parameters; appended after a node in the target's own forward, prompt k's output predicts the
+  token k after the node's next one. vLLM has none; spectune's own.
 - EAGLE-3 (Li et al. 2025): fc fuses a low, a middle and a high layer of the target (their
   pre-norm block outputs); the layer's attention reads [input_norm(embedding), hidden_norm(h)]
   (2d wide); a final norm and the heads' own LM head over the draft vocabulary (`d2t` maps it to
@@ -104,6 +107,21 @@ class HydraHeads(nn.Module):
         """Head k (1-based) predicts draft depth k: feature [..., d], embeds [..., k, d] of the root and the
         k-1 tokens drafted after it -> [..., d] for the LM head."""
         return self.heads[k - 1](torch.cat([feature, embeds.flatten(-2)], dim=-1))  # [..., (k+1)·d] -> [..., d]
+
+
+# --- PPD ------------------------------------------------------------------------------------------
+
+
+class PromptTokens(nn.Module):
+    """PPD's prompt tokens: m input embeddings [m, d], the target's own forward reads them (nothing else trained)."""
+
+    def __init__(self, hidden: int, n_prompts: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.randn(n_prompts, hidden) * init_std)  # [m, d]
+
+    @property
+    def n_heads(self) -> int:
+        return self.embeddings.shape[0]
 
 
 # --- EAGLE and EAGLE-3 --------------------------------------------------------------------------

@@ -9,6 +9,9 @@ draft vocabulary): what matters for acceptance is agreeing with the target, not 
             distribution there; unrolled `n_heads` steps on its own outputs (training-time test, as
             EAGLE-3 trains), so step s learns what drafting depth s sees
     eagle3  the same over fc(low, middle, high) with its own norm and LM head, distribution only
+    ppd     the frozen target itself over the window with m prompt tokens after each of A anchors (a tree
+            mask: prompt k after anchor t sees tokens 0..t and prompts 1..k) -> prompt k at t learns the
+            target's distribution at t+k; the gradient flows through the target into the prompts only
 
 Deterministic: a seeded generator picks the batches, the init and the training run under
 `spectune.models.seeding.seeded_deterministic`.
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectune.engine.kvcache import KVCache
-from spectune.heads.modules import EagleDraft, HydraHeads, MedusaHeads
+from spectune.heads.modules import EagleDraft, HydraHeads, MedusaHeads, PromptTokens
 from spectune.heads.vocab import DraftVocab
 from spectune.models.seeding import derive_seed, seeded_deterministic
 from spectune.models.training import bf16_supported, lr_factor
@@ -203,6 +206,70 @@ def eagle_predictions(draft: EagleDraft, frozen: Frozen, data: dict[str, torch.T
     return Predictions(logits, ids, values, features if draft.version == 1 else [])
 
 
+PPD_ANCHORS = 32  # anchors per window whose prompt tokens one training forward runs
+
+
+def ppd_anchors(T: int, m: int, count: int = PPD_ANCHORS) -> torch.Tensor:
+    """[A] window positions t (spread evenly) whose prompt k can be scored against position t+k <= T-1."""
+    last = T - 1 - m
+    if last < 0:
+        raise ValueError(f"windows of {T} tokens are too short for {m} prompt tokens")
+    return torch.linspace(0, last, min(count, last + 1)).round().long().unique()
+
+
+def ppd_inputs(T: int, anchors: torch.Tensor, m: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [1, T + A·m] and the additive mask [1, 1, T+A·m, T+A·m] of a window followed by m chained
+    prompt tokens per anchor: the window causal, prompt k of anchor t at position t+k seeing tokens 0..t and
+    its anchor's prompts 1..k (the tree verification's layout, all anchors in one forward)."""
+    A = anchors.shape[0]
+    n = T + A * m
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    allowed[:T, :T] = torch.ones(T, T, dtype=torch.bool).tril()
+    rows = T + torch.arange(A * m)  # [A·m] prompt rows, anchor-major
+    anchor_of = anchors.repeat_interleave(m)  # [A·m]
+    k = torch.arange(m).repeat(A)  # [A·m] 0-based prompt index
+    allowed[rows] = torch.arange(n)[None, :] <= anchor_of[:, None]  # tokens 0..t (the prompt block stays False)
+    block = torch.ones(m, m, dtype=torch.bool).tril()  # prompts 1..k of the same anchor
+    for a in range(A):
+        allowed[T + a * m: T + (a + 1) * m, T + a * m: T + (a + 1) * m] = block
+    positions = torch.cat([torch.arange(T), anchor_of + k + 1])[None]  # [1, T + A·m]
+    return positions, additive_mask(allowed, 0, dtype)
+
+
+def ppd_predictions(prompts: PromptTokens, model, data: dict[str, torch.Tensor], windows: torch.Tensor) -> Predictions:
+    """The frozen target over each window with the prompt tokens after every anchor; prompt k's logits at anchor
+    t against the target's own distribution at t+k (its next-next-... token given the true text)."""
+    tokens = data["tokens"][windows].long()  # [B, T]
+    top_ids, top_logits = data["top_ids"][windows], data["top_logits"][windows]
+    B, T = tokens.shape
+    m = prompts.n_heads
+    anchors = ppd_anchors(T, m)
+    A = anchors.shape[0]
+    device, dtype = model.device, model.dtype
+    positions, mask = ppd_inputs(T, anchors, m, dtype)
+    embeds = model.get_input_embeddings()(tokens.to(device))  # [B, T, d]
+    extra = prompts.embeddings.to(device, dtype).repeat(A, 1).expand(B, -1, -1)  # [B, A·m, d]
+    out = model.model(inputs_embeds=torch.cat([embeds, extra], dim=1), attention_mask=mask.to(device),
+                      position_ids=positions.expand(B, -1).to(device), use_cache=False)
+    logits = model.lm_head(out.last_hidden_state[:, T:]).float().view(B, A, m, -1).cpu()  # [B, A, m, V]
+    scored = [anchors + k for k in range(1, m + 1)]  # prompt k at anchor t: the target's distribution at t+k
+    return Predictions([logits[:, :, k] for k in range(m)], [top_ids[:, i] for i in scored],
+                       [top_logits[:, i] for i in scored], [])
+
+
+@contextlib.contextmanager
+def frozen_weights(model) -> Iterator[None]:
+    """The target's parameters out of autograd while prompt tokens train through it; restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def frozen_or_own(draft: EagleDraft, frozen: Frozen, hidden: torch.Tensor) -> torch.Tensor:
     """EAGLE reads out through the target's LM head; EAGLE-3 through its own (the same rows, kept in the heads)."""
     return draft.lm_head(hidden) if draft.version == 3 else frozen.logits(hidden)
@@ -235,6 +302,7 @@ def agreement(predict: Callable[[torch.Tensor], Predictions], n_windows: int, vo
     over every position of `n_windows` held-out windows (teacher-forced)."""
     hits1: list[float] = []
     hitsk: list[float] = []
+    by_rank: list[list[float]] = []  # k -> hits at each rank r < topk (the per-position, per-rank acceptance a tree reads)
     count: list[int] = []
     for windows in torch.arange(n_windows).split(batch):
         pred = predict(windows)
@@ -242,9 +310,12 @@ def agreement(predict: Callable[[torch.Tensor], Predictions], n_windows: int, vo
             best = vocab.index_of(ids[..., 0].long())  # [B, n] the target's argmax in draft-vocab positions (-1: none)
             ranked = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices  # [B, n, topk]
             if len(hits1) <= k:
-                hits1.append(0.0), hitsk.append(0.0), count.append(0)
-            hits1[k] += float((ranked[..., 0] == best).sum())
-            hitsk[k] += float((ranked == best[..., None]).any(dim=-1).sum())
+                hits1.append(0.0), hitsk.append(0.0), count.append(0), by_rank.append([0.0] * ranked.shape[-1])
+            hit = ranked == best[..., None]  # [B, n, topk]
+            hits1[k] += float(hit[..., 0].sum())
+            hitsk[k] += float(hit.any(dim=-1).sum())
+            by_rank[k] = [h + float(c) for h, c in zip(by_rank[k], hit.flatten(0, -2).sum(0))]
             count[k] += best.numel()
     return {"top1": [round(h / n, 4) for h, n in zip(hits1, count)],
-            "topk": [round(h / n, 4) for h, n in zip(hitsk, count)], "k": topk, "positions": count}
+            "topk": [round(h / n, 4) for h, n in zip(hitsk, count)], "k": topk, "positions": count,
+            "by_rank": [[round(h / n, 4) for h in row] for row, n in zip(by_rank, count)]}

@@ -34,6 +34,27 @@ class DraftTree:
 
 
 @dataclass(frozen=True)
+class VerifyExtras:
+    """Non-candidate positions a drafter adds to the verification forward (PPD's prompt tokens): each hangs
+    under a tree node (or an earlier extra), attends its ancestors like a node would, and its outputs go back
+    to the drafter. They are never accepted, and never kept in the cache (they are on no accepted path)."""
+
+    embeddings: torch.Tensor  # [m, d] input embeddings, in the target's dtype
+    parents: tuple[int, ...]  # [m] extra j hangs under node parents[j]: a tree node 0..n, or n+1+i for extra i < j
+
+    def __post_init__(self) -> None:
+        if self.embeddings.dim() != 2 or self.embeddings.shape[0] != len(self.parents) or not self.parents:
+            raise ValueError(f"extras need one [d] embedding per parent: {tuple(self.embeddings.shape)} "
+                             f"for {len(self.parents)} parents")
+
+    def joined(self, tree_parents: tuple[int, ...]) -> tuple[int, ...]:
+        """The tree's parents and the extras' as one tree (the extras after the n+1 nodes), checked."""
+        parents = tuple(tree_parents) + self.parents
+        validate_parents(parents)
+        return parents
+
+
+@dataclass(frozen=True)
 class TreeLayout:
     """Structure derived from `parents` alone: depths, ordered children, root-to-leaf paths."""
 
