@@ -179,3 +179,21 @@ def shut_down(served: Served) -> None:
     except subprocess.TimeoutExpired:
         served.process.terminate()
         served.process.wait(timeout=30)
+
+
+def shipped_prompt_ids(pair: Any) -> list[tuple[str, list[int]]]:
+    """The shipped default prompts (at least 20), encoded by `pair`'s tokenizer: (id, token ids)."""
+    from spectune.prompts import load_prompts
+
+    chosen = load_prompts("default")
+    assert len(chosen) >= 20
+    return [(p.id, pair.encode(p.prompt)) for p in chosen]
+
+
+def ar_references(pair: Any, prompts: list[tuple[str, list[int]]], max_new_tokens: int) -> dict[str, list[int]]:
+    """Plain greedy decoding of each prompt by spectune's own AR: what every lossless method must equal."""
+    from spectune.engine.loop import Decoder
+    from spectune.methods import METHODS
+
+    ar = Decoder(pair.runners().target, METHODS.build("ar", {}, pair.runners()), pair.eos_token_id)
+    return {pid: ar.generate(ids, max_new_tokens).tokens for pid, ids in prompts}

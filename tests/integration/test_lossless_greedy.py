@@ -11,7 +11,7 @@ from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
 from spectune.pair import load_pair
 from spectune.pair_ref import PairRef
-from spectune.prompts import load_prompts
+from support import ar_references, shipped_prompt_ids
 
 MAX_NEW = 40
 EXTRA_CONFIGS = [
@@ -50,15 +50,12 @@ def pair(micro_pair, micro_heads):  # the heads methods (medusa, hydra, eagle, e
 
 @pytest.fixture(scope="module")
 def prompts(pair):
-    chosen = load_prompts("default")
-    assert len(chosen) >= 20
-    return [(p.id, pair.encode(p.prompt)) for p in chosen]
+    return shipped_prompt_ids(pair)
 
 
 @pytest.fixture(scope="module")
 def reference(pair, prompts):
-    ar = Decoder(pair.runners().target, METHODS.build("ar", {}, pair.runners()), pair.eos_token_id)
-    return {pid: ar.generate(ids, MAX_NEW).tokens for pid, ids in prompts}
+    return ar_references(pair, prompts, MAX_NEW)
 
 
 @pytest.mark.parametrize("method, knobs", CONFIGS, ids=[f"{m}-{k}" if k else m for m, k in CONFIGS])

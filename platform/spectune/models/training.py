@@ -41,21 +41,15 @@ def make_config(spec: ModelSpec, vocab_size: int, max_position_embeddings: int =
         raise ValueError(f"hidden_size {spec.hidden_size} is not divisible by n_heads {spec.n_heads}")
     if spec.ssm is not None:
         return hybrid_config(spec, vocab_size, max_position_embeddings)
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.n_layers,
-        num_attention_heads=spec.n_heads,
-        num_key_value_heads=spec.n_heads,
-        max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=EOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-        use_cache=True,
-    )
+    return LlamaConfig(**_shared_config(spec, vocab_size, max_position_embeddings))
+
+
+def _shared_config(spec: ModelSpec, vocab_size: int, max_position_embeddings: int) -> dict:
+    """What every preset's config says alike, whatever its layers (Llama, or Bamba's hybrid)."""
+    return dict(vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads, num_key_value_heads=spec.n_heads,
+                max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, use_cache=True)
 
 
 def hybrid_config(spec: ModelSpec, vocab_size: int, max_position_embeddings: int):
@@ -83,12 +77,7 @@ def hybrid_config(spec: ModelSpec, vocab_size: int, max_position_embeddings: int
     if not all(0 <= layer < spec.n_layers for layer in ssm.attention_layers):
         raise ValueError(f"attention layers {ssm.attention_layers} must lie in 0..{spec.n_layers - 1}")
     return BambaConfig(
-        vocab_size=vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.n_layers,
-        num_attention_heads=spec.n_heads,
-        num_key_value_heads=spec.n_heads,
+        **_shared_config(spec, vocab_size, max_position_embeddings),
         attn_layer_indices=list(ssm.attention_layers),
         mamba_n_heads=ssm.heads,
         mamba_d_head=ssm.head_dim,
@@ -97,13 +86,6 @@ def hybrid_config(spec: ModelSpec, vocab_size: int, max_position_embeddings: int
         mamba_d_conv=ssm.conv_kernel,
         mamba_expand=ssm.expand,
         mamba_chunk_size=ssm.chunk_size,
-        max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=EOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-        use_cache=True,
     )
 
 
