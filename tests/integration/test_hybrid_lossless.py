@@ -75,3 +75,23 @@ def test_concurrent_decoders_over_one_hybrid_model_stay_lossless(pair, prompts, 
         for config, outputs in zip(configs, pool.map(decode, configs)):
             for pid, tokens in outputs:
                 assert tokens == reference[pid], f"{config} prompt {pid}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_spectune_serve_answers_with_stree_on_a_hybrid_pair_like_ar(hybrid_micro_pair, pair, prompts, reference, tmp_path):
+    """The endpoint takes a hybrid pair too: `spectune serve` (Ray Serve, its own process) with stree, each greedy
+    answer the same text as AR's."""
+    import httpx
+
+    from support import serving
+
+    config = {"pair": str(hybrid_micro_pair), "method": "stree", "knobs": {"branching": [3, 2, 1]}}
+    with serving(config, tmp_path) as served, httpx.Client(base_url=served.url, timeout=120) as http:
+        assert http.get("/config").json()["method"] == "stree"
+        for pid, ids in prompts[:3]:
+            text = pair.decode(ids)
+            body = http.post("/v1/completions", json={"prompt": text, "max_tokens": MAX_NEW, "temperature": 0}).json()
+            assert pair.encode(text) == ids  # the prompt round-trips, so the server decodes what AR decoded
+            assert body["choices"][0]["text"] == pair.decode(reference[pid]), pid
+            assert body["speculative"]["method"] == "stree" and 1 <= body["speculative"]["target_calls"] <= MAX_NEW
