@@ -168,9 +168,12 @@ def _job_status(cluster: LocalCluster, job_id: str) -> str:
     return ended.group(1).upper() if ended else "RUNNING"
 
 
+TRIALS = 9  # the node-loss sweep's: 8 sps draft lengths and pld
+
+
 def test_a_worker_node_killed_mid_sweep_loses_no_trial_and_the_survivor_completes_it(micro_pair, tmp_path, cluster,
                                                                                         db_url):
-    space = {"sps": {"draft_len": [1, 2, 3, 4, 5]}, "pld": {}}
+    space = {"sps": {"draft_len": [1, 2, 3, 4, 5, 6, 7, 8]}, "pld": {}}
     spec = sweep_spec("node-lost", micro_pair, space, concurrency=2, max_new_tokens=160,  # trials of seconds
                       prompts={"set": "default", "limit": 4}, repeats=2)
     submitted = submit(cluster, job_dir_with(tmp_path, spec), ["spectune", "sweep", "node-lost.yaml", "--storage",
@@ -179,13 +182,16 @@ def test_a_worker_node_killed_mid_sweep_loses_no_trial_and_the_survivor_complete
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submitted.stdout).group(0)  # (the line carries colour codes)
 
     deadline, killed_at = time.monotonic() + 300, None
-    while killed_at is None:  # both nodes have finished a trial and two run: kill worker-2 mid-trial
-        assert time.monotonic() < deadline, "no moment with trials running on both nodes"
+    while killed_at is None:  # both nodes have finished a trial, two run and two more wait: kill worker-2 mid-trial
+        assert time.monotonic() < deadline, "no moment with trials running on both nodes and more to come"
         rows = trial_rows(db_url, "node-lost") if _sweep_exists(db_url, "node-lost") else []
         done_on = {r["node"].split("/")[0] for r in rows if r["status"] == "done"}
         running = sum(r["status"] == "running" for r in rows)
-        if {"worker-1", "worker-2"} <= done_on and running == 2:
-            time.sleep(1.0)
+        started = sum(r["status"] in ("done", "running", "error") for r in rows)
+        # a trial's process needs a moment before it leases a worker (and so says where it runs): one killed
+        # in that moment is stored as dead "before it leased a worker", with no node to name
+        settled = all(time.time() - r["started_at"].timestamp() > 1.0 for r in rows if r["status"] == "running")
+        if {"worker-1", "worker-2"} <= done_on and running == 2 and started <= TRIALS - 2 and settled:
             kill_node(cluster, "worker-2")
             killed_at = time.time()
         time.sleep(0.5)
@@ -202,7 +208,7 @@ def test_a_worker_node_killed_mid_sweep_loses_no_trial_and_the_survivor_complete
 
     rows = trial_rows(db_url, "node-lost")
     _print_timeline(rows, killed_at)
-    assert len(rows) == 6 and len({r["trial_key"] for r in rows}) == 6  # none lost, none stored twice
+    assert len(rows) == TRIALS and len({r["trial_key"] for r in rows}) == TRIALS  # none lost, none stored twice
     assert {r["status"] for r in rows} <= {"done", "error"}
     errors = [r for r in rows if r["status"] == "error"]
     assert 1 <= len(errors) <= 2, errors  # the trial(s) running when the node died
