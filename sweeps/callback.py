@@ -17,6 +17,7 @@ the store is attached at run time (`attach`) and dropped from the pickled state.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -301,4 +302,32 @@ class LeaseReclaimer(Callback):
             node = pool.reclaim(trial.trial_id)
             if node is not None:
                 self.died_on[trial.trial_id] = node
+        if trial.trial_id not in self.died_on:  # it died before it asked for a worker: Ray knows where it ran
+            node = trial_actor_node(_pickled_error(trial))
+            if node is not None:
+                self.died_on[trial.trial_id] = node
+
+
+def trial_actor_node(cause: BaseException | None) -> str | None:
+    """Where a trial's own process ran ("name/id"), from Ray's state API by the dead actor's id in its error:
+    for a trial that died before it could say (before it leased a worker). None when Ray cannot tell."""
+    if not isinstance(cause, RayActorError):
+        return None
+    found = getattr(cause, "actor_id", None) or re.search(r"actor ([0-9a-f]{16,})", str(cause))
+    actor_id = found.group(1) if isinstance(found, re.Match) else found
+    if not actor_id:
+        return None
+    try:
+        from ray.util.state import get_actor, get_node
+
+        from spectune.cluster import node_name
+
+        actor = get_actor(actor_id, timeout=10)
+        if actor is None or not actor.node_id:
+            return None
+        node = get_node(actor.node_id, timeout=10)
+        name = node_name(node.resources_total or {}, node.node_ip) if node is not None else actor.node_id[:8]
+        return f"{name}/{actor.node_id[:8]}"
+    except Exception:  # noqa: BLE001 - best effort: the trial's error is stored either way, only less precise
+        return None
 
