@@ -24,6 +24,7 @@ import torch
 
 from spectune.heads.spec import HeadsError
 from spectune.models.corpus import Corpus
+from spectune.models.distill import chat_ids, generate_replies
 from spectune.models.distill_data import instructions
 from spectune.models.seeding import derive_seed
 
@@ -97,7 +98,7 @@ def _answered(path: Path, model, tokenizer, text: ChatText, seed: int, split: st
               prompts: list[tuple[str, str]], done: dict, progress: bool) -> list[Answer]:
     from tqdm.auto import tqdm
 
-    encoded = [(category, _chat_ids(tokenizer, request)) for category, request in prompts]
+    encoded = [(category, chat_ids(tokenizer, request)) for category, request in prompts]
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][1]), i))
     batches = [order[i : i + text.batch] for i in range(0, len(order), text.batch)]
     answers: dict[int, Answer] = {}
@@ -106,41 +107,13 @@ def _answered(path: Path, model, tokenizer, text: ChatText, seed: int, split: st
         made = done.get((split, index))
         if made is None:
             sampled = text.sampled_every > 0 and index % text.sampled_every == text.sampled_every - 1
-            replies = generate(model, tokenizer, [encoded[i][1] for i in batch], text.answer_tokens,
-                               text.temperature if sampled else 0.0, derive_seed(seed, f"chat:{split}:{index}"))
+            replies = generate_replies(model, tokenizer, [encoded[i][1] for i in batch], text.answer_tokens,
+                                       text.temperature if sampled else 0.0, derive_seed(seed, f"chat:{split}:{index}"))
             made = [Answer(encoded[i][0], encoded[i][1], reply, sampled) for i, reply in zip(batch, replies)]
             with path.open("a") as out:  # one line per batch: an interruption loses at most this one
                 out.write(json.dumps({"split": split, "batch": index, "answers": [asdict(a) for a in made]}) + "\n")
         answers.update(zip(batch, made))
     return [answers[i] for i in range(len(encoded))]
-
-
-def _chat_ids(tokenizer, request: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=True,
-                                        add_generation_prompt=True, return_dict=False)
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-
-
-@torch.inference_mode()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-             seed: int) -> list[list[int]]:
-    """The target's replies to `prompts` (left-padded into one batch): greedy at temperature 0, else sampled
-    with a generator seeded by `seed` (the same batch gives the same replies)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # [B, width]
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # [B, width]
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
-        "do_sample": False, "temperature": None, "top_k": None, "top_p": None}
-    torch.manual_seed(seed)  # generate draws from torch's global generator
-    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                         **sampling)  # [B, width + new]
-    replies = []
-    for row in out[:, width:].tolist():
-        end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-        replies.append(row[:end])
-    return replies
 
 
 def answer_windows(answers: list[Answer], seq_len: int, eos: int | None) -> torch.Tensor:

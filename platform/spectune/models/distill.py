@@ -198,26 +198,39 @@ def _answers(teacher, tokenizer, prompts: list[tuple[str, str]], spec: DistillSp
 
     if not getattr(tokenizer, "chat_template", None) or not prompts:
         return []
-    encoded = [(category, tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                                        add_generation_prompt=True, return_dict=False))
-               for category, text in prompts]
-    encoded = [(c, list(ids["input_ids"] if isinstance(ids, dict) else ids)) for c, ids in encoded]
+    encoded = [(category, chat_ids(tokenizer, text)) for category, text in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][1]))
     samples: dict[int, Sample] = {}
     batches = [order[i : i + spec.answer_batch] for i in range(0, len(order), spec.answer_batch)]
     for batch in tqdm(batches, desc="target answers", disable=not progress, dynamic_ncols=True):
-        for i, answer in zip(batch, _generate(teacher, tokenizer, [encoded[i][1] for i in batch], spec.answer_tokens)):
+        for i, answer in zip(batch, generate_replies(teacher, tokenizer, [encoded[i][1] for i in batch], spec.answer_tokens)):
             samples[i] = Sample(encoded[i][1], answer, encoded[i][0])
     return [samples[i] for i in range(len(encoded))]
 
 
-def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def chat_ids(tokenizer, request: str) -> list[int]:
+    """One user request through the tokenizer's chat template, ready for the assistant's reply."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=True,
+                                        add_generation_prompt=True, return_dict=False)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+@torch.inference_mode()
+def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                     seed: int = 0) -> list[list[int]]:
+    """The model's replies to `prompts` (left-padded into one batch), each cut after eos: greedy at temperature 0,
+    else sampled with torch's generator seeded by `seed` (the same batch gives the same replies)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # [B, width], padded on the left
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # [B, width]
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        torch.manual_seed(seed)  # generate draws from torch's global generator
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                         **sampling)  # [B, width + new]
     answers = []
     for row in out[:, width:].tolist():
         end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
