@@ -39,7 +39,8 @@ DEFAULT_MAX_NUM_SEQS = 128
 
 
 class ScheduleError(ValueError):
-    """No schedule can be derived or a schedule is malformed; the message names the problem in one line."""
+    """No schedule can be derived from the sweep; the message names why in one line (malformed bands are
+    `backends.vllm.check_bands`' ValueError)."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,6 @@ class Band:
 
 @dataclass(frozen=True)
 class LoadSchedule:
-    sweep: str
     method: str
     knobs: Mapping[str, Any]  # the family's knobs but k (and the engine knobs)
     engine: Mapping[str, Any]  # max_num_seqs / max_num_batched_tokens of the family's server
@@ -197,7 +197,7 @@ def _family_schedule(sweep: str, family: str, rows: pd.DataFrame, loads: list[in
     merged = merge_bands([band for band, _ in bands])
     check_bands([[b.first, b.last, b.k] for b in merged], max(b.k for b in merged), seqs)  # (by construction)
     trials = tuple(trial for _, trial in bands if trial is not None)
-    return LoadSchedule(sweep, method, described, engine, merged, seqs, trials)
+    return LoadSchedule(method, described, engine, merged, seqs, trials)
 
 
 def _score(schedule: LoadSchedule) -> tuple[float, int]:
