@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # loading pairs, benching, certifying, storing, reading results ("spectune" is the root package alone)
     ("core", ("spectune", "spectune.data", "spectune.pair_ref", "spectune.pair", "spectune.certificate",
               "spectune.metrics", "spectune.bench", "spectune.peer_hf", "spectune.pareto", "spectune.store",
-              "spectune.sequoia_inputs", "spectune.cluster")),
+              "spectune.sequoia_inputs", "spectune.cluster", "spectune.step_profile")),
     ("backends", ("spectune.backends",)),
     ("workers", ("spectune.workers",)),
     ("sweeps", ("spectune.sweeps",)),

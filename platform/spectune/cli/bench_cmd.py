@@ -39,6 +39,9 @@ def bench(
     ),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per configuration instead of a table."),
     markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (as in docs/benchmarks.md) instead."),
+    profile: bool = typer.Option(False, "--profile", help="Instead of speedups: where each one's decoding step goes "
+                                 "(its phases under cProfile, the matrix products, ms per token) beside the "
+                                 "machine's floor (one matrix-vector product over the model's weights)."),
 ) -> None:
     """Run configurations over a prompt set; report speedup over AR measured in the same run."""
     from spectune.bench import contender, run_bench
@@ -59,6 +62,9 @@ def bench(
         contenders = [contender(loaded, c) for c in configs] + _peers(peer, loaded, temperature)
     except ValueError as err:
         fail(str(err))
+    if profile:
+        _profile(loaded, contenders, prompt_set, settings, "json" if json_out else "table")
+        return
     progress = _Progress(len(prompt_set), settings.repeats, len(contenders) + 1)
     try:
         rows = run_bench(loaded, contenders, prompt_set, settings, on_prompt=progress.advance)
@@ -79,6 +85,42 @@ def _print(rows: list[Any], form: str, title: str) -> None:
         sys.stdout.write(results_markdown(rows))
     else:
         results_table(rows, title=title)
+
+
+def _profile(loaded, contenders: list[Any], prompt_set: list[Any], settings: Any, form: str) -> None:
+    """Each contender's step profile (AR first), then the floor and how far AR is from it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from spectune.bench import ar_contender, encode_prompts, one_temperature, warm_up
+    from spectune.step_profile import matvec_floor_ms, profile_contender
+
+    ar = ar_contender(loaded, one_temperature(contenders) if contenders else 0.0)
+    everyone = [ar, *[c for c in contenders if c.config.method != "ar"]]
+    encoded = encode_prompts(loaded, prompt_set, settings.max_new_tokens, max(c.tree_size for c in everyone))
+    profiles = []
+    for who in everyone:
+        warm_up(who, encoded, settings)
+        profiles.append(profile_contender(who, encoded, settings))
+    floor = matvec_floor_ms(loaded.target)
+    if form == "json":
+        for each in profiles:
+            sys.stdout.write(json.dumps({**each.as_dict(), "floor_ms": round(floor, 2),
+                                         "wall_over_floor": round(each.wall_ms_per_token / floor, 3)}) + "\n")
+        return
+    phases = [name for name in profiles[0].phases_ms]
+    table = Table(title=f"ms per step (profiled); floor {floor:.1f} ms per token (one matrix-vector product over "
+                        f"the weights), {loaded.ref.dtype}, {__import__('torch').get_num_threads()} thread(s)")
+    for column in ["configuration", "ms/tok", "x floor", "tok/step", "step", *phases, "matmul", "other"]:
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for each in profiles:
+        ours = bool(each.phases_ms)  # a peer's own loop has no phases of ours, nor steps we can count
+        cells = [f"{each.phases_ms[p]:.2f}" if ours else "-" for p in phases]
+        table.add_row(each.label, f"{each.wall_ms_per_token:.1f}", f"{each.wall_ms_per_token / floor:.2f}",
+                      f"{each.tokens_per_step:.2f}" if ours else "-", f"{each.profiled_ms_per_step:.1f}", *cells,
+                      f"{each.matmul_ms:.1f}", f"{each.other_ms:.2f}" if ours else "-")
+    Console(width=max(Console().width, 150)).print(table)
+    sys.stdout.write("a peer's step and matmul columns are per token; phases are per step of our loop, profiled\n")
 
 
 def _temperature(value: float) -> float:
