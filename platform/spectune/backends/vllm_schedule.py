@@ -160,6 +160,15 @@ def derive(frame: pd.DataFrame, sweep: str, method: str | None = None, max_num_s
     return best
 
 
+def fixed_configurations(frame: pd.DataFrame, sweep: str, schedule: LoadSchedule) -> list[dict[str, Any]]:
+    """The knobs of every fixed configuration of the schedule's family that the sweep measured (certified),
+    one per k: what the schedule must beat over a changing load (`spectune vllm trace`)."""
+    rows = _speculating_rows(frame, sweep)
+    family = json.dumps({"method": schedule.method, **schedule.knobs, **schedule.engine}, sort_keys=True)
+    ks = sorted({int(k) for k in rows[rows["family"] == family]["k"].dropna()})
+    return [{**schedule.knobs, K: k, **schedule.engine} for k in ks]
+
+
 def _speculating_rows(frame: pd.DataFrame, sweep: str) -> pd.DataFrame:
     """The sweep's finished, certified vLLM trials that speculate, each with its family and k."""
     rows = served_rows(frame[frame["sweep"] == sweep])

@@ -52,3 +52,145 @@ def schedule(
         typer.echo(f"written to {out}")
     typer.echo(f"serve it: vllm serve MODEL --max-num-seqs {chosen.max_num_seqs} --speculative-config "
                f"{shlex.quote(chosen.to_json())}   (or: spectune serve --sweep {sweep} --schedule)")
+
+
+@app.command("trace")
+def trace(
+    sweep: str = typer.Option(..., "--sweep", help="The vLLM load sweep whose schedule and fixed configurations race."),
+    phases: str = typer.Option("1,4,16,4,1", help="The concurrency of each phase of the trace, in order."),
+    rounds: int = typer.Option(2, min=1, help="Full batches of requests per phase (a phase at 16: 16 x rounds)."),
+    repeats: int = typer.Option(2, min=1, help="Times each contestant runs the whole trace (the order reversed "
+                                "every other repeat)."),
+    method: str | None = typer.Option(None, help="The schedule's method family (default: the sweep's fastest)."),
+    min_speedup: float = typer.Option(1.0, min=0.0, help="As for `spectune vllm schedule`."),
+    max_num_seqs: int | None = typer.Option(None, min=1, help="As for `spectune vllm schedule`."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per contestant instead of tables."),
+    db: str | None = typer.Option(None, "--db", help="Database URL or SQLite path (default: $SPECTUNE_DB or "
+                                  "~/.cache/spectune/spectune.db)."),
+) -> None:
+    """The schedule against each fixed configuration of its family and no speculation, under a load that
+    steps through PHASES: each on a fresh vLLM server, one alive at a time, the same requests; per phase
+    and over the trace, throughput, TPOT, p95 and the ratio to no speculation."""
+    from spectune.backends.vllm_schedule import derive, fixed_configurations
+    from spectune.cli.store_cmd import open_store
+    from spectune.workers.vllm.trace import parse_phases
+
+    store = open_store(db)
+    stored = store.get_sweep(sweep)
+    if stored is None:
+        fail(f"no sweep named {sweep!r} in {store.url} (see `spectune sweeps list`)")
+    try:
+        loads = parse_phases(phases)
+        frame = store.trials_frame(sweep)
+        chosen = derive(frame, sweep, method, max_num_seqs, min_speedup)
+        fixed = fixed_configurations(frame, sweep, chosen)
+        contestants, prompts, sampling = _trace_setup(stored.spec, chosen, fixed)
+    except ValueError as err:
+        fail(str(err))
+    _run_trace(contestants, prompts, loads, sampling, rounds, repeats, json_out, stored.spec)
+
+
+def _trace_setup(spec_data, chosen, fixed):
+    """The contestants' launches (schedule, each fixed k, no speculation), the encoded prompts, the sampling."""
+    from transformers import AutoTokenizer
+
+    from spectune.backends.vllm import NO_SPECULATION
+    from spectune.backends.vllm_schedule import K
+    from spectune.prompts import load_prompts, prompt_text
+    from spectune.sweeps.spec import parse_spec
+    from spectune.workers.vllm.load import Sampling
+    from spectune.workers.vllm.trace import NO_SPECULATION as PLAIN
+    from spectune.workers.vllm.trace import Contestant
+    from spectune.workers.vllm.worker import EncodedPrompt, launch_for
+
+    spec = parse_spec(spec_data, "the sweep's stored spec")
+    pair, threads, gpu = spec.pair.absolute(), max(1, round(spec.resources.cpus)), spec.resources.gpus > 0
+    def launch(method: str, knobs: dict):
+        return launch_for(pair, method, knobs, spec.vllm, threads, gpu)
+    contestants = [Contestant("schedule", launch(chosen.method, chosen.served_knobs()))]
+    contestants += [Contestant(f"{chosen.method} k={knobs[K]}", launch(chosen.method, knobs)) for knobs in fixed]
+    contestants.append(Contestant(PLAIN, launch(NO_SPECULATION, dict(chosen.engine))))
+    tokenizer = AutoTokenizer.from_pretrained(pair.target)
+    prompts = [EncodedPrompt(p.id, p.category, tuple(tokenizer.encode(prompt_text(p, tokenizer), add_special_tokens=False)))
+               for p in load_prompts(spec.prompts.set, spec.prompts.limit)]
+    return contestants, prompts, Sampling(spec.max_new_tokens, 0.0, 1.0, spec.seed)
+
+
+def _certificates(runs, prompts, spec_data) -> dict:
+    """Each contestant's greedy outputs certified by spectune's engine against no speculation's first one."""
+    from spectune.certificate import certify
+    from spectune.engine.runner import CausalLM
+    from spectune.pair import load_pair
+    from spectune.sweeps.spec import parse_spec
+    from spectune.workers.vllm.trace import NO_SPECULATION as PLAIN
+    from spectune.workers.vllm.trace import outputs_of
+
+    spec = parse_spec(spec_data, "the sweep's stored spec")
+    pair = spec.pair.absolute()
+    if spec.vllm.dtype not in (None, "auto"):
+        pair = pair.model_copy(update={"dtype": spec.vllm.dtype})
+    target = CausalLM(load_pair(pair.model_copy(update={"drafter": None})).target)
+    ids = [p.id for p in prompts]
+    references = [outs[0] for outs in outputs_of(runs, PLAIN, ids)]
+    labels = dict.fromkeys(run.label for run in runs)
+    return {label: certify(target, [list(p.token_ids) for p in prompts], outputs_of(runs, label, ids), references)
+            for label in labels}
+
+
+def _run_trace(contestants, prompts, loads, sampling, rounds: int, repeats: int, json_out: bool, spec_data) -> None:
+    import json
+
+    from rich.progress import Progress
+
+    from spectune.workers.vllm.server import ServerFailed
+    from spectune.workers.vllm.load import RequestFailed
+    from spectune.workers.vllm.trace import judge, run_trace, summarise
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("trace", total=len(contestants) * len(loads) * repeats)
+        def advance(label: str, repeat: int, phase: int) -> None:
+            progress.update(task, advance=1, description=f"repeat {repeat + 1}: {label}, c={loads[phase]}")
+        try:
+            runs = run_trace(contestants, prompts, loads, sampling, rounds, repeats, on_phase=advance)
+        except (ServerFailed, RequestFailed) as err:
+            fail(f"the trace stopped: {err}")
+    summaries = summarise(runs, loads)
+    certificates = _certificates(runs, prompts, spec_data)
+    verdict = judge(summaries, "schedule", [c.label for c in contestants[1:-1]])
+    if json_out:
+        for each in summaries:
+            typer.echo(json.dumps({"label": each.label, "tokens_per_s": round(each.tokens_per_s, 2),
+                                   "vs_no_speculation": [round(r, 3) for r in each.vs_no_speculation],
+                                   "lossless_status": certificates[each.label].status.value,
+                                   "exact_match_rate": round(certificates[each.label].exact_match_rate, 3),
+                                   "phases": [{"concurrency": p.concurrency, "tokens_per_s": round(p.tokens_per_s, 2),
+                                               "tpot_s": p.latency.tpot_s, "p95_latency_s": p.latency.p95_latency_s,
+                                               "vs_no_speculation": [round(r, 3) for r in p.vs_no_speculation]}
+                                              for p in each.phases]}))
+    else:
+        _trace_tables(summaries, loads, certificates)
+    best = "no fixed configuration" if verdict.best_fixed is None else (
+        f"{verdict.over_best_fixed:.2f}x the best fixed configuration ({verdict.best_fixed}) over the trace")
+    slower = ", ".join(f"phase {i + 1} (c={loads[i]})" for i in verdict.slower_phases) or "no phase"
+    typer.echo(f"schedule: {best}; slower than no speculation in every repeat at {slower}")
+
+
+def _trace_tables(summaries, loads, certificates) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def spread(ratios) -> str:
+        return "-" if not ratios else f"{sorted(ratios)[len(ratios) // 2]:.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+    table = Table(title="tokens/s per phase (median of repeats); x no speculation (median, range of repeats)",
+                  title_justify="left")
+    table.add_column("contestant")
+    for index, load in enumerate(loads):
+        table.add_column(f"{index + 1}: c={load}", justify="right")
+    table.add_column("whole trace", justify="right")
+    table.add_column("greedy outputs", justify="right")
+    for each in summaries:
+        cells = [f"{p.tokens_per_s:.1f}  {spread(p.vs_no_speculation)}\nTPOT {1000 * (p.latency.tpot_s or 0):.0f} ms, "
+                 f"p95 {p.latency.p95_latency_s or 0:.2f} s" for p in each.phases]
+        table.add_row(each.label, *cells, f"{each.tokens_per_s:.1f}  {spread(each.vs_no_speculation)}",
+                      f"{certificates[each.label].status.value}\n{certificates[each.label].exact_match_rate:.0%} exact")
+    Console(width=max(Console().width, 160)).print(table)
