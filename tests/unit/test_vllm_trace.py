@@ -24,9 +24,11 @@ def test_phases_parse_and_bad_ones_say_what_is_expected():
         parse_phases("0,4")
 
 
-def test_a_phase_holds_whole_batches_of_the_prompts_cycled():
+def test_a_phase_holds_whole_batches_and_every_prompt_rounds_times_at_least():
     prompts = ["a", "b", "c"]
     assert phase_prompts(prompts, 4, 2) == ["a", "b", "c", "a", "b", "c", "a", "b"]
+    assert phase_prompts(prompts, 1, 1) == ["a", "b", "c"]
+    assert phase_prompts(prompts, 2, 1) == ["a", "b", "c", "a"]
 
 
 def test_ratios_pair_each_repeat_with_no_speculation_of_the_same_repeat():

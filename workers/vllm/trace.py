@@ -6,7 +6,7 @@ family, no speculation) gets a fresh vLLM server, warmed once, then the same pha
 servers run one at a time (one alive: nothing idles beside the measured one) and the contestants take
 turns in an order reversed every repeat, so a machine drifting over minutes hits each alike.
 
-    phases      the concurrency of each phase, and `rounds` full batches per phase
+    phases      the concurrency of each phase; every prompt `rounds` times per phase, in full batches
     run_trace   every contestant's passes, repeat by repeat
     summarise   per phase and over the whole trace: throughput, TPOT, p95, and the ratio to no speculation
 """
@@ -72,8 +72,10 @@ def parse_phases(text: str) -> tuple[int, ...]:
 
 
 def phase_prompts(prompts: Sequence[PromptTokens], concurrency: int, rounds: int) -> list[PromptTokens]:
-    """`rounds` full batches of requests at `concurrency`: the prompts cycled."""
-    return [prompts[i % len(prompts)] for i in range(concurrency * rounds)]
+    """The prompts cycled over full batches at `concurrency`, every prompt `rounds` times at least (so every
+    phase decodes every prompt, and its output is certified there)."""
+    batches = -(-len(prompts) // concurrency) * rounds  # ceil: a batch holds `concurrency` requests
+    return [prompts[i % len(prompts)] for i in range(concurrency * batches)]
 
 
 def run_trace(contestants: Sequence[Contestant], prompts: Sequence[PromptTokens], phases: Sequence[int],

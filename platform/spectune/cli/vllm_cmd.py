@@ -58,7 +58,8 @@ def schedule(
 def trace(
     sweep: str = typer.Option(..., "--sweep", help="The vLLM load sweep whose schedule and fixed configurations race."),
     phases: str = typer.Option("1,4,16,4,1", help="The concurrency of each phase of the trace, in order."),
-    rounds: int = typer.Option(2, min=1, help="Full batches of requests per phase (a phase at 16: 16 x rounds)."),
+    rounds: int = typer.Option(2, min=1, help="Times every prompt is sent per phase (in full batches: 6 prompts at "
+                                "concurrency 4, rounds 2: 16 requests)."),
     repeats: int = typer.Option(2, min=1, help="Times each contestant runs the whole trace (the order reversed "
                                 "every other repeat)."),
     method: str | None = typer.Option(None, help="The schedule's method family (default: the sweep's fastest)."),
