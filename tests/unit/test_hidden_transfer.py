@@ -152,3 +152,12 @@ def test_it_decodes_greedy_equal_to_the_target_alone_with_the_cache_as_ar_leaves
     assert generation.tokens == plain
     assert generation.steps[0].extras == 3 * (generation.steps[0].drafted + 1)
     assert decoder.target.cache.tokens == ar.target.cache.tokens  # no pseudo position kept
+
+
+def test_every_heads_kind_has_one_entry_in_each_table():
+    """The kinds are keyed tables (defaults, training plan, module), not if-chains: a new kind fills each."""
+    from spectune.heads.build import DEFAULTS, PLANS
+    from spectune.heads.load import MODULES
+    from spectune.heads.spec import KINDS
+
+    assert list(DEFAULTS) == list(PLANS) == list(MODULES) == list(KINDS)
