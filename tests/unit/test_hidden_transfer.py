@@ -161,3 +161,9 @@ def test_every_heads_kind_has_one_entry_in_each_table():
     from spectune.heads.spec import KINDS
 
     assert list(DEFAULTS) == list(PLANS) == list(MODULES) == list(KINDS)
+
+
+def test_a_layer_transfer_without_extras_is_refused():
+    lm = CausalLM(random_llama(seed=3, vocab=16, layers=4))
+    with pytest.raises(ValueError, match="a layer transfer replaces extra positions: give the extras it replaces"):
+        lm.prefill([1, 2, 3], (), None, LayerTransfer(2, (0,), lambda h: h))

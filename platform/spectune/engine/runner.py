@@ -119,7 +119,7 @@ class CausalLM:
         in `Verification.extras`; `transfer` as in `verify`, node 0 being the last token); they are dropped from
         the cache before this returns."""
         if extras is None:
-            return self._run(tokens, None, None, 1, self._layers(hidden_layers))
+            return self._run(tokens, None, None, 1, self._layers(hidden_layers), None, (transfer, 0))
         m = extras.shape[0]
         out = self._run(tokens, None, None, m + 1, self._layers(hidden_layers), extras, (transfer, len(tokens) - 1))
         self.cache.truncate(len(self.cache) - m)
