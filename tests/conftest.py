@@ -44,7 +44,7 @@ def hybrid_micro_pair() -> Path:
 
 @pytest.fixture(scope="session")
 def micro_heads(micro_pair: Path) -> Path:
-    """Medusa, Hydra, EAGLE, EAGLE-3 and Falcon heads for the micro pair, in ``<pair>/heads/<kind>`` where the methods
+    """Medusa, Hydra, EAGLE, EAGLE-3, Falcon, PPD and Hidden Transfer heads for the micro pair, in ``<pair>/heads/<kind>`` where the methods
     find them, trained once (a small feature pass and ~100 steps each, seconds) and cached like the pair."""
     from spectune.heads.build import options_for, train_heads
     from spectune.heads.features import FeatureSpec

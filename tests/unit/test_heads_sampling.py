@@ -1,4 +1,5 @@
-"""Lossless sampling with trained heads: the tokens medusa, hydra, eagle, eagle3 and falcon emit follow the target's law.
+"""Lossless sampling with trained heads: the tokens medusa, hydra, eagle, eagle3, falcon, ppd and hidden-transfer emit
+follow the target's law.
 
 A random 4-layer target over a 4-token vocabulary; heads trained (in seconds) on its own samples, so
 they agree with it often and the first step accepts 3 drafted tokens in a fair share of runs; then a
@@ -92,6 +93,7 @@ KNOBS = {
     "eagle3": {"budget": 6, "max_depth": 3, "topk": 2, "per_pass": 2},
     "falcon": {"branching": [3, 2, 1]},  # blocks of 2: depth 3 is the second pass's, drafted from the first's output
     "ppd": {"budget": 8},  # the best 8 rank paths of its card: 3 deep on this target
+    "hidden-transfer": {"budget": 8},  # likewise, from its pseudo positions' card
 }
 HEADS_SIZE = {"falcon": 2}  # n_heads where not 3: falcon's block
 CONFIGS = [(name, KNOBS.get(name, {})) for name in HEADS_METHODS]
@@ -114,7 +116,7 @@ class SharpenedQ(WrongQ):
 # one for every k >= 2 (measured: the three prompts' q at the prompt differ by < 0.03 per token), so the
 # parent's-q mutant hands the verifier almost the right q (p = 0.84 at 600 samples): it has no power there.
 # The wrong-temperature mutant does, at every depth.
-MUTANTS = {"ppd": SharpenedQ}
+MUTANTS = {"ppd": SharpenedQ, "hidden-transfer": SharpenedQ}  # hidden-transfer's pseudo position k: the same law k ahead
 
 
 def first_tokens(target, heads, method, knobs, mutant=False, samples=SAMPLES) -> tuple[np.ndarray, int]:

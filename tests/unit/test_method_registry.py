@@ -33,6 +33,7 @@ CASES = {
     "rasd": ({"retrieval_depth": 6, "draft_depth": 3, "budget": 20}, KnobColumns(draft_len=6, node_budget=20)),
     "falcon": ({"block": 3, "passes": 2, "budget": 20}, KnobColumns(draft_len=5, node_budget=20)),  # 20 ranked nodes reach depth 5 of 6
     "ppd": ({"budget": 12, "prompts": 2}, KnobColumns(node_budget=12, draft_len=2)),
+    "hidden-transfer": ({"budget": 10, "positions": 2}, KnobColumns(node_budget=10, draft_len=2)),
 }
 
 

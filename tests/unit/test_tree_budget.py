@@ -36,6 +36,7 @@ TOO_BIG = {
     "rasd": {"budget": 20},  # the fusion budget
     "falcon": {"budget": 20},
     "ppd": {"budget": 3},  # 3 nodes + 3 prompt tokens under each of the 4 (root included): 15 positions
+    "hidden-transfer": {"budget": 3},  # 3 nodes + 3 pseudo positions under each of the 4 (root included): 15
 }
 
 # methods that by construction cannot propose a tree the context could not verify, and why

@@ -6,20 +6,22 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Train draft heads (Medusa, Hydra, EAGLE, EAGLE-3, Falcon, PPD's prompt tokens) for a target and export them to vLLM.",
+app = typer.Typer(help="Train draft heads (Medusa, Hydra, EAGLE, EAGLE-3, Falcon, PPD's prompt tokens, Hidden Transfer's "
+                  "transfer maps) for a target and export them to vLLM.",
                   no_args_is_help=True)
 
 
 @app.command("train")
 def train(
     pair: str = typer.Option(..., help="The pair: a folder holding target/, or a name (micro, tiny, smollm2)."),
-    kind: list[str] = typer.Option(..., help="medusa, hydra, eagle, eagle3, falcon or ppd (repeat for several; all: every kind)."),
+    kind: list[str] = typer.Option(..., help="medusa, hydra, eagle, eagle3, falcon, ppd or transfer (repeat for several; all: every kind)."),
     out: Path | None = typer.Option(None, help="Heads folder (default: <pair>/heads/<kind>)."),
     dtype: str = typer.Option("float32", help="The target's dtype for the feature pass: float32 or bfloat16."),
     windows: int = typer.Option(384, help="Training windows of the corpus in the feature pass."),
     heldout_windows: int = typer.Option(32, help="Held-out windows scored for the card's agreement."),
     seq_len: int = typer.Option(256, help="Tokens per window."),
-    heads: int | None = typer.Option(None, help="Heads (medusa/hydra), unrolled training steps (eagle/eagle3), the block (falcon) or prompt tokens (ppd)."),
+    heads: int | None = typer.Option(None, help="Heads (medusa/hydra), unrolled training steps (eagle/eagle3), the block (falcon), prompt tokens (ppd) or pseudo positions (transfer)."),
+    layer: int | None = typer.Option(None, help="transfer: the target block after which the pseudo states enter (1..L-1; default L//2)."),
     draft_vocab: int = typer.Option(0, help="Draft vocabulary: the corpus's N most frequent tokens (0: all)."),
     steps: int | None = typer.Option(None, help="Training steps (default per kind)."),
     batch: int | None = typer.Option(None, help="Windows per training step."),
@@ -54,7 +56,8 @@ def train(
         features = FeatureSpec(seq_len=seq_len, train_windows=windows, heldout_windows=heldout_windows, seed=seed,
                                text=text, chat=ChatText(answers=answers, answer_tokens=answer_tokens))
         for name in kinds:
-            options = options_for(name, n_heads=heads, draft_vocab=draft_vocab, steps=steps, batch=batch, lr=lr, seed=seed)
+            options = options_for(name, n_heads=heads, draft_vocab=draft_vocab, steps=steps, batch=batch, lr=lr, seed=seed,
+                                  layer=layer)
             folder = train_heads(loaded.target, loaded.tokenizer, options, features, out, force=force)
             typer.echo(f"{name} heads ready: {folder}")
     except (PairError, HeadsError, ValueError) as err:

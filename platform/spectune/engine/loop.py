@@ -20,7 +20,7 @@ from spectune.engine.budget import check_fits
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
-from spectune.trees.draft import DraftTree, VerifyExtras, tree_inputs, tree_layout
+from spectune.trees.draft import DraftTree, LayerTransfer, VerifyExtras, tree_inputs, tree_layout
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class Decoder:
             inputs = tree_inputs(parents, past, self.target.dtype)  # 2. tree inputs: mask, positions
             with self.drafter.verifying(tree):  # 3. verify: ONE target forward over every node (and extra)
                 verified = self.target.verify(tree.tokens, inputs.positions, inputs.mask, layers,
-                                              None if extras is None else extras.embeddings)
+                                              *_extra_inputs(extras))
             logits = verified.logits  # [n+1, V]; verified.hidden: {layer: [n+1, d]}
             verdict = accept(tree, logits, sampling, rng)  # 4. accept: path + bonus
             emitted = self._commit(tree, verdict, past, sequence)  # 5. commit: caches hold the accepted prefix
@@ -107,19 +107,19 @@ class Decoder:
         self.drafter.reset()
         if len(sequence) > 1:  # prefill all but the root; a drafter reading the target's features gets the prompt's
             extras = self._prefill_extras(sequence[-2])
-            prefill = self.target.prefill(sequence[:-1], self.drafter.hidden_layers(), extras)
+            prefill = self.target.prefill(sequence[:-1], self.drafter.hidden_layers(), *_extra_inputs(extras))
             self.drafter.prefilled(prefill.hidden)  # {layer: [p, d]}, or {} when it asked for none
             if prefill.extras is not None:
                 self.drafter.prefilled_extras(prefill.extras)
 
-    def _prefill_extras(self, last: int) -> torch.Tensor | None:
-        """[m, d] extras the drafter hangs under the last prefilled token (a chain, as the prefill is), or None."""
+    def _prefill_extras(self, last: int) -> VerifyExtras | None:
+        """The extras the drafter hangs under the last prefilled token (a chain, as the prefill is), or None."""
         extras = self.drafter.verify_extras(DraftTree.root_only(last))
         if extras is None:
             return None
         if not tree_layout(extras.joined((-1,))).is_chain:
             raise ValueError(f"extras at the prefill must form a chain under its last token, got parents {extras.parents}")
-        return extras.embeddings
+        return extras
 
     def _commit(self, tree: DraftTree, verdict: Verdict, past: int, sequence: list[int]) -> list[int]:
         self.target.cache.keep(past, verdict.path)  # root + accepted nodes stay (extras never: on no path)
@@ -137,6 +137,11 @@ class Decoder:
     def _check_budget(self, prompt_len: int, max_new_tokens: int) -> None:
         """ValueError for an empty prompt or no new tokens; budget.ContextOverflow when they do not fit."""
         check_fits(prompt_len, max_new_tokens, self.drafter.max_tree_size, self.target.max_positions)
+
+
+def _extra_inputs(extras: VerifyExtras | None) -> tuple[torch.Tensor | None, LayerTransfer | None]:
+    """What the target's forward takes of the extras: their [m, d] input embeddings and their layer transfer."""
+    return (None, None) if extras is None else (extras.embeddings, extras.transfer)
 
 
 def _record(tree: DraftTree, verdict: Verdict, kept: int, extras: VerifyExtras | None) -> StepRecord:

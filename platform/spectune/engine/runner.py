@@ -12,8 +12,9 @@ from transformers import PreTrainedModel
 
 from spectune.engine.budget import context_length
 from spectune.engine.kvcache import KVCache
+from spectune.engine.layer_transfer import transferring
 from spectune.engine.ssm_tree import TreeScan, enable_tree_scan, scanning, verifying_branch_by_branch
-from spectune.trees.draft import tree_layout
+from spectune.trees.draft import LayerTransfer, tree_layout
 
 
 EXTRA_SLOT = -1  # the token id the cache records for an extra position (no token: an input embedding)
@@ -80,6 +81,7 @@ class CausalLM:
         mask: torch.Tensor | None,
         hidden_layers: Sequence[int] = (),
         extras: torch.Tensor | None = None,
+        transfer: LayerTransfer | None = None,
     ) -> Verification:
         """Append `tokens` (a draft tree: positions [1, n], mask [1, 1, n, past+n] or None for a chain);
         return their logits and the outputs of decoder blocks `hidden_layers` (each in 1..L).
@@ -89,7 +91,8 @@ class CausalLM:
 
         `extras` [m, d]: input embeddings of m more positions after the n tokens (positions and mask then
         cover n+m); their outputs come back apart, in `Verification.extras`, and their cache slots hold
-        EXTRA_SLOT until the caller's `cache.keep` / `truncate` drops them.
+        EXTRA_SLOT until the caller's `cache.keep` / `truncate` drops them. `transfer`: the extras' states are
+        replaced after a middle block by a map of their anchor nodes' states there (`layer_transfer`).
 
         Layers 1..L-1 hand back a block's output before any norm (the residual stream: what vLLM's
         EAGLE-3 auxiliary layers read); layer L hands back the final norm's output, the feature the
@@ -99,25 +102,26 @@ class CausalLM:
         ContextVar: nothing is hooked for this call alone, and concurrent forwards of the same
         model in other threads neither see nor disturb what this one collects.
         """
-        verified = self._run(tokens, positions, mask, 0, self._layers(hidden_layers), extras)
+        verified = self._run(tokens, positions, mask, 0, self._layers(hidden_layers), extras, (transfer, 0))
         if extras is None:
             return verified
         n = len(tokens)
         return Verification(verified.logits[:n], {layer: h[:n] for layer, h in verified.hidden.items()},
                             ExtraOutputs(verified.logits[n:], {layer: h[n:] for layer, h in verified.hidden.items()}))
 
-    def prefill(self, tokens: Sequence[int], hidden_layers: Sequence[int] = (), extras: torch.Tensor | None = None
-                ) -> Verification:
+    def prefill(self, tokens: Sequence[int], hidden_layers: Sequence[int] = (), extras: torch.Tensor | None = None,
+                transfer: LayerTransfer | None = None) -> Verification:
         """Append `tokens` after the cache (a chain); logits after the last one only ([1, V]) and, at every
         token, the outputs of `hidden_layers` as `verify` hands them back (drafters that read the target's
         features need the prompt's too).
 
         `extras` [m, d]: a chain of extra positions after the last token (its logits and hidden states come back
-        in `Verification.extras`); they are dropped from the cache before this returns."""
+        in `Verification.extras`; `transfer` as in `verify`, node 0 being the last token); they are dropped from
+        the cache before this returns."""
         if extras is None:
-            return self._run(tokens, None, None, 1, self._layers(hidden_layers))
+            return self._run(tokens, None, None, 1, self._layers(hidden_layers), None, (transfer, 0))
         m = extras.shape[0]
-        out = self._run(tokens, None, None, m + 1, self._layers(hidden_layers), extras)
+        out = self._run(tokens, None, None, m + 1, self._layers(hidden_layers), extras, (transfer, len(tokens) - 1))
         self.cache.truncate(len(self.cache) - m)
         n = len(tokens)
         return Verification(out.logits[:1], {layer: h[:n] for layer, h in out.hidden.items()},
@@ -139,6 +143,7 @@ class CausalLM:
         keep: int,  # logits of the last `keep` positions; 0: every position
         layers: tuple[int, ...],
         extras: torch.Tensor | None = None,
+        transfer: tuple[LayerTransfer | None, int] = (None, 0),  # and the sequence row of its tree's node 0
     ) -> Verification:
         if positions is None:  # a chain (the extras too)
             n = len(tokens) + (0 if extras is None else extras.shape[0])
@@ -152,7 +157,7 @@ class CausalLM:
         self.cache.recording(every_token=keep != 1)  # a verification may be rolled back into; a prefill not
         capture = {"output_hidden_states": list(layers)} if layers else {}  # hidden_states[l]: output of block l
         inputs = {"input_ids": ids} if extras is None else {"inputs_embeds": self._embed(ids, extras)}
-        with scanning(tree) if tree is not None else contextlib.nullcontext():
+        with self._transferring(*transfer, extras), scanning(tree) if tree is not None else contextlib.nullcontext():
             out = self.model(
                 **inputs,
                 position_ids=positions.to(self.device),
@@ -166,6 +171,14 @@ class CausalLM:
         self.cache.appended(slots, tree.nodes if tree is not None else None)
         hidden = {layer: out.hidden_states[layer][0] for layer in layers}  # layer -> [n, d]
         return Verification(out.logits[0].float(), hidden)  # logits [n, V]
+
+    def _transferring(self, transfer: LayerTransfer | None, offset: int, extras: torch.Tensor | None
+                      ) -> contextlib.AbstractContextManager[None]:
+        if transfer is None:
+            return contextlib.nullcontext()
+        if extras is None:
+            raise ValueError("a layer transfer replaces extra positions: give the extras it replaces")
+        return transferring(self.model, transfer, offset)
 
     def _embed(self, ids: torch.Tensor, extras: torch.Tensor) -> torch.Tensor:
         """[1, n] token ids and [m, d] extra embeddings -> [1, n+m, d] inputs."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,14 @@ from spectune.heads.falcon import falcon_predictions
 from spectune.heads.features import FeatureSpec, cached_features, fused_layers
 from spectune.heads.load import check_supported, new_module, save_weights, target_print
 from spectune.heads.spec import HEADS_VERSION, KINDS, HeadsError, HeadsSpec, default_folder, write_spec
+from spectune.heads.transfer import transfer_layer, transfer_predictions
 from spectune.heads.vocab import DraftVocab, frequent_tokens
 from spectune.models.cache import build_lock, prepare_out
 from spectune.models.card import read_card, write_card
 from spectune.models.seeding import derive_seed, seeded_deterministic
 
 AGREEMENT_TOPK = 4  # the card's top-k agreement: the target's argmax among the heads' 4 best
-PPD_RANKS = 8  # ppd scores 8 ranks per position: its sparse tree reads the card's per-position, per-rank acceptance
+PPD_RANKS = 8  # ppd and transfer score 8 ranks per position: their sparse trees read the card's per-position, per-rank acceptance
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,14 @@ class HeadsOptions:
     batch: int = 4
     lr: float = 1e-3
     seed: int = 0
+    layer: int = 0  # transfer: the block l after which the pseudo states enter (0: L//2); unused by the others
+
+    def described(self) -> dict:
+        """As a dict; without `layer` when 0 (so the heads cached before it existed keep their request)."""
+        keyed = asdict(self)
+        if not self.layer:
+            keyed.pop("layer")
+        return keyed
 
 
 DEFAULTS = {  # sized for the tiny pair: a few minutes per kind on 2 CPU cores
@@ -55,16 +65,22 @@ DEFAULTS = {  # sized for the tiny pair: a few minutes per kind on 2 CPU cores
     "eagle3": HeadsOptions("eagle3", n_heads=3),
     "falcon": HeadsOptions("falcon", n_heads=2, n_layers=2),  # blocks of 2 tokens (Falcon's k), two decoder layers
     "ppd": HeadsOptions("ppd", n_heads=3, lr=1e-2),  # n_heads: prompt tokens (PPD's paper: 3)
+    "transfer": HeadsOptions("transfer", n_heads=3),  # n_heads: pseudo positions m; layer 0: the target's L//2
 }
+
+
+READ_BY_TARGET = {"ppd": "prompt tokens", "transfer": "pseudo states"}  # kinds the target's own LM head reads out
 
 
 def options_for(kind: str, **overrides: Any) -> HeadsOptions:
     if kind not in DEFAULTS:
         raise HeadsError(f"unknown heads kind {kind!r}; kinds: {', '.join(KINDS)}")
     options = replace(DEFAULTS[kind], **{k: v for k, v in overrides.items() if v is not None})
-    if kind == "ppd" and options.draft_vocab:
-        raise HeadsError("ppd's prompt tokens are read out by the target's own LM head over its whole vocabulary: "
-                         "no draft vocabulary (--draft-vocab 0)")
+    if options.draft_vocab and kind in READ_BY_TARGET:
+        raise HeadsError(f"{kind}'s {READ_BY_TARGET[kind]} are read out by the target's own LM head over its whole "
+                         "vocabulary: no draft vocabulary (--draft-vocab 0)")
+    if options.layer and kind != "transfer":
+        raise HeadsError(f"--layer is the transfer layer of transfer heads; {kind} heads have none")
     return options
 
 
@@ -77,12 +93,13 @@ def train_heads(model, tokenizer, options: HeadsOptions, features: FeatureSpec, 
                 force: bool = False, progress: bool = True) -> Path:
     """Train `options.kind` heads for `model` (a loaded target) into `out` (default `<pair>/heads/<kind>`)."""
     check_supported(options.kind, model)
+    PLANS[options.kind].layers(options, model.config)  # a layer outside the target fails here, before the feature pass
     out = Path(out) if out is not None else default_folder(str(model.name_or_path), options.kind)
     if out is None:
         raise HeadsError(f"target {model.name_or_path} is not a pair folder's target/: give the heads folder (--out)")
     out = prepare_out(out)
     printed = target_print(model)
-    request = {"version": HEADS_VERSION, "options": asdict(options), "features": features.described(),
+    request = {"version": HEADS_VERSION, "options": options.described(), "features": features.described(),
                "target": printed.model_dump(), "dtype": str(model.dtype)}
     with build_lock(out):
         card = read_card(out)
@@ -126,10 +143,10 @@ def _train(model, options: HeadsOptions, train, heldout, printed, progress: bool
     data = train.load()
     vocab = (frequent_tokens(data["tokens"], options.draft_vocab, config.vocab_size) if options.draft_vocab
              else DraftVocab.full(config.vocab_size))
-    layers = (config.num_hidden_layers,) if options.kind != "eagle3" else fused_layers(config.num_hidden_layers)
-    spec = HeadsSpec(kind=options.kind, n_heads=options.n_heads, n_layers=options.n_layers, feature_layers=layers,
-                     draft_vocab_size=vocab.size, target=printed,
-                     train={k: v for k, v in asdict(options).items() if k not in ("kind", "n_heads", "n_layers")})
+    plan = PLANS[options.kind]
+    spec = HeadsSpec(kind=options.kind, n_heads=options.n_heads, n_layers=options.n_layers,
+                     feature_layers=plan.layers(options, config), draft_vocab_size=vocab.size, target=printed,
+                     train={k: v for k, v in options.described().items() if k not in ("kind", "n_heads", "n_layers")})
     frozen = training.Frozen(vocab.rows(model.get_output_embeddings().weight).detach().float().cpu(),
                              model.get_input_embeddings().weight.detach().float().cpu(), vocab)
     with seeded_deterministic(derive_seed(options.seed, f"heads:{options.kind}:init")):
@@ -137,29 +154,54 @@ def _train(model, options: HeadsOptions, train, heldout, printed, progress: bool
     if options.kind == "eagle3":
         with torch.no_grad():
             module.lm_head.weight.copy_(frozen.readout)  # the target's rows: EAGLE-3's own head starts as (and stays) them
-    predict = _predictor(options, module, frozen, model)
-    learn = _predictor(options, module, frozen, model, learning=True)
+    heads = Training(spec, module, frozen, model)
+    predict = plan.predictor(heads, False)
+    learn = plan.predictor(heads, True)
     role = f"heads:{options.kind}"
     held = heldout.load()
-    with training.frozen_weights(model):  # ppd backpropagates through the target: into the prompts only
+    with training.frozen_weights(model):  # ppd and transfer backpropagate through the target: into their own parameters
         stats = training.fit(module, lambda w: training.prediction_loss(learn(data, w), vocab), data["tokens"].shape[0],
                              training.TrainOptions(options.steps, options.batch, options.lr, options.seed), role, progress)
-        scores = training.agreement(lambda w: predict(held, w), held["tokens"].shape[0], vocab,
-                                    AGREEMENT_TOPK if options.kind != "ppd" else PPD_RANKS)
+        scores = training.agreement(lambda w: predict(held, w), held["tokens"].shape[0], vocab, plan.ranks)
     return spec, module, vocab, stats, scores
 
 
-def _predictor(options: HeadsOptions, module, frozen, model, learning: bool = False):
-    """Draft logits per position for a batch of windows; `learning`: as trained (falcon glances), else as drafted."""
-    if options.kind == "falcon":
-        return lambda data, w: falcon_predictions(module, frozen, data, w, glance=learning)
-    if options.kind == "ppd":
-        return lambda data, w: training.ppd_predictions(module, model, data, w)
-    if options.kind == "medusa":
-        return lambda data, w: training.medusa_predictions(module, frozen, data, w)
-    if options.kind == "hydra":
-        return lambda data, w: training.hydra_predictions(module, frozen, data, w)
-    return lambda data, w: training.eagle_predictions(module, frozen, data, w, options.n_heads)
+@dataclass(frozen=True)
+class Training:
+    """What a kind's predictor reads: the spec being trained, its module, the target's frozen parts, the target."""
+
+    spec: HeadsSpec
+    module: Any
+    frozen: training.Frozen
+    model: Any
+
+
+# predictor(heads, learning) -> (data, windows) -> Predictions: draft logits per position for a batch of windows;
+# `learning`: as trained (falcon glances), else as drafted
+Predictor = Callable[[Training, bool], Callable[[dict, Any], training.Predictions]]
+
+
+@dataclass(frozen=True)
+class KindPlan:
+    """How one kind trains: its predictor, the ranks its card scores, the target layers its spec reads."""
+
+    predictor: Predictor
+    ranks: int = AGREEMENT_TOPK
+    layers: Callable[[HeadsOptions, Any], tuple[int, ...]] = lambda options, config: (config.num_hidden_layers,)
+
+
+PLANS: dict[str, KindPlan] = {  # every kind of spec.KINDS, keyed by its name: nothing else branches on it
+    "medusa": KindPlan(lambda h, _: lambda data, w: training.medusa_predictions(h.module, h.frozen, data, w)),
+    "hydra": KindPlan(lambda h, _: lambda data, w: training.hydra_predictions(h.module, h.frozen, data, w)),
+    "eagle": KindPlan(lambda h, _: lambda data, w: training.eagle_predictions(h.module, h.frozen, data, w, h.spec.n_heads)),
+    "eagle3": KindPlan(lambda h, _: lambda data, w: training.eagle_predictions(h.module, h.frozen, data, w, h.spec.n_heads),
+                       layers=lambda options, config: fused_layers(config.num_hidden_layers)),
+    "falcon": KindPlan(lambda h, learning: lambda data, w: falcon_predictions(h.module, h.frozen, data, w, glance=learning)),
+    "ppd": KindPlan(lambda h, _: lambda data, w: training.ppd_predictions(h.module, h.model, data, w), ranks=PPD_RANKS),
+    "transfer": KindPlan(
+        lambda h, _: lambda data, w: transfer_predictions(h.module, h.model, data, w, h.spec.feature_layers[0]),
+        ranks=PPD_RANKS, layers=lambda options, config: (transfer_layer(options.layer, config.num_hidden_layers),)),
+}
 
 
 def _coverage(heldout, vocab: DraftVocab) -> float:

@@ -18,7 +18,15 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from spectune.heads.features import fused_layers
-from spectune.heads.modules import EagleDraft, FalconDraft, HydraHeads, MedusaHeads, PromptTokens, eagle_config
+from spectune.heads.modules import (
+    EagleDraft,
+    FalconDraft,
+    HydraHeads,
+    MedusaHeads,
+    PromptTokens,
+    TransferMaps,
+    eagle_config,
+)
 from spectune.heads.spec import TRAIN_HINT, WEIGHTS_FILE, HeadsError, HeadsSpec, TargetPrint, check_config, default_folder, read_spec
 from spectune.heads.vocab import DraftVocab
 
@@ -55,27 +63,29 @@ def check_supported(kind: str, model: PreTrainedModel) -> None:
     if kind == "falcon" and model_type not in EAGLE_ARCHITECTURES:
         raise HeadsError(f"falcon heads are Llama decoder layers shaped like the target's; the target is a "
                          f"{model_type} model ({type(model).__name__})")
-    if kind == "ppd" and getattr(model.config, "model_type", "") not in EAGLE_ARCHITECTURES:
-        raise HeadsError(f"ppd's prompt tokens ride in the target's tree-masked forward (a Llama-style model: 4-D mask, "
-                         f"position ids, input embeddings); the target is a {model.config.model_type} model")
+    if kind in ("ppd", "transfer") and getattr(model.config, "model_type", "") not in EAGLE_ARCHITECTURES:
+        raise HeadsError(f"{kind}'s extra positions ride in the target's tree-masked forward (a Llama-style model: 4-D "
+                         f"mask, position ids, input embeddings); the target is a {model.config.model_type} model")
     if kind == "eagle3" and not fused_layers(model.config.num_hidden_layers):
         raise HeadsError(f"eagle3 fuses a low, a middle and a high layer below the last; the target has only "
                          f"{model.config.num_hidden_layers} layers (eagle3 needs >= 4)")
 
 
+MODULES = {  # kind -> (spec, the target's config) -> an untrained module of its sizes
+    "medusa": lambda spec, config: MedusaHeads(spec.target.hidden_size, spec.n_heads, spec.n_layers),
+    "hydra": lambda spec, config: HydraHeads(spec.target.hidden_size, spec.n_heads, spec.n_layers),
+    "eagle": lambda spec, config: EagleDraft(eagle_config(config), 1, len(spec.feature_layers), spec.draft_vocab_size),
+    "eagle3": lambda spec, config: EagleDraft(eagle_config(config), 3, len(spec.feature_layers), spec.draft_vocab_size),
+    "falcon": lambda spec, config: FalconDraft(eagle_config(config, spec.n_layers), block=spec.n_heads),
+    "ppd": lambda spec, config: PromptTokens(spec.target.hidden_size, spec.n_heads,
+                                             float(getattr(config, "initializer_range", 0.02))),
+    "transfer": lambda spec, config: TransferMaps(spec.target.hidden_size, spec.n_heads),
+}
+
+
 def new_module(spec: HeadsSpec, config) -> nn.Module:
     """An untrained module of the spec's kind and sizes (the init is the caller's to seed)."""
-    hidden = spec.target.hidden_size
-    if spec.kind == "medusa":
-        return MedusaHeads(hidden, spec.n_heads, spec.n_layers)
-    if spec.kind == "hydra":
-        return HydraHeads(hidden, spec.n_heads, spec.n_layers)
-    if spec.kind == "falcon":
-        return FalconDraft(eagle_config(config, spec.n_layers), block=spec.n_heads)
-    if spec.kind == "ppd":
-        return PromptTokens(hidden, spec.n_heads, float(getattr(config, "initializer_range", 0.02)))
-    version = 1 if spec.kind == "eagle" else 3
-    return EagleDraft(eagle_config(config), version, len(spec.feature_layers), spec.draft_vocab_size)
+    return MODULES[spec.kind](spec, config)
 
 
 @dataclass(frozen=True)

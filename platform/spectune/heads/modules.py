@@ -15,6 +15,9 @@ the vLLM 0.32 model that loads its export runs it, so an exported head computes 
 - PPD (Chen et al. 2024, parallel prompt decoding): m trainable prompt-token embeddings, the only
   parameters; appended after a node in the target's own forward, prompt k's output predicts the
   token k after the node's next one. vLLM has none; spectune's own.
+- Hidden Transfer (Wu et al. 2024): m transfer maps from the target's block-l output at a node to pseudo
+  states of the m positions after it, which the target's own blocks l+1..L read out in the verification
+  forward (`spectune.engine.layer_transfer`). vLLM has none; spectune's own.
 - EAGLE-3 (Li et al. 2025): fc fuses a low, a middle and a high layer of the target (their
   pre-norm block outputs); the layer's attention reads [input_norm(embedding), hidden_norm(h)]
   (2d wide); a final norm and the heads' own LM head over the draft vocabulary (`d2t` maps it to
@@ -122,6 +125,29 @@ class PromptTokens(nn.Module):
     @property
     def n_heads(self) -> int:
         return self.embeddings.shape[0]
+
+
+# --- Hidden Transfer --------------------------------------------------------------------------------
+
+
+class TransferMaps(nn.Module):
+    """m transfer layers: map k sends the block-l output h_t to the pseudo state of position t+k,
+    h_t + W_k h_t + b_k. Zero at init, so each starts as a copy of h_t (near identity, as the paper's)."""
+
+    def __init__(self, hidden: int, n_maps: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_maps, hidden, hidden))  # [m, d_in, d_out]
+        self.bias = nn.Parameter(torch.zeros(n_maps, hidden))  # [m, d]
+
+    @property
+    def n_heads(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, anchors: torch.Tensor) -> torch.Tensor:
+        """anchors [..., k, d]: slot j holds the state map j+1 reads (k <= m) -> [..., k, d] the pseudo states."""
+        k = anchors.shape[-2]
+        moved = torch.einsum("...kd,kde->...ke", anchors, self.weight[:k].to(anchors.dtype))  # [..., k, d]
+        return anchors + moved + self.bias[:k].to(anchors.dtype)
 
 
 # --- EAGLE and EAGLE-3 --------------------------------------------------------------------------

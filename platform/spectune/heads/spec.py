@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from spectune.validation import one_line
 
-KINDS = ("medusa", "hydra", "eagle", "eagle3", "falcon", "ppd")
-Kind = Literal["medusa", "hydra", "eagle", "eagle3", "falcon", "ppd"]
+KINDS = ("medusa", "hydra", "eagle", "eagle3", "falcon", "ppd", "transfer")
+Kind = Literal["medusa", "hydra", "eagle", "eagle3", "falcon", "ppd", "transfer"]
 HEADS_VERSION = 1  # bumped when a change here changes what a heads folder means
 SPEC_FILE = "heads.json"
 WEIGHTS_FILE = "heads.safetensors"
@@ -50,9 +50,11 @@ class HeadsSpec(BaseModel):
     kind: Kind
     n_heads: int = Field(ge=1, description="medusa/hydra: heads, one per draft depth; eagle: positions trained (TTT); "
                                          "falcon: the block, tokens drafted per pass; "
-                                         "ppd: prompt tokens, one per draft depth")
+                                         "ppd: prompt tokens, one per draft depth; "
+                                         "transfer: transfer maps, one per draft depth")
     n_layers: int = Field(1, ge=1, description="medusa/hydra: residual layers per head; eagle/falcon: decoder layers")
-    feature_layers: tuple[int, ...] = Field(description="target layers read (1..L; L = the final norm's output)")
+    feature_layers: tuple[int, ...] = Field(description="target layers read (1..L; L = the final norm's output); "
+                                                        "transfer: (l,), the block after which its pseudo states enter")
     draft_vocab_size: int = Field(ge=1, description="tokens the heads can propose (the corpus's most frequent)")
     target: TargetPrint
     train: dict[str, Any] = Field(default_factory=dict, description="the training options (seed, steps, ...)")

@@ -72,16 +72,17 @@ class PpdKnobs(Knobs):
         return hardware_aware_sparse_tree(rows, self.budget, prompts, load_profile(self.profile_file))
 
 
-class PpdDrafter(Drafter):
-    """Drafts from the prompt tokens' logits under the last accepted node; asks for them under every node."""
+class PositionsAheadDrafter(Drafter):
+    """The target itself drafts: m extra positions under every tree node ride in its verification forward, and
+    those under the last accepted node give the next tree's depths 1..m (PPD's prompt tokens, Hidden Transfer's
+    pseudo states). Subclasses say what the extras are (`extras`)."""
 
-    def __init__(self, heads: LoadedHeads, shape: TreeShape, prompts: int) -> None:
+    def __init__(self, heads: LoadedHeads, shape: TreeShape, positions: int) -> None:
         self.heads = heads
         self.shape = shape
-        self.prompts = prompts
-        self.embeddings = heads.module.embeddings[:prompts].detach()  # [m, d] in the target's dtype
-        self.max_tree_size = shape.size + (shape.size + 1) * prompts  # nodes + the prompts under each (root too)
-        self.per_depth: torch.Tensor | None = None  # [m, V] prompt logits under the node that gave the root
+        self.prompts = positions  # extra positions per node: the deepest draft
+        self.max_tree_size = shape.size + (shape.size + 1) * positions  # nodes + the extras under each (root too)
+        self.per_depth: torch.Tensor | None = None  # [m, V] extra logits under the node that gave the root
 
     def reset(self) -> None:
         self.per_depth = None
@@ -89,24 +90,42 @@ class PpdDrafter(Drafter):
     @torch.inference_mode()
     def draft(self, context: DraftContext) -> DraftTree:
         depth_limit = min(self.shape.depth, context.max_depth)
-        if depth_limit == 0 or self.per_depth is None:  # a one-token prompt's first step: no prompts ran yet
+        if depth_limit == 0 or self.per_depth is None:  # a one-token prompt's first step: no extras ran yet
             return DraftTree.root_only(context.sequence[-1])
         return fill_by_level(self.shape, context.sequence[-1], depth_limit, self._level_logits, self.heads, context)
 
     def _level_logits(self, depth: int, level: list[int], tree: GrowingTree) -> torch.Tensor:
-        return self.per_depth[depth - 1].expand(len(level), -1)  # [len(level), V] every node of a depth: prompt `depth`
+        return self.per_depth[depth - 1].expand(len(level), -1)  # [len(level), V] every node of a depth: extra `depth`
 
     def verify_extras(self, tree: DraftTree) -> VerifyExtras:
-        nodes, m = len(tree.tokens), self.prompts
-        parents = [node if k == 0 else nodes + node * m + k - 1 for node in range(nodes) for k in range(m)]
-        return VerifyExtras(self.embeddings.repeat(nodes, 1), tuple(parents))  # [(n+1)·m, d], m chained per node
+        return self.extras(len(tree.tokens), chained_parents(len(tree.tokens), self.prompts))
+
+    def extras(self, nodes: int, parents: tuple[int, ...]) -> VerifyExtras:
+        """The [nodes·m] extras, m chained under each of `nodes` tree nodes (node-major), with these parents."""
+        raise NotImplementedError
 
     def prefilled_extras(self, outputs: ExtraOutputs) -> None:
-        self.per_depth = outputs.logits  # [m, V] the prompts after the prompt's last token: the first tree's depths
+        self.per_depth = outputs.logits  # [m, V] the extras after the prompt's last token: the first tree's depths
 
     def observe(self, outcome: StepOutcome) -> None:
-        last = outcome.verdict.path[-1]  # its logits gave the bonus, the next root: its prompts draft after it
+        last = outcome.verdict.path[-1]  # its logits gave the bonus, the next root: its extras draft after it
         self.per_depth = outcome.extras.logits[last * self.prompts:(last + 1) * self.prompts]  # [m, V]
+
+
+def chained_parents(nodes: int, m: int) -> tuple[int, ...]:
+    """Parents of m extras chained under each of `nodes` tree nodes: extra k of node i under extra k-1 (k=0: node i)."""
+    return tuple(node if k == 0 else nodes + node * m + k - 1 for node in range(nodes) for k in range(m))
+
+
+class PpdDrafter(PositionsAheadDrafter):
+    """Drafts from the prompt tokens' logits under the last accepted node; asks for them under every node."""
+
+    def __init__(self, heads: LoadedHeads, shape: TreeShape, prompts: int) -> None:
+        super().__init__(heads, shape, prompts)
+        self.embeddings = heads.module.embeddings[:prompts].detach()  # [m, d] in the target's dtype
+
+    def extras(self, nodes: int, parents: tuple[int, ...]) -> VerifyExtras:
+        return VerifyExtras(self.embeddings.repeat(nodes, 1), parents)  # [(n+1)·m, d], m chained per node
 
 
 def rank_acceptance(heads: LoadedHeads) -> tuple[tuple[float, ...], ...]:

@@ -6,6 +6,7 @@ Node 0 is the root: the last committed token, not yet in the target's cache. A c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -34,6 +35,18 @@ class DraftTree:
 
 
 @dataclass(frozen=True)
+class LayerTransfer:
+    """Extras that enter the target at a middle layer (Hidden Transfer's pseudo states) rather than as inputs:
+    after decoder block `layer`, the extras' outputs are replaced by `transfer` of their anchors' outputs
+    there, so blocks layer+1..L run on the pseudo states (blocks 1..layer ran on the extras' input embeddings
+    and are discarded for them)."""
+
+    layer: int  # l in 1..L-1: the block after which the extras' states are replaced
+    anchors: tuple[int, ...]  # [m] per extra, the tree node whose block-l output it is made from
+    transfer: Callable[[torch.Tensor], torch.Tensor]  # [B, m, d] those anchors' block-l outputs -> [B, m, d]
+
+
+@dataclass(frozen=True)
 class VerifyExtras:
     """Non-candidate positions a drafter adds to the verification forward (PPD's prompt tokens): each hangs
     under a tree node (or an earlier extra), attends its ancestors like a node would, and its outputs go back
@@ -41,11 +54,15 @@ class VerifyExtras:
 
     embeddings: torch.Tensor  # [m, d] input embeddings, in the target's dtype
     parents: tuple[int, ...]  # [m] extra j hangs under node parents[j]: a tree node 0..n, or n+1+i for extra i < j
+    transfer: LayerTransfer | None = None  # states replaced after a middle block (Hidden Transfer); None: inputs only
 
     def __post_init__(self) -> None:
         if self.embeddings.dim() != 2 or self.embeddings.shape[0] != len(self.parents) or not self.parents:
             raise ValueError(f"extras need one [d] embedding per parent: {tuple(self.embeddings.shape)} "
                              f"for {len(self.parents)} parents")
+        if self.transfer is not None and len(self.transfer.anchors) != len(self.parents):
+            raise ValueError(f"a layer transfer needs one anchor per extra: {len(self.transfer.anchors)} "
+                             f"for {len(self.parents)} extras")
 
     def joined(self, tree_parents: tuple[int, ...]) -> tuple[int, ...]:
         """The tree's parents and the extras' as one tree (the extras after the n+1 nodes), checked."""
