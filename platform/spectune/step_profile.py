@@ -15,6 +15,7 @@ on the same threads: what decoding one token must cost at least when every weigh
 from __future__ import annotations
 
 import cProfile
+import inspect
 import pstats
 import statistics
 import time
@@ -60,20 +61,23 @@ class StepProfile:
                 "tokens_per_step": round(self.tokens_per_step, 3), "wall_ms_per_token": round(self.wall_ms_per_token, 2),
                 "profiled_ms_per_step": round(self.profiled_ms_per_step, 2),
                 "phases_ms": {k: round(v, 2) for k, v in self.phases_ms.items()}, "matmul_ms": round(self.matmul_ms, 2),
-                "other_ms": round(self.other_ms, 2)}
+                "other_ms": round(self.other_ms, 2) if self.phases_ms else None}
 
 
 def _phase_functions(who: Contender) -> dict[str, Callable]:
-    """The function each phase of our loop calls (None for a runner that is not our Decoder: a peer)."""
+    """The function each phase of our loop calls, and the prompt's prefill spread over the steps ({} for a runner
+    that is not our Decoder: a peer)."""
     if not isinstance(who.runner, Decoder):
         return {}
     drafter = type(who.runner.drafter)
-    return {"draft": drafter.draft, "tree inputs": tree_inputs, "verify": CausalLM.verify, "accept": accept,
-            "commit": Decoder._commit, "observe": drafter.observe}
+    return {"prefill": Decoder._start, "draft": drafter.draft, "tree inputs": tree_inputs, "verify": CausalLM.verify,
+            "accept": accept, "commit": Decoder._commit, "observe": drafter.observe}
 
 
 def _key(function: Callable) -> tuple[str, int, str]:
-    code = function.__code__
+    """cProfile's key of the function itself, not of a decorator's wrapper: `torch.inference_mode()` wraps
+    `draft` and the runner's forward in one shared wrapper, whose entry adds up both."""
+    code = inspect.unwrap(function).__code__
     return code.co_filename, code.co_firstlineno, code.co_name
 
 

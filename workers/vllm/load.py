@@ -75,6 +75,12 @@ class Sampling:
     seed: int = 0
 
 
+def cycled(prompts: Sequence[PromptTokens], concurrency: int, rounds: int) -> list[PromptTokens]:
+    """The prompts cycled over full batches at `concurrency`, every prompt `rounds` times at least."""
+    batches = -(-len(prompts) // concurrency) * rounds  # ceil: a batch holds `concurrency` requests
+    return [prompts[i % len(prompts)] for i in range(concurrency * batches)]
+
+
 def run_pass(url: str, model: str, prompts: Sequence[PromptTokens], concurrency: int, sampling: Sampling,
              timeout_s: float = 300.0) -> PassRecord:
     """One timed pass at `concurrency` requests in flight (a blocking call: it runs its own event loop)."""

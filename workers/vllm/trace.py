@@ -17,7 +17,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from spectune.workers.vllm.load import Latencies, PassRecord, PromptTokens, Sampling, latencies, run_pass
+from spectune.workers.vllm.load import Latencies, PassRecord, PromptTokens, Sampling, cycled, latencies, run_pass
 from spectune.workers.vllm.server import Launch, VllmServer
 from spectune.workers.vllm.worker import SERVED_NAME
 
@@ -72,10 +72,9 @@ def parse_phases(text: str) -> tuple[int, ...]:
 
 
 def phase_prompts(prompts: Sequence[PromptTokens], concurrency: int, rounds: int) -> list[PromptTokens]:
-    """The prompts cycled over full batches at `concurrency`, every prompt `rounds` times at least (so every
-    phase decodes every prompt, and its output is certified there)."""
-    batches = -(-len(prompts) // concurrency) * rounds  # ceil: a batch holds `concurrency` requests
-    return [prompts[i % len(prompts)] for i in range(concurrency * batches)]
+    """Every prompt `rounds` times at least, in full batches (so every phase decodes every prompt, and its output
+    is certified there)."""
+    return cycled(prompts, concurrency, rounds)
 
 
 def run_trace(contestants: Sequence[Contestant], prompts: Sequence[PromptTokens], phases: Sequence[int],

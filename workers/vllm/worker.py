@@ -1,11 +1,18 @@
-"""The Ray actor of a vLLM sweep slot: vLLM servers for a configuration and its no-speculation twin.
+"""The Ray actor of a vLLM sweep slot: vLLM servers for a configuration and its no-speculation baseline.
 
-A trial is one (configuration, concurrency) point. The worker keeps two servers up: the
-*baseline* (no speculation, the configuration's engine knobs) and the *candidate* (the trial's
-speculative_config), so consecutive trials of one configuration at other loads reuse both, and
-the baseline serves every configuration with the same engine knobs. Each repeat drives both at
-the trial's concurrency, back to back and in alternating order, so the VM's drift hits both
-alike; the speedup is the median of those same-repeat ratios.
+A trial is one (configuration, concurrency) point, measured against the *baseline* (no speculation,
+the configuration's engine knobs) at the same load. How (`vllm.measure` in the spec):
+
+- `alone` (the default): one server alive at a time. The baseline is measured once per load (its
+  `repeats` passes kept and reused by every configuration with the same engine knobs), then the
+  trial's *candidate* server alone; repeat i of the candidate is paired with repeat i of the baseline.
+  On 2 CPU cores an idle twin beside the measured server made short passes bimodal (per-pass spread
+  15-17% against 3-4% alone; docs/benchmarks.md), which is what made two runs of a load sweep disagree.
+- `twins`: both servers up, each repeat driving both back to back in alternating order, so drift
+  over minutes hits both alike (the earlier design; for a GPU, where an idle server costs nothing).
+
+Either way the speedup is the median of the same-repeat ratios, and each timed pass sends every
+prompt `vllm.rounds` times in full batches at the trial's concurrency.
 
 Prompts go to vLLM as token ids from the pair's tokenizer (chat prompts through its template), as
 spectune's engine encodes them. Greedy outputs are compared with the baseline's at the same load
@@ -41,7 +48,7 @@ from spectune.workers.trials.pair_worker import (
     TrialOutcome, TrialRequest, WorkerPool, WorkerReady, describe_hardware, error_text, pool_of,
     software, this_node, worker_options,
 )
-from spectune.workers.vllm.load import PassRecord, RequestFailed, Sampling, latencies, run_pass
+from spectune.workers.vllm.load import PassRecord, RequestFailed, Sampling, cycled, latencies, run_pass
 from spectune.workers.vllm.metrics import SpecCounters, read_counters
 from spectune.workers.vllm.server import Launch, ServerFailed, VllmServer
 
@@ -78,7 +85,9 @@ class VllmWorker:
         self.counters = VllmCounters()
         self.hardware = {**describe_hardware("cuda" if self.gpu else "cpu", threads),
                          "backend": "vllm", "vllm_version": vllm_version(self.python)}
-        self.servers: dict[str, VllmServer] = {}  # "baseline" / "candidate"
+        self.servers: dict[str, VllmServer] = {}  # "baseline" / "candidate": the ones alive
+        self.last: dict[str, VllmServer] = {}  # the last server of each role, alive or stopped (what it ran)
+        self.baselines: dict[tuple, list[PassRecord]] = {}  # measure=alone: the baseline's passes per load and knobs
         self.warmed: set[int] = set()  # pids of servers that have decoded the whole prompt set once
         self.load_error = self._check_environment()
         self.reference: Any = None  # spectune's engine on the target: tokenizer, and the certificate's model
@@ -126,8 +135,10 @@ class VllmWorker:
         if self.load_error is not None:
             return self._failed(self.load_error, 0.0)
         try:
-            baseline, candidate = self._servers_for(request.config)
-            result = self._measure(baseline, candidate, request)
+            if self.settings.measure == "alone":
+                result = self._measure_alone(request)
+            else:
+                result = self._measure(*self._servers_for(request.config), request)
         except Exception as err:  # noqa: BLE001 - any failure is this trial's result; the sweep goes on
             ours = isinstance(err, (ServerFailed, RequestFailed))  # already one line saying what happened
             message = self._death_notice() or (" ".join(str(err).split()) if ours else error_text(err))
@@ -146,13 +157,17 @@ class VllmWorker:
         return launch_for(self.source, method, knobs, self.settings, self.threads, self.gpu)
 
     def _server(self, role: str, launch: Launch) -> VllmServer:
-        """The server of `role` for this launch: the running one when it matches and lives, else a new one."""
+        """The server of `role` for this launch: the running one when it matches and lives, else a new one
+        (measure=alone: every other server stops first, so none idles beside the measured one)."""
+        if self.settings.measure == "alone":
+            for other in [r for r in self.servers if r != role]:
+                self._drop(other)
         current = self.servers.get(role)
         if current is not None and current.launch == launch and current.alive():
             return current
         self._drop(role)
         self.counters.server_starts += 1
-        self.servers[role] = VllmServer.start(launch)
+        self.servers[role] = self.last[role] = VllmServer.start(launch)
         return self.servers[role]
 
     def _drop(self, role: str) -> None:
@@ -175,6 +190,39 @@ class VllmWorker:
                 self._drop(role)
 
     # --- measuring ----------------------------------------------------------------------
+
+    def _measure_alone(self, request: TrialRequest) -> DecodeResult:
+        """The baseline's passes at this load (measured alone once, then reused), then the candidate's, alone."""
+        config, settings = request.config, request.settings
+        prompts = self._encoded(request.prompts)
+        sampling = Sampling(settings.max_new_tokens, config.temperature, settings.top_p, settings.seed)
+        load = config.concurrency
+        engine = {k: v for k, v in config.knobs.items() if k in EngineKnobs.model_fields}
+        base_passes = self._baseline_passes(engine, prompts, load, sampling, settings)
+        if config.method == NO_SPECULATION:
+            baseline = self.last["baseline"]
+            return self._result(config, prompts, base_passes, base_passes, SpecCounters(), True, settings,
+                                {"baseline": baseline, "candidate": baseline})
+        candidate = self._server("candidate", self._launch(config.method, config.knobs))
+        self._warm_up(candidate, prompts, load, sampling, settings.warmup)
+        cand_passes: list[PassRecord] = []
+        counted = SpecCounters()
+        for _ in range(settings.repeats):
+            before = read_counters(candidate.url)
+            cand_passes.append(self._pass(candidate, prompts, load, sampling))
+            counted = counted.plus(read_counters(candidate.url).since(before))
+        return self._result(config, prompts, base_passes, cand_passes, counted, False, settings,
+                            {"baseline": self.last["baseline"], "candidate": candidate})
+
+    def _baseline_passes(self, engine: dict[str, Any], prompts: Any, load: int, sampling: Sampling,
+                         settings: Settings) -> list[PassRecord]:
+        key = (load, tuple(sorted(engine.items())), sampling, settings.repeats, settings.warmup,
+               tuple(p.token_ids for p in prompts))
+        if key not in self.baselines:
+            baseline = self._server("baseline", self._launch(NO_SPECULATION, engine))
+            self._warm_up(baseline, prompts, load, sampling, settings.warmup)
+            self.baselines[key] = [self._pass(baseline, prompts, load, sampling) for _ in range(settings.repeats)]
+        return self.baselines[key]
 
     def _measure(self, baseline: VllmServer, candidate: VllmServer, request: TrialRequest) -> DecodeResult:
         config, settings = request.config, request.settings
@@ -214,8 +262,9 @@ class VllmWorker:
             self._pass(server, prompts[: max(warmup, min(load, len(prompts)))], load, sampling)
 
     def _pass(self, server: VllmServer, prompts: Any, load: int, sampling: Sampling) -> PassRecord:
+        requests = cycled(prompts, load, self.settings.rounds)  # every prompt `rounds` times, full batches
         try:
-            record = run_pass(server.url, SERVED_NAME, prompts, load, sampling, self.settings.request_timeout_s)
+            record = run_pass(server.url, SERVED_NAME, requests, load, sampling, self.settings.request_timeout_s)
         except RequestFailed:
             server.check_alive(grace_s=5.0)  # a dead server says so, with vLLM's last line
             raise

@@ -312,6 +312,13 @@ class VllmServerSettings(BaseModel):
         None, description="default: the pair's dtype")
     certify: bool = Field(True, description="certify greedy outputs with spectune's engine (it loads the target "
                                             "in the worker too: turn off where two copies do not fit)")
+    measure: Literal["alone", "twins"] = Field(
+        "alone", description="alone: one server alive at a time, no speculation measured once per load and reused "
+                             "by every configuration with its engine knobs; twins: the configuration and its "
+                             "no-speculation twin both up, passes alternating (on 2 CPU cores the idle twin made "
+                             "short passes bimodal: docs/benchmarks.md)")
+    rounds: int = Field(2, ge=1, le=64, description="times every prompt is sent per timed pass, in full batches "
+                                                    "(longer passes, smaller spread)")
 
 
 BACKENDS.register(Backend(
