@@ -177,11 +177,13 @@ def _run_trace(contestants, prompts, loads, sampling, rounds: int, repeats: int,
 
 
 def _trace_tables(summaries, loads, certificates) -> None:
+    import statistics
+
     from rich.console import Console
     from rich.table import Table
 
     def spread(ratios) -> str:
-        return "-" if not ratios else f"{sorted(ratios)[len(ratios) // 2]:.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        return "-" if not ratios else f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
     table = Table(title="tokens/s per phase (median of repeats); x no speculation (median, range of repeats)",
                   title_justify="left")
     table.add_column("contestant")
