@@ -239,20 +239,31 @@ def ppd_inputs(T: int, anchors: torch.Tensor, m: int, dtype: torch.dtype) -> tup
 def ppd_predictions(prompts: PromptTokens, model, data: dict[str, torch.Tensor], windows: torch.Tensor) -> Predictions:
     """The frozen target over each window with the prompt tokens after every anchor; prompt k's logits at anchor
     t against the target's own distribution at t+k (its next-next-... token given the true text)."""
+    def extras(embeds: torch.Tensor, anchors: int) -> torch.Tensor:  # [B, T, d] -> [B, A·m, d] the prompts, per anchor
+        return prompts.embeddings.to(embeds.device, embeds.dtype).repeat(anchors, 1).expand(embeds.shape[0], -1, -1)
+    return positions_ahead_predictions(model, data, windows, prompts.n_heads, extras)
+
+
+def positions_ahead_predictions(model, data: dict[str, torch.Tensor], windows: torch.Tensor, m: int,
+                                extras: Callable[[torch.Tensor, int], torch.Tensor],
+                                around: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None
+                                ) -> Predictions:
+    """The frozen target over each window with m extra positions after each of A anchors (PPD's layout); extra k's
+    logits at anchor t against the target's own distribution at t+k. `extras(embeds [B, T, d], A)`: the extras'
+    [B, A·m, d] input embeddings; `around(anchors)`: a context the forward runs in (Hidden Transfer's hook)."""
     tokens = data["tokens"][windows].long()  # [B, T]
     top_ids, top_logits = data["top_ids"][windows], data["top_logits"][windows]
     B, T = tokens.shape
-    m = prompts.n_heads
     anchors = ppd_anchors(T, m)
     A = anchors.shape[0]
     device, dtype = model.device, model.dtype
     positions, mask = ppd_inputs(T, anchors, m, dtype)
     embeds = model.get_input_embeddings()(tokens.to(device))  # [B, T, d]
-    extra = prompts.embeddings.to(device, dtype).repeat(A, 1).expand(B, -1, -1)  # [B, A·m, d]
-    out = model.model(inputs_embeds=torch.cat([embeds, extra], dim=1), attention_mask=mask.to(device),
-                      position_ids=positions.expand(B, -1).to(device), use_cache=False)
+    with around(anchors) if around is not None else contextlib.nullcontext():
+        out = model.model(inputs_embeds=torch.cat([embeds, extras(embeds, A)], dim=1), attention_mask=mask.to(device),
+                          position_ids=positions.expand(B, -1).to(device), use_cache=False)
     logits = model.lm_head(out.last_hidden_state[:, T:]).float().view(B, A, m, -1).cpu()  # [B, A, m, V]
-    scored = [anchors + k for k in range(1, m + 1)]  # prompt k at anchor t: the target's distribution at t+k
+    scored = [anchors + k for k in range(1, m + 1)]  # extra k at anchor t: the target's distribution at t+k
     return Predictions([logits[:, :, k] for k in range(m)], [top_ids[:, i] for i in scored],
                        [top_logits[:, i] for i in scored], [])
 

@@ -17,7 +17,7 @@ import torch
 from spectune.engine.layer_transfer import transferring
 from spectune.heads.modules import TransferMaps
 from spectune.heads.spec import HeadsError
-from spectune.heads.train import Predictions, ppd_anchors, ppd_inputs
+from spectune.heads.train import Predictions, positions_ahead_predictions
 from spectune.trees.draft import LayerTransfer
 
 
@@ -50,21 +50,12 @@ def transfer_predictions(maps: TransferMaps, model, data: dict[str, torch.Tensor
                          layer: int) -> Predictions:
     """The frozen target over each window with m pseudo positions after every anchor, their block-l states
     transferred from the anchor's; pseudo k's logits at anchor t against the target's distribution at t+k."""
-    tokens = data["tokens"][windows].long()  # [B, T]
-    top_ids, top_logits = data["top_ids"][windows], data["top_logits"][windows]
-    B, T = tokens.shape
     m = maps.n_heads
-    anchors = ppd_anchors(T, m)
-    A = anchors.shape[0]
-    device, dtype = model.device, model.dtype
-    positions, mask = ppd_inputs(T, anchors, m, dtype)
-    embeds = model.get_input_embeddings()(tokens.to(device))  # [B, T, d]
-    blank = embeds.new_zeros(B, A * m, embeds.shape[-1])  # [B, A·m, d] replaced after block l
-    transfer = grouped_transfer(maps, layer, tuple(anchors.repeat_interleave(m).tolist()), m)
-    with transferring(model, transfer, offset=0):
-        out = model.model(inputs_embeds=torch.cat([embeds, blank], dim=1), attention_mask=mask.to(device),
-                          position_ids=positions.expand(B, -1).to(device), use_cache=False)
-    logits = model.lm_head(out.last_hidden_state[:, T:]).float().view(B, A, m, -1).cpu()  # [B, A, m, V]
-    scored = [anchors + k for k in range(1, m + 1)]  # pseudo k at anchor t: the target's distribution at t+k
-    return Predictions([logits[:, :, k] for k in range(m)], [top_ids[:, i] for i in scored],
-                       [top_logits[:, i] for i in scored], [])
+
+    def blank(embeds: torch.Tensor, anchors: int) -> torch.Tensor:  # [B, A·m, d], replaced after block l
+        return embeds.new_zeros(embeds.shape[0], anchors * m, embeds.shape[-1])
+
+    def transferred(anchors: torch.Tensor):  # each pseudo state from its anchor's block-l output
+        return transferring(model, grouped_transfer(maps, layer, tuple(anchors.repeat_interleave(m).tolist()), m), 0)
+
+    return positions_ahead_predictions(model, data, windows, m, blank, transferred)
