@@ -2,9 +2,11 @@
 
 import pytest
 
+from spectune.workers.vllm.load import cycled
+
 from spectune.workers.vllm.load import PassRecord, RequestRecord
 from spectune.workers.vllm.trace import (
-    NO_SPECULATION, TraceRun, judge, outputs_of, parse_phases, phase_prompts, summarise,
+    NO_SPECULATION, TraceRun, judge, outputs_of, parse_phases, summarise,
 )
 
 
@@ -26,9 +28,9 @@ def test_phases_parse_and_bad_ones_say_what_is_expected():
 
 def test_a_phase_holds_whole_batches_and_every_prompt_rounds_times_at_least():
     prompts = ["a", "b", "c"]
-    assert phase_prompts(prompts, 4, 2) == ["a", "b", "c", "a", "b", "c", "a", "b"]
-    assert phase_prompts(prompts, 1, 1) == ["a", "b", "c"]
-    assert phase_prompts(prompts, 2, 1) == ["a", "b", "c", "a"]
+    assert cycled(prompts, 4, 2) == ["a", "b", "c", "a", "b", "c", "a", "b"]
+    assert cycled(prompts, 1, 1) == ["a", "b", "c"]
+    assert cycled(prompts, 2, 1) == ["a", "b", "c", "a"]
 
 
 def test_ratios_pair_each_repeat_with_no_speculation_of_the_same_repeat():

@@ -71,12 +71,6 @@ def parse_phases(text: str) -> tuple[int, ...]:
     return phases
 
 
-def phase_prompts(prompts: Sequence[PromptTokens], concurrency: int, rounds: int) -> list[PromptTokens]:
-    """Every prompt `rounds` times at least, in full batches (so every phase decodes every prompt, and its output
-    is certified there)."""
-    return cycled(prompts, concurrency, rounds)
-
-
 def run_trace(contestants: Sequence[Contestant], prompts: Sequence[PromptTokens], phases: Sequence[int],
               sampling: Sampling, rounds: int = 2, repeats: int = 2, timeout_s: float = 300.0,
               on_phase: Callable[[str, int, int], None] = lambda label, repeat, phase: None) -> list[TraceRun]:
@@ -90,7 +84,7 @@ def run_trace(contestants: Sequence[Contestant], prompts: Sequence[PromptTokens]
                 run_pass(server.url, SERVED_NAME, prompts, 1, sampling, timeout_s)  # warm: every prompt length once
                 passes = []
                 for index, load in enumerate(phases):
-                    passes.append(run_pass(server.url, SERVED_NAME, phase_prompts(prompts, load, rounds), load,
+                    passes.append(run_pass(server.url, SERVED_NAME, cycled(prompts, load, rounds), load,
                                            sampling, timeout_s))
                     on_phase(contestant.label, repeat, index)
             finally:
