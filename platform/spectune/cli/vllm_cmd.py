@@ -74,6 +74,7 @@ def trace(
     and over the trace, throughput, TPOT, p95 and the ratio to no speculation."""
     from spectune.backends.vllm_schedule import derive, fixed_configurations
     from spectune.cli.store_cmd import open_store
+    from spectune.sweeps.spec import parse_spec
     from spectune.workers.vllm.trace import parse_phases
 
     store = open_store(db)
@@ -85,26 +86,25 @@ def trace(
         frame = store.trials_frame(sweep)
         chosen = derive(frame, sweep, method, max_num_seqs, min_speedup)
         fixed = fixed_configurations(frame, sweep, chosen)
-        contestants, prompts, sampling = _trace_setup(stored.spec, chosen, fixed)
+        spec = parse_spec(stored.spec, "the sweep's stored spec")
+        contestants, prompts, sampling = _trace_setup(spec, chosen, fixed)
     except ValueError as err:
         fail(str(err))
-    _run_trace(contestants, prompts, loads, sampling, rounds, repeats, json_out, stored.spec)
+    _run_trace(contestants, prompts, loads, sampling, rounds, repeats, json_out, spec)
 
 
-def _trace_setup(spec_data, chosen, fixed):
+def _trace_setup(spec, chosen, fixed):
     """The contestants' launches (schedule, each fixed k, no speculation), the encoded prompts, the sampling."""
     from transformers import AutoTokenizer
 
     from spectune.backends.vllm import NO_SPECULATION
     from spectune.backends.vllm_schedule import K
     from spectune.prompts import load_prompts, prompt_text
-    from spectune.sweeps.spec import parse_spec
     from spectune.workers.vllm.load import Sampling
     from spectune.workers.vllm.trace import NO_SPECULATION as PLAIN
     from spectune.workers.vllm.trace import Contestant
     from spectune.workers.vllm.worker import EncodedPrompt, launch_for
 
-    spec = parse_spec(spec_data, "the sweep's stored spec")
     pair, threads, gpu = spec.pair.absolute(), max(1, round(spec.resources.cpus)), spec.resources.gpus > 0
     def launch(method: str, knobs: dict):
         return launch_for(pair, method, knobs, spec.vllm, threads, gpu)
@@ -117,16 +117,14 @@ def _trace_setup(spec_data, chosen, fixed):
     return contestants, prompts, Sampling(spec.max_new_tokens, 0.0, 1.0, spec.seed)
 
 
-def _certificates(runs, prompts, spec_data) -> dict:
+def _certificates(runs, prompts, spec) -> dict:
     """Each contestant's greedy outputs certified by spectune's engine against no speculation's first one."""
     from spectune.certificate import certify
     from spectune.engine.runner import CausalLM
     from spectune.pair import load_pair
-    from spectune.sweeps.spec import parse_spec
     from spectune.workers.vllm.trace import NO_SPECULATION as PLAIN
     from spectune.workers.vllm.trace import outputs_of
 
-    spec = parse_spec(spec_data, "the sweep's stored spec")
     pair = spec.pair.absolute()
     if spec.vllm.dtype not in (None, "auto"):
         pair = pair.model_copy(update={"dtype": spec.vllm.dtype})
@@ -138,7 +136,7 @@ def _certificates(runs, prompts, spec_data) -> dict:
             for label in labels}
 
 
-def _run_trace(contestants, prompts, loads, sampling, rounds: int, repeats: int, json_out: bool, spec_data) -> None:
+def _run_trace(contestants, prompts, loads, sampling, rounds: int, repeats: int, json_out: bool, spec) -> None:
     import json
 
     from rich.progress import Progress
@@ -156,7 +154,7 @@ def _run_trace(contestants, prompts, loads, sampling, rounds: int, repeats: int,
         except (ServerFailed, RequestFailed) as err:
             fail(f"the trace stopped: {err}")
     summaries = summarise(runs, loads)
-    certificates = _certificates(runs, prompts, spec_data)
+    certificates = _certificates(runs, prompts, spec)
     verdict = judge(summaries, "schedule", [c.label for c in contestants[1:-1]])
     if json_out:
         for each in summaries:
