@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from spectune.engine.loop import Decoder
 from spectune.engine.runner import EXTRA_SLOT, CausalLM
-from spectune.heads.build import options_for, train_from_features, train_heads
+from spectune.heads.build import options_for, options_for_each, train_from_features, train_heads
 from spectune.heads.spec import HeadsError
 from spectune.methods import METHODS
 from spectune.methods.base import Models
@@ -97,6 +97,19 @@ def test_a_transfer_layer_outside_the_target_is_refused_at_train(tmp_path):
         options_for("medusa", layer=1)
     with pytest.raises(HeadsError, match="transfer's pseudo states are read out by the target's own LM head"):
         options_for("transfer", draft_vocab=8)
+
+
+def test_several_kinds_take_each_option_where_they_have_it():
+    """`heads train --kind all --layer 3 --draft-vocab 64`: the layer goes to transfer, the draft vocabulary to the
+    kinds with one; an option no kind has is the first kind's one-line error."""
+    medusa, transfer, eagle3 = options_for_each(["medusa", "transfer", "eagle3"], layer=3, draft_vocab=64, steps=7)
+    assert (medusa.layer, transfer.layer, eagle3.layer) == (0, 3, 0)
+    assert (medusa.draft_vocab, transfer.draft_vocab, eagle3.draft_vocab) == (64, 0, 64)
+    assert medusa.steps == transfer.steps == eagle3.steps == 7
+    with pytest.raises(HeadsError, match="--layer is the transfer layer of transfer heads; medusa heads have none"):
+        options_for_each(["medusa", "eagle3"], layer=3)
+    with pytest.raises(HeadsError, match="ppd's prompt tokens are read out by the target's own LM head"):
+        options_for_each(["ppd", "transfer"], draft_vocab=64)
 
 
 # --- bad input, before decoding ---------------------------------------------------------------------

@@ -35,7 +35,7 @@ def train(
     force: bool = typer.Option(False, help="Retrain even when cached heads match."),
 ) -> None:
     """One teacher-forced feature pass of the target over a text (cached), then each kind from it."""
-    from spectune.heads.build import options_for, train_heads
+    from spectune.heads.build import options_for_each, train_heads
     from spectune.heads.chat_text import ChatText
     from spectune.heads.features import FeatureSpec
     from spectune.heads.spec import KINDS, HeadsError
@@ -55,11 +55,11 @@ def train(
             raise ValueError(f"--text must be stdlib, chat or mixed, not {text!r}")
         features = FeatureSpec(seq_len=seq_len, train_windows=windows, heldout_windows=heldout_windows, seed=seed,
                                text=text, chat=ChatText(answers=answers, answer_tokens=answer_tokens))
-        for name in kinds:
-            options = options_for(name, n_heads=heads, draft_vocab=draft_vocab, steps=steps, batch=batch, lr=lr, seed=seed,
-                                  layer=layer)
+        every = options_for_each(kinds, n_heads=heads, draft_vocab=draft_vocab, steps=steps, batch=batch, lr=lr,
+                                 seed=seed, layer=layer)
+        for options in every:
             folder = train_heads(loaded.target, loaded.tokenizer, options, features, out, force=force)
-            typer.echo(f"{name} heads ready: {folder}")
+            typer.echo(f"{options.kind} heads ready: {folder}")
     except (PairError, HeadsError, ValueError) as err:
         raise typer.BadParameter(str(err)) from None
 

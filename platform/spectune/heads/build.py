@@ -72,16 +72,34 @@ DEFAULTS = {  # sized for the tiny pair: a few minutes per kind on 2 CPU cores
 READ_BY_TARGET = {"ppd": "prompt tokens", "transfer": "pseudo states"}  # kinds the target's own LM head reads out
 
 
+def takes(kind: str, option: str) -> bool:
+    """Whether `kind` has `option`: only transfer heads have a transfer layer; the kinds the target's own LM head
+    reads out have no draft vocabulary."""
+    if option == "layer":
+        return kind == "transfer"
+    if option == "draft_vocab":
+        return kind not in READ_BY_TARGET
+    return True
+
+
 def options_for(kind: str, **overrides: Any) -> HeadsOptions:
     if kind not in DEFAULTS:
         raise HeadsError(f"unknown heads kind {kind!r}; kinds: {', '.join(KINDS)}")
-    options = replace(DEFAULTS[kind], **{k: v for k, v in overrides.items() if v is not None})
-    if options.draft_vocab and kind in READ_BY_TARGET:
+    if overrides.get("draft_vocab") and not takes(kind, "draft_vocab"):
         raise HeadsError(f"{kind}'s {READ_BY_TARGET[kind]} are read out by the target's own LM head over its whole "
                          "vocabulary: no draft vocabulary (--draft-vocab 0)")
-    if options.layer and kind != "transfer":
+    if overrides.get("layer") and not takes(kind, "layer"):
         raise HeadsError(f"--layer is the transfer layer of transfer heads; {kind} heads have none")
-    return options
+    return replace(DEFAULTS[kind], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def options_for_each(kinds: list[str], **overrides: Any) -> list[HeadsOptions]:
+    """Options for several kinds trained in one call: each option goes to the kinds that have it (`--kind all
+    --layer 12` sets transfer's layer); an option that none of them has is an error."""
+    for option, value in overrides.items():
+        if value and not any(takes(kind, option) for kind in kinds):
+            options_for(kinds[0], **{option: value})  # raises that kind's one-line error
+    return [options_for(kind, **{k: v for k, v in overrides.items() if takes(kind, k)}) for kind in kinds]
 
 
 def _log(progress: bool, msg: str) -> None:
