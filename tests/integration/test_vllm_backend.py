@@ -2,9 +2,9 @@
 
 - a sweep of two configurations (no speculation, ngram) at concurrency 1 and 4 into SQLite:
   one trial per point, the baseline's speedup 1.0, latencies positive and ordered, acceptance
-  (from vLLM's /metrics) only where speculation ran, one server alive at a time and no speculation
-  measured once per load (every configuration's baseline at a load is the same passes), every
-  trial (all greedy) certified lossless by spectune's certificate;
+  (from vLLM's /metrics) only where speculation ran, each server started once and the one not
+  measured frozen (vllm.measure: frozen, the default), every trial (all greedy) certified lossless
+  by spectune's certificate;
 - `spectune serve --sweep NAME --concurrency 4` serves that sweep's best configuration at load 4
   through the endpoint's app: its greedy answer certified against spectune's own greedy decoding of
   the target, streaming, bad inputs get a 4xx;
@@ -88,16 +88,16 @@ def test_a_vllm_sweep_stores_one_trial_per_configuration_and_load(swept) -> None
         detail = store.trial_detail(int(trials[trials.method == "ngram"].trial_id.iloc[-1]))
     assert (outcome.status, outcome.trials, outcome.failed) == ("done", 4, 0)
     [worker] = outcome.workers
-    # one server alive at a time: the baseline and the ngram server, each started once or twice (by trial order)
-    assert 2 <= worker["server_starts"] <= 4
+    # both servers up (the baseline and the ngram server, each started once), the twin frozen while the other ran
+    assert worker["server_starts"] == 2 and worker["freezes"] >= 2
     assert trials.backend.tolist() == ["vllm"] * 4
     assert sorted(zip(trials.method, trials.concurrency)) == [("ar", 1), ("ar", 4), ("ngram", 1), ("ngram", 4)]
 
     ar, ngram = trials[trials.method == "ar"], trials[trials.method == "ngram"]
     assert (ar.speedup == 1.0).all()  # the denominator itself
-    for load in (1, 4):  # no speculation measured once per load: ngram's baseline is the ar trial's own passes
+    for load in (1, 4):  # ngram's baseline passes are its own, on the ar trial's server at the same load
         assert ngram[ngram.concurrency == load].ar_tokens_per_s.iloc[0] == pytest.approx(
-            ar[ar.concurrency == load].tokens_per_s.iloc[0])
+            ar[ar.concurrency == load].tokens_per_s.iloc[0], rel=0.5)
     assert ar.mean_accepted_tokens.isna().all() and ar.acceptance_rate.isna().all()
     assert all(not a for a in ar.acceptance_by_position)
     assert (ngram.speedup > 0).all() and (ngram.mean_accepted_tokens >= 1).all()

@@ -2,11 +2,14 @@
 
     server = VllmServer.start(launch)      # a free port (or launch.port, checked first), waits for /health
     server.url, server.alive(), server.last_log_line(), server.stop()
+    server.freeze(), server.thaw()         # SIGSTOP / SIGCONT to its processes: a frozen twin takes no CPU
 
 A server that exits or is not healthy within the launch's timeout raises `ServerFailed` with
 vLLM's own last error line from its log; a port that is taken is reported at once (never a
 wait on a server that cannot bind). The process runs in a session of its own, so `stop` ends
-vLLM's engine processes with it, and it is told to die with the process that started it.
+vLLM's engine processes with it, and it is told to die with the process that started it. A frozen
+server cannot act on that (a stopped process keeps SIGTERM pending), so the first freeze starts a
+watchdog that thaws and ends the group when the starting process is gone.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -118,6 +122,8 @@ class VllmServer:
         self.port = port
         self.log = log
         self.started_s = 0.0
+        self.frozen = False
+        self.watchdog: subprocess.Popen[bytes] | None = None  # started by the first freeze
 
     @property
     def url(self) -> str:
@@ -180,8 +186,27 @@ class VllmServer:
     def last_log_line(self) -> str:
         return last_error_line(self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else "")
 
+    def freeze(self) -> None:
+        """SIGSTOP to the server's processes: while another server is measured this one takes no CPU at all
+        (an idle vLLM beside the measured one made passes bimodal on 2 cores). Requests wait until `thaw`."""
+        if self.frozen or not self.alive():
+            return
+        if self.watchdog is None:
+            self.watchdog = _watchdog(os.getpid(), self.process.pid)
+        _signal_group(self.process.pid, signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        if self.frozen:
+            _signal_group(self.process.pid, signal.SIGCONT)
+            self.frozen = False
+
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM to the server's process group (its engine processes too), SIGKILL after `timeout_s`."""
+        self.thaw()  # a stopped process would keep the SIGTERM pending
+        if self.watchdog is not None:
+            self.watchdog.kill()
+            self.watchdog.wait()
         if self.process.poll() is None:
             _signal_group(self.process.pid, signal.SIGTERM)
             try:
@@ -191,6 +216,27 @@ class VllmServer:
                 self.process.wait(timeout=10)
         _signal_group(self.process.pid, signal.SIGKILL)  # engine processes that outlived the server
         self.log.unlink(missing_ok=True)  # what it said that mattered is in the error already
+
+
+# Run by `python -c` in a session of its own: waits for the starter's exit, then thaws and terminates the group.
+WATCHDOG = """
+import os, select, signal, sys
+starter, group = int(sys.argv[1]), int(sys.argv[2])
+try:
+    select.select([os.pidfd_open(starter)], [], [])  # readable once the starter has exited
+except ProcessLookupError:
+    pass  # it exited before this ran
+for sig in (signal.SIGCONT, signal.SIGTERM):
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass
+"""
+
+
+def _watchdog(starter: int, group: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", WATCHDOG, str(starter), str(group)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _signal_group(pid: int, signum: int) -> None:

@@ -3,15 +3,18 @@
 A trial is one (configuration, concurrency) point, measured against the *baseline* (no speculation,
 the configuration's engine knobs) at the same load. How (`vllm.measure` in the spec):
 
-- `alone` (the default): one server alive at a time. The baseline is measured once per load (its
-  `repeats` passes kept and reused by every configuration with the same engine knobs), then the
-  trial's *candidate* server alone; repeat i of the candidate is paired with repeat i of the baseline.
-  On 2 CPU cores an idle twin beside the measured server made short passes bimodal (per-pass spread
-  15-17% against 3-4% alone; docs/benchmarks.md), which is what made two runs of a load sweep disagree.
-- `twins`: both servers up, each repeat driving both back to back in alternating order, so drift
-  over minutes hits both alike (the earlier design; for a GPU, where an idle server costs nothing).
+- `frozen` (the default): both servers up, each repeat driving both back to back in alternating
+  order, the one not being measured frozen (SIGSTOP to its processes: it takes no CPU at all). The
+  machine drifts by several percent over minutes, and no speculation and ngram drift together
+  (docs/benchmarks.md), so only passes measured side by side give a ratio that repeats.
+- `alone`: one server alive at a time. The baseline is measured once per load (its `repeats` passes
+  kept and reused by every configuration with the same engine knobs), then the trial's *candidate*
+  server alone; repeat i of the candidate is paired with repeat i of the baseline. Cheaper in
+  memory, but minutes lie between the two, and the drift enters the ratio.
+- `twins`: as frozen, the idle twin awake (for a GPU, where an idle server costs nothing; on 2 CPU
+  cores it made short passes bimodal, a per-pass spread of 15-17% against 3-4% alone).
 
-Either way the speedup is the median of the same-repeat ratios, and each timed pass sends every
+Every way, the speedup is the median of the same-repeat ratios, and each timed pass sends every
 prompt `vllm.rounds` times in full batches at the trial's concurrency.
 
 Prompts go to vLLM as token ids from the pair's tokenizer (chat prompts through its template), as
@@ -58,6 +61,7 @@ SERVED_NAME = "target"  # the model name the worker's requests use
 @dataclass
 class VllmCounters:
     server_starts: int = 0
+    freezes: int = 0  # measure=frozen: times a server was frozen while its twin was measured
     trials_run: int = 0
     trials_failed: int = 0
 
@@ -136,7 +140,7 @@ class VllmWorker:
             return self._failed(self.load_error, 0.0)
         try:
             if self.settings.measure == "alone":
-                result = self._measure_alone(request)
+                result = self._measure_alone(request)  # twins and frozen: both servers up
             else:
                 result = self._measure(*self._servers_for(request.config), request)
         except Exception as err:  # noqa: BLE001 - any failure is this trial's result; the sweep goes on
@@ -208,9 +212,7 @@ class VllmWorker:
         cand_passes: list[PassRecord] = []
         counted = SpecCounters()
         for _ in range(settings.repeats):
-            before = read_counters(candidate.url)
-            cand_passes.append(self._pass(candidate, prompts, load, sampling))
-            counted = counted.plus(read_counters(candidate.url).since(before))
+            counted = counted.plus(self._candidate_pass(candidate, prompts, load, sampling, cand_passes))
         return self._result(config, prompts, base_passes, cand_passes, counted, False, settings,
                             {"baseline": self.last["baseline"], "candidate": candidate})
 
@@ -243,9 +245,7 @@ class VllmWorker:
                 if role == "baseline":
                     base_passes.append(self._pass(baseline, prompts, load, sampling))
                 else:
-                    before = read_counters(candidate.url)
-                    cand_passes.append(self._pass(candidate, prompts, load, sampling))
-                    counted = counted.plus(read_counters(candidate.url).since(before))
+                    counted = counted.plus(self._candidate_pass(candidate, prompts, load, sampling, cand_passes))
         return self._result(config, prompts, base_passes, cand_passes or base_passes, counted, same,
                             settings, {"baseline": baseline, "candidate": candidate})
 
@@ -261,7 +261,26 @@ class VllmWorker:
         if warmup:
             self._pass(server, prompts[: max(warmup, min(load, len(prompts)))], load, sampling)
 
+    def _candidate_pass(self, candidate: VllmServer, prompts: Any, load: int, sampling: Sampling,
+                        passes: list[PassRecord]) -> SpecCounters:
+        """One timed pass of the candidate, appended to `passes`; returns the drafts vLLM counted during it."""
+        self._focus(candidate)
+        before = read_counters(candidate.url)
+        passes.append(self._pass(candidate, prompts, load, sampling))
+        return read_counters(candidate.url).since(before)
+
+    def _focus(self, server: VllmServer) -> None:
+        """measure=frozen: every other server frozen (no CPU at all), this one thawed; the others: nothing to do."""
+        if self.settings.measure != "frozen":
+            return
+        for other in self.servers.values():
+            if other is not server and not other.frozen:
+                other.freeze()
+                self.counters.freezes += 1
+        server.thaw()
+
     def _pass(self, server: VllmServer, prompts: Any, load: int, sampling: Sampling) -> PassRecord:
+        self._focus(server)
         requests = cycled(prompts, load, self.settings.rounds)  # every prompt `rounds` times, full batches
         try:
             record = run_pass(server.url, SERVED_NAME, requests, load, sampling, self.settings.request_timeout_s)

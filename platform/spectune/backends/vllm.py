@@ -312,11 +312,12 @@ class VllmServerSettings(BaseModel):
         None, description="default: the pair's dtype")
     certify: bool = Field(True, description="certify greedy outputs with spectune's engine (it loads the target "
                                             "in the worker too: turn off where two copies do not fit)")
-    measure: Literal["alone", "twins"] = Field(
-        "alone", description="alone: one server alive at a time, no speculation measured once per load and reused "
-                             "by every configuration with its engine knobs; twins: the configuration and its "
-                             "no-speculation twin both up, passes alternating (on 2 CPU cores the idle twin made "
-                             "short passes bimodal: docs/benchmarks.md)")
+    measure: Literal["frozen", "alone", "twins"] = Field(
+        "frozen", description="frozen: the configuration and its no-speculation twin both up, passes alternating, "
+                              "the one not measured frozen (SIGSTOP: no CPU at all); alone: one server alive at a "
+                              "time, no speculation measured once per load and reused (minutes apart: the machine's "
+                              "drift enters the ratio); twins: both up and awake (on 2 CPU cores the idle twin made "
+                              "short passes bimodal; for a GPU). docs/benchmarks.md measures each")
     rounds: int = Field(2, ge=1, le=64, description="times every prompt is sent per timed pass, in full batches "
                                                     "(longer passes, smaller spread)")
 
