@@ -202,8 +202,7 @@ def run_bench(
     speed drifting over minutes (shared or virtual CPUs do) hits AR and each contender alike,
     however many contenders there are.
     """
-    ar = ar_contender(pair, one_temperature(contenders))
-    everyone = [ar, *[c for c in contenders if c.config.method != ar.config.method]]  # AR is always the baseline
+    everyone = ar_first(pair, contenders)
     encoded = encode_prompts(pair, prompts, settings.max_new_tokens, max(c.tree_size for c in everyone))
     for each in everyone:
         warm_up(each, encoded, settings)
@@ -217,6 +216,12 @@ def run_bench(
         for who_passes, done in zip(passes, parts):
             who_passes.append(joined(done))
     return [summarise(who, runs, passes[0], prompts, settings, pair) for who, runs in zip(everyone, passes)]
+
+
+def ar_first(pair: Pair, contenders: Sequence[Contender]) -> list[Contender]:
+    """AR at the run's temperature (every speedup's baseline, always measured), then each contender that is not AR."""
+    ar = ar_contender(pair, one_temperature(contenders))
+    return [ar, *[c for c in contenders if c.config.method != ar.config.method]]
 
 
 def one_temperature(contenders: Sequence[Contender]) -> float:

@@ -92,11 +92,10 @@ def _profile(loaded, contenders: list[Any], prompt_set: list[Any], settings: Any
     from rich.console import Console
     from rich.table import Table
 
-    from spectune.bench import ar_contender, encode_prompts, one_temperature, warm_up
+    from spectune.bench import ar_first, encode_prompts, warm_up
     from spectune.step_profile import matvec_floor_ms, profile_contender
 
-    ar = ar_contender(loaded, one_temperature(contenders) if contenders else 0.0)
-    everyone = [ar, *[c for c in contenders if c.config.method != "ar"]]
+    everyone = ar_first(loaded, contenders)
     encoded = encode_prompts(loaded, prompt_set, settings.max_new_tokens, max(c.tree_size for c in everyone))
     profiles = []
     for who in everyone:
