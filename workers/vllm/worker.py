@@ -140,8 +140,8 @@ class VllmWorker:
             return self._failed(self.load_error, 0.0)
         try:
             if self.settings.measure == "alone":
-                result = self._measure_alone(request)  # twins and frozen: both servers up
-            else:
+                result = self._measure_alone(request)
+            else:  # twins and frozen: both servers up
                 result = self._measure(*self._servers_for(request.config), request)
         except Exception as err:  # noqa: BLE001 - any failure is this trial's result; the sweep goes on
             ours = isinstance(err, (ServerFailed, RequestFailed))  # already one line saying what happened
