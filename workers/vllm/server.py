@@ -3,6 +3,7 @@
     server = VllmServer.start(launch)      # a free port (or launch.port, checked first), waits for /health
     server.url, server.alive(), server.last_log_line(), server.stop()
     server.freeze(), server.thaw()         # SIGSTOP / SIGCONT to its processes: a frozen twin takes no CPU
+    focus(server, servers)                 # that one thawed, every other frozen
 
 A server that exits or is not healthy within the launch's timeout raises `ServerFailed` with
 vLLM's own last error line from its log; a port that is taken is reported at once (never a
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +218,18 @@ class VllmServer:
                 self.process.wait(timeout=10)
         _signal_group(self.process.pid, signal.SIGKILL)  # engine processes that outlived the server
         self.log.unlink(missing_ok=True)  # what it said that mattered is in the error already
+
+
+def focus(server: VllmServer, servers: Iterable[VllmServer]) -> int:
+    """`server` thawed and every other one of `servers` frozen, so the measured one has the CPU to itself;
+    returns how many were frozen by this call."""
+    frozen = 0
+    for other in servers:
+        if other is not server and not other.frozen:
+            other.freeze()
+            frozen += 1
+    server.thaw()
+    return frozen
 
 
 # Run by `python -c` in a session of its own: waits for the starter's exit, then thaws and terminates the group.

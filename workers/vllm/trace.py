@@ -2,9 +2,11 @@
 
 A schedule (`num_speculative_tokens_per_batch_size`) claims to beat every fixed configuration when load
 changes. This is its proof, measured: every contestant (the schedule, each fixed configuration of its
-family, no speculation) gets a fresh vLLM server, warmed once, then the same phases back to back; the
-servers run one at a time (one alive: nothing idles beside the measured one) and the contestants take
-turns in an order reversed every repeat, so a machine drifting over minutes hits each alike.
+family, no speculation) gets its own vLLM server, warmed once, and the same phases of requests. As the
+load sweep measures (`vllm.measure`, frozen by default), the servers stay up and the contestants take
+each phase in turn, the one passing thawed and the others frozen, so that a phase's ratios compare
+passes seconds apart; `alone` instead runs each contestant's whole trace on a fresh server, one alive at
+a time, in an order reversed every repeat.
 
     phases      the concurrency of each phase; every prompt `rounds` times per phase, in full batches
     run_trace   every contestant's passes, repeat by repeat
@@ -18,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from spectune.workers.vllm.load import Latencies, PassRecord, PromptTokens, Sampling, cycled, latencies, run_pass
-from spectune.workers.vllm.server import Launch, VllmServer
+from spectune.workers.vllm.server import Launch, VllmServer, focus
 from spectune.workers.vllm.worker import SERVED_NAME
 
 NO_SPECULATION = "no speculation"
@@ -71,26 +73,88 @@ def parse_phases(text: str) -> tuple[int, ...]:
     return phases
 
 
-def run_trace(contestants: Sequence[Contestant], prompts: Sequence[PromptTokens], phases: Sequence[int],
-              sampling: Sampling, rounds: int = 2, repeats: int = 2, timeout_s: float = 300.0,
-              on_phase: Callable[[str, int, int], None] = lambda label, repeat, phase: None) -> list[TraceRun]:
-    """Each repeat, each contestant (reversed order every other repeat) on a fresh server: warm, then every phase."""
+@dataclass(frozen=True)
+class TracePlan:
+    """What every contestant is sent, and how it is measured."""
+
+    phases: tuple[int, ...]  # the concurrency of each phase, in order
+    sampling: Sampling
+    rounds: int = 2  # every prompt this many times per phase, in full batches
+    repeats: int = 2  # whole traces per contestant
+    measure: str = "frozen"  # as the load sweep's `vllm.measure`: frozen, twins or alone
+    timeout_s: float = 300.0  # per request
+
+
+OnPhase = Callable[[str, int, int], None]  # (contestant, repeat, phase index) after each pass
+
+
+def run_trace(contestants: Sequence[Contestant], prompts: Sequence[PromptTokens], plan: TracePlan,
+              on_phase: OnPhase = lambda label, repeat, phase: None) -> list[TraceRun]:
+    """Every contestant's pass at every phase, repeat by repeat: frozen and twins take the phases in turn
+    on servers that stay up, alone runs whole traces on fresh servers one after the other."""
+    if plan.measure == "alone":
+        return _one_at_a_time(contestants, prompts, plan, on_phase)
+    return _in_turn(contestants, prompts, plan, on_phase)
+
+
+def _in_turn(contestants: Sequence[Contestant], prompts: Sequence[PromptTokens], plan: TracePlan,
+             on_phase: OnPhase) -> list[TraceRun]:
+    """Every contestant's server started and warmed once; then phase by phase every contestant passes in
+    turn (the order reversed every other phase), so the passes a phase's ratios compare are seconds apart,
+    not minutes: the machine drifts by up to 11% over minutes here. Frozen: the one passing is thawed and
+    every other frozen (an idle vLLM beside the measured one made passes bimodal on 2 cores)."""
+    freeze = plan.measure == "frozen"
+    servers: dict[str, VllmServer] = {}
+    passes: dict[tuple[str, int], list[PassRecord]] = {(c.label, r): [] for r in range(plan.repeats) for c in contestants}
+    try:
+        for contestant in contestants:
+            server = servers[contestant.label] = VllmServer.start(contestant.launch)
+            _warm(server, prompts, plan)
+            if freeze:
+                server.freeze()
+        turn = 0
+        for repeat in range(plan.repeats):
+            for index, load in enumerate(plan.phases):
+                for contestant in contestants if turn % 2 == 0 else list(reversed(contestants)):
+                    server = servers[contestant.label]
+                    if freeze:
+                        focus(server, servers.values())
+                    passes[contestant.label, repeat].append(_phase(server, prompts, plan, load))
+                    on_phase(contestant.label, repeat, index)
+                turn += 1
+    finally:
+        for server in servers.values():
+            server.stop()
+    return [TraceRun(c.label, r, tuple(passes[c.label, r])) for r in range(plan.repeats) for c in contestants]
+
+
+def _one_at_a_time(contestants: Sequence[Contestant], prompts: Sequence[PromptTokens], plan: TracePlan,
+                   on_phase: OnPhase) -> list[TraceRun]:
+    """Each repeat, each contestant (reversed order every other repeat) on a fresh server, the only one
+    alive: warm, then every phase (for a machine where the contestants' servers do not fit at once)."""
     runs = []
-    for repeat in range(repeats):
-        order = list(contestants) if repeat % 2 == 0 else list(reversed(contestants))
-        for contestant in order:
+    for repeat in range(plan.repeats):
+        for contestant in contestants if repeat % 2 == 0 else list(reversed(contestants)):
             server = VllmServer.start(contestant.launch)
             try:
-                run_pass(server.url, SERVED_NAME, prompts, 1, sampling, timeout_s)  # warm: every prompt length once
+                _warm(server, prompts, plan)
                 passes = []
-                for index, load in enumerate(phases):
-                    passes.append(run_pass(server.url, SERVED_NAME, cycled(prompts, load, rounds), load,
-                                           sampling, timeout_s))
+                for index, load in enumerate(plan.phases):
+                    passes.append(_phase(server, prompts, plan, load))
                     on_phase(contestant.label, repeat, index)
             finally:
                 server.stop()
             runs.append(TraceRun(contestant.label, repeat, tuple(passes)))
     return runs
+
+
+def _warm(server: VllmServer, prompts: Sequence[PromptTokens], plan: TracePlan) -> None:
+    """Untimed: every prompt once, so no timed request is a prompt length's first."""
+    run_pass(server.url, SERVED_NAME, prompts, 1, plan.sampling, plan.timeout_s)
+
+
+def _phase(server: VllmServer, prompts: Sequence[PromptTokens], plan: TracePlan, load: int) -> PassRecord:
+    return run_pass(server.url, SERVED_NAME, cycled(prompts, load, plan.rounds), load, plan.sampling, plan.timeout_s)
 
 
 def summarise(runs: Sequence[TraceRun], phases: Sequence[int]) -> list[ContestantSummary]:

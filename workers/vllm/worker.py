@@ -53,7 +53,7 @@ from spectune.workers.trials.pair_worker import (
 )
 from spectune.workers.vllm.load import PassRecord, RequestFailed, Sampling, cycled, latencies, run_pass
 from spectune.workers.vllm.metrics import SpecCounters, read_counters
-from spectune.workers.vllm.server import Launch, ServerFailed, VllmServer
+from spectune.workers.vllm.server import Launch, ServerFailed, VllmServer, focus
 
 SERVED_NAME = "target"  # the model name the worker's requests use
 
@@ -271,13 +271,8 @@ class VllmWorker:
 
     def _focus(self, server: VllmServer) -> None:
         """measure=frozen: every other server frozen (no CPU at all), this one thawed; the others: nothing to do."""
-        if self.settings.measure != "frozen":
-            return
-        for other in self.servers.values():
-            if other is not server and not other.frozen:
-                other.freeze()
-                self.counters.freezes += 1
-        server.thaw()
+        if self.settings.measure == "frozen":
+            self.counters.freezes += focus(server, self.servers.values())
 
     def _pass(self, server: VllmServer, prompts: Any, load: int, sampling: Sampling) -> PassRecord:
         self._focus(server)

@@ -297,6 +297,9 @@ def vllm_has_module(module: str) -> bool:
     return bool(found)
 
 
+Measure = Literal["frozen", "alone", "twins"]  # how a load sweep (and its trace) keeps servers beside each other
+
+
 class VllmServerSettings(BaseModel):
     """How each vLLM server of a sweep runs (the spec's `vllm:` section)."""
 
@@ -312,7 +315,7 @@ class VllmServerSettings(BaseModel):
         None, description="default: the pair's dtype")
     certify: bool = Field(True, description="certify greedy outputs with spectune's engine (it loads the target "
                                             "in the worker too: turn off where two copies do not fit)")
-    measure: Literal["frozen", "alone", "twins"] = Field(
+    measure: Measure = Field(
         "frozen", description="frozen: the configuration and its no-speculation twin both up, passes alternating, "
                               "the one not measured frozen (SIGSTOP: no CPU at all); alone: one server alive at a "
                               "time, no speculation measured once per load and reused (minutes apart: the machine's "

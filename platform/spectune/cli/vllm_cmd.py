@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
+from typing import get_args
 
 import typer
 
@@ -60,22 +61,28 @@ def trace(
     phases: str = typer.Option("1,4,16,4,1", help="The concurrency of each phase of the trace, in order."),
     rounds: int = typer.Option(2, min=1, help="Times every prompt is sent per phase (in full batches: 6 prompts at "
                                 "concurrency 4, rounds 2: 16 requests)."),
-    repeats: int = typer.Option(2, min=1, help="Times each contestant runs the whole trace (the order reversed "
-                                "every other repeat)."),
+    repeats: int = typer.Option(2, min=1, help="Times each contestant runs the whole trace (the contestants' "
+                                "order reversed every other phase, or every other repeat when alone)."),
     method: str | None = typer.Option(None, help="The schedule's method family (default: the sweep's fastest)."),
     min_speedup: float = typer.Option(1.0, min=0.0, help="As for `spectune vllm schedule`."),
     max_num_seqs: int | None = typer.Option(None, min=1, help="As for `spectune vllm schedule`."),
+    measure: str | None = typer.Option(None, help="frozen: every contestant's server up, the phases taken in turn, "
+                                       "the others frozen; twins: the same, none frozen; alone: each contestant's "
+                                       "whole trace on a fresh server, one alive at a time (default: the sweep's "
+                                       "`vllm.measure`)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per contestant instead of tables."),
     db: str | None = typer.Option(None, "--db", help="Database URL or SQLite path (default: $SPECTUNE_DB or "
                                   "~/.cache/spectune/spectune.db)."),
 ) -> None:
     """The schedule against each fixed configuration of its family and no speculation, under a load that
-    steps through PHASES: each on a fresh vLLM server, one alive at a time, the same requests; per phase
-    and over the trace, throughput, TPOT, p95 and the ratio to no speculation."""
+    steps through PHASES: each on its own vLLM server, the same requests, measured as the sweep measured
+    (frozen: all up, the phases taken in turn); per phase and over the trace, throughput, TPOT, p95 and
+    the ratio to no speculation."""
+    from spectune.backends.vllm import Measure
     from spectune.backends.vllm_schedule import derive, fixed_configurations
     from spectune.cli.store_cmd import open_store
     from spectune.sweeps.spec import parse_spec
-    from spectune.workers.vllm.trace import parse_phases
+    from spectune.workers.vllm.trace import TracePlan, parse_phases
 
     store = open_store(db)
     stored = store.get_sweep(sweep)
@@ -83,6 +90,8 @@ def trace(
         fail(f"no sweep named {sweep!r} in {store.url} (see `spectune sweeps list`)")
     try:
         loads = parse_phases(phases)
+        if measure is not None and measure not in get_args(Measure):
+            raise ValueError(f"--measure {measure!r}: expected one of {', '.join(get_args(Measure))}")
         frame = store.trials_frame(sweep)
         chosen = derive(frame, sweep, method, max_num_seqs, min_speedup)
         fixed = fixed_configurations(frame, sweep, chosen)
@@ -90,7 +99,8 @@ def trace(
         contestants, prompts, sampling = _trace_setup(spec, chosen, fixed)
     except ValueError as err:
         fail(str(err))
-    _run_trace(contestants, prompts, loads, sampling, rounds, repeats, json_out, spec)
+    plan = TracePlan(loads, sampling, rounds, repeats, measure or spec.vllm.measure)
+    _run_trace(contestants, prompts, plan, json_out, spec)
 
 
 def _trace_setup(spec, chosen, fixed):
@@ -136,7 +146,7 @@ def _certificates(runs, prompts, spec) -> dict:
             for label in labels}
 
 
-def _run_trace(contestants, prompts, loads, sampling, rounds: int, repeats: int, json_out: bool, spec) -> None:
+def _run_trace(contestants, prompts, plan, json_out: bool, spec) -> None:
     import json
 
     from rich.progress import Progress
@@ -146,11 +156,12 @@ def _run_trace(contestants, prompts, loads, sampling, rounds: int, repeats: int,
     from spectune.workers.vllm.trace import judge, run_trace, summarise
 
     with Progress(transient=True) as progress:
-        task = progress.add_task("trace", total=len(contestants) * len(loads) * repeats)
+        loads = plan.phases
+        task = progress.add_task(f"trace ({plan.measure})", total=len(contestants) * len(loads) * plan.repeats)
         def advance(label: str, repeat: int, phase: int) -> None:
             progress.update(task, advance=1, description=f"repeat {repeat + 1}: {label}, c={loads[phase]}")
         try:
-            runs = run_trace(contestants, prompts, loads, sampling, rounds, repeats, on_phase=advance)
+            runs = run_trace(contestants, prompts, plan, on_phase=advance)
         except (ServerFailed, RequestFailed) as err:
             fail(f"the trace stopped: {err}")
     summaries = summarise(runs, loads)
