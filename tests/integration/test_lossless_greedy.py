@@ -30,6 +30,7 @@ EXTRA_CONFIGS = [
     ("del", {}),  # its default: costs timed on this machine (see SHALLOW)
     ("rasd", {"datastore": str(stdlib_root() / "textwrap.py")}),  # a file of the micro pair's training corpus
     ("rasd", {"retrieval_depth": 12, "retrieved": 8, "draft_nodes": 4, "draft_depth": 2, "budget": 16}),
+    ("rasd-eagle3", {"datastore": str(stdlib_root() / "textwrap.py"), "budget": 12, "draft_nodes": 6}),
 ]
 # del times its costs on this machine by default; layer costs make its choices, and the depth check, reproducible
 REPRODUCIBLE = {"del": {"cost": "layers"}}

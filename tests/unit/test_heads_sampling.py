@@ -94,6 +94,7 @@ KNOBS = {
     "falcon": {"branching": [3, 2, 1]},  # blocks of 2: depth 3 is the second pass's, drafted from the first's output
     "ppd": {"budget": 8},  # the best 8 rank paths of its card: 3 deep on this target
     "hidden-transfer": {"budget": 8},  # likewise, from its pseudo positions' card
+    "rasd-eagle3": {"draft_nodes": 6, "draft_depth": 3, "draft_topk": 2, "budget": 9, "retrieval_depth": 3},
 }
 HEADS_SIZE = {"falcon": 2}  # n_heads where not 3: falcon's block
 CONFIGS = [(name, KNOBS.get(name, {})) for name in HEADS_METHODS]

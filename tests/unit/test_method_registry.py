@@ -31,6 +31,7 @@ CASES = {
     "eagle": ({"budget": 24}, KnobColumns(node_budget=24)),
     "eagle3": ({"budget": 12, "topk": 3}, KnobColumns(node_budget=12)),
     "rasd": ({"retrieval_depth": 6, "draft_depth": 3, "budget": 20}, KnobColumns(draft_len=6, node_budget=20)),
+    "rasd-eagle3": ({"draft_depth": 5, "budget": 9}, KnobColumns(draft_len=5, node_budget=9)),  # no retrieval_depth given
     "falcon": ({"block": 3, "passes": 2, "budget": 20}, KnobColumns(draft_len=5, node_budget=20)),  # 20 ranked nodes reach depth 5 of 6
     "ppd": ({"budget": 12, "prompts": 2}, KnobColumns(node_budget=12, draft_len=2)),
     "hidden-transfer": ({"budget": 10, "positions": 2}, KnobColumns(node_budget=10, draft_len=2)),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from spectune.engine.drafter import DraftContext
+from spectune.engine.loop import Decoder
 from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
 from spectune.methods import METHODS
@@ -273,7 +274,7 @@ def test_without_a_datastore_the_prompt_is_the_datastore(micro):
     assert ids[: len(first)] == first and ids[-len(first):] == first
     drafter.reset()
     tree = drafter.draft(DraftContext(tuple(ids), Sampling(), torch.Generator(), max_depth=16))
-    assert drafter.sequence_index.tokens == list(ids)
+    assert drafter.retrieval.sequence_index.tokens == list(ids)
     expected = tuple(ids[len(first): len(first) + 5])
     paths = {tuple(tree.tokens[n] for n in path[1:]) for path in tree_layout(tree.parents).paths}
     assert any(path[:5] == expected for path in paths), "the prompt's own continuation is not a path of the tree"
@@ -290,7 +291,7 @@ def test_a_sampled_draft_puts_a_one_hot_row_above_every_retrieved_token(random_p
         drafter.reset()
         tree = drafter.draft(DraftContext(sequence, Sampling(temperature=1.0), torch.Generator().manual_seed(seed),
                                           max_depth=16))
-        retrieved = drafter.retrieval_only  # the nodes retrieval alone added
+        retrieved = drafter.retrieval.retrieval_only  # the nodes retrieval alone added
         assert tree.q is not None and sum(retrieved) == 3 and tree.size == 19
         children = tree_layout(tree.parents).children
         assert sorted(tree.tokens[k] for k in children[0]) == list(range(16))  # the draws, in draw order
@@ -302,3 +303,16 @@ def test_a_sampled_draft_puts_a_one_hot_row_above_every_retrieved_token(random_p
             assert retrieved[only] and tree.q[chain[-1], tree.tokens[only]] == 1.0 and tree.q[chain[-1]].sum() == 1.0
             chain.append(only)
         assert [tree.tokens[n] for n in chain] == [3, 4, 5, 1]
+
+
+def test_rasd_eagle3_verifies_and_accepts_retrieved_nodes_beside_the_heads_tree(micro, micro_heads):
+    """EAGLE-3's heads grow the tree, retrieval fuses the sequence's own continuations into it: on a prompt that
+    repeats itself, nodes that retrieval alone proposed are verified and accepted, and the output is AR's."""
+    models = micro.runners()
+    drafter = METHODS.build("rasd-eagle3", {"budget": 16, "draft_nodes": 4}, models)
+    ids = micro.encode("for item in items:\n    total = total + item.value\n" * 4)
+    fused = Decoder(models.target, drafter, micro.eos_token_id).generate(ids, 24, Sampling(), seed=0)
+    plain = Decoder(models.target, METHODS.build("ar", {}, models), micro.eos_token_id).generate(ids, 24, Sampling())
+    assert fused.tokens == plain.tokens
+    assert drafter.retrieval.stats["retrieved_nodes"] > 0 and drafter.retrieval.stats["accepted_retrieved"] > 0
+    assert drafter.max_tree_size == 16  # the fusion budget, not the heads' 4 nodes

@@ -34,6 +34,7 @@ TOO_BIG = {
     "eagle": {"budget": 20},
     "eagle3": {"budget": 20},
     "rasd": {"budget": 20},  # the fusion budget
+    "rasd-eagle3": {"budget": 20},  # likewise
     "falcon": {"budget": 20},
     "ppd": {"budget": 3},  # 3 nodes + 3 prompt tokens under each of the 4 (root included): 15 positions
     "hidden-transfer": {"budget": 3},  # 3 nodes + 3 pseudo positions under each of the 4 (root included): 15

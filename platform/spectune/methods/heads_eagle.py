@@ -18,6 +18,7 @@ sampling: Gumbel-top-k siblings, slot priorities that never look at the drawn to
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from pydantic import Field
@@ -37,6 +38,15 @@ class EagleKnobs(DyTreeKnobs):
     """EAGLE-2's tree: node budget, depth, top-k children per node (dytree's growth), and the heads folder."""
 
     heads: str | None = Field(None, description="heads folder (default: <pair>/heads/<method> beside the pair's target/)")
+
+
+@dataclass(frozen=True)
+class Grown:
+    """One step's drafted tree, with what retrieval fusion reads of it (`rasd-eagle3`)."""
+
+    expansion: Expansion  # the growth: its tree and every node's path probability
+    tree: DraftTree
+    root_logits: torch.Tensor  # [V] the heads' logits after the root
 
 
 class EagleDrafter(Drafter):
@@ -68,18 +78,24 @@ class EagleDrafter(Drafter):
     def draft_modules(self) -> tuple[torch.nn.Module, ...]:
         return self.heads.modules()
 
-    @torch.inference_mode()
     def draft(self, context: DraftContext) -> DraftTree:
+        grown = self.expand(context)
+        return DraftTree.root_only(context.sequence[-1]) if grown is None else grown.tree
+
+    @torch.inference_mode()
+    def expand(self, context: DraftContext) -> Grown | None:
+        """This step's dynamic tree, or None where there is nothing to draft from (no feature yet, no room)."""
         sequence = context.sequence
         depth_limit = min(self.knobs.max_depth, context.max_depth)
         root_state = self._feed(sequence)  # (LM-head input, next hidden) of the entry ending at the root, or None
         if root_state is None or depth_limit == 0:
-            return DraftTree.root_only(sequence[-1])
+            return None
         states = {0: root_state[1]}  # node -> its predicted feature (what its children's entries read)
         expansion = Expansion(sequence[-1], self.knobs, depth_limit, context.sampling, context.rng)
         step = DraftCache(self.cache)  # draft nodes follow the committed entries; the next `_feed` drops them
         root_logits = self._logits(root_state[0])  # [V]
-        return grow(expansion, root_logits, lambda new: self._grow(expansion.tree, states, step, new))
+        tree = grow(expansion, root_logits, lambda new: self._grow(expansion.tree, states, step, new))
+        return Grown(expansion, tree, root_logits)
 
     def _feed(self, sequence: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Feed the entries of positions the target has verified since the last step; the root's entry's outputs."""

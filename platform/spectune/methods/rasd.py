@@ -47,14 +47,18 @@ from spectune.trees.draft import DraftTree
 from spectune.trees.fusion import Retrieved, ScoredTree, extend_leaves, fuse, prune
 from spectune.methods.base import Knobs, Models
 from spectune.methods.datastore import NgramIndex, corpus_index, read_texts, target_tokenizer
+from spectune.heads.load import LoadedHeads, load_heads
 from spectune.methods.draft_cache import ModelDrafter
+from spectune.methods.heads_eagle import EagleDrafter, EagleKnobs
 from spectune.methods.dytree import DyTreeKnobs, Expansion, grow
 from spectune.methods.registry import METHODS
 
 GREEDY = Sampling()  # the drafter's top-k at temperature 0
 
 
-class RasdKnobs(Knobs):
+class RetrievalKnobs(Knobs):
+    """What retrieval fuses into a drafted tree, whatever drafted it (rasd's model, rasd-eagle3's heads)."""
+
     datastore: str | None = Field(
         None, description="a UTF-8 text file, or a folder of them, to retrieve from besides the prompt and the "
         "output so far (None: those alone); a path where the drafter is built (a sweep's workers, a serve "
@@ -63,16 +67,16 @@ class RasdKnobs(Knobs):
     retrieved: int = Field(4, ge=1, le=64, description="continuations fused per step, the most frequent first")
     min_ngram: int = Field(1, ge=1, le=16, description="shortest suffix n-gram retrieval matches")
     max_ngram: int = Field(4, ge=1, le=16, description="longest suffix n-gram retrieval matches (longest found wins)")
-    draft_depth: int = Field(4, ge=1, le=64, description="the drafter tree's deepest position (a pass per level)")
+    draft_depth: int = Field(4, ge=1, le=64, description="the drafted tree's deepest position (a pass per level)")
     draft_topk: int = Field(4, ge=1, le=64, description="most children the drafter proposes under one node")
-    draft_nodes: int = Field(16, ge=1, le=512, description="nodes of the drafter's dynamic tree before fusion")
+    draft_nodes: int = Field(16, ge=1, le=512, description="nodes of the drafted dynamic tree before fusion")
     budget: int = Field(24, ge=1, le=1024, description="fusion budget: nodes of the fused tree verified per step")
 
     def tree_knobs(self) -> str:
         return f"budget={self.budget}"
 
     @model_validator(mode="after")
-    def ordered(self) -> "RasdKnobs":
+    def ordered(self) -> "RetrievalKnobs":
         if self.min_ngram > self.max_ngram:
             raise ValueError(f"min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})")
         return self
@@ -81,58 +85,52 @@ class RasdKnobs(Knobs):
         return DyTreeKnobs(budget=min(self.draft_nodes, self.budget), max_depth=self.draft_depth, topk=self.draft_topk)
 
 
-class RasdDrafter(ModelDrafter):
-    """The drafter's dynamic tree fused with retrieval; `corpus` is indexed once, at build."""
+class RasdKnobs(RetrievalKnobs):
+    """RASD with the pair's draft model growing the tree."""
 
-    def __init__(self, lm: CausalLM, knobs: RasdKnobs, corpus: NgramIndex | None) -> None:
-        super().__init__(lm)
+
+class RasdEagleKnobs(RetrievalKnobs):
+    """RASD with EAGLE-3's trained heads growing the tree (the paper fuses EAGLE-2's tree too)."""
+
+    heads: str | None = Field(None, description="heads folder (default: <pair>/heads/eagle3 beside the pair's target/)")
+
+
+class Retrieval:
+    """Retrieval and fusion apart from the tree they fuse into: the sequence's and the corpus's n-gram
+    indexes, the continuations of the sequence's suffix, and the fused, pruned tree (see the module)."""
+
+    def __init__(self, knobs: RetrievalKnobs, corpus: NgramIndex | None) -> None:
         self.knobs = knobs
-        self.tree_knobs = knobs.drafter_tree()  # its node count capped at the fusion budget
         self.corpus = corpus
         self.sequence_index = NgramIndex(knobs.min_ngram, knobs.max_ngram)
-        self.max_tree_size = knobs.budget
         self.stats: Counter[str] = Counter()  # verified / accepted nodes that retrieval alone proposed
         self.retrieval_only: tuple[bool, ...] = ()  # per node of the last draft: retrieval alone proposed it
 
     def reset(self) -> None:
-        super().reset()
         self.sequence_index = NgramIndex(self.knobs.min_ngram, self.knobs.max_ngram)
 
-    def draft(self, context: DraftContext) -> DraftTree:
-        sequence = context.sequence
-        self.sequence_index.extend(sequence[len(self.sequence_index):])  # the prompt first, then what was committed
-        if context.max_depth == 0:
-            return DraftTree.root_only(sequence[-1])
-        root_logits = self.start(sequence)  # [V] the drafter's logits after the root
-        depth_limit = min(self.knobs.draft_depth, context.max_depth)
+    def index(self, sequence: Sequence[int]) -> None:
+        """The prompt first, then what was committed since."""
+        self.sequence_index.extend(sequence[len(self.sequence_index):])
+
+    def fused(self, grown: Expansion, calls: int, root_logits: torch.Tensor, context: DraftContext) -> DraftTree:
+        """The drafted tree (`grown`, `calls` drafting passes) with the retrieved continuations fused in."""
         first_probs = torch.softmax(root_logits.float(), dim=-1)  # [V] prunes retrieval by the drafter's view
-        retrieved = self._retrieve(sequence, min(self.knobs.retrieval_depth, context.max_depth), first_probs)
+        retrieved = self._retrieve(context.sequence, min(self.knobs.retrieval_depth, context.max_depth), first_probs)
         if context.sampling.greedy:
-            return self._fused_greedy(self._grow(sequence[-1], root_logits, depth_limit, GREEDY, context.rng),
-                                      retrieved)
-        return self._fused_sampled(self._grow(sequence[-1], root_logits, depth_limit, context.sampling, context.rng),
-                                   retrieved)
+            return self._fused_greedy(grown, calls, retrieved)
+        return self._fused_sampled(grown, calls, retrieved)
 
-    def _grow(self, root: int, root_logits: torch.Tensor, depth_limit: int, sampling: Sampling,
-              rng: torch.Generator) -> tuple[Expansion, int]:
-        """The drafter's dynamic tree (its own draws when sampling) and the drafter passes it took."""
-        expansion = Expansion(root, self.tree_knobs, depth_limit, sampling, rng)
-        calls = grow(expansion, root_logits, lambda new: self.feed(expansion.tree, new)).draft_calls
-        self.finish(expansion.tree)
-        return expansion, calls
-
-    def _fused_greedy(self, grown: tuple[Expansion, int], retrieved: list[Retrieved]) -> DraftTree:
+    def _fused_greedy(self, expansion: Expansion, calls: int, retrieved: list[Retrieved]) -> DraftTree:
         """Temperature 0: fuse, prune to the budget; deterministic (greedy match)."""
-        expansion, calls = grown
         drafted = ScoredTree.drafted(expansion.tree.tokens, expansion.tree.parents, expansion.values)
         fused = prune(fuse(drafted, retrieved), self.knobs.budget)
         self.retrieval_only = fused.from_retrieval()
         return fused.draft_tree(calls)
 
-    def _fused_sampled(self, grown: tuple[Expansion, int], retrieved: list[Retrieved]) -> DraftTree:
+    def _fused_sampled(self, expansion: Expansion, calls: int, retrieved: list[Retrieved]) -> DraftTree:
         """Temperature > 0: the drafter's sampled tree as drawn, retrieved chains below its leaves (up to the
         budget); q holds the drafter's rows and a one-hot row above every retrieved token."""
-        expansion, calls = grown
         tree = expansion.tree
         drafted = ScoredTree.drafted(tree.tokens, tree.parents, expansion.values)
         fused = extend_leaves(drafted, retrieved, self.knobs.budget - drafted.size)
@@ -165,6 +163,63 @@ class RasdDrafter(ModelDrafter):
         self.stats["accepted_retrieved"] += sum(only[node] for node in outcome.verdict.path[1:])
 
 
+class RasdDrafter(ModelDrafter):
+    """The draft model's dynamic tree fused with retrieval; `corpus` is indexed once, at build."""
+
+    def __init__(self, lm: CausalLM, knobs: RasdKnobs, corpus: NgramIndex | None) -> None:
+        super().__init__(lm)
+        self.knobs = knobs
+        self.tree_knobs = knobs.drafter_tree()  # its node count capped at the fusion budget
+        self.retrieval = Retrieval(knobs, corpus)
+        self.max_tree_size = knobs.budget
+
+    def reset(self) -> None:
+        super().reset()
+        self.retrieval.reset()
+
+    def draft(self, context: DraftContext) -> DraftTree:
+        sequence = context.sequence
+        self.retrieval.index(sequence)
+        if context.max_depth == 0:
+            return DraftTree.root_only(sequence[-1])
+        root_logits = self.start(sequence)  # [V] the drafter's logits after the root
+        sampling = GREEDY if context.sampling.greedy else context.sampling
+        expansion = Expansion(sequence[-1], self.tree_knobs, min(self.knobs.draft_depth, context.max_depth),
+                              sampling, context.rng)
+        calls = grow(expansion, root_logits, lambda new: self.feed(expansion.tree, new)).draft_calls
+        self.finish(expansion.tree)
+        return self.retrieval.fused(expansion, calls, root_logits, context)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        self.retrieval.observe(outcome)
+
+
+class RasdEagleDrafter(EagleDrafter):
+    """EAGLE-3's dynamic tree fused with retrieval (the paper's 'EAGLE-2 tree + PLD/REST' variant)."""
+
+    def __init__(self, heads: LoadedHeads, knobs: RasdEagleKnobs, corpus: NgramIndex | None) -> None:
+        tree = knobs.drafter_tree()  # the heads' tree, its node count capped at the fusion budget
+        super().__init__(heads, EagleKnobs(heads=knobs.heads, **tree.model_dump()))
+        self.retrieval = Retrieval(knobs, corpus)
+        self.max_tree_size = knobs.budget
+
+    def reset(self) -> None:
+        super().reset()
+        if hasattr(self, "retrieval"):  # EagleDrafter.__init__ resets before the retrieval exists
+            self.retrieval.reset()
+
+    def draft(self, context: DraftContext) -> DraftTree:
+        self.retrieval.index(context.sequence)
+        grown = self.expand(context)
+        if grown is None:
+            return DraftTree.root_only(context.sequence[-1])
+        return self.retrieval.fused(grown.expansion, grown.tree.draft_calls, grown.root_logits, context)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        super().observe(outcome)
+        self.retrieval.observe(outcome)
+
+
 def _ranked(counts: Counter[tuple[int, ...]], most: int) -> list[tuple[tuple[int, ...], float]]:
     """The `most` non-empty continuations of largest share of the occurrences counted (ties: counting order)."""
     total = sum(counts.values())
@@ -192,12 +247,40 @@ def _ranked(counts: Counter[tuple[int, ...]], most: int) -> list[tuple[tuple[int
     columns={"draft_len": ("retrieval_depth", "draft_depth"), "node_budget": ("budget",)},
 )
 def build_rasd(knobs: RasdKnobs, models: Models) -> RasdDrafter:
-    corpus = None
-    if knobs.datastore is not None:
-        try:
-            texts = read_texts(knobs.datastore)  # a bad path is named before anything else is loaded
-            tokenizer = target_tokenizer(models.target.model, knobs.datastore)
-            corpus = corpus_index(texts, tokenizer, knobs.min_ngram, knobs.max_ngram, knobs.datastore)
-        except ValueError as err:
-            raise ValueError(f"rasd: {err}") from None
-    return RasdDrafter(models.drafter, knobs, corpus)
+    return RasdDrafter(models.drafter, knobs, _corpus(knobs, models, "rasd"))
+
+
+@METHODS.register(
+    "rasd-eagle3",
+    RasdEagleKnobs,
+    needs_drafter=False,
+    needs_heads="eagle3",
+    hybrid=(
+        "its trained heads draft from the target's layer outputs, which no heads trained on a hybrid were "
+        "checked on"
+    ),
+    summary="RASD with EAGLE-3's heads growing the tree: their dynamic tree fused with continuations retrieved "
+    "from the prompt, the output and an optional corpus, pruned to a node budget",
+    paper="Quan et al. 2025, RASD, its variant fusing EAGLE-2's tree with retrieval; here EAGLE-3's trained heads "
+    "(spectune heads train --kind eagle3) grow the tree",
+    cost="one pass of the heads' draft layer per round, at most draft_depth; n-gram lookups; budget + 1 tokens "
+    "verified",
+    rule="greedy: top-k siblings and retrieved tokens, match; sampling: the heads' Gumbel-top-k draws, recursive "
+    "rejection, retrieved tokens as one-hot proposals (chains below the heads' leaves)",
+    columns={"draft_len": ("retrieval_depth", "draft_depth"), "node_budget": ("budget",)},
+)
+def build_rasd_eagle3(knobs: RasdEagleKnobs, models: Models) -> RasdEagleDrafter:
+    corpus = _corpus(knobs, models, "rasd-eagle3")
+    return RasdEagleDrafter(load_heads(knobs.heads, "eagle3", models.target.model), knobs, corpus)
+
+
+def _corpus(knobs: RetrievalKnobs, models: Models, method: str) -> NgramIndex | None:
+    """The datastore's n-gram index, built once (None without one); a bad path is named before anything loads."""
+    if knobs.datastore is None:
+        return None
+    try:
+        texts = read_texts(knobs.datastore)
+        tokenizer = target_tokenizer(models.target.model, knobs.datastore)
+        return corpus_index(texts, tokenizer, knobs.min_ngram, knobs.max_ngram, knobs.datastore)
+    except ValueError as err:
+        raise ValueError(f"{method}: {err}") from None
