@@ -14,7 +14,7 @@ import json
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import httpx
@@ -85,6 +85,13 @@ def run_pass(url: str, model: str, prompts: Sequence[PromptTokens], concurrency:
              timeout_s: float = 300.0) -> PassRecord:
     """One timed pass at `concurrency` requests in flight (a blocking call: it runs its own event loop)."""
     return asyncio.run(_pass(url, model, prompts, concurrency, sampling, timeout_s))
+
+
+def wake(url: str, model: str, prompt: PromptTokens, sampling: Sampling, timeout_s: float = 300.0) -> None:
+    """Untimed, just after a thaw: one request of one token. The first pass after a thaw sometimes ran at
+    0.4-0.5x (on the micro pair in CI, and as single outliers in a SmolLM2 trace); this takes that moment
+    out of the timed pass that follows."""
+    run_pass(url, model, [prompt], 1, replace(sampling, max_tokens=1), timeout_s)
 
 
 async def _pass(url: str, model: str, prompts: Sequence[PromptTokens], concurrency: int, sampling: Sampling,

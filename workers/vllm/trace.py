@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from spectune.workers.vllm.load import Latencies, PassRecord, PromptTokens, Sampling, cycled, latencies, run_pass
+from spectune.workers.vllm.load import (
+    Latencies, PassRecord, PromptTokens, Sampling, cycled, latencies, run_pass, wake,
+)
 from spectune.workers.vllm.server import Launch, VllmServer, focus
 from spectune.workers.vllm.worker import SERVED_NAME
 
@@ -119,7 +121,7 @@ def _in_turn(contestants: Sequence[Contestant], prompts: Sequence[PromptTokens],
                     server = servers[contestant.label]
                     if freeze:
                         focus(server, servers.values())
-                        _wake(server, prompts, plan)
+                        wake(server.url, SERVED_NAME, prompts[0], plan.sampling, plan.timeout_s)
                     passes[contestant.label, repeat].append(_phase(server, prompts, plan, load))
                     on_phase(contestant.label, repeat, index)
                 turn += 1
@@ -152,13 +154,6 @@ def _one_at_a_time(contestants: Sequence[Contestant], prompts: Sequence[PromptTo
 def _warm(server: VllmServer, prompts: Sequence[PromptTokens], plan: TracePlan) -> None:
     """Untimed: every prompt once, so no timed request is a prompt length's first."""
     run_pass(server.url, SERVED_NAME, prompts, 1, plan.sampling, plan.timeout_s)
-
-
-def _wake(server: VllmServer, prompts: Sequence[PromptTokens], plan: TracePlan) -> None:
-    """Untimed, just after a thaw: one request of one token. The first pass after a thaw sometimes ran at
-    0.4-0.5x (on the micro pair in CI, and as single outliers in a SmolLM2 trace); this takes that moment
-    out of the timed pass."""
-    run_pass(server.url, SERVED_NAME, prompts[:1], 1, replace(plan.sampling, max_tokens=1), plan.timeout_s)
 
 
 def _phase(server: VllmServer, prompts: Sequence[PromptTokens], plan: TracePlan, load: int) -> PassRecord:

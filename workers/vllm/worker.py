@@ -51,7 +51,7 @@ from spectune.workers.trials.pair_worker import (
     TrialOutcome, TrialRequest, WorkerPool, WorkerReady, describe_hardware, error_text, pool_of,
     software, this_node, worker_options,
 )
-from spectune.workers.vllm.load import PassRecord, RequestFailed, Sampling, cycled, latencies, run_pass
+from spectune.workers.vllm.load import PassRecord, RequestFailed, Sampling, cycled, latencies, run_pass, wake
 from spectune.workers.vllm.metrics import SpecCounters, read_counters
 from spectune.workers.vllm.server import Launch, ServerFailed, VllmServer, focus
 
@@ -264,18 +264,22 @@ class VllmWorker:
     def _candidate_pass(self, candidate: VllmServer, prompts: Any, load: int, sampling: Sampling,
                         passes: list[PassRecord]) -> SpecCounters:
         """One timed pass of the candidate, appended to `passes`; returns the drafts vLLM counted during it."""
-        self._focus(candidate)
+        self._focus(candidate, prompts, sampling)
         before = read_counters(candidate.url)
         passes.append(self._pass(candidate, prompts, load, sampling))
         return read_counters(candidate.url).since(before)
 
-    def _focus(self, server: VllmServer) -> None:
-        """measure=frozen: every other server frozen (no CPU at all), this one thawed; the others: nothing to do."""
+    def _focus(self, server: VllmServer, prompts: Any, sampling: Sampling) -> None:
+        """measure=frozen: every other server frozen (no CPU at all), this one thawed and, if it was frozen, woken
+        by one untimed token; the others: nothing to do."""
         if self.settings.measure == "frozen":
+            was_frozen = server.frozen
             self.counters.freezes += focus(server, self.servers.values())
+            if was_frozen:
+                wake(server.url, SERVED_NAME, prompts[0], sampling, self.settings.request_timeout_s)
 
     def _pass(self, server: VllmServer, prompts: Any, load: int, sampling: Sampling) -> PassRecord:
-        self._focus(server)
+        self._focus(server, prompts, sampling)
         requests = cycled(prompts, load, self.settings.rounds)  # every prompt `rounds` times, full batches
         try:
             record = run_pass(server.url, SERVED_NAME, requests, load, sampling, self.settings.request_timeout_s)

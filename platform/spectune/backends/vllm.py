@@ -317,7 +317,8 @@ class VllmServerSettings(BaseModel):
                                             "in the worker too: turn off where two copies do not fit)")
     measure: Measure = Field(
         "frozen", description="frozen: the configuration and its no-speculation twin both up, passes alternating, "
-                              "the one not measured frozen (SIGSTOP: no CPU at all); alone: one server alive at a "
+                              "the one not measured frozen (SIGSTOP: no CPU at all), one untimed token after each "
+                              "thaw; alone: one server alive at a "
                               "time, no speculation measured once per load and reused (minutes apart: the machine's "
                               "drift enters the ratio); twins: both up and awake (on 2 CPU cores the idle twin made "
                               "short passes bimodal; for a GPU). docs/benchmarks.md measures each")

@@ -126,18 +126,24 @@ def _demo_smollm2(distill: bool, db: str | None) -> tuple[Any, str | None]:
         return _run_demo(store, data, db), note
 
 
-DEMO_HEADS = ("eagle3", "eagle", "medusa", "hydra", "falcon")  # the heads methods the demo sweeps when trained
+# the heads methods the demo sweeps when their heads are trained, with their knobs: EAGLE-3's small trees, alone
+# and fused with retrieval, were the fastest on SmolLM2 in bf16 here (docs/benchmarks.md); the others' defaults
+DEMO_HEADS = {
+    "rasd-eagle3": {"budget": [6], "draft_nodes": [3], "retrieval_depth": [5]},
+    "eagle3": {"budget": [6], "max_depth": [5], "per_pass": [4]},
+    "eagle": {}, "medusa": {}, "hydra": {}, "falcon": {},
+}
 
 
 def _with_cached_heads(folder: Path, space: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """The demo's space plus every heads method whose heads are trained beside the pair (default knobs);
-    a note on how to train them when none are (they are the lever on a real model: see docs/heads.md)."""
+    """The demo's space plus every heads method whose heads are trained beside the pair; a note on how to
+    train them when none are (they are the lever on a real model: see docs/heads.md)."""
     from spectune.methods import METHODS
 
-    trained = [kind for kind in DEMO_HEADS if kind in METHODS.names()
-               and (folder / "heads" / kind / "heads.safetensors").is_file()]
+    trained = {method: knobs for method, knobs in DEMO_HEADS.items() if method in METHODS.names()
+               and (folder / "heads" / METHODS.get(method).needs_heads / "heads.safetensors").is_file()}
     if trained:
-        return {**space, **{kind: {} for kind in trained if kind not in space}}, None
+        return {**space, **{method: knobs for method, knobs in trained.items() if method not in space}}, None
     return space, ("not swept: the trained-heads methods (eagle3, eagle, medusa, ...): none are trained for "
                    "SmolLM2 yet. Train EAGLE-3 on its own chat answers with `spectune heads train --pair smollm2 "
                    "--kind eagle3 --text chat` (once, cached), then run the demo again.")

@@ -1,9 +1,10 @@
-"""`rasd`: retrieval-augmented speculative decoding (Quan et al. 2025).
+"""`rasd` and `rasd-eagle3`: retrieval-augmented speculative decoding (Quan et al. 2025).
 
 Each step drafts two trees and verifies one:
 
-1. the drafter model grows a dynamic tree (dytree's best-first expansion by path probability:
-   `draft_nodes` nodes, at most `draft_depth` deep, `draft_topk` children a node);
+1. the drafter (rasd: the pair's draft model; rasd-eagle3: EAGLE-3's trained heads) grows a dynamic
+   tree (dytree's best-first expansion by path probability: `draft_nodes` nodes, at most `draft_depth`
+   deep, `draft_topk` children a node);
 2. retrieval finds the longest suffix of the committed sequence (`min_ngram`..`max_ngram` tokens)
    in the datastore and keeps up to `retrieved` continuations of `retrieval_depth` tokens, the most
    frequent first: those of the prompt and the output so far, then, for the slots left, those of
