@@ -19,6 +19,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from spectune.backends.vllm import Measure
 from spectune.workers.vllm.load import (
     Latencies, PassRecord, PromptTokens, Sampling, cycled, latencies, run_pass, wake,
 )
@@ -83,7 +84,7 @@ class TracePlan:
     sampling: Sampling
     rounds: int = 2  # every prompt this many times per phase, in full batches
     repeats: int = 2  # whole traces per contestant
-    measure: str = "frozen"  # as the load sweep's `vllm.measure`: frozen, twins or alone
+    measure: Measure = "frozen"  # as the load sweep's `vllm.measure`
     timeout_s: float = 300.0  # per request
 
 
