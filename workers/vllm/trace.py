@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 from spectune.backends.vllm import Measure
 from spectune.workers.vllm.load import (
-    Latencies, PassRecord, PromptTokens, Sampling, cycled, latencies, run_pass, wake,
+    Latencies, PassRecord, PromptTokens, Sampling, cycled, latencies, run_pass,
 )
-from spectune.workers.vllm.server import Launch, VllmServer, focus
-from spectune.workers.vllm.worker import SERVED_NAME
+from spectune.workers.vllm.server import Launch, VllmServer
+from spectune.workers.vllm.worker import SERVED_NAME, focus_awake
 
 NO_SPECULATION = "no speculation"
 
@@ -121,8 +121,7 @@ def _in_turn(contestants: Sequence[Contestant], prompts: Sequence[PromptTokens],
                 for contestant in contestants if turn % 2 == 0 else list(reversed(contestants)):
                     server = servers[contestant.label]
                     if freeze:
-                        focus(server, servers.values())
-                        wake(server.url, SERVED_NAME, prompts[0], plan.sampling, plan.timeout_s)
+                        focus_awake(server, servers.values(), prompts[0], plan.sampling, plan.timeout_s)
                     passes[contestant.label, repeat].append(_phase(server, prompts, plan, load))
                     on_phase(contestant.label, repeat, index)
                 turn += 1

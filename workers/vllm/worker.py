@@ -34,6 +34,7 @@ import os
 import socket
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,9 @@ from spectune.workers.trials.pair_worker import (
     TrialOutcome, TrialRequest, WorkerPool, WorkerReady, describe_hardware, error_text, pool_of,
     software, this_node, worker_options,
 )
-from spectune.workers.vllm.load import PassRecord, RequestFailed, Sampling, cycled, latencies, run_pass, wake
+from spectune.workers.vllm.load import (
+    PassRecord, PromptTokens, RequestFailed, Sampling, cycled, latencies, run_pass, wake,
+)
 from spectune.workers.vllm.metrics import SpecCounters, read_counters
 from spectune.workers.vllm.server import Launch, ServerFailed, VllmServer, focus
 
@@ -273,10 +276,8 @@ class VllmWorker:
         """measure=frozen: every other server frozen (no CPU at all), this one thawed and, if it was frozen, woken
         by one untimed token; the others: nothing to do."""
         if self.settings.measure == "frozen":
-            was_frozen = server.frozen
-            self.counters.freezes += focus(server, self.servers.values())
-            if was_frozen:
-                wake(server.url, SERVED_NAME, prompts[0], sampling, self.settings.request_timeout_s)
+            self.counters.freezes += focus_awake(server, self.servers.values(), prompts[0], sampling,
+                                                 self.settings.request_timeout_s)
 
     def _pass(self, server: VllmServer, prompts: Any, load: int, sampling: Sampling) -> PassRecord:
         self._focus(server, prompts, sampling)
@@ -367,6 +368,17 @@ class _TokenizerOnly:
         from spectune.prompts import prompt_text
 
         return self.tokenizer.encode(prompt_text(prompt, self.tokenizer), add_special_tokens=False)
+
+
+def focus_awake(server: VllmServer, servers: Iterable[VllmServer], prompt: PromptTokens, sampling: Sampling,
+                timeout_s: float) -> int:
+    """`focus` (this server thawed, every other frozen), then, if it was frozen, `wake` it with one untimed
+    token before anything is timed on it; returns how many servers this call froze."""
+    was_frozen = server.frozen
+    frozen = focus(server, servers)
+    if was_frozen:
+        wake(server.url, SERVED_NAME, prompt, sampling, timeout_s)
+    return frozen
 
 
 def launch_for(pair: PairRef, method: str, knobs: dict[str, Any], settings: VllmServerSettings, threads: int,

@@ -40,6 +40,10 @@ class Knobs(BaseModel):
         return ", ".join(given) or "default knobs"
 
 
+# why a trained-heads method is refused on a hybrid SSM-attention target (the registry's `hybrid`)
+HEADS_ON_A_HYBRID = ("its trained heads draft from the target's layer outputs, which no heads trained on a hybrid "
+                     "were checked on")
+
 @dataclass(frozen=True)
 class Models:
     """What a method may draft with."""

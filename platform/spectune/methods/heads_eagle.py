@@ -26,7 +26,7 @@ from pydantic import Field
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.kvcache import KVCache
 from spectune.heads.load import LoadedHeads, load_heads
-from spectune.methods.base import Models
+from spectune.methods.base import HEADS_ON_A_HYBRID, Models
 from spectune.methods.draft_cache import DraftCache
 from spectune.methods.dytree import DyTreeKnobs, Expansion, grow
 from spectune.methods.growing import GrowingTree
@@ -147,10 +147,7 @@ def _build(kind: str, knobs: EagleKnobs, models: Models) -> EagleDrafter:
     "eagle",
     EagleKnobs,
     needs_drafter=False,
-    hybrid=(
-        "its trained heads draft from the target's layer outputs, which no heads trained on a hybrid were "
-        "checked on"
-    ),
+    hybrid=HEADS_ON_A_HYBRID,
     needs_heads="eagle",
     summary="EAGLE / EAGLE-2: one trained decoder layer drafting in the target's feature space (its final-norm "
     "output), a dynamic tree grown by draft confidence under a node budget",
@@ -167,10 +164,7 @@ def build_eagle(knobs: EagleKnobs, models: Models) -> EagleDrafter:
     "eagle3",
     EagleKnobs,
     needs_drafter=False,
-    hybrid=(
-        "its trained heads draft from the target's layer outputs, which no heads trained on a hybrid were "
-        "checked on"
-    ),
+    hybrid=HEADS_ON_A_HYBRID,
     needs_heads="eagle3",
     summary="EAGLE-3: the draft layer reads a fusion of a low, a middle and a high target layer and predicts tokens "
     "(trained on its own outputs), with its own LM head over the draft vocabulary; EAGLE-2's dynamic tree",

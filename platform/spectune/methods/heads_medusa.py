@@ -25,7 +25,7 @@ from pydantic import Field
 from spectune.engine.drafter import DraftContext, Drafter, StepOutcome
 from spectune.engine.sampling import probabilities, sample_without_replacement
 from spectune.heads.load import LoadedHeads, load_heads
-from spectune.methods.base import Models
+from spectune.methods.base import HEADS_ON_A_HYBRID, Models
 from spectune.methods.registry import METHODS
 from spectune.methods.growing import GrowingTree, template_children
 from spectune.methods.template_fill import RANK_WEIGHTS, TEMPLATE_COLUMNS, TemplateKnobs
@@ -148,10 +148,7 @@ def _build(kind: str, drafter: type[FeatureHeadsDrafter], knobs: HeadsTreeKnobs,
     "medusa",
     HeadsTreeKnobs,
     needs_drafter=False,
-    hybrid=(
-        "its trained heads draft from the target's layer outputs, which no heads trained on a hybrid were "
-        "checked on"
-    ),
+    hybrid=HEADS_ON_A_HYBRID,
     needs_heads="medusa",
     summary="Medusa-1: K residual heads on the target's final feature, head k proposing depth k of a static tree",
     paper="Cai et al. 2024, Medusa (multiple decoding heads)",
@@ -167,10 +164,7 @@ def build_medusa(knobs: HeadsTreeKnobs, models: Models) -> MedusaDrafter:
     "hydra",
     HeadsTreeKnobs,
     needs_drafter=False,
-    hybrid=(
-        "its trained heads draft from the target's layer outputs, which no heads trained on a hybrid were "
-        "checked on"
-    ),
+    hybrid=HEADS_ON_A_HYBRID,
     needs_heads="hydra",
     summary="Hydra: heads on the target's final feature that also read the tokens drafted before them (a static tree)",
     paper="Ankner et al. 2024, Hydra (sequentially-dependent draft heads)",

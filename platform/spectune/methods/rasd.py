@@ -46,7 +46,7 @@ from spectune.engine.runner import CausalLM
 from spectune.engine.sampling import Sampling
 from spectune.trees.draft import DraftTree
 from spectune.trees.fusion import Retrieved, ScoredTree, extend_leaves, fuse, prune
-from spectune.methods.base import Knobs, Models
+from spectune.methods.base import HEADS_ON_A_HYBRID, Knobs, Models
 from spectune.methods.datastore import NgramIndex, corpus_index, read_texts, target_tokenizer
 from spectune.heads.load import LoadedHeads, load_heads
 from spectune.methods.draft_cache import ModelDrafter
@@ -199,15 +199,14 @@ class RasdEagleDrafter(EagleDrafter):
     """EAGLE-3's dynamic tree fused with retrieval (the paper's 'EAGLE-2 tree + PLD/REST' variant)."""
 
     def __init__(self, heads: LoadedHeads, knobs: RasdEagleKnobs, corpus: NgramIndex | None) -> None:
+        self.retrieval = Retrieval(knobs, corpus)  # first: EagleDrafter.__init__ calls reset
         tree = knobs.drafter_tree()  # the heads' tree, its node count capped at the fusion budget
         super().__init__(heads, EagleKnobs(heads=knobs.heads, **tree.model_dump()))
-        self.retrieval = Retrieval(knobs, corpus)
         self.max_tree_size = knobs.budget
 
     def reset(self) -> None:
         super().reset()
-        if hasattr(self, "retrieval"):  # EagleDrafter.__init__ resets before the retrieval exists
-            self.retrieval.reset()
+        self.retrieval.reset()
 
     def draft(self, context: DraftContext) -> DraftTree:
         self.retrieval.index(context.sequence)
@@ -256,10 +255,7 @@ def build_rasd(knobs: RasdKnobs, models: Models) -> RasdDrafter:
     RasdEagleKnobs,
     needs_drafter=False,
     needs_heads="eagle3",
-    hybrid=(
-        "its trained heads draft from the target's layer outputs, which no heads trained on a hybrid were "
-        "checked on"
-    ),
+    hybrid=HEADS_ON_A_HYBRID,
     summary="RASD with EAGLE-3's heads growing the tree: their dynamic tree fused with continuations retrieved "
     "from the prompt, the output and an optional corpus, pruned to a node budget",
     paper="Quan et al. 2025, RASD, its variant fusing EAGLE-2's tree with retrieval; here EAGLE-3's trained heads "
