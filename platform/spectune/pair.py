@@ -12,7 +12,8 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from spectune.engine.budget import pair_context
-from spectune.engine.runner import CausalLM
+from spectune.engine.kvcache import KVCache
+from spectune.engine.runner import CausalLM, compile_forward
 from spectune.methods.base import Models
 from spectune.pair_ref import PairError, PairRef
 from spectune.prompts import Prompt, prompt_text
@@ -55,6 +56,8 @@ def load_pair(ref: PairRef) -> Pair:
     target, drafter, device, torch_dtype = ref.target, ref.drafter, ref.device, _DTYPES[ref.dtype]
     tokenizer = _load_tokenizer(target)
     target_model = _load_model(target, device, torch_dtype)
+    if ref.compile:
+        _compile(target_model)
     drafter_model = None
     if drafter:
         check_same_vocabulary(target, tokenizer, drafter, _load_tokenizer(drafter))
@@ -78,6 +81,19 @@ def check_same_vocabulary(
             f"({len(drafter_vocab)} vs {len(target_vocab)} tokens, {differing} entries differ): "
             "speculative decoding needs one vocabulary"
         )
+
+
+RECOMPILE_LIMIT = 64  # compiled forms per forward: a bench's contenders bring a dozen (chains, masks, hidden layers)
+
+
+def _compile(model: PreTrainedModel) -> None:
+    """`compile_forward`, refusing a hybrid target: its SSM layers' tree scan and state recording swap mixer
+    code per call, which a compiled graph would not see."""
+    if KVCache(model.config).hybrid:
+        raise PairError(f"compile: {type(model).__name__} is a hybrid SSM-attention target; spectune compiles "
+                        "only all-attention targets (their SSM tree scan runs eager)")
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    compile_forward(model)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -138,3 +138,19 @@ def test_a_method_that_cannot_decode_a_hybrid_is_refused_in_one_line(hybrid_micr
     assert result.exit_code == 2, result.output
     assert "method 'layerskip' cannot decode a hybrid SSM-attention target: it drafts with" in result.output
     assert "Traceback" not in result.output
+
+
+def test_compiled_target_runs_compiled_for_ours_and_hf_and_stays_certified(micro_pair):
+    """`--compile`: the target's forward is torch.compile'd once for every contender (HF's generate too),
+    and every greedy output still passes the certificate (exact, or within the dtype's tolerance)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    result = bench("--pair", micro_pair, "--limit", 2, "--max-new-tokens", 12, "--repeats", 1, "--warmup", 1,
+                   "--method", "pld", "--method", "tree", "--peer", "hf", "--json", "--compile")
+    assert result.exit_code == 0, result.output
+    rows = {json.loads(line)["method"]: json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")}
+    assert {"ar", "pld", "tree", "hf-ar", "hf-pld"} <= rows.keys()
+    assert all(row["lossless_status"] in ("exact", "within_tolerance") for row in rows.values()), rows
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # a chain and a tree (and HF's) compiled

@@ -52,3 +52,13 @@ def test_all_attention_presets_record_no_ssm_key() -> None:
     """Their cards read as before hybrids existed, so the cached micro and tiny pairs stay cached."""
     assert "ssm" not in preset_spec(PRESETS["micro"])["target"]
     assert preset_spec(PRESETS["hybrid-micro"])["target"]["ssm"]["attention_layers"] == [1, 3]
+
+
+def test_a_hybrid_target_is_not_compiled(hybrid_micro_pair: Path) -> None:
+    import pytest
+
+    from spectune.pair import load_pair
+    from spectune.pair_ref import PairError, PairRef
+
+    with pytest.raises(PairError, match="compile: BambaForCausalLM is a hybrid SSM-attention target"):
+        load_pair(PairRef.model_validate({"dir": hybrid_micro_pair, "compile": True}))

@@ -238,3 +238,10 @@ def test_the_lossless_status_is_typed_in_the_result_and_plain_in_its_row():
     row = result.as_dict()
     assert type(row["lossless_status"]) is str and row["lossless_status"] == "within_tolerance"
     assert DecodeResult.from_dict(row).lossless_status is LosslessStatus.WITHIN_TOLERANCE
+
+
+def test_a_compiled_pair_is_another_loaded_pair(tmp_path):
+    folder = pair_folder(tmp_path / "pairs" / "mine")
+    eager = PairRef.model_validate({"dir": str(folder)})
+    compiled = PairRef.model_validate({"dir": str(folder), "compile": True})
+    assert compiled.pair_id == f"{eager.pair_id}|compiled" and not eager.compile

@@ -37,6 +37,9 @@ def bench(
     threads: int | None = typer.Option(
         None, min=1, help="Torch threads (default: torch's). Use 1 on a shared or loaded CPU: spinning thread teams cost 10x."
     ),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the target's forward, for every contender "
+                                  "(the HF peers too). Each new input form compiles in the warm-up, about a minute "
+                                  "each on 2 cores; the certificate then decides losslessness (rounding moves)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per configuration instead of a table."),
     markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (as in docs/benchmarks.md) instead."),
     profile: bool = typer.Option(False, "--profile", help="Instead of speedups: where each one's decoding step goes "
@@ -56,8 +59,11 @@ def bench(
     try:
         settings = _settings(max_new_tokens, top_p, seed, repeats, warmup, tolerance_ulps)
         configs = [c.with_temperature(_temperature(temperature)) for c in _configs(method, set_, config)]
-        ref = pair_from_options(pair, target, drafter, device, dtype)
+        ref = pair_from_options(pair, target, drafter, device, dtype, compile_)
         prompt_set = load_prompts(prompts, limit)
+        if compile_:
+            sys.stderr.write("compiling the target's forward: the warm-up compiles each input form once "
+                             "(about a minute each on 2 cores); the timed passes run compiled\n")
         loaded = load_pair(ref)
         contenders = [contender(loaded, c) for c in configs] + _peers(peer, loaded, temperature)
     except ValueError as err:

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import contextlib
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -37,6 +38,30 @@ class Verification:
     hidden: Mapping[int, torch.Tensor]  # layer l -> [n, d] output of decoder block l (1-based), as asked;
     # l = L (the last block) is the final norm's output, what the LM head reads (transformers' last hidden state)
     extras: ExtraOutputs | None = None  # at the extra positions after the n tokens, when `verify` was given some
+
+
+def compile_forward(model: PreTrainedModel) -> None:
+    """Replace `model`'s forward by its `torch.compile` (dynamic shapes), so every caller runs the compiled one:
+    this runner and HF's `generate` alike (a peer's AR compiles with ours: the comparison stays fair). It
+    patches the instance, not the class: a view built from the class (`exit_view`) stays eager.
+
+    A rollback leaves the cache's keys/values as views with the longer cache's strides (transformers' `crop`),
+    and a compiled graph guards on strides: each such layout would compile again (30-70 s for SmolLM2 here).
+    So before each call the cache's cropped layers are copied out contiguous (only after a rollback)."""
+    compiled = torch.compile(model.forward, dynamic=True)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        _contiguous(kwargs.get("cache", kwargs.get("past_key_values")))
+        return compiled(*args, **kwargs)
+
+    model.forward = forward
+
+
+def _contiguous(cache: Any) -> None:
+    for layer in getattr(cache, "layers", ()):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if isinstance(keys, torch.Tensor) and not (keys.is_contiguous() and values.is_contiguous()):
+            layer.keys, layer.values = keys.contiguous(), values.contiguous()
 
 
 class CausalLM:
@@ -160,7 +185,7 @@ class CausalLM:
         with self._transferring(*transfer, extras), scanning(tree) if tree is not None else contextlib.nullcontext():
             out = self.model(
                 **inputs,
-                position_ids=positions.to(self.device),
+                position_ids=positions.to(self.device).clone(),  # an inference tensor, as a chain's: one graph
                 attention_mask=None if mask is None else mask.to(self.device, self.dtype),
                 cache=self.cache.hf,
                 use_cache=True,
