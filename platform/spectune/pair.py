@@ -83,16 +83,12 @@ def check_same_vocabulary(
         )
 
 
-RECOMPILE_LIMIT = 64  # compiled forms per forward: a bench's contenders bring a dozen (chains, masks, hidden layers)
-
-
 def _compile(model: PreTrainedModel) -> None:
     """`compile_forward`, refusing a hybrid target: its SSM layers' tree scan and state recording swap mixer
     code per call, which a compiled graph would not see."""
     if KVCache(model.config).hybrid:
         raise PairError(f"compile: {type(model).__name__} is a hybrid SSM-attention target; spectune compiles "
                         "only all-attention targets (their SSM tree scan runs eager)")
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     compile_forward(model)
 
 

@@ -18,6 +18,7 @@ from spectune.engine.ssm_tree import TreeScan, enable_tree_scan, scanning, verif
 from spectune.trees.draft import LayerTransfer, tree_layout
 
 
+RECOMPILE_LIMIT = 64  # compiled forms per forward: a bench's contenders bring a dozen (chains, masks, hidden layers)
 EXTRA_SLOT = -1  # the token id the cache records for an extra position (no token: an input embedding)
 
 
@@ -48,6 +49,7 @@ def compile_forward(model: PreTrainedModel) -> None:
     A rollback leaves the cache's keys/values as views with the longer cache's strides (transformers' `crop`),
     and a compiled graph guards on strides: each such layout would compile again (30-70 s for SmolLM2 here).
     So before each call the cache's cropped layers are copied out contiguous (only after a rollback)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     compiled = torch.compile(model.forward, dynamic=True)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
