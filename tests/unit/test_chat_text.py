@@ -16,10 +16,12 @@ from spectune.heads.chat_text import ChatText, _read, answer_windows, chat_answe
 from spectune.heads.features import FeatureSpec
 from spectune.heads.load import target_print
 from spectune.heads.spec import HeadsError
+from spectune.heads.written_requests import OPENERS, RequestWriting, user_turn, written_requests
 from spectune.methods import METHODS
 from spectune.models.corpus import load_corpus
 from spectune.pair import load_pair
 from spectune.pair_ref import PairRef
+from spectune.prompts import CHAT_PROMPTS, load_prompts
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
 TEXT = ChatText(answers=4, heldout=2, answer_tokens=12, sampled_every=2, batch=1)
@@ -58,11 +60,11 @@ def test_the_cache_resumes_an_interrupted_generation_and_gives_the_same_text(pai
     first = _answers(tmp_path, pair, corpus)
     [path] = tmp_path.glob("chat-*.jsonl")
     lines = path.read_text().splitlines()
-    assert len(lines) == 1 + 6  # the header, then one line per batch of one
+    assert len(lines) == 1 + 2 + 6  # the header, each split's written requests, then one line per batch of one
     path.write_text("\n".join(lines[:4]) + "\n" + lines[4][: len(lines[4]) // 2])  # cut mid-line, as a kill would
     again = _answers(tmp_path, pair, corpus)
     assert again == first  # the sampled ones too: each batch is seeded by its own index
-    assert len(path.read_text().splitlines()) == 1 + 6  # the cut line dropped, its batch and the rest made again
+    assert len(path.read_text().splitlines()) == 1 + 2 + 6  # the cut line dropped, its batch and the rest made again
 
 
 def test_the_cache_is_keyed_by_the_target_and_refuses_another_targets(pair, corpus, tmp_path) -> None:
@@ -108,3 +110,38 @@ def test_heads_train_on_the_chat_answers_and_say_so_in_their_card(pair, tmp_path
     assert card["features"]["text"] == "chat" and card["features"]["chat"]["answers"] == 12
     assert len(card["agreement"]["top1"]) == len(card["agreement"]["topk"]) >= 1
     assert list((tmp_path / "heads" / "features").glob("chat-*.jsonl"))  # the answers cached beside the features
+
+
+def test_the_target_writes_half_the_requests_from_each_categorys_openers(pair, corpus, tmp_path) -> None:
+    text = replace(TEXT, answers=8, heldout=4)
+    answers = _answers(tmp_path, pair, corpus, text)
+    shipped = {p.prompt for p in load_prompts(CHAT_PROMPTS)}
+    [path] = tmp_path.glob("chat-*.jsonl")
+    written = {r["split"]: r["requests"] for r in map(json.loads, path.read_text().splitlines()[1:]) if "requests" in r}
+    assert [len(written["train"]), len(written["heldout"])] == [4, 2]  # half of each split (`written` 0.5)
+    requests = [request for split in written.values() for _, request in split]
+    assert len(set(requests)) == len(requests) and not shipped & set(requests)  # no repeat, no benchmark prompt
+    for category, request in written["train"] + written["heldout"]:
+        assert any(request.startswith(opener.strip()) for opener in OPENERS[category])
+        assert "\n<|assistant|>" not in request  # cut where the target ended its turn
+    asked = [pair.tokenizer.decode(a.prompt) for a in answers["train"]]
+    for _, request in written["train"]:  # each one answered, through the chat template
+        assert sum(prompt == f"<|user|>{request}\n<|assistant|>" for prompt in asked) == 1
+
+
+def test_only_stdlib_requests_when_written_is_zero(pair, corpus, tmp_path) -> None:
+    answers = _answers(tmp_path, pair, corpus, replace(TEXT, written=0.0))
+    [path] = tmp_path.glob("chat-*.jsonl")
+    assert not any("requests" in json.loads(line) for line in path.read_text().splitlines()[1:])
+    assert all(pair.tokenizer.decode(a.prompt).startswith("<|user|>") for a in answers["train"])
+
+
+def test_a_target_that_never_ends_its_turn_is_a_clear_error(pair, tmp_path) -> None:
+    saved = pair.tokenizer.chat_template
+    pair.tokenizer.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    try:
+        assert user_turn(pair.tokenizer) == ("<|user|>", "<|end|>")
+        with pytest.raises(HeadsError, match=r"the target ended only \d+ of 3 requests it was asked to write"):
+            written_requests(pair.target, pair.tokenizer, 3, 0, set(), RequestWriting(tokens=6, batch=2, tries=1))
+    finally:
+        pair.tokenizer.chat_template = saved

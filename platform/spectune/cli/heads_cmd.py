@@ -32,6 +32,9 @@ def train(
                              "the heads will be asked), or mixed (both; judged on chat)."),
     answers: int = typer.Option(256, min=1, help="With chat/mixed: training requests the target answers."),
     answer_tokens: int = typer.Option(160, min=8, help="With chat/mixed: the longest answer, in tokens."),
+    written: float = typer.Option(0.5, min=0.0, max=1.0, help="With chat/mixed: the share of requests the target "
+                                  "writes itself from each category's openers (Magpie); the rest are made from "
+                                  "the stdlib's functions and seeded arithmetic."),
     force: bool = typer.Option(False, help="Retrain even when cached heads match."),
 ) -> None:
     """One teacher-forced feature pass of the target over a text (cached), then each kind from it."""
@@ -54,7 +57,7 @@ def train(
         if text not in ("stdlib", "chat", "mixed"):
             raise ValueError(f"--text must be stdlib, chat or mixed, not {text!r}")
         features = FeatureSpec(seq_len=seq_len, train_windows=windows, heldout_windows=heldout_windows, seed=seed,
-                               text=text, chat=ChatText(answers=answers, answer_tokens=answer_tokens))
+                               text=text, chat=ChatText(answers=answers, answer_tokens=answer_tokens, written=written))
         every = options_for_each(kinds, n_heads=heads, draft_vocab=draft_vocab, steps=steps, batch=batch, lr=lr,
                                  seed=seed, layer=layer)
         for options in every:

@@ -2,10 +2,11 @@
 
 EAGLE, Medusa and Hydra train on the target's answers to conversations, not on arbitrary text: a
 draft learns the distribution it will be asked to predict. Here the instructions come from the
-categories of the shipped chat set (`spectune.models.distill_data`: made from the stdlib's own
-functions and seeded arithmetic, train and held-out from the corpus's two file splits, so none is a
-benchmark prompt); the target answers them through its chat template, greedily and (every
-`sampled_every`-th) by sampling at `temperature`, seeded per batch.
+categories of the shipped chat set, from two sources: made from the stdlib's own functions and seeded
+arithmetic (`spectune.models.distill_data`, train and held-out from the corpus's two file splits), and
+written by the target itself from each category's openers (`spectune.heads.written_requests`, Magpie),
+`written` of them; none is a benchmark prompt. The target answers them through its chat template,
+greedily and (every `sampled_every`-th batch) by sampling at `temperature`, seeded per batch.
 
 The answers are cached beside the pair (`heads/features/chat-<digest>.jsonl`, one line per batch
 after a header naming the target and tokenizer), so an interrupted generation resumes where it
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from spectune.heads.spec import HeadsError
+from spectune.heads.written_requests import written_requests
 from spectune.models.corpus import Corpus
 from spectune.models.distill import chat_ids, generate_replies
 from spectune.models.distill_data import instructions
@@ -39,6 +41,7 @@ class ChatText:
     sampled_every: int = 2  # every n-th batch is sampled at `temperature` (0: all greedy)
     temperature: float = 0.7
     batch: int = 16  # answers generated at once (length-sorted, left-padded)
+    written: float = 0.5  # the share of requests (train and held-out) the target writes itself; the rest from the stdlib
 
 
 @dataclass(frozen=True)
@@ -65,14 +68,34 @@ def chat_answers(folder: Path, model, tokenizer, text: ChatText, corpus: Corpus,
     digest = hashlib.sha1(json.dumps(header, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(folder) / f"chat-{digest}.jsonl"
     done = _read(path, header)
-    asked = {"train": instructions(corpus.train, text.answers, seed),
-             "heldout": instructions(corpus.heldout, text.heldout, seed + 1)}
+    asked = _requests(path, model, tokenizer, text, corpus, seed, done, progress)
     return {split: _answered(path, model, tokenizer, text, seed, split, prompts, done, progress)
             for split, prompts in asked.items()}
 
 
-def _read(path: Path, header: dict) -> dict[tuple[str, int], list[Answer]]:
-    """The batches already answered: {(split, batch index): answers}; a new file gets the header."""
+def _requests(path: Path, model, tokenizer, text: ChatText, corpus: Corpus, seed: int,
+              done: dict, progress: bool) -> dict[str, list[tuple[str, str]]]:
+    """Each split's (category, request) pairs: stdlib-made, then the target's own (cached on their first writing)."""
+    counts = {"train": text.answers, "heldout": text.heldout}
+    files = {"train": corpus.train, "heldout": corpus.heldout}
+    asked, seen = {}, set()
+    for offset, (split, count) in enumerate(counts.items()):
+        written = round(count * text.written)
+        made = instructions(files[split], count - written, seed + offset)
+        if written and (split, "requests") not in done:
+            mine = written_requests(model, tokenizer, written, derive_seed(seed, f"chat:{split}"), seen,
+                                    progress=progress)
+            done[(split, "requests")] = [list(pair) for pair in mine]
+            with path.open("a") as out:
+                out.write(json.dumps({"split": split, "requests": done[(split, "requests")]}) + "\n")
+        seen.update(request for _, request in done.get((split, "requests"), []))  # held-out never repeats train
+        asked[split] = made + [tuple(pair) for pair in done.get((split, "requests"), [])]
+    return asked
+
+
+def _read(path: Path, header: dict) -> dict[tuple[str, int | str], list]:
+    """What is already made: {(split, batch index): answers} and {(split, "requests"): the target's own requests};
+    a new file gets the header."""
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(header, sort_keys=True) + "\n")
@@ -90,7 +113,10 @@ def _read(path: Path, header: dict) -> dict[tuple[str, int], list[Answer]]:
         except ValueError:  # cut by an interruption: dropped (with anything after it), its batch made again
             path.write_text("\n".join(lines[:kept]) + "\n")
             break
-        done[(record["split"], record["batch"])] = [Answer(**a) for a in record["answers"]]
+        if "requests" in record:
+            done[(record["split"], "requests")] = record["requests"]
+        else:
+            done[(record["split"], record["batch"])] = [Answer(**a) for a in record["answers"]]
     return done
 
 
