@@ -190,5 +190,5 @@ def test_the_demo_sweeps_the_heads_trained_beside_the_pair_and_says_how_to_train
     (tmp_path / "heads" / "eagle").mkdir()  # a folder without weights: not trained (an interrupted build)
     grown, none = _with_cached_heads(tmp_path, space)
     assert grown == {"pld": {"draft_len": [3, 5]}, "medusa": {},
-                     "rasd-eagle3": {"budget": [6], "draft_nodes": [3], "retrieval_depth": [5]},
+                     "rasd-eagle3": {"budget": [8], "draft_nodes": [4]},
                      "eagle3": {"budget": [6], "max_depth": [5], "per_pass": [4]}} and none is None

@@ -127,9 +127,10 @@ def _demo_smollm2(distill: bool, db: str | None) -> tuple[Any, str | None]:
 
 
 # the heads methods the demo sweeps when their heads are trained, with their knobs: EAGLE-3's small trees, alone
-# and fused with retrieval, were the fastest on SmolLM2 in bf16 here (docs/benchmarks.md); the others' defaults
+# and fused with retrieval (4 heads nodes in 8, with heads trained on the target's own requests), were the
+# fastest on SmolLM2 in bf16 here (docs/benchmarks.md); the others' defaults
 DEMO_HEADS = {
-    "rasd-eagle3": {"budget": [6], "draft_nodes": [3], "retrieval_depth": [5]},
+    "rasd-eagle3": {"budget": [8], "draft_nodes": [4]},
     "eagle3": {"budget": [6], "max_depth": [5], "per_pass": [4]},
     "eagle": {}, "medusa": {}, "hydra": {}, "falcon": {},
 }
