@@ -271,7 +271,15 @@ def summarise(who: Contender, runs: list[Pass], ar_runs: list[Pass], prompts: Se
         by_category=by_category(prompts, runs, ar_runs),
         per_prompt=tuple(_per_prompt(p, g, s, m if greedy else None)
                          for p, g, s, m in zip(prompts, first.generations, first.seconds, matches)),
+        extra=failed_tokens(checked, prompts) if checked and checked.failures else {},
     )
+
+
+def failed_tokens(checked: Certificate, prompts: Sequence[Prompt]) -> dict[str, list[dict]]:
+    """Where a lossy certificate failed (its first token per prompt), so a row says which token to look at."""
+    return {"certificate_failures": [
+        {"prompt_id": prompts[f.prompt_index].id, "position": f.position, "token": f.token, "argmax": f.argmax,
+         "margin": round(f.margin, 6), "tolerance": round(f.tolerance, 6)} for f in checked.failures]}
 
 
 def speedup_interval(runs: Sequence[Pass], ar_runs: Sequence[Pass], samples: int = BOOTSTRAP_SAMPLES,

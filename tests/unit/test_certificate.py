@@ -113,3 +113,19 @@ def test_bench_takes_the_tolerance_and_refuses_a_negative_one(micro_pair: Path) 
     bad = CliRunner().invoke(app, ["bench", "--pair", str(micro_pair), "-m", "ar", "--limit", "1",
                                    "--max-new-tokens", "2", "--repeats", "1", "--tolerance-ulps", "-1"])
     assert bad.exit_code == 2 and "--tolerance-ulps: Input should be greater than or equal to 0" in bad.output
+
+
+def test_a_lossy_rows_json_names_the_failed_token_and_its_prompt(bf16_pair) -> None:
+    from spectune.bench import failed_tokens
+
+    prompts, outputs = _ar_outputs(bf16_pair)
+    target = CausalLM(bf16_pair.target)
+    logits = target.forward([*prompts[1], *outputs[1][:3]])[-1]  # [V]: what predicts output[3]
+    target.reset()
+    broken = [list(o) for o in outputs]
+    broken[1][3] = int(logits.argmin())
+    checked = certify(target, prompts, [[o] for o in broken], outputs)
+    named = load_prompts("default", len(prompts))
+    [row] = failed_tokens(checked, named)["certificate_failures"]
+    assert (row["prompt_id"], row["position"], row["token"]) == (named[1].id, 3, broken[1][3])
+    assert row["argmax"] == outputs[1][3] and row["margin"] > row["tolerance"] > 0
