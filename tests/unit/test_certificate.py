@@ -43,16 +43,22 @@ def test_bf16_ar_passes_its_own_certificate(bf16_pair) -> None:
     assert checked.dtype == "bfloat16" and 0.0 <= checked.worst_margin
 
 
-def test_a_replaced_token_fails_with_its_position(bf16_pair) -> None:
-    prompts, outputs = _ar_outputs(bf16_pair)
-    target = CausalLM(bf16_pair.target)
-    position = 5
-    logits = target.forward([*prompts[2], *outputs[2][:position]])[-1]  # [V]: what predicts output[position]
+def _replaced(pair, index: int, position: int):
+    """AR's outputs with one token replaced by the target's least likely there (far below the argmax: no
+    rounding explains it), and that output's certificate against AR's."""
+    prompts, outputs = _ar_outputs(pair)
+    target = CausalLM(pair.target)
+    logits = target.forward([*prompts[index], *outputs[index][:position]])[-1]  # [V]: what predicts output[position]
     target.reset()
-    worst_token = int(logits.argmin())  # far below the argmax: no rounding explains it
     broken = [list(o) for o in outputs]
-    broken[2][position] = worst_token
-    checked = certify(target, prompts, [[o] for o in broken], outputs)
+    broken[index][position] = int(logits.argmin())
+    return outputs, broken, certify(target, prompts, [[o] for o in broken], outputs)
+
+
+def test_a_replaced_token_fails_with_its_position(bf16_pair) -> None:
+    position = 5
+    _, broken, checked = _replaced(bf16_pair, 2, position)
+    worst_token = broken[2][position]
     assert checked.status == "lossy" and not checked.lossless
     (failure,) = checked.failures
     assert (failure.prompt_index, failure.position, failure.token) == (2, position, worst_token)
@@ -118,14 +124,8 @@ def test_bench_takes_the_tolerance_and_refuses_a_negative_one(micro_pair: Path) 
 def test_a_lossy_rows_json_names_the_failed_token_and_its_prompt(bf16_pair) -> None:
     from spectune.bench import failed_tokens
 
-    prompts, outputs = _ar_outputs(bf16_pair)
-    target = CausalLM(bf16_pair.target)
-    logits = target.forward([*prompts[1], *outputs[1][:3]])[-1]  # [V]: what predicts output[3]
-    target.reset()
-    broken = [list(o) for o in outputs]
-    broken[1][3] = int(logits.argmin())
-    checked = certify(target, prompts, [[o] for o in broken], outputs)
-    named = load_prompts("default", len(prompts))
+    outputs, broken, checked = _replaced(bf16_pair, 1, 3)
+    named = load_prompts("default", len(outputs))
     [row] = failed_tokens(checked, named)["certificate_failures"]
     assert (row["prompt_id"], row["position"], row["token"]) == (named[1].id, 3, broken[1][3])
     assert row["argmax"] == outputs[1][3] and row["margin"] > row["tolerance"] > 0

@@ -81,15 +81,15 @@ def _requests(path: Path, model, tokenizer, text: ChatText, corpus: Corpus, seed
     asked, seen = {}, set()
     for offset, (split, count) in enumerate(counts.items()):
         written = round(count * text.written)
-        made = instructions(files[split], count - written, seed + offset)
-        if written and (split, "requests") not in done:
+        mine = done.get((split, "requests"))
+        if written and mine is None:
             mine = written_requests(model, tokenizer, written, derive_seed(seed, f"chat:{split}"), seen,
                                     progress=progress)
-            done[(split, "requests")] = [list(pair) for pair in mine]
             with path.open("a") as out:
-                out.write(json.dumps({"split": split, "requests": done[(split, "requests")]}) + "\n")
-        seen.update(request for _, request in done.get((split, "requests"), []))  # held-out never repeats train
-        asked[split] = made + [tuple(pair) for pair in done.get((split, "requests"), [])]
+                out.write(json.dumps({"split": split, "requests": mine}) + "\n")
+        mine = [tuple(pair) for pair in mine or []]
+        seen.update(request for _, request in mine)  # held-out never repeats train
+        asked[split] = instructions(files[split], count - written, seed + offset) + mine
     return asked
 
 
