@@ -3,8 +3,8 @@
 
     PYTHONPATH=. OMP_NUM_THREADS=T .venv/bin/python docs/compile_ar_probe.py DTYPE T [full|layers|parts]
 
-full: the model's forward as `compile: true` compiles it; layers: each decoder block; parts: each block's MLP
-and norms. 4 chat prompts, 48 greedy tokens each, 3 rounds; prints ms per token and the speed ratio.
+full: the model's forward as `compile: true` compiles it; frozen: the same with inductor's freezing (weights as
+constants, linear weights prepacked for oneDNN); layers: each decoder block; parts: each block's MLP and norms. 4 chat prompts, 48 greedy tokens each, 3 rounds; prints ms per token and the speed ratio.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def main(dtype: str, threads: int, mode: str) -> None:
     prompts = [pair.encode_prompt(p) for p in load_prompts("chat", limit=4)]
     model = pair.target
     eager_forward = model.forward
-    if mode == "full":
+    if mode in ("full", "frozen"):
+        torch._inductor.config.freezing = mode == "frozen"
         compile_forward(model)
         swapped = [(model, eager_forward, model.forward)]
     else:

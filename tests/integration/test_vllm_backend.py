@@ -328,7 +328,7 @@ def test_spectunes_plugin_skips_the_draft_fetch_only_in_a_k0_band_and_stays_loss
     schedule = {"method": "ngram", **NGRAM, "num_speculative_tokens_per_batch_size": [[1, 1, 3], [2, 8, 0]]}
     server = VllmServer.start(Launch(python=vllm_python(), model=str(micro_pair / "target"), speculative_config=schedule,
                                      engine_args={"max_num_seqs": 8}, max_model_len=1024, kv_cache_gb=1,
-                                     start_timeout_s=240))
+                                     dtype="float32", start_timeout_s=240))  # "auto" may pick bf16 on CPU
     body = {"model": server.launch.model, "prompt": "def add(a, b):\n", "max_tokens": 16, "temperature": 0}
     try:
         assert announce in server.log.read_text(errors="replace")
