@@ -37,11 +37,11 @@ def register() -> None:
     except ImportError as err:
         logger.warning("spectune: this vLLM has no v1 scheduler/engine core (%s); draft fetches are not skipped", err)
         return
-    if getattr(EngineCore.post_step, MARK, False):
-        return  # vLLM loads plugins more than once per process
     if not all(hasattr(cls, name) for cls, name in ((Scheduler, "schedule"), (EngineCore, "post_step"))):
         logger.warning("spectune: this vLLM's engine core has no post_step; draft fetches are not skipped")
         return
+    if getattr(EngineCore.post_step, MARK, False):
+        return  # vLLM loads plugins more than once per process
     Scheduler.schedule = _remember_k(Scheduler.schedule)
     EngineCore.post_step = _skip_when_k_was_zero(EngineCore.post_step)
     logger.info(ANNOUNCE)
