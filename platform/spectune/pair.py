@@ -56,8 +56,8 @@ def load_pair(ref: PairRef) -> Pair:
     target, drafter, device, torch_dtype = ref.target, ref.drafter, ref.device, _DTYPES[ref.dtype]
     tokenizer = _load_tokenizer(target)
     target_model = _load_model(target, device, torch_dtype)
-    if ref.compile:
-        _compile(target_model)
+    if ref.compile != "off":
+        _compile(target_model, ref.compile)
     drafter_model = None
     if drafter:
         check_same_vocabulary(target, tokenizer, drafter, _load_tokenizer(drafter))
@@ -83,13 +83,13 @@ def check_same_vocabulary(
         )
 
 
-def _compile(model: PreTrainedModel) -> None:
+def _compile(model: PreTrainedModel, mode: str) -> None:
     """`compile_forward`, refusing a hybrid target: its SSM layers' tree scan and state recording swap mixer
     code per call, which a compiled graph would not see."""
     if KVCache(model.config).hybrid:
         raise PairError(f"compile: {type(model).__name__} is a hybrid SSM-attention target; spectune compiles "
                         "only all-attention targets (their SSM tree scan runs eager)")
-    compile_forward(model)
+    compile_forward(model, mode)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -25,6 +25,7 @@ from spectune.validation import one_line
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 BUILT_PAIR = re.compile(r"pairs/([a-z]+)-seed(\d+)(/|$)")
+CompileMode = Literal["off", "default", "max-autotune"]  # the engine's `INDUCTOR_OPTIONS` holds what each one sets
 
 
 class PairError(ValueError):
@@ -38,9 +39,12 @@ class PairRef(BaseModel):
     drafter: str | None = Field(None, description="drafter model: a local folder or a hub id (methods without one need none)")
     device: str = Field("cpu", description="cpu, cuda, cuda:N, mps, or auto (cuda when there is a GPU)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    compile: bool = Field(False, description="torch.compile the target's forward (dynamic shapes): every caller, "
-                          "spectune's engine and HF's generate alike, runs the compiled one; each new input form "
-                          "(a chain, a tree mask, hidden layers) compiles once, about a minute on 2 CPU cores")
+    compile: CompileMode = Field("off", description="torch.compile the target's forward (dynamic shapes): every "
+                                 "caller, spectune's engine and HF's generate alike, runs the compiled one; each new "
+                                 "input form (a chain, a tree mask, hidden layers) compiles once. 'default': about a "
+                                 "minute a form on 2 CPU cores; 'max-autotune': inductor's tuned matrix products over "
+                                 "frozen, prepacked weights (on CPUs its C++ kernels), minutes a form; true means "
+                                 "'default', false 'off'")
 
     @model_validator(mode="before")
     @classmethod
@@ -59,6 +63,11 @@ class PairRef(BaseModel):
             return _folder_form(local if local.exists() else _named_folder(str(folder)), options)
         return options
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def compile_from_bool(cls, value: Any) -> Any:
+        return {True: "default", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @field_validator("target", "drafter")
     @classmethod
     def expand_home(cls, value: str | None) -> str | None:
@@ -75,7 +84,10 @@ class PairRef(BaseModel):
     def pair_id(self) -> str:
         """Names the pair in the store and routes trials to the workers holding it."""
         loaded = f"{self.target}|{self.drafter or '-'}|{self.device}|{self.dtype}"
-        return f"{loaded}|compiled" if self.compile else loaded  # a compiled pair is another loaded object
+        if self.compile == "off":
+            return loaded
+        suffix = "compiled" if self.compile == "default" else f"compiled-{self.compile}"
+        return f"{loaded}|{suffix}"  # a compiled pair is another loaded object
 
     @property
     def name(self) -> str:
@@ -111,7 +123,7 @@ def parse_pair(value: Any) -> PairRef:
 
 
 def pair_from_options(folder: str | Path | None, target: str | None, drafter: str | None,
-                      device: str = "cpu", dtype: str = "float32", compile: bool = False) -> PairRef:
+                      device: str = "cpu", dtype: str = "float32", compile: CompileMode | bool = "off") -> PairRef:
     """The CLI's --pair / --target / --drafter: --target and --drafter override the folder's; nothing = tiny."""
     options = {"drafter": drafter, "device": device, "dtype": dtype, "compile": compile}
     if target is None:

@@ -148,9 +148,36 @@ def test_compiled_target_runs_compiled_for_ours_and_hf_and_stays_certified(micro
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     result = bench("--pair", micro_pair, "--limit", 2, "--max-new-tokens", 12, "--repeats", 1, "--warmup", 1,
-                   "--method", "pld", "--method", "tree", "--peer", "hf", "--json", "--compile")
+                   "--method", "pld", "--method", "tree", "--peer", "hf", "--json", "--compile", "default")
     assert result.exit_code == 0, result.output
     rows = {json.loads(line)["method"]: json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")}
     assert {"ar", "pld", "tree", "hf-ar", "hf-pld"} <= rows.keys()
     assert all(row["lossless_status"] in ("exact", "within_tolerance") for row in rows.values()), rows
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # a chain and a tree (and HF's) compiled
+
+
+def test_max_autotune_compiles_tuned_products_and_stays_certified(micro_pair):
+    """`--compile max-autotune`: inductor freezes the weights and prepacks them for its tuned matrix products, and
+    every greedy output still passes the certificate (a prompt's prefill, a one-token step and a chain compiled)."""
+    import torch._dynamo
+
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):  # tune here, not read back
+        result = bench("--pair", micro_pair, "--limit", 1, "--max-new-tokens", 8, "--repeats", 1, "--warmup", 0,
+                       "--method", "pld", "--json", "--compile", "max-autotune")
+    assert result.exit_code == 0, result.output
+    rows = {json.loads(line)["method"]: json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")}
+    assert {"ar", "pld"} <= rows.keys()
+    assert all(row["lossless_status"] in ("exact", "within_tolerance") for row in rows.values()), rows
+    inductor = torch._dynamo.utils.counters["inductor"]  # the frozen weights were prepacked for oneDNN or C++ GEMMs
+    assert inductor["mkldnn_linear_weight_pack_matcher_count"] + inductor["cpp_templated_kernel_counter"] >= 1, dict(
+        inductor)
+
+
+def test_an_unknown_compile_mode_is_refused_in_one_line(micro_pair):
+    result = bench("--pair", micro_pair, "--limit", 1, "--compile", "fastest")
+    assert result.exit_code != 0 and "compile" in result.output and "max-autotune" in result.output
+    assert "Traceback" not in result.output

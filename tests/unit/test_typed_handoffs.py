@@ -244,4 +244,23 @@ def test_a_compiled_pair_is_another_loaded_pair(tmp_path):
     folder = pair_folder(tmp_path / "pairs" / "mine")
     eager = PairRef.model_validate({"dir": str(folder)})
     compiled = PairRef.model_validate({"dir": str(folder), "compile": True})
-    assert compiled.pair_id == f"{eager.pair_id}|compiled" and not eager.compile
+    assert compiled.pair_id == f"{eager.pair_id}|compiled" and eager.compile == "off"
+    tuned = PairRef.model_validate({"dir": str(folder), "compile": "max-autotune"})
+    assert tuned.pair_id == f"{eager.pair_id}|compiled-max-autotune"
+    assert PairRef.model_validate({"dir": str(folder), "compile": False}) == eager
+
+
+def test_every_compile_mode_of_a_pair_is_one_the_engine_knows():
+    from typing import get_args
+
+    from spectune.engine.runner import INDUCTOR_OPTIONS
+    from spectune.pair_ref import CompileMode
+
+    assert set(get_args(CompileMode)) - {"off"} == set(INDUCTOR_OPTIONS)
+
+
+def test_an_unknown_compile_mode_is_one_line_naming_it(tmp_path):
+    folder = pair_folder(tmp_path / "pairs" / "mine")
+    with pytest.raises(PairError, match="compile") as err:
+        parse_pair({"dir": str(folder), "compile": "fastest"})
+    assert "\n" not in str(err.value) and "max-autotune" in str(err.value)

@@ -37,9 +37,11 @@ def bench(
     threads: int | None = typer.Option(
         None, min=1, help="Torch threads (default: torch's). Use 1 on a shared or loaded CPU: spinning thread teams cost 10x."
     ),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the target's forward, for every contender "
-                                  "(the HF peers too). Each new input form compiles in the warm-up, about a minute "
-                                  "each on 2 cores; the certificate then decides losslessness (rounding moves)."),
+    compile_: str = typer.Option("off", "--compile", help="off, default or max-autotune: torch.compile the target's "
+                                 "forward, for every contender (the HF peers too). Each new input form compiles in "
+                                 "the warm-up (default: about a minute each on 2 cores; max-autotune: several, for "
+                                 "tuned matrix products over prepacked weights); the certificate then decides "
+                                 "losslessness (rounding moves)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per configuration instead of a table."),
     markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (as in docs/benchmarks.md) instead."),
     profile: bool = typer.Option(False, "--profile", help="Instead of speedups: where each one's decoding step goes "
@@ -61,9 +63,9 @@ def bench(
         configs = [c.with_temperature(_temperature(temperature)) for c in _configs(method, set_, config)]
         ref = pair_from_options(pair, target, drafter, device, dtype, compile_)
         prompt_set = load_prompts(prompts, limit)
-        if compile_:
-            sys.stderr.write("compiling the target's forward: the warm-up compiles each input form once "
-                             "(about a minute each on 2 cores); the timed passes run compiled\n")
+        if ref.compile != "off":
+            sys.stderr.write(f"compiling the target's forward ({ref.compile}): the warm-up compiles each input form "
+                             "once (minutes on 2 cores); the timed passes run compiled\n")
         loaded = load_pair(ref)
         contenders = [contender(loaded, c) for c in configs] + _peers(peer, loaded, temperature)
     except ValueError as err:
