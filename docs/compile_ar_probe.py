@@ -1,10 +1,11 @@
 """Our engine's AR on SmolLM2, eager against the compiled forward, in one process, interleaved prompt by prompt
 (docs/benchmarks.md, "A compiled target forward").
 
-    PYTHONPATH=. OMP_NUM_THREADS=T .venv/bin/python docs/compile_ar_probe.py DTYPE T [full|layers|parts]
+    PYTHONPATH=. OMP_NUM_THREADS=T .venv/bin/python docs/compile_ar_probe.py DTYPE T [full|frozen|max-autotune|layers|parts]
 
-full: the model's forward as `compile: true` compiles it; frozen: the same with inductor's freezing (weights as
-constants, linear weights prepacked for oneDNN); layers: each decoder block; parts: each block's MLP and norms. 4 chat prompts, 48 greedy tokens each, 3 rounds; prints ms per token and the speed ratio.
+full: the model's forward as `compile: default` compiles it; frozen: the same with inductor's freezing (weights as
+constants, linear weights prepacked for oneDNN); max-autotune: as `compile: max-autotune` (freezing and inductor's
+tuned matrix products, on CPUs its C++ GEMM templates); layers: each decoder block; parts: each block's MLP and norms. 4 chat prompts, 48 greedy tokens each, 3 rounds; prints ms per token and the speed ratio.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ def main(dtype: str, threads: int, mode: str) -> None:
     prompts = [pair.encode_prompt(p) for p in load_prompts("chat", limit=4)]
     model = pair.target
     eager_forward = model.forward
-    if mode in ("full", "frozen"):
+    if mode in ("full", "frozen", "max-autotune"):
         torch._inductor.config.freezing = mode == "frozen"
-        compile_forward(model)
+        compile_forward(model, "max-autotune" if mode == "max-autotune" else "default")
         swapped = [(model, eager_forward, model.forward)]
     else:
         blocks = list(model.model.layers)

@@ -9,7 +9,8 @@ cProfile's per-call overhead inflates Python-heavy parts, so each contender's pl
 is measured too, in an unprofiled pass, and the phases are given as shares of the profiled step.
 
 The floor is the time of one matrix-vector product over as many weights as the model has, in its dtype,
-on the same threads: what decoding one token must cost at least when every weight is read once.
+on the same threads: what decoding one token must cost at least when every weight is read once. The read
+floor is one plain streaming read of as many bytes: lower where the product's kernel reads slower than memory.
 """
 
 from __future__ import annotations
@@ -104,15 +105,34 @@ def profile_contender(who: Contender, encoded: Sequence[list[int]], settings: Se
 
 def matvec_floor_ms(model: torch.nn.Module, repeats: int = FLOOR_REPEATS) -> float:
     """Median ms of one [1, d] x [d, P/d] product in the model's dtype, P its parameter count (tied weights once)."""
+    weights, width = _weights_like(model)  # [P/d, d]
+    vector = torch.randn(1, width, dtype=weights.dtype)  # [1, d]
+    return _median_ms(lambda: torch.nn.functional.linear(vector, weights), repeats)  # [1, P/d]
+
+
+def read_floor_ms(model: torch.nn.Module, repeats: int = FLOOR_REPEATS) -> float:
+    """Median ms of one streaming read of as many bytes as the model's weights (the max of their bits as integers):
+    the memory's own floor, below the matrix-vector product's when the product's kernel reads slower than memory."""
+    weights, _ = _weights_like(model)
+    bits = weights.view(_INTEGER_OF_SIZE[weights.element_size()])  # [P/d, d], the same bytes as integers
+    return _median_ms(lambda: bits.max(), repeats)
+
+
+_INTEGER_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _weights_like(model: torch.nn.Module) -> tuple[torch.Tensor, int]:
     width = int(model.config.hidden_size)
     parameters = sum(p.numel() for p in model.parameters())
     dtype = next(model.parameters()).dtype
-    weights = torch.randn(parameters // width, width, dtype=dtype)  # [P/d, d], as many bytes as the model's
-    vector = torch.randn(1, width, dtype=dtype)  # [1, d]
+    return torch.randn(parameters // width, width, dtype=dtype), width  # [P/d, d], as many bytes as the model's
+
+
+def _median_ms(work: Callable[[], object], repeats: int) -> float:
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 3):
             started = time.perf_counter()
-            torch.nn.functional.linear(vector, weights)  # [1, P/d]
+            work()
             times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times[3:])  # the first products warm the allocator and the kernel choice
+    return statistics.median(times[3:])  # the first calls warm the allocator and the kernel choice

@@ -12,7 +12,7 @@ from spectune.pair_ref import PairRef
 from spectune.peer_hf import HfGenerate
 from spectune.bench import Contender
 from spectune.config import DecodeConfig
-from spectune.step_profile import matvec_floor_ms, profile_contender
+from spectune.step_profile import matvec_floor_ms, profile_contender, read_floor_ms
 
 SETTINGS = Settings(max_new_tokens=12, repeats=1, warmup=0)
 
@@ -36,7 +36,7 @@ def test_ar_takes_one_token_a_step_and_a_peer_has_no_phases(micro_pair):
     assert ours.steps == ours.tokens == 12 and ours.tokens_per_step == 1.0
     peer = profile_contender(Contender(DecodeConfig("hf-ar"), HfGenerate(pair)), prompts, SETTINGS)
     assert peer.phases_ms == {} and peer.tokens == 12 and peer.matmul_ms > 0
-    assert matvec_floor_ms(pair.target, repeats=3) > 0
+    assert matvec_floor_ms(pair.target, repeats=3) > 0 and read_floor_ms(pair.target, repeats=3) > 0
 
 
 def test_the_cli_prints_one_profile_per_configuration_with_the_floor(micro_pair):
@@ -46,6 +46,7 @@ def test_the_cli_prints_one_profile_per_configuration_with_the_floor(micro_pair)
     rows = [json.loads(line[line.index("{"):]) for line in result.output.splitlines() if "{\"label\"" in line]
     assert [r["label"] for r in rows][:2] == ["ar", "pld"] and any(r["label"] == "hf-ar" for r in rows)
     assert all(r["floor_ms"] > 0 and r["wall_over_floor"] > 0 for r in rows)
+    assert all(r["read_floor_ms"] > 0 and r["wall_over_read_floor"] > 0 for r in rows)
 
 
 def test_a_drafter_whose_draft_runs_in_inference_mode_is_not_charged_the_verification(micro_heads, micro_pair):

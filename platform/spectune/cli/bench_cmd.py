@@ -101,7 +101,7 @@ def _profile(loaded, contenders: list[Any], prompt_set: list[Any], settings: Any
     from rich.table import Table
 
     from spectune.bench import ar_first, encode_prompts, warm_up
-    from spectune.step_profile import matvec_floor_ms, profile_contender
+    from spectune.step_profile import matvec_floor_ms, profile_contender, read_floor_ms
 
     everyone = ar_first(loaded, contenders)
     encoded = encode_prompts(loaded, prompt_set, settings.max_new_tokens, max(c.tree_size for c in everyone))
@@ -109,22 +109,25 @@ def _profile(loaded, contenders: list[Any], prompt_set: list[Any], settings: Any
     for who in everyone:
         warm_up(who, encoded, settings)
         profiles.append(profile_contender(who, encoded, settings))
-    floor = matvec_floor_ms(loaded.target)
+    floor, read = matvec_floor_ms(loaded.target), read_floor_ms(loaded.target)
     if form == "json":
         for each in profiles:
             sys.stdout.write(json.dumps({**each.as_dict(), "floor_ms": round(floor, 2),
-                                         "wall_over_floor": round(each.wall_ms_per_token / floor, 3)}) + "\n")
+                                         "wall_over_floor": round(each.wall_ms_per_token / floor, 3),
+                                         "read_floor_ms": round(read, 2),
+                                         "wall_over_read_floor": round(each.wall_ms_per_token / read, 3)}) + "\n")
         return
     phases = [name for name in profiles[0].phases_ms]
     table = Table(title=f"ms per step (profiled); floor {floor:.1f} ms per token (one matrix-vector product over "
-                        f"the weights), {loaded.ref.dtype}, {__import__('torch').get_num_threads()} thread(s)")
-    for column in ["configuration", "ms/tok", "x floor", "tok/step", "step", *phases, "matmul", "other"]:
+                        f"the weights; a plain read of them {read:.1f} ms), {loaded.ref.dtype}, "
+                        f"{__import__('torch').get_num_threads()} thread(s)")
+    for column in ["configuration", "ms/tok", "x floor", "x read", "tok/step", "step", *phases, "matmul", "other"]:
         table.add_column(column, justify="left" if column == "configuration" else "right")
     for each in profiles:
         ours = bool(each.phases_ms)  # a peer's own loop has no phases of ours, nor steps we can count
         cells = [f"{each.phases_ms[p]:.2f}" if ours else "-" for p in phases]
         table.add_row(each.label, f"{each.wall_ms_per_token:.1f}", f"{each.wall_ms_per_token / floor:.2f}",
-                      f"{each.tokens_per_step:.2f}" if ours else "-", f"{each.profiled_ms_per_step:.1f}", *cells,
+                      f"{each.wall_ms_per_token / read:.2f}", f"{each.tokens_per_step:.2f}" if ours else "-", f"{each.profiled_ms_per_step:.1f}", *cells,
                       f"{each.matmul_ms:.1f}", f"{each.other_ms:.2f}" if ours else "-")
     Console(width=max(Console().width, 150)).print(table)
     sys.stdout.write("a peer's step and matmul columns are per token; phases are per step of our loop, profiled\n")
