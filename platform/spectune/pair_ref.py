@@ -66,7 +66,9 @@ class PairRef(BaseModel):
     @field_validator("compile", mode="before")
     @classmethod
     def compile_from_bool(cls, value: Any) -> Any:
-        return {True: "default", False: "off"}.get(value, value) if isinstance(value, bool) else value
+        if isinstance(value, bool):  # the key's first form, `compile: true`
+            return "default" if value else "off"
+        return value
 
     @field_validator("target", "drafter")
     @classmethod

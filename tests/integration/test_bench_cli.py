@@ -160,7 +160,6 @@ def test_max_autotune_compiles_tuned_products_and_stays_certified(micro_pair):
     """`--compile max-autotune`: inductor freezes the weights and prepacks them for its tuned matrix products, and
     every greedy output still passes the certificate (a prompt's prefill, a one-token step and a chain compiled)."""
     import torch._dynamo
-
     import torch._inductor.config
 
     torch._dynamo.reset()

@@ -127,7 +127,8 @@ def _profile(loaded, contenders: list[Any], prompt_set: list[Any], settings: Any
         ours = bool(each.phases_ms)  # a peer's own loop has no phases of ours, nor steps we can count
         cells = [f"{each.phases_ms[p]:.2f}" if ours else "-" for p in phases]
         table.add_row(each.label, f"{each.wall_ms_per_token:.1f}", f"{each.wall_ms_per_token / floor:.2f}",
-                      f"{each.wall_ms_per_token / read:.2f}", f"{each.tokens_per_step:.2f}" if ours else "-", f"{each.profiled_ms_per_step:.1f}", *cells,
+                      f"{each.wall_ms_per_token / read:.2f}", f"{each.tokens_per_step:.2f}" if ours else "-",
+                      f"{each.profiled_ms_per_step:.1f}", *cells,
                       f"{each.matmul_ms:.1f}", f"{each.other_ms:.2f}" if ours else "-")
     Console(width=max(Console().width, 150)).print(table)
     sys.stdout.write("a peer's step and matmul columns are per token; phases are per step of our loop, profiled\n")
